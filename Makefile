@@ -1,0 +1,27 @@
+# Set-up and the two Quick-start targets. The venv gets the CPU build of torch first (TORCH, overridable),
+# so that installing ckv does not pull a multi-GB CUDA build; the package itself only asks torch>=2.1.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+DEMO_CKPT ?= sample_checkpoints/sasrec-ml1m.safetensors
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: setup
+	mkdir -p $(DEMO_OUT)
+	$(VENV)/bin/ckv evaluate $(DEMO_CKPT) --data ml-1m --json $(DEMO_OUT)/evaluate.json
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,145 @@
+"""CollectiveKV (Li et al., "CollectiveKV: ...", ICLR 2026, arXiv 2601.19178): a global pool shared by all users,
+a router that picks one pool entry per token, and an r-dim user-specific part.
+
+Layouts:
+- `residual`: x ~ P[idx] + B u, B a (d, r) orthonormal basis (PCA of the pool's residuals), u = B^T (x - P[idx]);
+- `concat` (the paper's): in the SVD basis R of the calibration vectors, the pool gives d - r coordinates and
+  the user part the r coordinates the pool approximates worst: x ~ mu + R [P[idx] ; u].
+Initialisation needs no gradients: k-means for the pool; the router `argmax(W x + b)` with W = 2P, b = -|P|^2 is
+exactly nearest-entry assignment. Per token it stores the index (packed at ceil(log2 m) bits) and r values
+(int8 with one fp16 scale per user, or fp16).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int, dequantize_per_user, quantize_per_user
+from ckv_cli.codecs.bits import bits_for
+from ckv_cli.codecs.kmeans import kmeans
+from ckv_cli.errors import CkvError
+
+
+class CollectiveCodec(StreamCodec):
+    name = "collective"
+
+    def __init__(self, d: int, pool_size: int = 4096, user_dim: int = 0, layout: str = "residual",
+                 user_dtype: str = "int8", iters: int = 20):
+        self.d = check_positive_int("d", d)
+        self.pool_size = check_positive_int("pool size", pool_size, 2)
+        self.user_dim = check_positive_int("user dim", user_dim, 0)
+        if layout not in ("residual", "concat"):
+            raise CkvError(f"layout must be 'residual' or 'concat', got {layout!r}")
+        if user_dtype not in ("int8", "fp16"):
+            raise CkvError(f"user dtype must be 'int8' or 'fp16', got {user_dtype!r}")
+        if self.user_dim >= d:
+            raise CkvError(f"user dim ({user_dim}) must be smaller than the vector width ({d})")
+        self.layout, self.user_dtype, self.iters = layout, user_dtype, iters
+        self.bits = bits_for(self.pool_size)
+        self.pool = self.router_w = self.router_b = self.basis = self.mean = None
+        self.user_coords = self.pool_coords = None
+
+    def params(self) -> dict:
+        return {"d": self.d, "pool_size": self.pool_size, "user_dim": self.user_dim, "layout": self.layout,
+                "user_dtype": self.user_dtype}
+
+    # -- fitting -------------------------------------------------------------------------------------------
+    def fit(self, x: torch.Tensor, seed: int) -> None:
+        x = x.float()
+        r = self.user_dim
+        if self.layout == "residual":
+            self._set_pool(kmeans(x, self.pool_size, seed=seed, iters=self.iters))
+            res = x - self.pool[self._route(x)]  # (N, d)
+            self.basis = torch.linalg.svd(res, full_matrices=False).Vh[:r].T.contiguous() if r else torch.zeros(self.d, 0)
+            self.mean = torch.zeros(self.d)
+        else:
+            self.mean = x.mean(0)
+            self.basis = torch.linalg.svd(x - self.mean, full_matrices=False).Vh.T.contiguous()  # (d, d) rotation R
+            z = (x - self.mean) @ self.basis  # (N, d)
+            if r:
+                full = kmeans(z, self.pool_size, seed=seed, iters=max(3, self.iters // 4))
+                err = ((z - full[self._nearest(z, full)]) ** 2).mean(0)  # (d,) error per coordinate
+                user = err.topk(r).indices.sort().values
+            else:
+                user = torch.zeros(0, dtype=torch.long)
+            keep = torch.ones(self.d, dtype=torch.bool)
+            keep[user] = False
+            self.user_coords, self.pool_coords = user, keep.nonzero().squeeze(1)
+            self._set_pool(kmeans(z[:, self.pool_coords], self.pool_size, seed=seed, iters=self.iters))
+
+    def _set_pool(self, pool: torch.Tensor) -> None:
+        self.pool = pool.contiguous()  # (m, d) or (m, d - r)
+        self.router_w = 2 * self.pool  # router logits = x @ W^T + b, argmax = nearest entry
+        self.router_b = -(self.pool * self.pool).sum(1)
+
+    @staticmethod
+    def _nearest(x, pool):
+        from ckv_cli.codecs.kmeans import nearest
+
+        return nearest(x, pool)
+
+    def _route(self, x: torch.Tensor, chunk: int = 32768) -> torch.Tensor:
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        for a in range(0, x.shape[0], chunk):
+            out[a : a + chunk] = (x[a : a + chunk] @ self.router_w.T + self.router_b).argmax(1)  # (chunk, m)
+        return out
+
+    def _coords(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) @ self.basis if self.layout == "concat" else x.float()
+
+    # -- storage -------------------------------------------------------------------------------------------
+    def fields(self) -> list[Field]:
+        out = [Field("idx", "token", bits=self.bits)]
+        if self.user_dim:
+            out.append(Field("user", "token", dtype=self.user_dtype.replace("fp", "float"), width=self.user_dim))
+            if self.user_dtype == "int8":
+                out.append(Field("scale", "user", dtype="float16", width=1))
+        return out
+
+    def encode(self, x: torch.Tensor, user_offsets: np.ndarray) -> dict[str, np.ndarray]:
+        if self.pool is None:
+            raise CkvError("codec used before fit or load")
+        z = self._coords(x)
+        if self.layout == "concat":
+            idx = self._route(z[:, self.pool_coords])
+            u = z[:, self.user_coords]
+        else:
+            idx = self._route(z)
+            u = (z - self.pool[idx]) @ self.basis  # (N, r)
+        out = {"idx": idx.numpy().astype(np.uint32)}
+        if self.user_dim:
+            if self.user_dtype == "int8":
+                out["user"], out["scale"] = quantize_per_user(u, user_offsets)
+            else:
+                out["user"] = u.half().numpy()
+        return out
+
+    def decode(self, fields: dict[str, np.ndarray], user_offsets: np.ndarray) -> torch.Tensor:
+        idx = torch.from_numpy(np.asarray(fields["idx"], dtype=np.int64))
+        if self.user_dim:
+            u = (dequantize_per_user(fields["user"], fields["scale"], user_offsets) if self.user_dtype == "int8"
+                 else torch.from_numpy(fields["user"].astype(np.float32)))
+        if self.layout == "residual":
+            x = self.pool[idx]  # (N, d)
+            return x + u @ self.basis.T if self.user_dim else x
+        z = torch.empty(len(idx), self.d)
+        z[:, self.pool_coords] = self.pool[idx]
+        if self.user_dim:
+            z[:, self.user_coords] = u
+        return z @ self.basis.T + self.mean  # back from the SVD basis
+
+    def shared(self) -> dict[str, torch.Tensor]:
+        out = {"pool": self.pool, "router_w": self.router_w, "router_b": self.router_b, "basis": self.basis,
+               "mean": self.mean}
+        if self.layout == "concat":
+            out["user_coords"] = self.user_coords
+            out["pool_coords"] = self.pool_coords
+        return out
+
+    def load_shared(self, shared: dict[str, torch.Tensor]) -> None:
+        self.pool, self.router_w, self.router_b = shared["pool"].float(), shared["router_w"].float(), shared["router_b"].float()
+        self.basis, self.mean = shared["basis"].float(), shared["mean"].float()
+        if self.layout == "concat":
+            self.user_coords, self.pool_coords = shared["user_coords"].long(), shared["pool_coords"].long()
+        if self.pool.shape[0] != self.pool_size:
+            raise CkvError(f"pool has {self.pool.shape[0]} entries, the metadata says {self.pool_size}")

@@ -1,0 +1,106 @@
+"""A cache plan: which codec stores each cached stream (layer l's K or V), and the per-token bookkeeping
+(item ids, timestamps) every compressed cache keeps.
+
+A stream whose K/V are an exact function of (item, position) — a first attention layer — can be marked
+`items`: nothing is stored for it, the reader recomputes it from the item ids through a callable the caller
+supplies (the plan never sees the model). Item ids are stored for every token in any case (bit-packed):
+they let a cache be re-encoded or its window slid, and they are counted in the per-user bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ckv_cli.codecs.base import Field, StreamCodec
+from ckv_cli.codecs.bits import bits_for
+from ckv_cli.kv.extract import FlatCache
+
+ITEMS = "items"  # plan entry: recompute from item ids
+
+
+@dataclass
+class CachePlan:
+    n_layers: int
+    streams: dict[str, StreamCodec | str]  # "L0.k" -> codec, or ITEMS
+    n_items: int
+    timestamps: bool  # the model's attention reads event times (HSTU)
+
+    @staticmethod
+    def key(layer: int, kind: str) -> str:
+        return f"L{layer}.{kind}"
+
+    def fields(self) -> dict[str, Field]:
+        """Every stored array, by artifact name."""
+        out = {"tokens/items": Field("items", "token", bits=bits_for(self.n_items + 1)),
+               "users/offsets": Field("offsets", "user", dtype="int64")}
+        if self.timestamps:
+            out["tokens/timestamps"] = Field("timestamps", "token", dtype="int32")
+        for name, codec in self.streams.items():
+            if codec != ITEMS:
+                for f in codec.fields():
+                    out[f"{name}/{f.name}"] = f
+        return out
+
+    def fit(self, flat: FlatCache, seed: int, progress: Callable[[str], None] | None = None) -> None:
+        for i, (name, codec) in enumerate(self.streams.items()):
+            if codec == ITEMS:
+                continue
+            if progress:
+                progress(name)
+            codec.fit(self._stream(flat, name), seed + i)
+
+    def _stream(self, flat: FlatCache, name: str) -> torch.Tensor:
+        layer, kind = int(name[1 : name.index(".")]), name[-1]
+        return (flat.keys if kind == "k" else flat.values)[layer]
+
+    def encode(self, flat: FlatCache) -> dict[str, np.ndarray]:
+        out = {"tokens/items": flat.items.astype(np.uint32)}
+        if self.timestamps:
+            out["tokens/timestamps"] = flat.timestamps.astype(np.int32)
+        for name, codec in self.streams.items():
+            if codec != ITEMS:
+                for fname, arr in codec.encode(self._stream(flat, name), flat.offsets).items():
+                    out[f"{name}/{fname}"] = arr
+        return out
+
+    def decode(self, fields: dict[str, np.ndarray], offsets: np.ndarray,
+               item_kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> FlatCache:
+        """Fields of a batch of users (token fields concatenated in user order) -> their flat cache.
+        `item_kv(items (B, L), positions (B, L))` recomputes the K/V of `items` streams."""
+        items = np.asarray(fields["tokens/items"], dtype=np.int64)
+        ts = np.asarray(fields["tokens/timestamps"], dtype=np.int64) if self.timestamps else np.zeros_like(items)
+        keys, values = [], []
+        recomputed = None
+        for layer in range(self.n_layers):
+            for kind, dest in (("k", keys), ("v", values)):
+                name = self.key(layer, kind)
+                codec = self.streams[name]
+                if codec == ITEMS:
+                    if recomputed is None:
+                        recomputed = self._recompute(items, offsets, item_kv)
+                    dest.append(recomputed[0 if kind == "k" else 1])
+                else:
+                    sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
+                    dest.append(codec.decode(sub, offsets))
+        return FlatCache(offsets, keys, values, items, ts)
+
+    @staticmethod
+    @torch.no_grad()
+    def _recompute(items: np.ndarray, offsets: np.ndarray, item_kv) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = np.diff(offsets)
+        B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
+        pos = torch.arange(L)[None, :].expand(B, L)
+        valid = pos < torch.from_numpy(lengths)[:, None]
+        padded = torch.zeros(B, L, dtype=torch.long)
+        padded[valid] = torch.from_numpy(items)
+        k, v = item_kv(padded, pos)
+        return k[valid], v[valid]
+
+    def describe(self) -> dict:
+        """JSON-able: enough to rebuild the plan from an artifact's metadata."""
+        return {"n_layers": self.n_layers, "n_items": self.n_items, "timestamps": self.timestamps,
+                "streams": {n: (ITEMS if c == ITEMS else {"codec": c.name, "params": c.params()})
+                            for n, c in self.streams.items()}}

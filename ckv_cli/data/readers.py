@@ -1,0 +1,207 @@
+"""Readers for interaction logs: CSV/TSV (column mapping), Parquet, RecBole `.inter`, MovieLens `ratings.dat`.
+
+Every reader returns a `Log`: raw user ids, raw item ids, timestamps and optional ratings, in file order.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ckv_cli.errors import CkvError
+
+
+@dataclass
+class Log:
+    """Raw interaction log in file order (row i of every array is line i of the file)."""
+
+    users: np.ndarray  # (N,) str
+    items: np.ndarray  # (N,) str
+    timestamps: np.ndarray  # (N,) int64
+    ratings: np.ndarray | None  # (N,) float32
+    item_genres: dict[str, list[str]] | None = None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+DEFAULT_COLUMNS = {"user": "user", "item": "item", "timestamp": "timestamp", "rating": "rating"}
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CkvError(f"data file not found: {path}")
+    if path.is_dir():
+        raise CkvError(f"expected a file, got a directory: {path}")
+    if not os.access(path, os.R_OK):
+        raise CkvError(f"data file is not readable: {path}")
+    if path.stat().st_size == 0:
+        raise CkvError(f"data file is empty: {path}")
+
+
+def _to_int64(values, what: str, path: Path) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except ValueError as e:
+        raise CkvError(f"{path}: column '{what}' is not numeric ({e})") from None
+    if not np.all(np.isfinite(arr)):
+        raise CkvError(f"{path}: column '{what}' contains NaN or Inf")
+    return arr.astype(np.int64)
+
+
+def _to_float(values, what: str, path: Path) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=np.float32)
+    except ValueError as e:
+        raise CkvError(f"{path}: column '{what}' is not numeric ({e})") from None
+    if not np.all(np.isfinite(arr)):
+        raise CkvError(f"{path}: column '{what}' contains NaN or Inf")
+    return arr
+
+
+def _from_columns(cols: dict[str, list], mapping: dict[str, str], path: Path, header: list[str]) -> Log:
+    missing = [mapping[k] for k in ("user", "item", "timestamp") if mapping[k] not in cols]
+    if missing:
+        raise CkvError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(header)}); map them with --columns")
+    n = len(cols[mapping["user"]])
+    if n == 0:
+        raise CkvError(f"{path}: no rows after the header")
+    rating_col = mapping.get("rating")
+    ratings = _to_float(cols[rating_col], rating_col, path) if rating_col and rating_col in cols else None
+    return Log(
+        users=np.asarray(cols[mapping["user"]], dtype=str),
+        items=np.asarray(cols[mapping["item"]], dtype=str),
+        timestamps=_to_int64(cols[mapping["timestamp"]], mapping["timestamp"], path),
+        ratings=ratings,
+        source=str(path),
+    )
+
+
+def read_delimited(path: str | Path, columns: dict[str, str] | None = None, delimiter: str | None = None) -> Log:
+    """CSV or TSV with a header row; `columns` maps ckv's names (user, item, timestamp, rating) to the file's."""
+    path = Path(path)
+    _check_file(path)
+    mapping = {**DEFAULT_COLUMNS, **(columns or {})}
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        sample = f.readline()
+        if delimiter is None:
+            delimiter = "\t" if "\t" in sample else ","
+        f.seek(0)
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise CkvError(f"data file is empty: {path}") from None
+        if "\x00" in sample:
+            raise CkvError(f"{path}: not a text file")
+        cols: dict[str, list] = {h: [] for h in header}
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise CkvError(f"{path}:{lineno}: expected {len(header)} fields, got {len(row)}")
+            for h, v in zip(header, row):
+                cols[h].append(v)
+    return _from_columns(cols, mapping, path, header)
+
+
+def read_parquet(path: str | Path, columns: dict[str, str] | None = None) -> Log:
+    """Parquet via pyarrow (optional dependency)."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CkvError("reading Parquet needs pyarrow: pip install 'ckv-cli[parquet]'") from None
+    mapping = {**DEFAULT_COLUMNS, **(columns or {})}
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises many types for bad files
+        raise CkvError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
+    cols = {name: table.column(name).to_pylist() for name in table.column_names}
+    return _from_columns(cols, mapping, path, list(table.column_names))
+
+
+def read_recbole_inter(path: str | Path) -> Log:
+    """RecBole atomic file: TSV whose header names are `name:type` (user_id:token, item_id:token, ...)."""
+    path = Path(path)
+    _check_file(path)
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = f.readline().rstrip("\n").split("\t")
+    names = [h.split(":")[0] for h in header]
+    mapping = {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "rating": "rating"}
+    if not all(mapping[k] in names for k in ("user", "item", "timestamp")):
+        raise CkvError(f"{path}: not a RecBole .inter file (header: {', '.join(header)})")
+    log = read_delimited(path, columns={k: f"{v}:{_type(header, v)}" for k, v in mapping.items() if v in names}, delimiter="\t")
+    item_file = path.with_suffix(".item")
+    if item_file.exists():
+        log.item_genres = read_recbole_genres(item_file)
+    return log
+
+
+def _type(header: list[str], name: str) -> str:
+    return next(h.split(":", 1)[1] for h in header if h.split(":")[0] == name)
+
+
+def read_recbole_genres(path: Path) -> dict[str, list[str]]:
+    """Genres per raw item id from a RecBole `.item` file (column `genre` or `class`, space separated)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = [h.split(":")[0] for h in next(reader)]
+        gcol = next((header.index(c) for c in ("genre", "class", "genres") if c in header), None)
+        if gcol is None or "item_id" not in header:
+            return {}
+        icol = header.index("item_id")
+        return {row[icol]: row[gcol].split() for row in reader if len(row) > max(icol, gcol)}
+
+
+def read_movielens_dat(path: str | Path) -> Log:
+    """MovieLens `ratings.dat`: `UserID::MovieID::Rating::Timestamp`, no header; genres from `movies.dat` beside it."""
+    path = Path(path)
+    _check_file(path)
+    users, items, ratings, times = [], [], [], []
+    with open(path, encoding="latin-1") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split("::")
+            if len(parts) != 4:
+                raise CkvError(f"{path}:{lineno}: expected UserID::MovieID::Rating::Timestamp")
+            users.append(parts[0]); items.append(parts[1]); ratings.append(parts[2]); times.append(parts[3])
+    if not users:
+        raise CkvError(f"data file is empty: {path}")
+    genres = None
+    movies = path.with_name("movies.dat")
+    if movies.exists():
+        genres = {}
+        with open(movies, encoding="latin-1") as f:
+            for line in f:
+                parts = line.rstrip("\n").split("::")
+                if len(parts) == 3:
+                    genres[parts[0]] = parts[2].split("|")
+    return Log(
+        users=np.asarray(users, dtype=str),
+        items=np.asarray(items, dtype=str),
+        timestamps=_to_int64(times, "timestamp", path),
+        ratings=_to_float(ratings, "rating", path),
+        item_genres=genres,
+        source=str(path),
+    )
+
+
+def read_log(path: str | Path, columns: dict[str, str] | None = None) -> Log:
+    """Pick a reader from the file name: `.inter`, `ratings.dat`/`.dat`, `.parquet`, else CSV/TSV."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".inter"):
+        return read_recbole_inter(path)
+    if name.endswith(".dat"):
+        return read_movielens_dat(path)
+    if name.endswith((".parquet", ".pq")):
+        return read_parquet(path, columns)
+    return read_delimited(path, columns)

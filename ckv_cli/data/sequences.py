@@ -1,0 +1,143 @@
+"""From a raw log to per-user time-ordered sequences, vocabularies, the leave-one-out split and a CTR view.
+
+Conventions:
+- events are sorted by (user, timestamp), ties kept in file order (a stable sort);
+- item index 0 is padding, real items are 1..n_items (vocabulary sorted by raw id, or taken from a checkpoint);
+- users with fewer than `min_events` events are dropped and counted;
+- leave-one-out: the last event of each user is the test target, the second-to-last the validation target,
+  training sees everything before the validation target.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ckv_cli.data.datasets import DATASETS, fetch
+from ckv_cli.data.readers import Log, read_log
+from ckv_cli.errors import CkvError
+
+
+@dataclass
+class SequenceData:
+    name: str
+    user_ids: np.ndarray  # (U,) raw ids
+    item_ids: np.ndarray  # (n_items + 1,) raw ids, [0] = "<pad>"
+    offsets: np.ndarray  # (U + 1,) int64: user u's events are [offsets[u], offsets[u+1])
+    items: np.ndarray  # (E,) int64 item index, 1..n_items
+    timestamps: np.ndarray  # (E,) int64 seconds
+    ratings: np.ndarray | None  # (E,) float32
+    genres: np.ndarray  # (n_items + 1, n_genres) uint8 multi-hot, row 0 = padding
+    genre_names: list[str]
+    dropped_users: int = 0
+    dropped_events: int = 0
+    fingerprint: str = ""
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[u], self.offsets[u + 1]
+        return self.items[a:b], self.timestamps[a:b]
+
+    def split(self, which: str) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """Histories (items, timestamps) and targets for 'train' (all but last two), 'valid' or 'test'."""
+        cut = {"train": 2, "valid": 1, "test": 0}[which]
+        hist_items, hist_times, targets = [], [], []
+        for u in range(self.n_users):
+            it, ts = self.sequence(u)
+            end = len(it) - cut
+            if which == "train":
+                hist_items.append(it[:end]); hist_times.append(ts[:end])
+            else:
+                hist_items.append(it[: end - 1]); hist_times.append(ts[: end - 1]); targets.append(it[end - 1])
+        return hist_items, hist_times, np.asarray(targets, dtype=np.int64)
+
+    def ctr_view(self, positive_rating: float = 4.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CTR samples of the same log: every rated event is a sample, label = rating >= 4, its history = the
+        user's earlier events. Returns (user index, event position within the user's sequence, label)."""
+        if self.ratings is None:
+            raise CkvError(f"{self.name}: the CTR view needs ratings, and this log has none")
+        users = np.repeat(np.arange(self.n_users), self.lengths())
+        pos = np.arange(len(self.items)) - self.offsets[users]
+        labels = (self.ratings >= positive_rating).astype(np.float32)
+        return users, pos, labels
+
+
+def _fingerprint(user_ids, item_ids, offsets, items, timestamps) -> str:
+    h = hashlib.sha256()
+    for arr in (offsets, items, timestamps):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\x1f".join(map(str, user_ids)).encode())
+    h.update("\x1f".join(map(str, item_ids)).encode())
+    return h.hexdigest()[:16]
+
+
+def build(log: Log, name: str, min_events: int = 3, item_vocab: list[str] | None = None) -> SequenceData:
+    """Sort, index and filter a raw log (see the module docstring)."""
+    users, items, times, ratings = log.users, log.items, log.timestamps, log.ratings
+    dropped_events = 0
+    if item_vocab is not None:
+        lookup = {raw: i for i, raw in enumerate(item_vocab)}
+        idx = np.fromiter((lookup.get(x, -1) for x in items), dtype=np.int64, count=len(items))
+        known = idx > 0
+        dropped_events = int((~known).sum())
+        users, times, idx = users[known], times[known], idx[known]
+        ratings = ratings[known] if ratings is not None else None
+        item_ids = np.asarray(item_vocab, dtype=object)
+    else:
+        uniq, inv = np.unique(items, return_inverse=True)
+        idx = inv.astype(np.int64) + 1
+        item_ids = np.concatenate([np.asarray(["<pad>"], dtype=object), uniq.astype(object)])
+    user_uniq, user_inv = np.unique(users, return_inverse=True)
+    order = np.lexsort((times, user_inv))  # stable: ties keep file order
+    user_inv, idx, times = user_inv[order], idx[order], times[order]
+    ratings = ratings[order] if ratings is not None else None
+    counts = np.bincount(user_inv, minlength=len(user_uniq))
+    keep_user = counts >= min_events
+    keep_event = keep_user[user_inv]
+    dropped_users = int((~keep_user).sum())
+    user_inv, idx, times = user_inv[keep_event], idx[keep_event], times[keep_event]
+    ratings = ratings[keep_event] if ratings is not None else None
+    if len(idx) == 0:
+        raise CkvError(f"{name}: no user has at least {min_events} events")
+    new_id = np.cumsum(keep_user) - 1
+    user_inv = new_id[user_inv]
+    user_ids = user_uniq[keep_user]
+    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(np.bincount(user_inv, minlength=len(user_ids)))
+    genre_names = sorted({g for gs in (log.item_genres or {}).values() for g in gs})
+    genres = np.zeros((len(item_ids), len(genre_names)), dtype=np.uint8)
+    if log.item_genres:
+        gi = {g: j for j, g in enumerate(genre_names)}
+        for i, raw in enumerate(item_ids[1:], start=1):
+            for g in log.item_genres.get(raw, []):
+                genres[i, gi[g]] = 1
+    return SequenceData(
+        name=name, user_ids=user_ids, item_ids=item_ids, offsets=offsets, items=idx, timestamps=times,
+        ratings=ratings, genres=genres, genre_names=genre_names, dropped_users=dropped_users,
+        dropped_events=dropped_events, fingerprint=_fingerprint(user_ids, item_ids, offsets, idx, times),
+    )
+
+
+def load(spec: str, columns: dict[str, str] | None = None, min_events: int = 3,
+         item_vocab: list[str] | None = None) -> SequenceData:
+    """A named dataset (`ml-1m`, `ml-100k`) or a path to a log file."""
+    if spec in DATASETS:
+        path, name = fetch(spec), spec
+    elif Path(spec).exists() or any(c in spec for c in "/\\.") :
+        path, name = Path(spec), Path(spec).name
+    else:
+        raise CkvError(f"unknown dataset '{spec}'; named datasets: {', '.join(DATASETS)} (or give a file path)")
+    return build(read_log(path, columns), name, min_events=min_events, item_vocab=item_vocab)

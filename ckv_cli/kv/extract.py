@@ -1,0 +1,79 @@
+"""Teacher caches for the held-out protocol, and the flat layout (all users' tokens concatenated, with offsets).
+
+For each user the cached history is the test history (everything before the held-out item, last `max_len`
+events) minus its last event: that event is appended later with `extend` through the (compressed) cache, and
+its output ranks all items for the held-out target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ckv_cli.data.batching import history_batch
+from ckv_cli.data.sequences import SequenceData
+from ckv_cli.models.base import KVCache
+
+
+@dataclass
+class CacheBatch:
+    users: np.ndarray  # (B,) user indices into the dataset
+    cache: KVCache  # teacher cache of each user's history prefix
+    last_items: torch.Tensor  # (B, 1) the last known event, appended with `extend`
+    last_ts: torch.Tensor  # (B, 1)
+    targets: torch.Tensor  # (B,) held-out item
+
+
+@dataclass
+class FlatCache:
+    """All users' cached tokens back to back: user b's tokens are [offsets[b], offsets[b+1])."""
+
+    offsets: np.ndarray  # (B + 1,) int64
+    keys: list[torch.Tensor]  # per layer (N, d_k)
+    values: list[torch.Tensor]  # per layer (N, d_v)
+    items: np.ndarray  # (N,) int64
+    timestamps: np.ndarray  # (N,) int64
+
+
+@torch.no_grad()
+def iter_test_caches(model, data: SequenceData, users: np.ndarray, batch_size: int = 256) -> Iterator[CacheBatch]:
+    model.eval()
+    hist_items, hist_times, targets = data.split("test")
+    W = model.config.max_len
+    for a in range(0, len(users), batch_size):
+        batch = users[a : a + batch_size]
+        hi = [hist_items[u][-W:] for u in batch]
+        ht = [hist_times[u][-W:] for u in batch]
+        items, times, lengths = history_batch([h[:-1] for h in hi], [t[:-1] for t in ht], W)
+        cache, _ = model.prefill(items, times, lengths)
+        yield CacheBatch(
+            users=batch,
+            cache=cache,
+            last_items=torch.tensor([[h[-1]] for h in hi], dtype=torch.long),
+            last_ts=torch.tensor([[t[-1]] for t in ht], dtype=torch.long),
+            targets=torch.from_numpy(targets[batch]),
+        )
+
+
+def flatten(cache: KVCache) -> FlatCache:
+    valid = cache.valid_mask()  # (B, L)
+    offsets = np.zeros(len(cache.lengths) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(cache.lengths.numpy())
+    return FlatCache(offsets, [k[valid] for k in cache.keys], [v[valid] for v in cache.values],
+                     cache.items[valid].numpy(), cache.timestamps[valid].numpy())
+
+
+def unflatten(flat: FlatCache) -> KVCache:
+    lengths = torch.from_numpy(np.diff(flat.offsets))
+    B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
+    valid = torch.arange(L)[None, :] < lengths[:, None]  # (B, L)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(B, L, *x.shape[1:], dtype=x.dtype)
+        out[valid] = x
+        return out
+
+    return KVCache([pad(k) for k in flat.keys], [pad(v) for v in flat.values], lengths,
+                   pad(torch.from_numpy(flat.items)), pad(torch.from_numpy(flat.timestamps)))

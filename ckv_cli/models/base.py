@@ -1,0 +1,168 @@
+"""What every next-item model shares: the KV cache, prefill/extend over it, and scoring against all items.
+
+A model is a stack of attention layers. Each layer turns its input into a query-side part and the key/value
+of the new tokens; the keys/values of earlier tokens come from the cache. `prefill` is `extend` from an
+empty cache, so the training path, the prefill path and the decoding path run the same code.
+
+Positions count from the first token of the cached window, so appending never renumbers a cached token.
+A cache holds at most `max_len` tokens: an `extend` that would overflow it re-prefills the most recent
+`max_len` events from the item ids and timestamps kept in the cache (a sliding window, as in LLM serving).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values of every cached history token, right-padded: user b's tokens are [0, lengths[b])."""
+
+    keys: list[torch.Tensor]  # per layer (B, L, d_k)
+    values: list[torch.Tensor]  # per layer (B, L, d_v)
+    lengths: torch.Tensor  # (B,) int64
+    items: torch.Tensor  # (B, L) int64 item ids of the cached tokens, 0 = padding
+    timestamps: torch.Tensor  # (B, L) int64
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.keys)
+
+    @staticmethod
+    def empty(batch: int, n_layers: int, d_k: int, d_v: int, device=None) -> "KVCache":
+        z = lambda d: torch.zeros(batch, 0, d, device=device)  # noqa: E731
+        return KVCache([z(d_k) for _ in range(n_layers)], [z(d_v) for _ in range(n_layers)],
+                       torch.zeros(batch, dtype=torch.long, device=device),
+                       torch.zeros(batch, 0, dtype=torch.long, device=device),
+                       torch.zeros(batch, 0, dtype=torch.long, device=device))
+
+    def valid_mask(self) -> torch.Tensor:
+        L = self.items.shape[1]
+        return torch.arange(L, device=self.lengths.device)[None, :] < self.lengths[:, None]  # (B, L)
+
+
+def merge(cached: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor, new_lengths: torch.Tensor) -> torch.Tensor:
+    """Append each user's first new_lengths[b] new rows after its lengths[b] cached rows, right-padded."""
+    B, Lc = cached.shape[:2]
+    T = new.shape[1]
+    total = lengths + new_lengths
+    Lout = int(total.max()) if B else 0
+    slot = torch.arange(Lout, device=cached.device)[None, :].expand(B, Lout)  # (B, Lout)
+    src = torch.where(slot < lengths[:, None], slot, Lc + slot - lengths[:, None])
+    src = src.clamp(max=Lc + T - 1) if Lc + T > 0 else src
+    both = torch.cat([cached, new], dim=1)  # (B, Lc + T, ...)
+    idx = src.view(B, Lout, *([1] * (both.dim() - 2))).expand(B, Lout, *both.shape[2:])
+    out = torch.gather(both, 1, idx)
+    keep = (slot < total[:, None]).view(B, Lout, *([1] * (both.dim() - 2)))
+    return out * keep.to(out.dtype) if out.is_floating_point() else out * keep
+
+
+class SequentialRecommender(nn.Module):
+    """Base class of the next-item models: subclasses define `embed` and `layers` (see `AttentionLayer`)."""
+
+    config: object
+    layers: nn.ModuleList
+
+    def embed(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(h, dim=-1)
+
+    def item_table(self) -> torch.Tensor:
+        """(n_items + 1, d) normalised output embeddings; row 0 is padding."""
+        return F.normalize(self.item_emb.weight, dim=-1)
+
+    @property
+    def kv_dims(self) -> tuple[int, int]:
+        return self.layers[0].d_k, self.layers[0].d_v
+
+    def empty_cache(self, batch: int) -> KVCache:
+        d_k, d_v = self.kv_dims
+        return KVCache.empty(batch, len(self.layers), d_k, d_v, device=self.item_emb.weight.device)
+
+    def extend(self, cache: KVCache, items: torch.Tensor, timestamps: torch.Tensor,
+               new_lengths: torch.Tensor | None = None, layer_inputs: list | None = None):
+        """New events (B, T) attend over the cache and themselves (causally) and are appended.
+
+        Returns (new cache, hidden states of the new events (B, T, d)). With `layer_inputs` a list, each layer's
+        input for the new tokens is appended to it (what a codec's router reads)."""
+        B, T = items.shape
+        if new_lengths is None:
+            new_lengths = torch.full((B,), T, dtype=torch.long, device=items.device)
+        if B and int((cache.lengths + new_lengths).max()) > self.config.max_len:
+            return self._reprefill(cache, items, timestamps, new_lengths, layer_inputs)
+        t = torch.arange(T, device=items.device)[None, :]
+        new_valid = t < new_lengths[:, None]  # (B, T)
+        positions = cache.lengths[:, None] + t  # (B, T) counted from the window start
+        Lc = cache.items.shape[1]
+        key_valid = torch.cat([cache.valid_mask()[:, None, :].expand(B, T, Lc),
+                               (t.T >= t)[None].expand(B, T, T) & new_valid[:, None, :]], dim=2)  # (B, T, Lc+T)
+        key_pos = torch.cat([torch.arange(Lc, device=items.device)[None].expand(B, Lc), positions], dim=1)
+        key_ts = torch.cat([cache.timestamps, timestamps], dim=1)
+        x = self.embed(items, positions)  # (B, T, d)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            if layer_inputs is not None:
+                layer_inputs.append(x)
+            q, k, v, extra = layer.project(x)
+            K = torch.cat([cache.keys[i], k], dim=1)  # (B, Lc+T, d_k)
+            V = torch.cat([cache.values[i], v], dim=1)
+            a = layer.attend(q, K, V, key_valid, positions, key_pos, timestamps, key_ts)
+            x = layer.finish(x, a, extra)
+            keys.append(merge(cache.keys[i], k, cache.lengths, new_lengths))
+            values.append(merge(cache.values[i], v, cache.lengths, new_lengths))
+        new_cache = KVCache(keys, values, cache.lengths + new_lengths,
+                            merge(cache.items, items * new_valid, cache.lengths, new_lengths),
+                            merge(cache.timestamps, timestamps * new_valid, cache.lengths, new_lengths))
+        return new_cache, self.final(x)
+
+    def _reprefill(self, cache, items, timestamps, new_lengths, layer_inputs):
+        all_items = merge(cache.items, items, cache.lengths, new_lengths)
+        all_ts = merge(cache.timestamps, timestamps, cache.lengths, new_lengths)
+        total = cache.lengths + new_lengths
+        keep = total.clamp(max=self.config.max_len)
+        start = total - keep
+        idx = (start[:, None] + torch.arange(int(keep.max()), device=items.device)[None]).clamp(max=all_items.shape[1] - 1)
+        win_items = torch.gather(all_items, 1, idx)
+        win_ts = torch.gather(all_ts, 1, idx)
+        new_cache, h = self.prefill(win_items, win_ts, keep, layer_inputs)
+        # hidden states of the new events are the last new_lengths[b] positions of the window
+        T = items.shape[1]
+        pos = (keep[:, None] - new_lengths[:, None] + torch.arange(T, device=items.device)[None]).clamp(min=0, max=h.shape[1] - 1)
+        return new_cache, torch.gather(h, 1, pos[..., None].expand(-1, -1, h.shape[-1]))
+
+    def prefill(self, items: torch.Tensor, timestamps: torch.Tensor, lengths: torch.Tensor | None = None,
+                layer_inputs: list | None = None):
+        """Right-padded histories (B, L) -> (cache of all L tokens, hidden states (B, L, d))."""
+        return self.extend(self.empty_cache(items.shape[0]), items, timestamps, lengths, layer_inputs)
+
+    def forward(self, items, timestamps, lengths):
+        """Training path: hidden states (B, L, d) of every position (the cache is built and dropped)."""
+        return self.prefill(items, timestamps, lengths)[1]
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def score_all(self, h: torch.Tensor) -> torch.Tensor:
+        """Last hidden state (B, d) -> cosine scores against every item (B, n_items + 1); column 0 is -inf."""
+        s = self.output(h) @ self.item_table().T  # (B, n_items + 1)
+        s[:, 0] = float("-inf")
+        return s
+
+
+def last_hidden(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) hidden states -> (B, d) at each user's last valid position."""
+    idx = (lengths - 1).clamp(min=0)
+    return h[torch.arange(h.shape[0], device=h.device), idx]
+
+
+def item_layer_kv(model: SequentialRecommender, items: torch.Tensor, positions: torch.Tensor):
+    """K/V of the first layer, an exact function of (item, position): what a cache may recompute instead of
+    storing. (B, L) -> ((B, L, d_k), (B, L, d_v)). Deeper layers mix in the history and are user-specific."""
+    x = model.embed(items, positions)
+    q, k, v, _ = model.layers[0].project(x)
+    return k, v

@@ -1,0 +1,96 @@
+"""HSTU: Hierarchical Sequential Transduction Units (Zhai et al., "Actions Speak Louder than Words", ICML 2024).
+
+Pointwise SiLU attention (no softmax) normalised by the window length, a learned relative bias over position
+distance and bucketed time gap, and U-gating: `Y = f2(LN(A V) * U)`. Each query's time bias uses the gap
+between its own event and the cached event (the official code uses the *next* event's time, which would make
+cached keys depend on the future and break `extend`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ckv_cli.models.base import SequentialRecommender
+
+
+@dataclass
+class HSTUConfig:
+    n_items: int
+    d: int = 64
+    n_layers: int = 2
+    n_heads: int = 1
+    d_qk: int = 64  # per head
+    d_v: int = 64  # per head
+    max_len: int = 200
+    dropout: float = 0.2
+    time_buckets: int = 128
+
+
+class RelativeBias(nn.Module):
+    """rab(i, j) = w_pos[i - j] + w_time[bucket(|t_i - t_j|)], bucket = floor(log(gap + 1) / 0.301)."""
+
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        self.max_len, self.buckets = cfg.max_len, cfg.time_buckets
+        self.pos = nn.Parameter(torch.zeros(cfg.max_len))
+        self.time = nn.Parameter(torch.zeros(cfg.time_buckets + 1))
+
+    def forward(self, q_pos, k_pos, q_ts, k_ts):
+        dist = (q_pos[:, :, None] - k_pos[:, None, :]).clamp(0, self.max_len - 1)  # (B, T, Lk)
+        gap = (q_ts[:, :, None] - k_ts[:, None, :]).abs().float()
+        bucket = (torch.log1p(gap) / 0.301).floor().long().clamp(0, self.buckets)
+        return self.pos[dist] + self.time[bucket]  # (B, T, Lk)
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        self.h, self.dqk, self.dv = cfg.n_heads, cfg.d_qk, cfg.d_v
+        self.d_k, self.d_v = cfg.n_heads * cfg.d_qk, cfg.n_heads * cfg.d_v
+        self.max_len = cfg.max_len
+        self.ln_in = nn.LayerNorm(cfg.d)
+        self.f1 = nn.Linear(cfg.d, 2 * self.d_k + 2 * self.d_v)
+        self.ln_attn = nn.LayerNorm(self.d_v)
+        self.f2 = nn.Linear(self.d_v, cfg.d)
+        self.bias = RelativeBias(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def project(self, x):
+        uvqk = F.silu(self.f1(self.ln_in(x)))  # (B, T, 2 d_v + 2 d_k)
+        u, v, q, k = torch.split(uvqk, [self.d_v, self.d_v, self.d_k, self.d_k], dim=-1)
+        return q, k, v, u
+
+    def attend(self, q, K, V, key_valid, q_pos, k_pos, q_ts, k_ts):
+        B, T, _ = q.shape
+        Lk = K.shape[1]
+        qh = q.view(B, T, self.h, self.dqk).transpose(1, 2)  # (B, h, T, dqk)
+        kh = K.view(B, Lk, self.h, self.dqk).transpose(1, 2)
+        vh = V.view(B, Lk, self.h, self.dv).transpose(1, 2)
+        s = qh @ kh.transpose(-1, -2) + self.bias(q_pos, k_pos, q_ts, k_ts)[:, None]  # (B, h, T, Lk)
+        w = F.silu(s) * key_valid[:, None].to(s.dtype) / self.max_len
+        return (w @ vh).transpose(1, 2).reshape(B, T, self.d_v)  # (B, T, d_v)
+
+    def finish(self, x, a, u):
+        return x + self.drop(self.f2(self.ln_attn(a) * u))
+
+
+class HSTU(SequentialRecommender):
+    arch = "hstu"
+
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        self.config = cfg
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.n_layers))
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+
+    def embed(self, items, positions):
+        x = self.item_emb(items) * math.sqrt(self.config.d) + self.pos_emb(positions.clamp(max=self.config.max_len - 1))
+        return self.drop(x)  # (B, T, d)
