@@ -29,6 +29,7 @@ from ckv_cli.checkpoint import atomic_write
 from ckv_cli.codecs import CachePlan, Field, plan_from_description
 from ckv_cli.codecs.bits import byte_range, pack, unpack
 from ckv_cli.errors import CkvError
+from ckv_cli.kv.extract import FlatCache
 
 FORMAT = "ckv-artifact"
 FORMAT_VERSION = "1"
@@ -160,6 +161,12 @@ class Artifact:
                     out[name] = np.concatenate(parts) if parts else np.zeros(0)
         self._check_ranges(out)
         return out, out_offsets
+
+    def decode(self, users, item_kv) -> "FlatCache":
+        """Decoded caches of the given users (indices) as a flat cache; `item_kv(items, positions)` recomputes
+        the streams stored as item ids (pass `lambda i, p: item_layer_kv(model, i, p)`)."""
+        fields, offsets = self.read_fields(np.asarray(users))
+        return self.plan.decode(fields, offsets, item_kv)
 
     def _check_ranges(self, fields: dict[str, np.ndarray]) -> None:
         for stream, codec in self.plan.streams.items():

@@ -154,6 +154,7 @@ def compress(
     recompute_item_layers: Annotated[bool, typer.Option(help="Recompute first-layer K/V from item ids instead of storing them.")] = True,
     calib_users: Annotated[int, typer.Option(help="Users whose caches fit the pool (seeded sample).")] = 1000,
     batch_users: Annotated[int, typer.Option(help="Users encoded per batch (bounds memory).")] = 256,
+    distill_steps: Annotated[int, typer.Option(help="Distillation steps after the gradient-free initialisation (0 = none).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
     columns: ColumnsOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing artifact.")] = False,
@@ -175,7 +176,7 @@ def compress(
     params = {"pool_size": pool_size, "user_dim": user_dim, "layout": layout, "user_dtype": user_dtype} if codec == "collective" else {}
     opts = CompressOptions(codec=codec, params=params, share=tuple(s.strip() for s in share.split(",") if s.strip()),
                            recompute_item_layers=recompute_item_layers, calib_users=calib_users,
-                           batch_users=batch_users, seed=seed)
+                           batch_users=batch_users, distill_steps=distill_steps, seed=seed)
     t = time.time()
     with progress("compress", total=ds.n_users) as advance:
         report = compress_to_artifact(model, meta, checkpoint, ds, opts, out, force=force, advance=advance,

@@ -28,6 +28,7 @@ class CompressOptions:
     recompute_item_layers: bool = True
     calib_users: int = 1000
     batch_users: int = 256
+    distill_steps: int = 0
     seed: int = 0
 
 
@@ -101,7 +102,13 @@ def accounting(plan: CachePlan, offsets: np.ndarray, kv_dims: tuple[int, int], n
 def compress(model, ds: SequenceData, opts: CompressOptions, plan: CachePlan | None = None,
              advance: Callable[[int], None] | None = None, on_stream=None) -> CompressResult:
     torch.manual_seed(opts.seed)
-    plan = plan or fit_plan(model, ds, opts, on_stream)
+    distilled = None
+    if plan is None:
+        plan = fit_plan(model, ds, opts, on_stream)
+        if opts.distill_steps:
+            from ckv_cli.distill import DistillOptions, distill
+
+            distilled = distill(model, ds, plan, DistillOptions(steps=opts.distill_steps, seed=opts.seed))
     users = np.arange(ds.n_users)
     item_kv = lambda items, pos: item_layer_kv(model, items, pos)  # noqa: E731
     chunks: dict[str, list[np.ndarray]] = {}
@@ -142,6 +149,8 @@ def compress(model, ds: SequenceData, opts: CompressOptions, plan: CachePlan | N
                      "hit10_flips": int(((rt < 10) != (rc < 10)).sum())},
         "reconstruction_rel_mse": {k: err_num[k] / max(err_den[k], 1e-12) for k in err_num},
     }
+    if distilled:
+        metrics["distillation"] = {"steps": len(distilled), "first": distilled[0], "last": distilled[-1]}
     acct = accounting(plan, offsets, model.kv_dims, len(model.layers))
     return CompressResult(plan, fields, offsets, [str(u) for u in ds.user_ids], acct, metrics)
 

@@ -7,8 +7,8 @@ import torch
 
 from ckv_cli.data.batching import history_batch
 from ckv_cli.models import REGISTRY, last_hidden
-from conftest import N_ITEMS, make_model
 
+N_ITEMS = 50  # conftest's small models
 TOL = 1e-5
 MAX_LEN = 32
 
@@ -133,10 +133,11 @@ def test_overflowing_extend_slides_the_window(model):
     wi, wt, wl = batch(items, times)  # prefill of the most recent MAX_LEN events
     window_cache, hw = model.prefill(wi, wt, wl)
     assert_same_cache(cache2, window_cache)
-    last_ext = torch.where((nl > 0)[:, None], last_hidden(h2, nl), torch.zeros(1))
-    assert maxdiff(last_ext[nl > 0], last_hidden(hw, wl)[nl > 0]) <= TOL
-    # ... and not what the model would say on the untruncated history (positions differ)
-    assert maxdiff(last_hidden(h2, nl)[0], last_hidden(hw, wl)[0]) <= TOL
+    new = nl > 0
+    assert new.tolist() == [True, False, True, True]
+    assert maxdiff(last_hidden(h2, nl)[new], last_hidden(hw, wl)[new]) <= TOL
+    # the window really moved: the cache now starts at event 13 (45 - 32) for user 0, not at its first event
+    assert cache2.items[0].tolist() == items[0][-MAX_LEN:].tolist() != items[0][:MAX_LEN].tolist()
 
 
 @torch.no_grad()
@@ -182,8 +183,8 @@ def test_score_all(model):
     assert torch.equal(model(it, ts, L), model.prefill(it, ts, L)[1])  # forward is the prefill path
 
 
-def test_eval_is_deterministic_and_train_mode_uses_dropout(arch):
-    m = make_model(arch)
+def test_eval_is_deterministic_and_train_mode_uses_dropout(model):
+    m = model
     items, times = histories([10, 4])
     it, ts, L = batch(items, times)
     with torch.no_grad():

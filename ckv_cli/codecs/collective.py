@@ -71,6 +71,7 @@ class CollectiveCodec(StreamCodec):
         self.pool = pool.contiguous()  # (m, d) or (m, d - r)
         self.router_w = 2 * self.pool  # router logits = x @ W^T + b, argmax = nearest entry
         self.router_b = -(self.pool * self.pool).sum(1)
+        self.router_tied = True  # until distillation trains the router apart from the pool
 
     @staticmethod
     def _nearest(x, pool):
@@ -78,7 +79,7 @@ class CollectiveCodec(StreamCodec):
 
         return nearest(x, pool)
 
-    def _route(self, x: torch.Tensor, chunk: int = 32768) -> torch.Tensor:
+    def _route(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         out = torch.empty(x.shape[0], dtype=torch.long)
         for a in range(0, x.shape[0], chunk):
             out[a : a + chunk] = (x[a : a + chunk] @ self.router_w.T + self.router_b).argmax(1)  # (chunk, m)
@@ -86,6 +87,34 @@ class CollectiveCodec(StreamCodec):
 
     def _coords(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean) @ self.basis if self.layout == "concat" else x.float()
+
+    # -- distillation -------------------------------------------------------------------------------------
+    def trainable(self) -> list[torch.Tensor]:
+        """Pool and router as leaf tensors that require grad (the basis and user part stay fixed)."""
+        for name in ("pool", "router_w", "router_b"):
+            setattr(self, name, getattr(self, name).detach().clone().requires_grad_(True))
+        return [self.pool, self.router_w, self.router_b]
+
+    def freeze(self) -> None:
+        for name in ("pool", "router_w", "router_b"):
+            setattr(self, name, getattr(self, name).detach())
+        self.router_tied = False
+
+    def gated_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training-time decode (the paper's gated top-1): sigmoid(top logit) * P[idx] so gradients reach the
+        router; returns (x_hat (N, d), router logits (N, m)). Inference uses P[idx] without the gate."""
+        z = self._coords(x)
+        zp = z[:, self.pool_coords] if self.layout == "concat" else z
+        logits = zp.detach() @ self.router_w.T + self.router_b  # (N, m)
+        top, idx = logits.max(1)
+        base = torch.sigmoid(top)[:, None] * self.pool[idx]
+        if self.layout == "residual":
+            u = (z - self.pool[idx]).detach() @ self.basis  # (N, r)
+            return base + u @ self.basis.T, logits
+        zh = torch.zeros_like(z)
+        zh[:, self.pool_coords] = base
+        zh[:, self.user_coords] = z[:, self.user_coords]
+        return zh @ self.basis.T + self.mean, logits
 
     # -- storage -------------------------------------------------------------------------------------------
     def fields(self) -> list[Field]:
@@ -129,15 +158,18 @@ class CollectiveCodec(StreamCodec):
         return z @ self.basis.T + self.mean  # back from the SVD basis
 
     def shared(self) -> dict[str, torch.Tensor]:
-        out = {"pool": self.pool, "router_w": self.router_w, "router_b": self.router_b, "basis": self.basis,
-               "mean": self.mean}
+        out = {"pool": self.pool, "basis": self.basis, "mean": self.mean}
+        if not self.router_tied:  # a tied router (W = 2P, b = -|P|^2) is derived from the pool on load
+            out.update(router_w=self.router_w, router_b=self.router_b)
         if self.layout == "concat":
             out["user_coords"] = self.user_coords
             out["pool_coords"] = self.pool_coords
         return out
 
     def load_shared(self, shared: dict[str, torch.Tensor]) -> None:
-        self.pool, self.router_w, self.router_b = shared["pool"].float(), shared["router_w"].float(), shared["router_b"].float()
+        self._set_pool(shared["pool"].float())
+        if "router_w" in shared:
+            self.router_w, self.router_b, self.router_tied = shared["router_w"].float(), shared["router_b"].float(), False
         self.basis, self.mean = shared["basis"].float(), shared["mean"].float()
         if self.layout == "concat":
             self.user_coords, self.pool_coords = shared["user_coords"].long(), shared["pool_coords"].long()

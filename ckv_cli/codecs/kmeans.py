@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 
-def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """(N, d), (m, d) -> (N,) index of the nearest centroid: argmax(2 x.c - |c|^2), a linear layer with a bias."""
     bias = (centroids * centroids).sum(1)  # (m,)
     out = torch.empty(x.shape[0], dtype=torch.long)

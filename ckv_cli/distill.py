@@ -1,0 +1,98 @@
+"""Distillation of a fitted cache plan (CollectiveKV's training objective, model frozen).
+
+The student is the unchanged model reading decoded caches; only the pools and routers learn. The teacher cache
+is built by the full model on training histories (the validation split's: the test items are never seen).
+Loss = KL(teacher || student) on the next-item distribution (temperature 0.05, as in training)
+     + w_peak * peak loss  -mean(log sigmoid(top-1 router logit))
+     + w_bal  * load balance  KL(mean softmax(router logits) || uniform),
+both auxiliary terms over real tokens only (the flat layout holds no padding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ckv_cli.codecs import ITEMS, CachePlan
+from ckv_cli.codecs.collective import CollectiveCodec
+from ckv_cli.data.batching import history_batch
+from ckv_cli.errors import CkvError
+from ckv_cli.kv.extract import FlatCache, flatten, unflatten
+from ckv_cli.models.base import last_hidden
+
+
+@dataclass
+class DistillOptions:
+    steps: int = 200
+    batch_users: int = 64
+    lr: float = 1e-3
+    w_peak: float = 0.01
+    w_bal: float = 1.0
+    temperature: float = 0.05
+    balance_tokens: int = 2048
+    seed: int = 0
+
+
+def _valid_batches(ds, model, users):
+    hist_items, hist_times, targets = ds.split("valid")
+    W = model.config.max_len
+    hi = [hist_items[u][-W:] for u in users]
+    ht = [hist_times[u][-W:] for u in users]
+    items, times, lengths = history_batch([h[:-1] for h in hi], [t[:-1] for t in ht], W)
+    last_i = torch.tensor([[h[-1]] for h in hi])
+    last_t = torch.tensor([[t[-1]] for t in ht])
+    return items, times, lengths, last_i, last_t
+
+
+def distill(model, ds, plan: CachePlan, opts: DistillOptions, on_step: Callable[[int, float], None] | None = None) -> list[dict]:
+    """Trains the plan's collective streams in place; returns the loss history."""
+    streams = {n: c for n, c in plan.streams.items() if isinstance(c, CollectiveCodec)}
+    if not streams:
+        raise CkvError("distillation needs at least one 'collective' stream in the plan")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    params = [t for c in streams.values() for t in c.trainable()]
+    opt = torch.optim.Adam(params, lr=opts.lr)
+    rng = np.random.default_rng(opts.seed)
+    gen = torch.Generator().manual_seed(opts.seed)
+    eligible = np.flatnonzero(ds.lengths() >= 4)  # a validation history of at least two events
+    history = []
+    try:
+        for step in range(opts.steps):
+            users = np.sort(rng.choice(eligible, size=min(opts.batch_users, len(eligible)), replace=False))
+            items, times, lengths, last_i, last_t = _valid_batches(ds, model, users)
+            with torch.no_grad():
+                cache, _ = model.prefill(items, times, lengths)
+                _, h_t = model.extend(cache, last_i, last_t)
+                p_t = F.softmax(model.score_all(h_t[:, 0])[:, 1:] / opts.temperature, dim=-1)
+            flat = flatten(cache)
+            keys, values = list(flat.keys), list(flat.values)
+            peak = bal = torch.zeros(())
+            for name, codec in streams.items():
+                layer, kind = int(name[1 : name.index(".")]), name[-1]
+                src = keys if kind == "k" else values
+                x_hat, logits = codec.gated_decode(src[layer])
+                src[layer] = x_hat
+                peak = peak - F.logsigmoid(logits.max(1).values).mean()
+                pick = torch.randint(logits.shape[0], (min(opts.balance_tokens, logits.shape[0]),), generator=gen)
+                mean_p = F.softmax(logits[pick], dim=-1).mean(0)  # (m,)
+                bal = bal + (mean_p * (mean_p.clamp(min=1e-12) * mean_p.numel()).log()).sum()
+            student = unflatten(FlatCache(flat.offsets, keys, values, flat.items, flat.timestamps))
+            _, h_s = model.extend(student, last_i, last_t)
+            log_p_s = F.log_softmax(model.score_all(h_s[:, 0])[:, 1:] / opts.temperature, dim=-1)
+            kl = F.kl_div(log_p_s, p_t, reduction="batchmean")
+            loss = kl + opts.w_peak * peak + opts.w_bal * bal
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.append({"step": step + 1, "loss": loss.item(), "kl": kl.item(), "peak": peak.item(), "balance": bal.item()})
+            if on_step:
+                on_step(step + 1, kl.item())
+    finally:
+        for c in streams.values():
+            c.freeze()  # the router keeps its trained weights (no longer tied to the pool)
+    return history
