@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	mkdir -p $(DEMO_OUT)
-	$(VENV)/bin/ckv evaluate $(DEMO_CKPT) --data ml-1m --json $(DEMO_OUT)/evaluate.json
+	$(VENV)/bin/ckv compress $(DEMO_CKPT) --data ml-1m -o $(DEMO_OUT)/sasrec-ml1m.ckv.safetensors --force --json $(DEMO_OUT)/compress.json
 
 test: setup
 	$(VENV)/bin/pytest -q

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -22,8 +23,10 @@ FORMAT = "ckv-checkpoint"
 FORMAT_VERSION = "1"
 
 
-def atomic_write(path: Path, write, force: bool = True) -> None:
-    """Write through `write(tmp_path)` into a temporary file beside `path`, then rename it into place."""
+def check_output(path: Path | None, force: bool = True) -> None:
+    """Fail early (before any work) on an output that could not be written."""
+    if path is None or str(path) == "-":
+        return
     path = Path(path)
     if path.exists() and not force:
         raise CkvError(f"{path} exists; pass --force to overwrite it")
@@ -31,6 +34,12 @@ def atomic_write(path: Path, write, force: bool = True) -> None:
         raise CkvError(f"output directory does not exist: {path.parent}")
     if not os.access(path.parent, os.W_OK):
         raise CkvError(f"output directory is not writable: {path.parent}")
+
+
+def atomic_write(path: Path, write, force: bool = True) -> None:
+    """Write through `write(tmp_path)` into a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    check_output(path, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -44,6 +53,22 @@ def atomic_write(path: Path, write, force: bool = True) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def sort_header(path) -> None:
+    """safetensors writes `__metadata__` from a hash map, in an order that changes from call to call; rewrite
+    the JSON header with sorted keys so that the same inputs give byte-identical files."""
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        text = json.dumps(json.loads(f.read(n)), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # the same JSON reordered: same length (spaces pad, as safetensors itself does)
+            f.seek(8)
+            f.write(text.ljust(n, b" "))
+            return
+        data = f.read()
+        text = text.ljust(-(-len(text) // 8) * 8, b" ")
+        f.seek(0)
+        f.write(struct.pack("<Q", len(text)) + text + data)
 
 
 def save_checkpoint(model, path: str | Path, *, dataset: str, fingerprint: str, item_vocab, metrics: dict,
@@ -61,7 +86,11 @@ def save_checkpoint(model, path: str | Path, *, dataset: str, fingerprint: str, 
         "train": json.dumps(train),
         "ckv_version": __version__,
     }
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta), force=force)
+    def write(tmp):
+        save_file(tensors, tmp, metadata=meta)
+        sort_header(tmp)
+
+    atomic_write(Path(path), write, force=force)
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -62,7 +62,7 @@ def train(
     json_out: JsonOpt = None,
 ):
     """Train a next-item model with the published recipe and write a self-describing checkpoint."""
-    from ckv_cli.checkpoint import save_checkpoint
+    from ckv_cli.checkpoint import check_output, save_checkpoint
     from ckv_cli.data import load
     from ckv_cli.evaluate import evaluate_model
     from ckv_cli.models import REGISTRY
@@ -71,10 +71,8 @@ def train(
 
     if arch not in REGISTRY:
         raise CkvError(f"unknown --arch '{arch}' (choose from: {', '.join(REGISTRY)})")
-    if out.exists() and not force:
-        raise CkvError(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.exists():
-        raise CkvError(f"output directory does not exist: {out.parent}")
+    check_output(out, force)
+    check_output(json_out)
     ds = load(data, parse_columns(columns))
     _report_drops(ds)
     model_cfg = {"d": d, "n_layers": layers, "max_len": max_len, "dropout": dropout}
@@ -120,13 +118,14 @@ def evaluate(
     json_out: JsonOpt = None,
 ):
     """Evaluate a checkpoint: rank each user's held-out item against all items."""
-    from ckv_cli.checkpoint import load_checkpoint
+    from ckv_cli.checkpoint import check_output, load_checkpoint
     from ckv_cli.data import load
     from ckv_cli.evaluate import evaluate_model
     from ckv_cli.report import print_table, progress, write_json
 
     if split not in ("test", "valid"):
         raise CkvError(f"unknown --split '{split}' (choose test or valid)")
+    check_output(json_out)
     model, meta = load_checkpoint(checkpoint)
     ds = load(data, parse_columns(columns), item_vocab=meta["item_vocab"])
     _report_drops(ds)
@@ -161,15 +160,13 @@ def compress(
     json_out: JsonOpt = None,
 ):
     """Distil a checkpoint's per-user KV caches into a shared pool plus small per-user codes."""
-    from ckv_cli.checkpoint import load_checkpoint
+    from ckv_cli.checkpoint import check_output, load_checkpoint
     from ckv_cli.compress import CompressOptions, compress_to_artifact
     from ckv_cli.data import load
     from ckv_cli.report import print_compress, progress, write_json
 
-    if out.exists() and not force:
-        raise CkvError(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.exists():
-        raise CkvError(f"output directory does not exist: {out.parent}")
+    check_output(out, force)
+    check_output(json_out)
     model, meta = load_checkpoint(checkpoint)
     ds = load(data, parse_columns(columns), item_vocab=meta["item_vocab"])
     _report_drops(ds)

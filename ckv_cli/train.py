@@ -45,6 +45,10 @@ def sampled_softmax_loss(model, h, targets, valid, n_neg, temperature, gen):
     """h (B, L, d) hidden states, targets (B, L) next items, valid (B, L) bool -> scalar loss."""
     table = model.item_table()  # (N + 1, d) normalised
     h = model.output(h)
+    if n_neg <= 0:  # full softmax over every item
+        logits = (h @ table[1:].T) / temperature  # (B, L, N)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), (targets - 1).clamp(min=0).reshape(-1), reduction="none")
+        return (loss * valid.reshape(-1)).sum() / valid.sum().clamp(min=1)
     pos = (h * table[targets]).sum(-1, keepdim=True)  # (B, L, 1)
     negs = torch.randint(1, table.shape[0], (h.shape[0], n_neg), generator=gen)  # (B, n_neg), one draw per user
     neg = h @ table[negs].transpose(1, 2)  # (B, L, n_neg)

@@ -46,6 +46,9 @@ class CollectiveCodec(StreamCodec):
     # -- fitting -------------------------------------------------------------------------------------------
     def fit(self, x: torch.Tensor, seed: int) -> None:
         x = x.float()
+        if x.shape[0] < self.pool_size:  # k-means would return fewer entries than the metadata declares
+            raise CkvError(f"a pool of {self.pool_size} entries needs at least as many calibration vectors, got "
+                           f"{x.shape[0]} (use more calibration users or a smaller pool)")
         r = self.user_dim
         if self.layout == "residual":
             self._set_pool(kmeans(x, self.pool_size, seed=seed, iters=self.iters))

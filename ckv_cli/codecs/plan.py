@@ -16,6 +16,7 @@ import torch
 
 from ckv_cli.codecs.base import Field, StreamCodec
 from ckv_cli.codecs.bits import bits_for
+from ckv_cli.errors import CkvError
 from ckv_cli.kv.extract import FlatCache
 
 ITEMS = "items"  # plan entry: recompute from item ids
@@ -59,7 +60,11 @@ class CachePlan:
     def encode(self, flat: FlatCache) -> dict[str, np.ndarray]:
         out = {"tokens/items": flat.items.astype(np.uint32)}
         if self.timestamps:
-            out["tokens/timestamps"] = flat.timestamps.astype(np.int32)
+            ts = flat.timestamps
+            if len(ts) and (int(ts.min()) < -(2**31) or int(ts.max()) >= 2**31):  # astype would wrap silently
+                raise CkvError(f"timestamps {int(ts.min())}..{int(ts.max())} do not fit the artifact's int32 field "
+                               "(seconds expected; divide millisecond timestamps by 1000)")
+            out["tokens/timestamps"] = ts.astype(np.int32)
         for name, codec in self.streams.items():
             if codec != ITEMS:
                 for fname, arr in codec.encode(self._stream(flat, name), flat.offsets).items():

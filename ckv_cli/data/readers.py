@@ -50,6 +50,8 @@ def _to_int64(values, what: str, path: Path) -> np.ndarray:
         raise CkvError(f"{path}: column '{what}' is not numeric ({e})") from None
     if not np.all(np.isfinite(arr)):
         raise CkvError(f"{path}: column '{what}' contains NaN or Inf")
+    if arr.size and np.abs(arr).max() >= 2.0**62:
+        raise CkvError(f"{path}: column '{what}' has values too large for a 64-bit integer")
     return arr.astype(np.int64)
 
 

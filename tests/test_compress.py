@@ -1,0 +1,441 @@
+"""`ckv compress` end to end on ML-100K with tiny untrained models: byte accounting against the file on disk,
+artifact decoding, determinism, distillation, integrity checks, and the command line."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from conftest import make_model
+from ckv_cli.artifact import Artifact, write_artifact
+from ckv_cli.checkpoint import load_checkpoint, save_checkpoint
+from ckv_cli.codecs import ITEMS, CollectiveCodec, PlainCodec
+from ckv_cli.compress import CompressOptions, CompressResult, compress, compress_to_artifact, concat_flat, fit_plan, make_plan
+from ckv_cli.data import load
+from ckv_cli.distill import DistillOptions, distill
+from ckv_cli.errors import CkvError
+from ckv_cli.kv.extract import FlatCache, flatten, iter_test_caches
+from ckv_cli.models.base import item_layer_kv
+
+MAX_LEN = 16
+OPTS = {  # pool sizes that are not powers of two leave room for an out-of-range index in the packed bits
+    "sasrec": {"params": {"pool_size": 48, "user_dim": 2, "layout": "residual"}, "calib_users": 150},
+    "hstu": {"params": {"pool_size": 40, "user_dim": 3, "layout": "concat", "user_dtype": "fp16"}, "calib_users": 150},
+}
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return load("ml-100k")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(ds, tmp_path_factory):
+    """arch -> checkpoint path of a tiny untrained model over ML-100K's item vocabulary."""
+    d = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for arch in OPTS:
+        path = d / f"{arch}.safetensors"
+        save_checkpoint(make_model(arch, n_items=ds.n_items, max_len=MAX_LEN), path, dataset=ds.name,
+                        fingerprint=ds.fingerprint, item_vocab=list(ds.item_ids), metrics={}, train={"epochs": 0})
+        out[arch] = path
+    return out
+
+
+@dataclass
+class Built:
+    arch: str
+    model: torch.nn.Module
+    meta: dict
+    ckpt: Path
+    opts: CompressOptions
+    result: CompressResult
+    path: Path  # the artifact written from `result`
+    teacher: FlatCache  # every user's uncompressed cache, flat
+
+    def item_kv(self, items, pos):
+        return item_layer_kv(self.model, items, pos)
+
+
+@pytest.fixture(scope="module", params=list(OPTS))
+def built(request, ds, checkpoints, tmp_path_factory):
+    arch = request.param
+    model, meta = load_checkpoint(checkpoints[arch])
+    opts = CompressOptions(**OPTS[arch])
+    result = compress(model, ds, opts)
+    path = tmp_path_factory.mktemp(f"art-{arch}") / "a.safetensors"
+    write_artifact(path, result.plan, result.fields, result.offsets, result.user_ids, {"seed": opts.seed})
+    teacher = concat_flat([flatten(b.cache) for b in iter_test_caches(model, ds, np.arange(ds.n_users), opts.batch_users)])
+    return Built(arch, model, meta, checkpoints[arch], opts, result, path, teacher)
+
+
+def tensor_layout(path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(header length, name -> [start, end) of its bytes in the data region), read from the raw file."""
+    raw = Path(path).read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    return n, {k: tuple(v["data_offsets"]) for k, v in header.items()}
+
+
+def rel_mse(a, b):
+    return float(((a - b) ** 2).sum() / (a**2).sum())
+
+
+# ---------------------------------------------------------------- bytes
+
+
+def test_bytes_on_disk_match_the_accounting(built, ds):
+    acct = built.result.accounting
+    n, layout = tensor_layout(built.path)
+    sizes = {k: b - a for k, (a, b) in layout.items()}
+    assert sum(sizes.values()) == built.path.stat().st_size - 8 - n  # nothing but tensors after the header
+    per_user = acct["per_user_breakdown"]
+    assert {k: sizes[k] for k in per_user} == per_user  # each per-user array as declared by its Field
+    assert sum(sizes[k] for k in per_user) == acct["per_user_bytes"]
+    shared = {k for k in sizes if k.startswith("shared/")}
+    assert sum(sizes[k] for k in shared) == acct["shared_bytes"] > 0
+    assert set(sizes) - set(per_user) - shared == {"users/id_bytes", "users/id_offsets"}
+    assert not any(k.startswith("L0.") for k in sizes)  # the first layer is recomputed, never stored
+
+    tokens = int(sum(min(length - 1, MAX_LEN) - 1 for length in ds.lengths()))  # test history minus the last event
+    d_k, d_v = built.model.kv_dims
+    assert acct["tokens"] == tokens == built.result.offsets[-1] == len(built.teacher.items)
+    assert acct["users"] == ds.n_users
+    assert acct["full_fp16_bytes"] == tokens * 2 * (d_k + d_v) * 2
+    bits = built.result.plan.streams["L1.k"].bits
+    assert sizes["L1.k/idx"] == (tokens * bits + 7) // 8
+    assert 0 < acct["per_user_ratio_fp16"] < 1 and acct["per_user_ratio_fp32"] == pytest.approx(acct["per_user_ratio_fp16"] / 2)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def assert_flat_equal(a: FlatCache, b: FlatCache, recomputed_atol=0.0):
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.items, b.items)
+    np.testing.assert_array_equal(a.timestamps, b.timestamps)
+    for layer, (ka, kb, va, vb) in enumerate(zip(a.keys, b.keys, a.values, b.values)):
+        tol = recomputed_atol if layer == 0 else 0.0  # layer 0 is recomputed through the model
+        assert torch.allclose(ka, kb, rtol=0, atol=tol) and torch.allclose(va, vb, rtol=0, atol=tol), layer
+
+
+def test_artifact_decode_equals_plan_decode(built, ds):
+    art = Artifact.open(built.path)
+    assert art.n_users == ds.n_users and art.user_ids == [str(u) for u in ds.user_ids]
+    assert art.plan.describe() == built.result.plan.describe()
+    everyone = art.decode(np.arange(art.n_users), built.item_kv)
+    ref = built.result.plan.decode(built.result.fields, built.result.offsets, built.item_kv)
+    assert_flat_equal(everyone, ref)
+
+    rng = np.random.default_rng(0)
+    users = np.concatenate([[art.n_users - 1, 0], rng.choice(np.arange(1, art.n_users - 1), 35, replace=False)])
+    rng.shuffle(users)
+    some = art.decode(users, built.item_kv)
+    off = everyone.offsets
+    for j, u in enumerate(users):
+        a, b = some.offsets[j], some.offsets[j + 1]
+        part = FlatCache(np.array([0, b - a]), [k[a:b] for k in some.keys], [v[a:b] for v in some.values],
+                         some.items[a:b], some.timestamps[a:b])
+        lo, hi = off[u], off[u + 1]
+        whole = FlatCache(np.array([0, hi - lo]), [k[lo:hi] for k in everyone.keys], [v[lo:hi] for v in everyone.values],
+                          everyone.items[lo:hi], everyone.timestamps[lo:hi])
+        assert_flat_equal(part, whole, recomputed_atol=1e-6)
+
+    uid = str(ds.user_ids[123])
+    assert art.user_index(uid) == 123
+    with pytest.raises(CkvError, match="not in"):
+        art.user_index("no-such-user")
+    with pytest.raises(CkvError, match="out of range"):
+        art.read_fields(np.array([art.n_users]))
+
+
+def test_recomputed_layer_and_timestamps_match_the_teacher(built):
+    art = Artifact.open(built.path)
+    dec = art.decode(np.arange(art.n_users), built.item_kv)
+    t = built.teacher
+    np.testing.assert_array_equal(dec.offsets, t.offsets)
+    np.testing.assert_array_equal(dec.items, t.items)
+    assert built.result.plan.streams["L0.k"] == ITEMS
+    assert torch.allclose(dec.keys[0], t.keys[0], rtol=0, atol=1e-5)
+    assert torch.allclose(dec.values[0], t.values[0], rtol=0, atol=1e-5)
+    if built.arch == "hstu":
+        assert "tokens/timestamps" in art.fields
+        np.testing.assert_array_equal(dec.timestamps, t.timestamps)
+    else:
+        assert "tokens/timestamps" not in art.fields
+    # the stored layers are approximations, and the reported reconstruction error is theirs
+    for name in ("L1.k", "L1.v"):
+        a = t.keys[1] if name.endswith("k") else t.values[1]
+        b = dec.keys[1] if name.endswith("k") else dec.values[1]
+        err = rel_mse(a, b)
+        assert 1e-6 < err < 1
+        assert err == pytest.approx(built.result.metrics["reconstruction_rel_mse"][name], rel=1e-3)
+
+
+# ---------------------------------------------------------------- compress_to_artifact
+
+
+@pytest.fixture(scope="module")
+def sasrec(ds, checkpoints):
+    model, meta = load_checkpoint(checkpoints["sasrec"])
+    return model, meta, checkpoints["sasrec"]
+
+
+def test_compress_to_artifact_is_deterministic(sasrec, ds, tmp_path):
+    model, meta, ckpt = sasrec
+    out = tmp_path / "a.safetensors"
+    opts = CompressOptions(**OPTS["sasrec"])
+    report = compress_to_artifact(model, meta, ckpt, ds, opts, out, command="ckv compress test")
+    n, layout = tensor_layout(out)
+    assert report["file_bytes"] == out.stat().st_size
+    assert report["stored_tensor_bytes"] == sum(b - a for a, b in layout.values()) == out.stat().st_size - 8 - n
+    assert Artifact.open(out).meta["accounting"] == report["accounting"]
+    first = out.read_bytes()
+    os.replace(out, tmp_path / "first.safetensors")
+    compress_to_artifact(model, meta, ckpt, ds, opts, out, command="ckv compress test")
+    assert out.read_bytes() == first
+
+    other = tmp_path / "seed1.safetensors"
+    compress_to_artifact(model, meta, ckpt, ds, CompressOptions(**OPTS["sasrec"], seed=1), other,
+                         command="ckv compress test")
+    assert other.read_bytes() != first
+    with safe_open(str(out), "np") as a, safe_open(str(other), "np") as b:
+        assert not np.array_equal(a.get_tensor("shared/L1.k/pool"), b.get_tensor("shared/L1.k/pool"))
+
+
+def test_compress_to_artifact_with_default_command_opens(sasrec, ds, tmp_path):
+    """An empty metadata string (command="") is a plain string, not corrupted JSON."""
+    model, meta, ckpt = sasrec
+    out = tmp_path / "a.safetensors"
+    compress_to_artifact(model, meta, ckpt, ds, CompressOptions(**OPTS["sasrec"]), out)
+    assert Artifact.open(out).meta["command"] == ""
+
+
+def test_existing_output_is_left_alone_without_force(sasrec, ds, built, tmp_path):
+    model, meta, ckpt = sasrec
+    out = tmp_path / "a.safetensors"
+    shutil.copy(built.path, out)
+    before = out.read_bytes()
+    with pytest.raises(CkvError, match="exists"):
+        compress_to_artifact(model, meta, ckpt, ds, CompressOptions(**OPTS["sasrec"], seed=5), out)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]  # no temporary left behind
+    compress_to_artifact(model, meta, ckpt, ds, CompressOptions(**OPTS["sasrec"], seed=5), out, force=True)
+    assert out.read_bytes() != before and Artifact.open(out).meta["seed"] == "5"
+
+
+def test_pool_larger_than_the_calibration_set_is_refused(sasrec, ds, tmp_path):
+    model, meta, ckpt = sasrec
+    opts = CompressOptions(params={"pool_size": 64, "user_dim": 0, "layout": "residual"}, calib_users=2)
+    with pytest.raises(CkvError, match="calibration vectors"):
+        compress_to_artifact(model, meta, ckpt, ds, opts, tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_share_k_keeps_v_at_fp16(built, ds):
+    opts = CompressOptions(**{**OPTS[built.arch], "share": ("k",)})
+    result = compress(built.model, ds, opts)
+    plan = result.plan
+    assert isinstance(plan.streams["L1.k"], CollectiveCodec) and isinstance(plan.streams["L1.v"], PlainCodec)
+    mse = result.metrics["reconstruction_rel_mse"]
+    assert mse["L1.v"] < 1e-6 and mse["L0.v"] < 1e-6
+    assert mse["L1.k"] > 1e-4
+    dec = plan.decode(result.fields, result.offsets, built.item_kv)
+    assert torch.equal(dec.values[1], built.teacher.values[1].half().float())
+    assert result.accounting["per_user_breakdown"]["L1.v/x"] == result.accounting["tokens"] * built.model.kv_dims[1] * 2
+    assert result.accounting["per_user_bytes"] > built.result.accounting["per_user_bytes"]
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def test_distill_trains_pool_and_router(built, ds, tmp_path):
+    model, _ = load_checkpoint(built.ckpt)
+    opts = CompressOptions(**OPTS[built.arch])
+    plan = fit_plan(model, ds, opts)
+    codecs = {n: c for n, c in plan.streams.items() if isinstance(c, CollectiveCodec)}
+    pools = {n: c.pool.clone() for n, c in codecs.items()}
+    assert all("router_w" not in c.shared() for c in codecs.values())
+    history = distill(model, ds, plan, DistillOptions(steps=3, batch_users=32, lr=1e-2))
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert all(np.isfinite(h["loss"]) and h["kl"] >= -1e-6 for h in history)
+    for n, c in codecs.items():
+        assert not torch.equal(c.pool, pools[n]), n
+        assert not c.router_tied and not c.pool.requires_grad
+        shared = c.shared()
+        assert "router_w" in shared and "router_b" in shared
+        assert not torch.equal(shared["router_w"], 2 * shared["pool"])  # trained apart from the pool
+
+    flat = flatten(next(iter_test_caches(model, ds, np.arange(64), 64)).cache)
+    enc = plan.encode(flat)
+    dec = plan.decode(enc, flat.offsets, lambda i, p: item_layer_kv(model, i, p))
+    assert [k.shape for k in dec.keys] == [k.shape for k in flat.keys]
+    assert all(torch.isfinite(k).all() for k in dec.keys + dec.values)
+
+    # the trained router travels with the artifact: a reader encodes exactly as the writer did
+    path = tmp_path / "d.safetensors"
+    write_artifact(path, plan, enc, flat.offsets, [str(u) for u in ds.user_ids[:64]], {})
+    art = Artifact.open(path)
+    assert "shared/L1.k/router_w" in set(safe_open(str(path), "np").keys())
+    again = art.plan.encode(flat)
+    assert set(again) == set(enc)
+    for k in enc:
+        np.testing.assert_array_equal(again[k], enc[k])
+    assert_flat_equal(art.decode(np.arange(64), lambda i, p: item_layer_kv(model, i, p)), dec, recomputed_atol=1e-6)
+
+
+def test_distill_needs_a_collective_stream(built, ds):
+    plan = make_plan(built.model, CompressOptions(codec="plain", params={}))
+    with pytest.raises(CkvError, match="collective"):
+        distill(built.model, ds, plan, DistillOptions(steps=1))
+
+
+# ---------------------------------------------------------------- integrity
+
+
+def test_verify_names_the_damaged_tensor(built, tmp_path):
+    assert Artifact.open(built.path).verify() == []
+    n, layout = tensor_layout(built.path)
+    for name in ("L1.k/idx", "shared/L1.v/pool", "users/offsets"):
+        copy = tmp_path / "copy.safetensors"
+        raw = bytearray(built.path.read_bytes())
+        a, b = layout[name]
+        raw[8 + n + (a + b) // 2] ^= 0x01  # one bit in the middle of the tensor's bytes
+        copy.write_bytes(bytes(raw))
+        assert Artifact.open(copy).verify() == [name]
+
+
+def test_open_rejects_what_is_not_an_artifact(tmp_path, checkpoints, built):
+    (tmp_path / "random.safetensors").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (tmp_path / "cut.safetensors").write_bytes(built.path.read_bytes()[:-50])
+    cases = [(tmp_path / "missing.safetensors", "not found"), (tmp_path, "directory"),
+             (tmp_path / "random.safetensors", "not a readable safetensors file"),
+             (tmp_path / "cut.safetensors", "not a readable safetensors file"),
+             (checkpoints["sasrec"], "not a ckv artifact")]
+    for path, fragment in cases:
+        with pytest.raises(CkvError, match=fragment) as e:
+            Artifact.open(path)
+        assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def rewrite(src, dst, edit):
+    """Copy an artifact with `edit(tensors)` applied, keeping its metadata (and hence its stale checksums)."""
+    with safe_open(str(src), "np") as f:
+        tensors = {k: f.get_tensor(k).copy() for k in f.keys()}
+        meta = f.metadata()
+    edit(tensors)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+@pytest.mark.parametrize("built", ["sasrec"], indirect=True)
+def test_out_of_range_pool_index_and_item_id(built, tmp_path):
+    assert built.result.plan.streams["L1.k"].pool_size == 48  # 6 bits: 63 is representable but out of range
+
+    def bad_index(t):
+        t["L1.k/idx"][0] = 0xFF  # user 0's first token -> index 0b111111 = 63
+
+    art = Artifact.open(rewrite(built.path, tmp_path / "idx.safetensors", bad_index))
+    with pytest.raises(CkvError, match=r"L1.k pool index 63 out of range \(pool 48\)"):
+        art.decode([0], built.item_kv)
+    art.decode([1], built.item_kv)  # other users read fine
+    assert art.verify() == ["L1.k/idx"]
+
+    def bad_item(t):
+        t["tokens/items"][:2] = 0xFF  # 11-bit item ids: the first one becomes 2047 > 1682
+
+    art = Artifact.open(rewrite(built.path, tmp_path / "items.safetensors", bad_item))
+    with pytest.raises(CkvError, match="item id 2047 out of range"):
+        art.decode([0], built.item_kv)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def run_ckv(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CKV_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, "-m", "ckv_cli.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def one_line_error(proc, *fragments):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ckv: error: "), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+CLI_ARGS = ("--pool-size", "32", "--calib-users", "100")
+
+
+@pytest.fixture(scope="module")
+def cli_run(checkpoints, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    proc = run_ckv("compress", checkpoints["sasrec"], "--data", "ml-100k", "-o", d / "out.safetensors", *CLI_ARGS,
+                   "--json", d / "r.json", cwd=d)
+    return d, proc
+
+
+def test_cli_compress(cli_run):
+    d, proc = cli_run
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "per-user ratio" in proc.stdout
+    report = json.loads((d / "r.json").read_text())
+    assert 0 < report["accounting"]["per_user_ratio_fp16"] < 1
+    assert set(report["metrics"]["delta"]) >= {"NDCG@10", "HR@10"}
+    assert report["params"]["pool_size"] == 32 and report["calib_users"] == 100
+    art = Artifact.open(d / "out.safetensors")
+    assert art.meta["accounting"] == report["accounting"] and art.verify() == []
+    assert art.plan.streams["L1.k"].pool_size == 32 and "ckv compress" in art.meta["command"]
+
+
+def test_cli_compress_errors(cli_run, checkpoints):
+    d, proc = cli_run
+    assert proc.returncode == 0, proc.stderr
+    out = d / "out.safetensors"
+    before = out.read_bytes()
+    one_line_error(run_ckv("compress", checkpoints["sasrec"], "--data", "ml-100k", "-o", out, *CLI_ARGS, cwd=d),
+                   "exists", "--force")
+    assert out.read_bytes() == before
+    for opt, value, fragment in (("--layout", "bogus", "bogus"), ("--share", "q", "--share")):
+        new = d / f"{value}.safetensors"
+        one_line_error(run_ckv("compress", checkpoints["sasrec"], "--data", "ml-100k", "-o", new, *CLI_ARGS,
+                               opt, value, cwd=d), fragment)
+        assert not new.exists()
+
+
+def test_cli_compress_generic_csv(cli_run, checkpoints, ds):
+    """ML-100K's events as a CSV with custom column names: the same dataset, hence the same artifact tensors."""
+    d, proc = cli_run
+    assert proc.returncode == 0, proc.stderr
+    users = ds.user_ids[np.repeat(np.arange(ds.n_users), ds.lengths())]
+    items = ds.item_ids[ds.items]
+    with open(d / "events.csv", "w") as f:
+        f.write("uid,iid,ts,stars\n")
+        f.writelines(f"{u},{i},{t},{r:g}\n" for u, i, t, r in zip(users, items, ds.timestamps, ds.ratings))
+    out = d / "csv.safetensors"
+    p = run_ckv("compress", checkpoints["sasrec"], "--data", d / "events.csv", "--columns",
+                "user=uid,item=iid,timestamp=ts,rating=stars", "-o", out, *CLI_ARGS, "--json", d / "csv.json", cwd=d)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+    report = json.loads((d / "csv.json").read_text())
+    reference = json.loads((d / "r.json").read_text())
+    assert report["dataset"] == "events.csv" and report["data_fingerprint"] == ds.fingerprint == reference["data_fingerprint"]
+    assert report["accounting"] == reference["accounting"]
+    assert Artifact.open(out).meta["checksums"] == Artifact.open(d / "out.safetensors").meta["checksums"]
