@@ -57,6 +57,7 @@ def train(
     dropout: Annotated[float, typer.Option(help="Dropout rate.")] = 0.2,
     negatives: Annotated[int, typer.Option(help="Sampled-softmax negatives per step.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (same arch and config).")] = None,
     columns: ColumnsOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing checkpoint.")] = False,
     json_out: JsonOpt = None,
@@ -73,8 +74,20 @@ def train(
         raise CkvError(f"unknown --arch '{arch}' (choose from: {', '.join(REGISTRY)})")
     check_output(out, force)
     check_output(json_out)
+    init_state = None
+    if init is not None:
+        from ckv_cli.checkpoint import load_checkpoint
+
+        init_model, init_meta = load_checkpoint(init)
+        if init_meta["arch"] != arch:
+            raise CkvError(f"--init {init} is a {init_meta['arch']} checkpoint, not {arch}")
+        init_state = init_model.state_dict()
+        d, layers, max_len = (init_meta["config"][k] for k in ("d", "n_layers", "max_len"))
     ds = load(data, parse_columns(columns))
     _report_drops(ds)
+    if init is not None and init_meta.get("data_fingerprint") != ds.fingerprint:
+        raise CkvError(f"--init {init} was trained on other data (fingerprint {init_meta.get('data_fingerprint')}, "
+                       f"this data {ds.fingerprint})")
     model_cfg = {"d": d, "n_layers": layers, "max_len": max_len, "dropout": dropout}
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, n_negatives=negatives, patience=patience,
                       seed=seed, model=model_cfg)
@@ -90,7 +103,7 @@ def train(
 
     with progress(f"train {arch}", total=epochs * steps) as advance:
         model, history, seconds = train_model(
-            ds, arch, cfg, on_step=advance, on_improve=save_best,
+            ds, arch, cfg, on_step=advance, on_improve=save_best, init_state=init_state,
             on_epoch=lambda e, loss, val: advance(0, f"epoch {e} loss {loss:.3f} val NDCG@10 {val:.4f}"))
     test = evaluate_model(model, ds, "test")
     valid = max(h["valid_NDCG@10"] for h in history)
@@ -179,8 +192,15 @@ def compress(
         report = compress_to_artifact(model, meta, checkpoint, ds, opts, out, force=force, advance=advance,
                                       command=" ".join(["ckv"] + sys.argv[1:]))
     report["seconds"] = round(time.time() - t, 1)
+    report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     print_compress(report)
     write_json(json_out, report)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def main() -> None:

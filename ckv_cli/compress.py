@@ -50,9 +50,9 @@ def make_plan(model, opts: CompressOptions) -> CachePlan:
 
 
 def concat_flat(parts: list[FlatCache]) -> FlatCache:
-    offsets = np.concatenate([[0]] + [p.offsets[1:] + sum(q.offsets[-1] for q in parts[:i]) for i, p in enumerate(parts)])
+    lengths = np.concatenate([np.diff(p.offsets) for p in parts])
     n_layers = len(parts[0].keys)
-    return FlatCache(offsets.astype(np.int64),
+    return FlatCache(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                      [torch.cat([p.keys[i] for p in parts]) for i in range(n_layers)],
                      [torch.cat([p.values[i] for p in parts]) for i in range(n_layers)],
                      np.concatenate([p.items for p in parts]), np.concatenate([p.timestamps for p in parts]))

@@ -107,4 +107,6 @@ def print_compress(report: dict) -> None:
                      f"{m['uncompressed'][k]:.4f} -> {m['compressed'][k]:.4f} ({m['delta'][k]:+.4f}, {m['relative_delta'][k]:+.2%})"])
     rows.append(["top-10 overlap with uncompressed", f"{m['fidelity']['top10_overlap']:.3f}"])
     rows.append(["users whose hit@10 flips", f"{m['fidelity']['hit10_flips']:,}"])
+    if "seconds" in report:
+        rows.append(["time / peak memory", f"{report['seconds']:.0f} s / {report.get('peak_rss_mb', 0):,.0f} MB"])
     print_table(f"ckv compress: {report['arch']} on {report['dataset']} -> {report['artifact']}", ["", "value"], rows)

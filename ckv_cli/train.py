@@ -61,7 +61,7 @@ def sampled_softmax_loss(model, h, targets, valid, n_neg, temperature, gen):
 def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
                 on_epoch: Callable[[int, float, float], None] | None = None,
                 on_step: Callable[[], None] | None = None,
-                on_improve: Callable[[object, list], None] | None = None):
+                on_improve: Callable[[object, list], None] | None = None, init_state: dict | None = None):
     """Returns (best model, history list of dicts, seconds). `on_improve(model, history)` runs after each
     epoch that improves validation NDCG@10 (e.g. to save the best checkpoint so far)."""
     gen = seed_everything(cfg.seed)
@@ -69,12 +69,16 @@ def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
         torch.set_num_threads(cfg.threads)
     model_cls, cfg_cls = REGISTRY[arch]
     model = model_cls(cfg_cls(n_items=data.n_items, **cfg.model))
+    if init_state is not None:  # continue from a checkpoint's weights (same architecture and config)
+        model.load_state_dict(init_state)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     max_len = model.config.max_len
     train_items, train_times, _ = data.split("train")
     users = np.array([u for u, s in enumerate(train_items) if len(s) >= 2])
     rng = np.random.default_rng(cfg.seed)
     best, best_state, bad, history = -1.0, None, 0, []
+    if init_state is not None:  # training only replaces the initial weights when it beats them on validation
+        best, best_state = evaluate_model(model, data, "valid")["NDCG@10"], copy.deepcopy(model.state_dict())
     start = time.time()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
