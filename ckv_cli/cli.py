@@ -106,11 +106,15 @@ def train(
             ds, arch, cfg, on_step=advance, on_improve=save_best, init_state=init_state,
             on_epoch=lambda e, loss, val: advance(0, f"epoch {e} loss {loss:.3f} val NDCG@10 {val:.4f}"))
     test = evaluate_model(model, ds, "test")
-    valid = max(h["valid_NDCG@10"] for h in history)
-    metrics = {"test": test, "valid_NDCG@10": valid, "epochs": len(history), "train_seconds": round(seconds, 1)}
+    epochs = [h for h in history if "epoch" in h]
+    valid = max(h["valid_NDCG@10"] for h in epochs)
+    metrics = {"test": test, "valid_NDCG@10": valid, "epochs": sum(h["epoch"] > 0 for h in epochs), "train_seconds": round(seconds, 1),
+               "best_epoch": max(epochs, key=lambda h: h["valid_NDCG@10"])["epoch"],
+               "interrupted": any(h.get("interrupted") for h in history)}
     save(model, metrics)
     print_table(f"{arch} on {ds.name}: test (all items ranked)", ["metric", "value"], [[k, v] for k, v in test.items()])
-    print(f"wrote {out} ({len(history)} epochs, {seconds:.0f} s)")
+    print(f"wrote {out} ({metrics['epochs']} epochs, best {metrics['best_epoch']}, {seconds:.0f} s"
+          f"{', interrupted' if metrics['interrupted'] else ''})")
     write_json(json_out, {"checkpoint": str(out), "arch": arch, "dataset": ds.name, **metrics, "history": history})
 
 

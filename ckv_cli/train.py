@@ -58,6 +58,30 @@ def sampled_softmax_loss(model, h, targets, valid, n_neg, temperature, gen):
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
+def run_epoch(model, opt, cfg: TrainConfig, train_items, train_times, order, gen, on_step=None) -> list[float]:
+    """One pass over the users in `order`: every position of each user's last `max_len + 1` training events
+    predicts the next one."""
+    model.train()
+    max_len = model.config.max_len
+    losses = []
+    for a in range(0, len(order), cfg.batch_size):
+        batch = order[a : a + cfg.batch_size]
+        seqs = [train_items[u][-(max_len + 1):] for u in batch]
+        times = [train_times[u][-(max_len + 1):] for u in batch]
+        items, ts, lengths = history_batch([s[:-1] for s in seqs], [t[:-1] for t in times], max_len)
+        targets = history_batch([s[1:] for s in seqs], [t[1:] for t in times], max_len)[0]  # (B, L) next items
+        valid = torch.arange(items.shape[1])[None] < lengths[:, None]  # (B, L)
+        h = model(items, ts, lengths)  # (B, L, d)
+        loss = sampled_softmax_loss(model, h, targets, valid, cfg.n_negatives, cfg.temperature, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if on_step:
+            on_step()
+    return losses
+
+
 def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
                 on_epoch: Callable[[int, float, float], None] | None = None,
                 on_step: Callable[[], None] | None = None,
@@ -72,45 +96,33 @@ def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
     if init_state is not None:  # continue from a checkpoint's weights (same architecture and config)
         model.load_state_dict(init_state)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    max_len = model.config.max_len
     train_items, train_times, _ = data.split("train")
     users = np.array([u for u, s in enumerate(train_items) if len(s) >= 2])
     rng = np.random.default_rng(cfg.seed)
     best, best_state, bad, history = -1.0, None, 0, []
     if init_state is not None:  # training only replaces the initial weights when it beats them on validation
         best, best_state = evaluate_model(model, data, "valid")["NDCG@10"], copy.deepcopy(model.state_dict())
+        history.append({"epoch": 0, "valid_NDCG@10": best, "init": True})
     start = time.time()
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order = rng.permutation(users)
-        losses = []
-        for a in range(0, len(order), cfg.batch_size):
-            batch = order[a : a + cfg.batch_size]
-            seqs = [train_items[u][-(max_len + 1):] for u in batch]
-            times = [train_times[u][-(max_len + 1):] for u in batch]
-            items, ts, lengths = history_batch([s[:-1] for s in seqs], [t[:-1] for t in times], max_len)
-            targets, _ = history_batch([s[1:] for s in seqs], [t[1:] for t in times], max_len)[::2]
-            valid = torch.arange(items.shape[1])[None] < lengths[:, None]  # (B, L)
-            h = model(items, ts, lengths)
-            loss = sampled_softmax_loss(model, h, targets, valid, cfg.n_negatives, cfg.temperature, gen)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if on_step:
-                on_step()
-        val = evaluate_model(model, data, "valid")["NDCG@10"]
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_NDCG@10": val,
-                        "seconds": round(time.time() - start, 1)})
-        if on_epoch:
-            on_epoch(epoch, float(np.mean(losses)), val)
-        if val > best:
-            best, best_state, bad = val, copy.deepcopy(model.state_dict()), 0
-            if on_improve:
-                on_improve(model, history)
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            losses = run_epoch(model, opt, cfg, train_items, train_times, rng.permutation(users), gen, on_step)
+            val = evaluate_model(model, data, "valid")["NDCG@10"]
+            history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_NDCG@10": val,
+                            "seconds": round(time.time() - start, 1)})
+            if on_epoch:
+                on_epoch(epoch, float(np.mean(losses)), val)
+            if val > best:
+                best, best_state, bad = val, copy.deepcopy(model.state_dict()), 0
+                if on_improve:
+                    on_improve(model, history)
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    break
+    except KeyboardInterrupt:  # Ctrl-C ends training early and keeps the best epoch so far
+        if best_state is None:
+            raise
+        history.append({"interrupted": True, "seconds": round(time.time() - start, 1)})
     model.load_state_dict(best_state)
     return model.eval(), history, time.time() - start

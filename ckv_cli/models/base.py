@@ -10,6 +10,7 @@ A cache holds at most `max_len` tokens: an `extend` that would overflow it re-pr
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,13 +62,16 @@ def merge(cached: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor, new_le
 
 
 class SequentialRecommender(nn.Module):
-    """Base class of the next-item models: subclasses define `embed` and `layers` (see `AttentionLayer`)."""
+    """Base class of the next-item models: subclasses define `item_emb`, `pos_emb`, `drop` and `layers`, whose
+    layers implement `project(x) -> (q, k, v, extra)`, `attend(...)` and `finish(x, attended, extra)`."""
 
     config: object
     layers: nn.ModuleList
 
     def embed(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Item embedding scaled by sqrt(d) plus a learned position (counted from the window start)."""
+        x = self.item_emb(items) * math.sqrt(self.config.d) + self.pos_emb(positions.clamp(max=self.config.max_len - 1))
+        return self.drop(x)  # (B, T, d)
 
     def output(self, h: torch.Tensor) -> torch.Tensor:
         return F.normalize(h, dim=-1)

@@ -7,7 +7,6 @@ cached keys depend on the future and break `extend`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +90,3 @@ class HSTU(SequentialRecommender):
         nn.init.normal_(self.item_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
-    def embed(self, items, positions):
-        x = self.item_emb(items) * math.sqrt(self.config.d) + self.pos_emb(positions.clamp(max=self.config.max_len - 1))
-        return self.drop(x)  # (B, T, d)

@@ -5,7 +5,6 @@ generative-recommenders recipe for the output (cosine scores against the item ta
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +70,6 @@ class SASRec(SequentialRecommender):
         self.ln_f = nn.LayerNorm(cfg.d)
         nn.init.normal_(self.item_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
-
-    def embed(self, items, positions):
-        x = self.item_emb(items) * math.sqrt(self.config.d) + self.pos_emb(positions.clamp(max=self.config.max_len - 1))
-        return self.drop(x)  # (B, T, d)
 
     def final(self, x):
         return self.ln_f(x)
