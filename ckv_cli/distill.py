@@ -75,11 +75,12 @@ def distill(model, ds, plan: CachePlan, opts: DistillOptions, on_step: Callable[
             for name, codec in streams.items():
                 layer, kind = int(name[1 : name.index(".")]), name[-1]
                 src = keys if kind == "k" else values
-                x_hat, logits = codec.gated_decode(src[layer])
+                src_orig = flat.keys if kind == "k" else flat.values
+                x_hat, top = codec.gated_decode(src[layer])
                 src[layer] = x_hat
-                peak = peak - F.logsigmoid(logits.max(1).values).mean()
-                pick = torch.randint(logits.shape[0], (min(opts.balance_tokens, logits.shape[0]),), generator=gen)
-                mean_p = F.softmax(logits[pick], dim=-1).mean(0)  # (m,)
+                peak = peak - F.logsigmoid(top).mean()
+                pick = torch.randint(len(top), (min(opts.balance_tokens, len(top)),), generator=gen)
+                mean_p = F.softmax(codec.router_logits(src_orig[layer][pick]), dim=-1).mean(0)  # (m,)
                 bal = bal + (mean_p * (mean_p.clamp(min=1e-12) * mean_p.numel()).log()).sum()
             student = unflatten(FlatCache(flat.offsets, keys, values, flat.items, flat.timestamps))
             _, h_s = model.extend(student, last_i, last_t)

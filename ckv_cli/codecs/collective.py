@@ -82,7 +82,8 @@ class CollectiveCodec(StreamCodec):
 
         return nearest(x, pool)
 
-    def _route(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    def _route(self, x: torch.Tensor) -> torch.Tensor:
+        chunk = max(1, (1 << 22) // self.pool_size)  # (chunk, m) logits stay at 16 MB: no mmap churn
         out = torch.empty(x.shape[0], dtype=torch.long)
         for a in range(0, x.shape[0], chunk):
             out[a : a + chunk] = (x[a : a + chunk] @ self.router_w.T + self.router_b).argmax(1)  # (chunk, m)
@@ -105,19 +106,27 @@ class CollectiveCodec(StreamCodec):
 
     def gated_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training-time decode (the paper's gated top-1): sigmoid(top logit) * P[idx] so gradients reach the
-        router; returns (x_hat (N, d), router logits (N, m)). Inference uses P[idx] without the gate."""
+        router; returns (x_hat (N, d), top-1 router logit (N,)). Inference uses P[idx] without the gate. The
+        argmax runs in chunks without autograd; only the chosen logit is rebuilt with gradients."""
         z = self._coords(x)
-        zp = z[:, self.pool_coords] if self.layout == "concat" else z
-        logits = zp.detach() @ self.router_w.T + self.router_b  # (N, m)
-        top, idx = logits.max(1)
+        zp = (z[:, self.pool_coords] if self.layout == "concat" else z).detach()
+        with torch.no_grad():
+            idx = self._route(zp)  # (N,)
+        top = (zp * self.router_w[idx]).sum(1) + self.router_b[idx]  # (N,)
         base = torch.sigmoid(top)[:, None] * self.pool[idx]
         if self.layout == "residual":
             u = (z - self.pool[idx]).detach() @ self.basis  # (N, r)
-            return base + u @ self.basis.T, logits
+            return base + u @ self.basis.T, top
         zh = torch.zeros_like(z)
         zh[:, self.pool_coords] = base
         zh[:, self.user_coords] = z[:, self.user_coords]
-        return zh @ self.basis.T + self.mean, logits
+        return zh @ self.basis.T + self.mean, top
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, d) -> (n, m) router logits with gradients (for the load-balance loss on a token sample)."""
+        z = self._coords(x)
+        zp = (z[:, self.pool_coords] if self.layout == "concat" else z).detach()
+        return zp @ self.router_w.T + self.router_b
 
     # -- storage -------------------------------------------------------------------------------------------
     def fields(self) -> list[Field]:

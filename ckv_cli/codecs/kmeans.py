@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 
-def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """(N, d), (m, d) -> (N,) index of the nearest centroid: argmax(2 x.c - |c|^2), a linear layer with a bias."""
     bias = (centroids * centroids).sum(1)  # (m,)
+    chunk = chunk or max(1, (1 << 22) // len(centroids))  # (chunk, m) scores stay at 16 MB: no mmap churn
     out = torch.empty(x.shape[0], dtype=torch.long)
     for a in range(0, x.shape[0], chunk):
         out[a : a + chunk] = (2 * x[a : a + chunk] @ centroids.T - bias).argmax(1)  # (chunk, m)
