@@ -63,12 +63,11 @@ def train(
     json_out: JsonOpt = None,
 ):
     """Train a next-item model with the published recipe and write a self-describing checkpoint."""
-    from ckv_cli.checkpoint import check_output, save_checkpoint
+    from ckv_cli.checkpoint import check_output
     from ckv_cli.data import load
-    from ckv_cli.evaluate import evaluate_model
     from ckv_cli.models import REGISTRY
     from ckv_cli.report import print_table, progress, write_json
-    from ckv_cli.train import TrainConfig, train_model
+    from ckv_cli.train import TrainConfig, train_to_checkpoint
 
     if arch not in REGISTRY:
         raise CkvError(f"unknown --arch '{arch}' (choose from: {', '.join(REGISTRY)})")
@@ -91,27 +90,12 @@ def train(
     model_cfg = {"d": d, "n_layers": layers, "max_len": max_len, "dropout": dropout}
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, n_negatives=negatives, patience=patience,
                       seed=seed, model=model_cfg)
-    steps = -(-sum(1 for u in range(ds.n_users) if ds.lengths()[u] >= 4) // batch_size)
-    recipe = {**cfg.__dict__, "command": " ".join(["ckv"] + sys.argv[1:])}
-
-    def save(model, metrics):
-        save_checkpoint(model, out, dataset=ds.name, fingerprint=ds.fingerprint, item_vocab=ds.item_ids,
-                        metrics=metrics, train=recipe, force=True)
-
-    def save_best(model, history):  # an interrupted run still leaves its best epoch on disk
-        save(model, {"valid_NDCG@10": history[-1]["valid_NDCG@10"], "epochs": len(history), "partial": True})
-
+    steps = -(-int((ds.lengths() >= 4).sum()) // batch_size)  # users with two or more training events
     with progress(f"train {arch}", total=epochs * steps) as advance:
-        model, history, seconds = train_model(
-            ds, arch, cfg, on_step=advance, on_improve=save_best, init_state=init_state,
+        metrics, history = train_to_checkpoint(
+            ds, arch, cfg, out, command=" ".join(["ckv"] + sys.argv[1:]), init_state=init_state, on_step=advance,
             on_epoch=lambda e, loss, val: advance(0, f"epoch {e} loss {loss:.3f} val NDCG@10 {val:.4f}"))
-    test = evaluate_model(model, ds, "test")
-    epochs = [h for h in history if "epoch" in h]
-    valid = max(h["valid_NDCG@10"] for h in epochs)
-    metrics = {"test": test, "valid_NDCG@10": valid, "epochs": sum(h["epoch"] > 0 for h in epochs), "train_seconds": round(seconds, 1),
-               "best_epoch": max(epochs, key=lambda h: h["valid_NDCG@10"])["epoch"],
-               "interrupted": any(h.get("interrupted") for h in history)}
-    save(model, metrics)
+    test, seconds = metrics["test"], metrics["train_seconds"]
     print_table(f"{arch} on {ds.name}: test (all items ranked)", ["metric", "value"], [[k, v] for k, v in test.items()])
     print(f"wrote {out} ({metrics['epochs']} epochs, best {metrics['best_epoch']}, {seconds:.0f} s"
           f"{', interrupted' if metrics['interrupted'] else ''})")

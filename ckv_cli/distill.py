@@ -16,12 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ckv_cli.codecs import ITEMS, CachePlan
+from ckv_cli.codecs import CachePlan
 from ckv_cli.codecs.collective import CollectiveCodec
 from ckv_cli.data.batching import history_batch
 from ckv_cli.errors import CkvError
 from ckv_cli.kv.extract import FlatCache, flatten, unflatten
-from ckv_cli.models.base import last_hidden
 
 
 @dataclass

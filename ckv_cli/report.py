@@ -12,7 +12,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ckv_cli.errors import CkvError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -75,10 +74,6 @@ def progress(description: str, total: int | None):
             bar.update(task, advance=n, **({"info": info} if info is not None else {}))
 
         yield advance
-
-
-def fail(message: str, code: int = 1):
-    raise CkvError(message, code)
 
 
 def _human(n: float) -> str:

@@ -126,3 +126,29 @@ def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
         history.append({"interrupted": True, "seconds": round(time.time() - start, 1)})
     model.load_state_dict(best_state)
     return model.eval(), history, time.time() - start
+
+
+def train_to_checkpoint(data: SequenceData, arch: str, cfg: TrainConfig, out, command: str = "",
+                        init_state: dict | None = None, on_step=None, on_epoch=None) -> tuple[dict, list]:
+    """Train, save the best epoch after every improvement (an interrupted run keeps it), evaluate on the test
+    split and write the final checkpoint with its metrics. Returns (metrics, history)."""
+    from ckv_cli.checkpoint import save_checkpoint
+
+    recipe = {**cfg.__dict__, "command": command}
+
+    def save(model, metrics):
+        save_checkpoint(model, out, dataset=data.name, fingerprint=data.fingerprint, item_vocab=data.item_ids,
+                        metrics=metrics, train=recipe, force=True)
+
+    def save_best(model, history):
+        save(model, {"valid_NDCG@10": history[-1]["valid_NDCG@10"], "epochs": len(history), "partial": True})
+
+    model, history, seconds = train_model(data, arch, cfg, on_epoch=on_epoch, on_step=on_step,
+                                          on_improve=save_best, init_state=init_state)
+    epochs = [h for h in history if "epoch" in h]
+    best = max(epochs, key=lambda h: h["valid_NDCG@10"])
+    metrics = {"test": evaluate_model(model, data, "test"), "valid_NDCG@10": best["valid_NDCG@10"],
+               "epochs": sum(h["epoch"] > 0 for h in epochs), "best_epoch": best["epoch"],
+               "train_seconds": round(seconds, 1), "interrupted": any(h.get("interrupted") for h in history)}
+    save(model, metrics)
+    return metrics, history

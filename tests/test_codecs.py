@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckv_cli.codecs import (ITEMS, CachePlan, CollectiveCodec, Field, PlainCodec, build_plan, make_codec,
+from ckv_cli.codecs import (ITEMS, CollectiveCodec, Field, PlainCodec, build_plan, make_codec,
                             plan_from_description)
 from ckv_cli.codecs.base import user_index
 from ckv_cli.codecs.bits import bits_for, byte_range, pack, packed_nbytes, unpack

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ckv_cli.codecs.bits import packed_nbytes
 from ckv_cli.errors import CkvError
 
 
@@ -30,7 +31,7 @@ class Field:
 
     def nbytes(self, count: int) -> int:
         if self.bits:
-            return (count * self.bits + 7) // 8
+            return packed_nbytes(count, self.bits)
         return count * self.width * np.dtype(self.dtype).itemsize
 
 
