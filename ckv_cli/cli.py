@@ -178,7 +178,8 @@ def compress(
     t = time.time()
     with progress("compress", total=ds.n_users) as advance:
         report = compress_to_artifact(model, meta, checkpoint, ds, opts, out, force=force, advance=advance,
-                                      command=" ".join(["ckv"] + sys.argv[1:]))
+                                      command=" ".join(["ckv"] + sys.argv[1:]),
+                                      on_stream=lambda name: advance(0, f"fitting {name}"))
     report["seconds"] = round(time.time() - t, 1)
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     print_compress(report)

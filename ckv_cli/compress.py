@@ -156,7 +156,7 @@ def compress(model, ds: SequenceData, opts: CompressOptions, plan: CachePlan | N
 
 
 def compress_to_artifact(model, meta: dict, checkpoint_path, ds: SequenceData, opts: CompressOptions, out,
-                         force: bool = False, advance=None, command: str = "") -> dict:
+                         force: bool = False, advance=None, command: str = "", on_stream=None) -> dict:
     """Compress, write the artifact atomically, check its bytes against the accounting; returns the report."""
     from pathlib import Path
 
@@ -164,7 +164,7 @@ def compress_to_artifact(model, meta: dict, checkpoint_path, ds: SequenceData, o
     from ckv_cli.data.datasets import sha256_file
     from ckv_cli.errors import CkvError
 
-    result = compress(model, ds, opts, advance=advance)
+    result = compress(model, ds, opts, advance=advance, on_stream=on_stream)
     report = {
         "artifact": str(out), "checkpoint": str(checkpoint_path), "checkpoint_sha256": sha256_file(Path(checkpoint_path)),
         "arch": meta["arch"], "dataset": ds.name, "data_fingerprint": ds.fingerprint, "seed": opts.seed,
