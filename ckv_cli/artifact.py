@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ckv_cli import __version__
-from ckv_cli.checkpoint import atomic_write, sort_header
+from ckv_cli.checkpoint import write_safetensors
 from ckv_cli.codecs import CachePlan, Field, plan_from_description
 from ckv_cli.codecs.bits import byte_range, pack, unpack
 from ckv_cli.errors import CkvError
@@ -72,11 +72,7 @@ def write_artifact(path: str | Path, plan: CachePlan, fields: dict[str, np.ndarr
     meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "plan": json.dumps(plan.describe(), sort_keys=True),
                  "fields": json.dumps(fmeta, sort_keys=True), "ckv_version": __version__,
                  "checksums": json.dumps({k: _sha(v) for k, v in tensors.items()}, sort_keys=True)})
-    def write(tmp):
-        save_file(tensors, tmp, metadata=meta)
-        sort_header(tmp)
-
-    atomic_write(Path(path), write, force=force)
+    write_safetensors(Path(path), save_file, tensors, meta, force=force)
     return {k: int(v.nbytes) for k, v in tensors.items()}
 
 

@@ -71,6 +71,15 @@ def sort_header(path) -> None:
         f.write(struct.pack("<Q", len(text)) + text + data)
 
 
+def write_safetensors(path: Path, save, tensors: dict, metadata: dict, force: bool = True) -> None:
+    """`save` (safetensors' torch or numpy `save_file`) into a temporary file, header sorted, renamed into place."""
+    def write(tmp):
+        save(tensors, tmp, metadata=metadata)
+        sort_header(tmp)
+
+    atomic_write(Path(path), write, force=force)
+
+
 def save_checkpoint(model, path: str | Path, *, dataset: str, fingerprint: str, item_vocab, metrics: dict,
                     train: dict, force: bool = True) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -86,11 +95,7 @@ def save_checkpoint(model, path: str | Path, *, dataset: str, fingerprint: str, 
         "train": json.dumps(train),
         "ckv_version": __version__,
     }
-    def write(tmp):
-        save_file(tensors, tmp, metadata=meta)
-        sort_header(tmp)
-
-    atomic_write(Path(path), write, force=force)
+    write_safetensors(Path(path), save_file, tensors, meta, force=force)
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -102,6 +102,17 @@ def train(
     write_json(json_out, {"checkpoint": str(out), "arch": arch, "dataset": ds.name, **metrics, "history": history})
 
 
+def _checkpoint_and_data(checkpoint: Path, data: str, columns: str | None):
+    """A checkpoint and the data read through its item vocabulary (unknown items dropped and counted)."""
+    from ckv_cli.checkpoint import load_checkpoint
+    from ckv_cli.data import load
+
+    model, meta = load_checkpoint(checkpoint)
+    ds = load(data, parse_columns(columns), item_vocab=meta["item_vocab"])
+    _report_drops(ds)
+    return model, meta, ds
+
+
 def _report_drops(ds) -> None:
     if ds.dropped_users or ds.dropped_events:
         print(f"note: dropped {ds.dropped_users:,} users with fewer than 3 events"
@@ -119,17 +130,14 @@ def evaluate(
     json_out: JsonOpt = None,
 ):
     """Evaluate a checkpoint: rank each user's held-out item against all items."""
-    from ckv_cli.checkpoint import check_output, load_checkpoint
-    from ckv_cli.data import load
+    from ckv_cli.checkpoint import check_output
     from ckv_cli.evaluate import evaluate_model
     from ckv_cli.report import print_table, progress, write_json
 
     if split not in ("test", "valid"):
         raise CkvError(f"unknown --split '{split}' (choose test or valid)")
     check_output(json_out)
-    model, meta = load_checkpoint(checkpoint)
-    ds = load(data, parse_columns(columns), item_vocab=meta["item_vocab"])
-    _report_drops(ds)
+    model, meta, ds = _checkpoint_and_data(checkpoint, data, columns)
     t = time.time()
     with progress("evaluate", total=ds.n_users) as advance:
         metrics = evaluate_model(model, ds, split, exclude_seen, progress=advance)
@@ -161,16 +169,13 @@ def compress(
     json_out: JsonOpt = None,
 ):
     """Distil a checkpoint's per-user KV caches into a shared pool plus small per-user codes."""
-    from ckv_cli.checkpoint import check_output, load_checkpoint
+    from ckv_cli.checkpoint import check_output
     from ckv_cli.compress import CompressOptions, compress_to_artifact
-    from ckv_cli.data import load
     from ckv_cli.report import print_compress, progress, write_json
 
     check_output(out, force)
     check_output(json_out)
-    model, meta = load_checkpoint(checkpoint)
-    ds = load(data, parse_columns(columns), item_vocab=meta["item_vocab"])
-    _report_drops(ds)
+    model, meta, ds = _checkpoint_and_data(checkpoint, data, columns)
     params = {"pool_size": pool_size, "user_dim": user_dim, "layout": layout, "user_dtype": user_dtype} if codec == "collective" else {}
     opts = CompressOptions(codec=codec, params=params, share=tuple(s.strip() for s in share.split(",") if s.strip()),
                            recompute_item_layers=recompute_item_layers, calib_users=calib_users,

@@ -120,10 +120,9 @@ def compress(model, ds: SequenceData, opts: CompressOptions, plan: CachePlan | N
         enc = plan.encode(flat)
         dec = plan.decode(enc, flat.offsets, item_kv)
         for name in plan.streams:
-            layer, kind = int(name[1 : name.index(".")]), name[-1]
-            a, b = (flat.keys, dec.keys) if kind == "k" else (flat.values, dec.values)
-            err_num[name] = err_num.get(name, 0.0) + float(((a[layer] - b[layer]) ** 2).sum())
-            err_den[name] = err_den.get(name, 0.0) + float((a[layer] ** 2).sum())
+            a, b = flat.stream(name), dec.stream(name)
+            err_num[name] = err_num.get(name, 0.0) + float(((a - b) ** 2).sum())
+            err_den[name] = err_den.get(name, 0.0) + float((a ** 2).sum())
         for k, v in enc.items():
             chunks.setdefault(k, []).append(v)
         lengths.append(np.diff(flat.offsets))

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 
 from ckv_cli.codecs import CachePlan
 from ckv_cli.codecs.collective import CollectiveCodec
-from ckv_cli.data.batching import history_batch
 from ckv_cli.errors import CkvError
-from ckv_cli.kv.extract import FlatCache, flatten, unflatten
+from ckv_cli.kv.extract import FlatCache, flatten, last_event_batch, unflatten
 
 
 @dataclass
@@ -33,17 +32,6 @@ class DistillOptions:
     temperature: float = 0.05
     balance_tokens: int = 2048
     seed: int = 0
-
-
-def _valid_batches(ds, model, users):
-    hist_items, hist_times, targets = ds.split("valid")
-    W = model.config.max_len
-    hi = [hist_items[u][-W:] for u in users]
-    ht = [hist_times[u][-W:] for u in users]
-    items, times, lengths = history_batch([h[:-1] for h in hi], [t[:-1] for t in ht], W)
-    last_i = torch.tensor([[h[-1]] for h in hi])
-    last_t = torch.tensor([[t[-1]] for t in ht])
-    return items, times, lengths, last_i, last_t
 
 
 def distill(model, ds, plan: CachePlan, opts: DistillOptions, on_step: Callable[[int, float], None] | None = None) -> list[dict]:
@@ -59,30 +47,28 @@ def distill(model, ds, plan: CachePlan, opts: DistillOptions, on_step: Callable[
     rng = np.random.default_rng(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
     eligible = np.flatnonzero(ds.lengths() >= 4)  # a validation history of at least two events
+    hist_items, hist_times, _ = ds.split("valid")  # once: the targets (validation items) are never used
     history = []
     try:
         for step in range(opts.steps):
             users = np.sort(rng.choice(eligible, size=min(opts.batch_users, len(eligible)), replace=False))
-            items, times, lengths, last_i, last_t = _valid_batches(ds, model, users)
+            items, times, lengths, last_i, last_t = last_event_batch(hist_items, hist_times, users, model.config.max_len)
             with torch.no_grad():
                 cache, _ = model.prefill(items, times, lengths)
                 _, h_t = model.extend(cache, last_i, last_t)
                 p_t = F.softmax(model.score_all(h_t[:, 0])[:, 1:] / opts.temperature, dim=-1)
             flat = flatten(cache)
-            keys, values = list(flat.keys), list(flat.values)
+            student = FlatCache(flat.offsets, list(flat.keys), list(flat.values), flat.items, flat.timestamps)
             peak = bal = torch.zeros(())
             for name, codec in streams.items():
-                layer, kind = int(name[1 : name.index(".")]), name[-1]
-                src = keys if kind == "k" else values
-                src_orig = flat.keys if kind == "k" else flat.values
-                x_hat, top = codec.gated_decode(src[layer])
-                src[layer] = x_hat
+                x = flat.stream(name)
+                x_hat, top = codec.gated_decode(x)
+                student.set_stream(name, x_hat)
                 peak = peak - F.logsigmoid(top).mean()
                 pick = torch.randint(len(top), (min(opts.balance_tokens, len(top)),), generator=gen)
-                mean_p = F.softmax(codec.router_logits(src_orig[layer][pick]), dim=-1).mean(0)  # (m,)
+                mean_p = F.softmax(codec.router_logits(x[pick]), dim=-1).mean(0)  # (m,)
                 bal = bal + (mean_p * (mean_p.clamp(min=1e-12) * mean_p.numel()).log()).sum()
-            student = unflatten(FlatCache(flat.offsets, keys, values, flat.items, flat.timestamps))
-            _, h_s = model.extend(student, last_i, last_t)
+            _, h_s = model.extend(unflatten(student), last_i, last_t)
             log_p_s = F.log_softmax(model.score_all(h_s[:, 0])[:, 1:] / opts.temperature, dim=-1)
             kl = F.kl_div(log_p_s, p_t, reduction="batchmean")
             loss = kl + opts.w_peak * peak + opts.w_bal * bal

@@ -16,7 +16,7 @@ import torch
 
 from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int, dequantize_per_user, quantize_per_user
 from ckv_cli.codecs.bits import bits_for
-from ckv_cli.codecs.kmeans import kmeans
+from ckv_cli.codecs.kmeans import kmeans, nearest
 from ckv_cli.errors import CkvError
 
 
@@ -61,7 +61,7 @@ class CollectiveCodec(StreamCodec):
             z = (x - self.mean) @ self.basis  # (N, d)
             if r:
                 full = kmeans(z, self.pool_size, seed=seed, iters=max(3, self.iters // 4))
-                err = ((z - full[self._nearest(z, full)]) ** 2).mean(0)  # (d,) error per coordinate
+                err = ((z - full[nearest(z, full)]) ** 2).mean(0)  # (d,) error per coordinate
                 user = err.topk(r).indices.sort().values
             else:
                 user = torch.zeros(0, dtype=torch.long)
@@ -75,12 +75,6 @@ class CollectiveCodec(StreamCodec):
         self.router_w = 2 * self.pool  # router logits = x @ W^T + b, argmax = nearest entry
         self.router_b = -(self.pool * self.pool).sum(1)
         self.router_tied = True  # until distillation trains the router apart from the pool
-
-    @staticmethod
-    def _nearest(x, pool):
-        from ckv_cli.codecs.kmeans import nearest
-
-        return nearest(x, pool)
 
     def _route(self, x: torch.Tensor) -> torch.Tensor:
         chunk = max(1, (1 << 22) // self.pool_size)  # (chunk, m) logits stay at 16 MB: no mmap churn

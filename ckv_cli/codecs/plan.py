@@ -51,11 +51,7 @@ class CachePlan:
                 continue
             if progress:
                 progress(name)
-            codec.fit(self._stream(flat, name), seed + i)
-
-    def _stream(self, flat: FlatCache, name: str) -> torch.Tensor:
-        layer, kind = int(name[1 : name.index(".")]), name[-1]
-        return (flat.keys if kind == "k" else flat.values)[layer]
+            codec.fit(flat.stream(name), seed + i)
 
     def encode(self, flat: FlatCache) -> dict[str, np.ndarray]:
         out = {"tokens/items": flat.items.astype(np.uint32)}
@@ -67,7 +63,7 @@ class CachePlan:
             out["tokens/timestamps"] = ts.astype(np.int32)
         for name, codec in self.streams.items():
             if codec != ITEMS:
-                for fname, arr in codec.encode(self._stream(flat, name), flat.offsets).items():
+                for fname, arr in codec.encode(flat.stream(name), flat.offsets).items():
                     out[f"{name}/{fname}"] = arr
         return out
 

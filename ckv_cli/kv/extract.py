@@ -36,25 +36,41 @@ class FlatCache:
     items: np.ndarray  # (N,) int64
     timestamps: np.ndarray  # (N,) int64
 
+    def _locate(self, name: str) -> tuple[list[torch.Tensor], int]:
+        layer, kind = int(name[1 : name.index(".")]), name[-1]  # plan key, e.g. "L1.k"
+        return (self.keys if kind == "k" else self.values), layer
+
+    def stream(self, name: str) -> torch.Tensor:
+        """One stream's vectors by plan key, e.g. "L1.k" -> keys[1] (N, d)."""
+        streams, layer = self._locate(name)
+        return streams[layer]
+
+    def set_stream(self, name: str, x: torch.Tensor) -> None:
+        streams, layer = self._locate(name)
+        streams[layer] = x
+
+
+def last_event_batch(hist_items: list[np.ndarray], hist_times: list[np.ndarray], users: np.ndarray, max_len: int):
+    """The users' histories cut to the window, split into the cached prefix and the last event:
+    (items (B, L), timestamps (B, L), lengths (B,), last items (B, 1), last timestamps (B, 1))."""
+    hi = [hist_items[u][-max_len:] for u in users]
+    ht = [hist_times[u][-max_len:] for u in users]
+    items, times, lengths = history_batch([h[:-1] for h in hi], [t[:-1] for t in ht], max_len)
+    last_items = torch.tensor([[h[-1]] for h in hi], dtype=torch.long)
+    last_ts = torch.tensor([[t[-1]] for t in ht], dtype=torch.long)
+    return items, times, lengths, last_items, last_ts
+
 
 @torch.no_grad()
 def iter_test_caches(model, data: SequenceData, users: np.ndarray, batch_size: int = 256) -> Iterator[CacheBatch]:
     model.eval()
     hist_items, hist_times, targets = data.split("test")
-    W = model.config.max_len
     for a in range(0, len(users), batch_size):
         batch = users[a : a + batch_size]
-        hi = [hist_items[u][-W:] for u in batch]
-        ht = [hist_times[u][-W:] for u in batch]
-        items, times, lengths = history_batch([h[:-1] for h in hi], [t[:-1] for t in ht], W)
+        items, times, lengths, last_items, last_ts = last_event_batch(hist_items, hist_times, batch, model.config.max_len)
         cache, _ = model.prefill(items, times, lengths)
-        yield CacheBatch(
-            users=batch,
-            cache=cache,
-            last_items=torch.tensor([[h[-1]] for h in hi], dtype=torch.long),
-            last_ts=torch.tensor([[t[-1]] for t in ht], dtype=torch.long),
-            targets=torch.from_numpy(targets[batch]),
-        )
+        yield CacheBatch(users=batch, cache=cache, last_items=last_items, last_ts=last_ts,
+                         targets=torch.from_numpy(targets[batch]))
 
 
 def flatten(cache: KVCache) -> FlatCache:
