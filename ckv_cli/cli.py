@@ -1,6 +1,7 @@
 """The `ckv` command line: a thin shell over the library (one function per command)."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -47,15 +48,18 @@ def train(
     arch: Annotated[str, typer.Option("--arch", help="Model: sasrec or hstu.")],
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).")],
-    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on validation NDCG@10).")] = 100,
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on validation NDCG@10).")] = 100,
     patience: Annotated[int, typer.Option(help="Epochs without a better validation NDCG@10 before stopping.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Users per step.")] = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    d: Annotated[int, typer.Option(help="Model width.")] = 64,
-    layers: Annotated[int, typer.Option(help="Attention layers.")] = 2,
-    max_len: Annotated[int, typer.Option(help="History window (tokens cached per user).")] = 200,
-    dropout: Annotated[float, typer.Option(help="Dropout rate.")] = 0.2,
-    negatives: Annotated[int, typer.Option(help="Sampled-softmax negatives per step.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="Users per step.")] = 128,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
+    d: Annotated[int, typer.Option(min=1, help="Model width.")] = 64,
+    layers: Annotated[int, typer.Option(min=1, help="Attention layers.")] = 2,
+    max_len: Annotated[int, typer.Option(min=1, help="History window (tokens cached per user).")] = 200,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout rate.")] = 0.2,
+    negatives: Annotated[int, typer.Option(help="Sampled-softmax negatives per position (0 = full softmax).")] = 128,
+    shared_negatives: Annotated[bool, typer.Option("--shared-negatives", help="Draw the negatives once per user, not per position (cheaper, weaker).")] = False,
+    device: Annotated[str, typer.Option(help="Torch device to train on: cpu, cuda, cuda:1, ...")] = "cpu",
+    max_minutes: Annotated[float, typer.Option(help="Wall-clock budget: stop after the epoch that passes it (0 = none).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (same arch and config).")] = None,
     columns: ColumnsOpt = None,
@@ -73,6 +77,7 @@ def train(
         raise CkvError(f"unknown --arch '{arch}' (choose from: {', '.join(REGISTRY)})")
     check_output(out, force)
     check_output(json_out)
+    _check_device(device)
     init_state = None
     if init is not None:
         from ckv_cli.checkpoint import load_checkpoint
@@ -89,7 +94,8 @@ def train(
                        f"this data {ds.fingerprint})")
     model_cfg = {"d": d, "n_layers": layers, "max_len": max_len, "dropout": dropout}
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, n_negatives=negatives, patience=patience,
-                      seed=seed, model=model_cfg)
+                      seed=seed, model=model_cfg, device=device, shared_negatives=shared_negatives,
+                      max_seconds=max_minutes * 60)
     steps = -(-int((ds.lengths() >= 4).sum()) // batch_size)  # users with two or more training events
     with progress(f"train {arch}", total=epochs * steps) as advance:
         metrics, history = train_to_checkpoint(
@@ -100,6 +106,15 @@ def train(
     print(f"wrote {out} ({metrics['epochs']} epochs, best {metrics['best_epoch']}, {seconds:.0f} s"
           f"{', interrupted' if metrics['interrupted'] else ''})")
     write_json(json_out, {"checkpoint": str(out), "arch": arch, "dataset": ds.name, **metrics, "history": history})
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise CkvError(f"--device {device} is not usable here: {str(e).splitlines()[0]}") from None
 
 
 def _checkpoint_and_data(checkpoint: Path, data: str, columns: str | None):
@@ -123,29 +138,128 @@ def _report_drops(ds) -> None:
 @app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `ckv train`.")],
-    data: DataOpt,
-    split: Annotated[str, typer.Option(help="test or valid.")] = "test",
-    exclude_seen: Annotated[bool, typer.Option("--exclude-seen", help="Remove the user's history items from the ranking (off in the published protocol).")] = False,
+    artifacts: Annotated[Optional[list[Path]], typer.Argument(help="Artifacts written by `ckv compress` from this checkpoint.")] = None,
+    data: DataOpt = "",
+    split: Annotated[str, typer.Option(help="test or valid (artifacts hold test-time caches: test only).")] = "test",
+    exclude_seen: Annotated[bool, typer.Option("--exclude-seen/--include-seen", help="Remove the items of the user's history window from the ranking (the published protocol) or rank them too.")] = True,
+    bootstrap: Annotated[int, typer.Option(help="Paired-bootstrap resamples over users for the CI of each delta.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap (with --sweep also of calibration and fitting).")] = 0,
+    max_delta: Annotated[Optional[list[str]], typer.Option("--max-delta", help="Gate: METRIC=DROP, absolute (NDCG@10=0.005) or relative (NDCG@10=1%); repeatable. Exit 1 when exceeded.")] = None,
+    max_ratio: Annotated[Optional[float], typer.Option("--max-ratio", min=0.0, help="Gate: largest allowed per-user bytes as a fraction of the fp16 full cache (0.02 = 2%).")] = None,
+    speed_batch: Annotated[int, typer.Option(min=1, help="Users in the batch timed for speed.")] = 256,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats for speed (median reported).")] = 5,
+    sweep: Annotated[Optional[str], typer.Option("--sweep", help="Compress and evaluate a grid of codecs on this checkpoint, writing no artifact: 'default' or 'codec[:KEY=VALUE,...];...', e.g. 'collective:pool_size=1024;int4:group_size=64;pq:subvectors=8,bits=8'.")] = None,
+    calib_users: Annotated[Optional[int], typer.Option(help="With --sweep: users whose caches fit each codec (seeded sample; default 1000).")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="With --sweep: also write the table as CSV to this path.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="With --sweep: write a PNG of NDCG@10 delta against bytes per token into this directory (needs ckv-cli[plot]).")] = None,
     columns: ColumnsOpt = None,
     json_out: JsonOpt = None,
 ):
-    """Evaluate a checkpoint: rank each user's held-out item against all items."""
+    """Evaluate a checkpoint, and each artifact against it: metrics, deltas with 95% CI, fidelity, bytes, speed.
+    With --sweep: compress and evaluate a grid of codecs and budgets on the checkpoint in one run (no artifact)."""
     from ckv_cli.checkpoint import check_output
+    from ckv_cli.compare import check_gates, parse_gate
     from ckv_cli.evaluate import evaluate_model
+    from ckv_cli.metrics import RANKING_METRICS
     from ckv_cli.report import print_table, progress, write_json
 
+    if not data:
+        raise CkvError("missing option '--data'")
+    if sweep is not None:
+        _sweep(checkpoint, data, columns, sweep, artifacts or [], split, exclude_seen, bool(max_delta) or max_ratio is not None,
+               bootstrap, seed, calib_users, json_out, csv_out, plot)
+        return
+    if csv_out is not None or plot is not None or calib_users is not None:
+        raise CkvError("--csv, --plot and --calib-users go with --sweep")
     if split not in ("test", "valid"):
         raise CkvError(f"unknown --split '{split}' (choose test or valid)")
+    artifacts = artifacts or []
+    if artifacts and (split != "test" or not exclude_seen):
+        raise CkvError("artifacts are compared on the test split, seen items excluded (drop --split/--include-seen)")
+    for g in max_delta or []:
+        parse_gate(g, list(RANKING_METRICS))
+    if (max_delta or max_ratio is not None) and not artifacts:
+        raise CkvError("--max-delta and --max-ratio gate artifacts: name at least one artifact")
     check_output(json_out)
     model, meta, ds = _checkpoint_and_data(checkpoint, data, columns)
+    if artifacts:
+        comparisons = _compare(model, checkpoint, ds, artifacts, bootstrap, seed, speed_batch, repeats)
+        payload = {"checkpoint": str(checkpoint), "arch": meta["arch"], "dataset": ds.name,
+                   "comparisons": [c.as_dict() for c in comparisons]}
+        failures = check_gates(comparisons, max_delta or [], max_ratio)
+        payload["gates"] = {"max_delta": max_delta or [], "max_ratio": max_ratio, "failures": failures}
+        write_json(json_out, payload)
+        for line in failures:
+            print(f"ckv: {line}", file=sys.stderr)
+        if failures:
+            raise typer.Exit(1)
+        return
     t = time.time()
     with progress("evaluate", total=ds.n_users) as advance:
         metrics = evaluate_model(model, ds, split, exclude_seen, progress=advance)
     print_table(f"{meta['arch']} on {ds.name}: {split} ({ds.n_users:,} users, all {ds.n_items:,} items ranked"
-                f"{', history excluded' if exclude_seen else ''})", ["metric", "value"], [[k, v] for k, v in metrics.items()])
+                f"{', history window excluded' if exclude_seen else ', seen items ranked too'})", ["metric", "value"], [[k, v] for k, v in metrics.items()])
     write_json(json_out, {"checkpoint": str(checkpoint), "arch": meta["arch"], "dataset": ds.name, "split": split,
                           "exclude_seen": exclude_seen, "users": ds.n_users, "metrics": metrics,
                           "seconds": round(time.time() - t, 2)})
+
+
+def _sweep(checkpoint, data, columns, spec, artifacts, split, exclude_seen, gated, bootstrap, seed, calib_users,
+           json_out, csv_out, plot) -> None:
+    from ckv_cli.checkpoint import check_output
+    from ckv_cli.report import print_sweep, progress, write_json
+    from ckv_cli.sweep import parse_sweep, run_sweep, write_csv
+
+    if gated:
+        raise CkvError("--sweep takes no gates (--max-delta, --max-ratio): gate one artifact of `ckv compress` instead")
+    if artifacts:
+        raise CkvError("--sweep compresses the checkpoint itself: name no artifacts")
+    if split != "test" or not exclude_seen:
+        raise CkvError("--sweep evaluates on the test split, seen items excluded (drop --split/--include-seen)")
+    if calib_users is not None and calib_users < 1:
+        raise CkvError(f"--calib-users must be >= 1, got {calib_users}")
+    specs = parse_sweep(spec)
+    check_output(json_out)
+    check_output(csv_out)
+    if plot is not None and plot.exists() and not plot.is_dir():
+        raise CkvError(f"--plot {plot} exists and is not a directory")
+    model, meta, ds = _checkpoint_and_data(checkpoint, data, columns)
+    with progress("sweep", total=ds.n_users * (1 + len(specs))) as advance:
+        payload = run_sweep(model, ds, specs, calib_users=calib_users or 1000, seed=seed, bootstrap=bootstrap,
+                            advance=advance, on_spec=lambda label: advance(0, label))
+    payload = {"checkpoint": str(checkpoint), "arch": meta["arch"], **payload}
+    print_sweep(payload)
+    write_json(json_out, payload)
+    write_csv(csv_out, payload)
+    if plot is not None:
+        from ckv_cli.plots import plot_sweep
+
+        plot.mkdir(parents=True, exist_ok=True)
+        title = f"{meta['arch']} ({checkpoint.name}) on {ds.name}: NDCG@10 delta vs per-user bytes"
+        print(f"wrote {plot_sweep(payload['rows'], title, plot / (checkpoint.stem + '.sweep.png'))}")
+
+
+def _compare(model, checkpoint, ds, artifacts, bootstrap, seed, speed_batch, repeats):
+    from ckv_cli.artifact import Artifact
+    from ckv_cli.compare import check_source, compare_artifact
+    from ckv_cli.data.datasets import sha256_file
+    from ckv_cli.report import print_comparison, progress
+
+    sha = sha256_file(checkpoint)
+    opened = [Artifact.open(a) for a in artifacts]
+    for art in opened:  # refuse before any work
+        check_source(art, sha)
+        art.check_model(model)
+        bad = art.verify()
+        if bad:
+            raise CkvError(f"{art.path}: tensor '{bad[0]}' does not match its checksum (damaged on disk?)")
+    comparisons = []
+    for art in opened:
+        with progress(f"evaluate {art.path.name}", total=art.n_users) as advance:
+            comparisons.append(compare_artifact(model, ds, art, bootstrap=bootstrap, seed=seed, speed_batch=speed_batch,
+                                                repeats=repeats, advance=advance))
+    print_comparison(comparisons)
+    return comparisons
 
 
 @app.command()
@@ -154,15 +268,16 @@ def compress(
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact to write (.safetensors).")],
     codec: Annotated[str, typer.Option(help="Compression method (see the README for the list).")] = "collective",
-    pool_size: Annotated[int, typer.Option(help="Global pool entries per stream (collective).")] = 4096,
+    pool_size: Annotated[int, typer.Option(help="Global pool entries per stream (collective).")] = 8192,
     user_dim: Annotated[int, typer.Option(help="User-specific dims per token per stream (collective).")] = 0,
     layout: Annotated[str, typer.Option(help="residual (pool + low-rank basis) or concat (the paper's).")] = "residual",
     user_dtype: Annotated[str, typer.Option(help="Storage of the user dims: int8 (per-user scale) or fp16.")] = "int8",
     share: Annotated[str, typer.Option(help="Streams to pool: k, v or k,v (the others stay fp16).")] = "k,v",
     recompute_item_layers: Annotated[bool, typer.Option(help="Recompute first-layer K/V from item ids instead of storing them.")] = True,
-    calib_users: Annotated[int, typer.Option(help="Users whose caches fit the pool (seeded sample).")] = 1000,
-    batch_users: Annotated[int, typer.Option(help="Users encoded per batch (bounds memory).")] = 256,
-    distill_steps: Annotated[int, typer.Option(help="Distillation steps after the gradient-free initialisation (0 = none).")] = 0,
+    calib_users: Annotated[int, typer.Option(min=1, help="Users whose caches fit the pool (seeded sample).")] = 1000,
+    batch_users: Annotated[int, typer.Option(min=1, help="Users encoded per batch (bounds memory).")] = 256,
+    distill_steps: Annotated[int, typer.Option(min=0, help="Distillation steps after the gradient-free initialisation (0 = none).")] = 0,
+    param: Annotated[Optional[list[str]], typer.Option("--param", help="Codec parameter KEY=VALUE for any codec, repeatable (e.g. --codec pq --param subvectors=16 --param bits=8).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
     columns: ColumnsOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing artifact.")] = False,
@@ -170,13 +285,14 @@ def compress(
 ):
     """Distil a checkpoint's per-user KV caches into a shared pool plus small per-user codes."""
     from ckv_cli.checkpoint import check_output
-    from ckv_cli.compress import CompressOptions, compress_to_artifact
+    from ckv_cli.compress import CompressOptions, compress_to_artifact, parse_params
     from ckv_cli.report import print_compress, progress, write_json
 
     check_output(out, force)
     check_output(json_out)
     model, meta, ds = _checkpoint_and_data(checkpoint, data, columns)
     params = {"pool_size": pool_size, "user_dim": user_dim, "layout": layout, "user_dtype": user_dtype} if codec == "collective" else {}
+    params.update(parse_params(param or []))
     opts = CompressOptions(codec=codec, params=params, share=tuple(s.strip() for s in share.split(",") if s.strip()),
                            recompute_item_layers=recompute_item_layers, calib_users=calib_users,
                            batch_users=batch_users, distill_steps=distill_steps, seed=seed)
@@ -191,6 +307,105 @@ def compress(
     write_json(json_out, report)
 
 
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="An artifact (ckv compress) or a checkpoint (ckv train).")],
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Dataset: reconstruction error of an artifact; the cache analysis of a checkpoint.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="The artifact's checkpoint (default: the path in its metadata).")] = None,
+    users: Annotated[int, typer.Option(min=1, help="Users sampled for the analysis / reconstruction error.")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of the user sample.")] = 0,
+    target_error: Annotated[float, typer.Option(help="Held-out relative error the recommended pool size and user dim must reach (a rule of thumb: on the sample checkpoints, pools of 4096-8192 at ~0.2 kept NDCG@10 within 0.4-1.6%).")] = 0.25,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG figures into this directory (needs ckv-cli[plot]).")] = None,
+    columns: ColumnsOpt = None,
+    json_out: JsonOpt = None,
+):
+    """Explain an artifact (tensors, bytes, pool use, integrity) or analyse a checkpoint's caches."""
+    from ckv_cli.checkpoint import check_output
+
+    check_output(json_out)
+    if plot is not None and plot.exists() and not plot.is_dir():
+        raise CkvError(f"--plot {plot} exists and is not a directory")
+    if not path.exists():
+        raise CkvError(f"not found: {path}")
+    kind = _file_kind(path)
+    if kind == "artifact":
+        ok = _inspect_artifact(path, data, checkpoint, users, seed, plot, columns, json_out)
+    else:
+        _inspect_checkpoint(path, data, users, seed, target_error, plot, columns, json_out)
+        ok = True
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _file_kind(path: Path) -> str:
+    from ckv_cli.artifact import FORMAT
+    from ckv_cli.checkpoint import read_header, read_metadata
+
+    fmt = read_header(path)[1].get("format")
+    if fmt == FORMAT:
+        return "artifact"
+    read_metadata(path)  # raises the checkpoint reader's one-line error for anything else
+    return "checkpoint"
+
+
+def _inspect_artifact(path, data, checkpoint, users, seed, plot, columns, json_out) -> bool:
+    from ckv_cli.artifact import Artifact
+    from ckv_cli.compare import check_source
+    from ckv_cli.data.datasets import sha256_file
+    from ckv_cli.inspection import pool_usage, reconstruction_error, tensor_inventory
+    from ckv_cli.report import print_inspect_artifact, write_json
+
+    art = Artifact.open(path)
+    report = {"path": str(path), "kind": "artifact",
+              "metadata": {k: v for k, v in art.meta.items() if k not in ("checksums", "fields")},
+              "tensors": tensor_inventory(path), "pool_usage": pool_usage(art)}
+    report["corrupted_tensors"] = art.verify()
+    if data:
+        ckpt = checkpoint or Path(str(art.meta.get("checkpoint", "")))
+        if not ckpt.is_file():
+            raise CkvError(f"reconstruction error needs the artifact's checkpoint: {ckpt} not found (pass --checkpoint)")
+        check_source(art, sha256_file(ckpt))
+        model, _, ds = _checkpoint_and_data(ckpt, data, columns)
+        art.check_model(model)
+        report["reconstruction_rel_error"], report["reconstruction_users"] = reconstruction_error(model, ds, art, users, seed)
+    print_inspect_artifact(report)
+    if plot is not None and report["pool_usage"]:
+        from ckv_cli.plots import plot_pool_usage
+
+        plot.mkdir(parents=True, exist_ok=True)
+        print(f"wrote {plot_pool_usage(report['pool_usage'], path.name, plot / (path.stem + '.pool_usage.png'))}")
+    for u in report["pool_usage"].values():
+        u["counts"] = u["counts"].tolist()
+    write_json(json_out, report)
+    for name in report["corrupted_tensors"]:
+        print(f"ckv: integrity check failed: tensor '{name}' does not match its checksum ({path})", file=sys.stderr)
+    return not report["corrupted_tensors"]
+
+
+def _inspect_checkpoint(path, data, users, seed, target_error, plot, columns, json_out) -> None:
+    from ckv_cli.checkpoint import read_metadata
+    from ckv_cli.report import print_inspect_checkpoint, write_json
+
+    meta = read_metadata(path)
+    report = {"path": str(path), "kind": "checkpoint",
+              "metadata": {k: v for k, v in meta.items() if k != "item_vocab"}, "n_items": json.loads(meta["config"])["n_items"]}
+    if data:
+        from ckv_cli.inspection import analyse_checkpoint
+
+        model, _, ds = _checkpoint_and_data(path, data, columns)
+        report["analysis"] = analyse_checkpoint(model, ds, users, seed, target_error)
+    elif plot is not None:
+        raise CkvError("--plot on a checkpoint needs --data (the figures come from its caches)")
+    print_inspect_checkpoint(report)
+    if plot is not None:
+        from ckv_cli.plots import plot_spectrum
+
+        plot.mkdir(parents=True, exist_ok=True)
+        title = f"{meta['arch']} on {data}: spectrum of the cached K/V ({users} users)"
+        print(f"wrote {plot_spectrum(report['analysis'], title, plot / (path.stem + '.spectrum.png'))}")
+    write_json(json_out, report)
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -200,7 +415,11 @@ def _peak_rss_mb() -> float:
 def main() -> None:
     """Entry point: every CkvError and usage error becomes one line on stderr and a non-zero exit."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # Click returns (not raises) the code of a typer.Exit in this mode
+        if rc == 130:  # Typer turns Ctrl-C into a returned 130, silently
+            print("ckv: interrupted", file=sys.stderr)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except CkvError as e:
         print(f"ckv: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

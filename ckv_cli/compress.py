@@ -3,27 +3,34 @@ compression costs on the held-out next item, and account for every byte (NOTES Â
 
 Accuracy protocol: each user's history up to the last known event is prefilled by the full model (the
 teacher cache) and compressed; the last known event is appended with `extend` through the decoded cache, and
-its output ranks all items for the held-out item. The uncompressed reference appends through the exact cache.
+its output ranks every item outside the history window for the held-out item (the published protocol,
+`ckv_cli.evaluate.PROTOCOL`). The uncompressed reference appends through the exact cache.
+
+One code path serves a single artifact and a sweep of many plans (`ckv_cli.sweep`): `compress` reads its
+teacher batches either streamed (built per batch of users, then dropped: memory bounded by the batch) or from a
+`Teacher` built once and held in memory (every user's flat cache and reference scores, shared by every plan).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from ckv_cli.codecs import CachePlan, build_plan
 from ckv_cli.data.sequences import SequenceData
-from ckv_cli.kv.extract import FlatCache, flatten, iter_test_caches, unflatten
-from ckv_cli.metrics import ranking_metrics
-from ckv_cli.models.base import item_layer_kv, last_hidden
+from ckv_cli.errors import CkvError
+from ckv_cli.evaluate import PROTOCOL, fidelity_summary, score_fidelity, scores_after_last_event
+from ckv_cli.kv.extract import CacheBatch, FlatCache, flatten, iter_test_caches, teacher_cache_lengths, unflatten
+from ckv_cli.metrics import RANKING_METRICS, per_user_ranking, ranking_metrics
+from ckv_cli.models.base import item_layer_kv
 
 
 @dataclass
 class CompressOptions:
     codec: str = "collective"
-    params: dict = field(default_factory=lambda: {"pool_size": 4096, "user_dim": 0, "layout": "residual"})
+    params: dict = field(default_factory=lambda: {"pool_size": 8192, "user_dim": 0, "layout": "residual"})
     share: tuple[str, ...] = ("k", "v")
     recompute_item_layers: bool = True
     calib_users: int = 1000
@@ -32,14 +39,43 @@ class CompressOptions:
     seed: int = 0
 
 
+class FieldSink(Protocol):
+    """Where `compress` streams each batch's encoded fields (`ckv_cli.artifact.ArtifactWriter`)."""
+
+    def start(self, plan: CachePlan) -> None: ...  # once, when the plan is fitted
+
+    def add(self, fields: dict[str, np.ndarray], offsets: np.ndarray) -> None: ...  # each batch, in user order
+
+
 @dataclass
 class CompressResult:
     plan: CachePlan
-    fields: dict[str, np.ndarray]
+    fields: dict[str, np.ndarray]  # empty when the caller asked not to keep them (a sweep, a streamed artifact)
     offsets: np.ndarray
-    user_ids: list[str]
+    user_ids: Sequence  # the dataset's raw user ids, in order (the artifact stores str() of each)
     accounting: dict
     metrics: dict
+    per_user: dict[str, np.ndarray] = field(default_factory=dict)  # rank_ref, rank_new, top10_overlap, kl (U,),
+    # empty when streamed into an artifact (the metrics then come from running sums: `Scored`)
+
+
+def parse_params(specs: list[str], what: str = "--param") -> dict:
+    """['bits=8', 'axis=token', 'tolerance=1e-3'] -> {'bits': 8, 'axis': 'token', 'tolerance': 0.001}: ints, then
+    floats, else the string. `what` names the option in the one-line error."""
+    out = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if not sep or not key.strip():
+            raise CkvError(f"bad {what} '{spec}': expected KEY=VALUE")
+        value = value.strip()
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
 
 
 def make_plan(model, opts: CompressOptions) -> CachePlan:
@@ -49,30 +85,111 @@ def make_plan(model, opts: CompressOptions) -> CachePlan:
                       share=tuple(opts.share), recompute_item_layers=opts.recompute_item_layers)
 
 
-def concat_flat(parts: list[FlatCache]) -> FlatCache:
+def concat_flat(parts: list[FlatCache], consume: bool = False) -> FlatCache:
+    """Users of `parts` back to back. `consume` drops each part's K/V tensors once joined (one stream at a time),
+    so the peak is about 1.25x the result instead of 2x; the parts are unusable afterwards."""
     lengths = np.concatenate([np.diff(p.offsets) for p in parts])
     n_layers = len(parts[0].keys)
-    return FlatCache(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                     [torch.cat([p.keys[i] for p in parts]) for i in range(n_layers)],
-                     [torch.cat([p.values[i] for p in parts]) for i in range(n_layers)],
+    keys, values = [], []
+    for i in range(n_layers):
+        for name, dest in (("keys", keys), ("values", values)):
+            dest.append(torch.cat([getattr(p, name)[i] for p in parts]))
+            if consume:
+                for p in parts:
+                    getattr(p, name)[i] = None
+    return FlatCache(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), keys, values,
                      np.concatenate([p.items for p in parts]), np.concatenate([p.timestamps for p in parts]))
 
 
-def fit_plan(model, ds: SequenceData, opts: CompressOptions, on_stream: Callable[[str], None] | None = None) -> CachePlan:
-    """Calibration: a seeded sample of users' teacher caches."""
-    plan = make_plan(model, opts)
+def slice_flat(flat: FlatCache, a: int, b: int) -> FlatCache:
+    """Users [a, b) of a flat cache, as views (no copy)."""
+    lo, hi = int(flat.offsets[a]), int(flat.offsets[b])
+    return FlatCache(flat.offsets[a : b + 1] - lo, [k[lo:hi] for k in flat.keys], [v[lo:hi] for v in flat.values],
+                     flat.items[lo:hi], flat.timestamps[lo:hi])
+
+
+def select_users(flat: FlatCache, users: np.ndarray) -> FlatCache:
+    """The tokens of `users` (indices into the flat cache's users, in the order given), copied."""
+    users = np.asarray(users, dtype=np.int64)
+    starts, lengths = flat.offsets[users], np.diff(flat.offsets)[users]
+    idx = torch.from_numpy(np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)] or [np.zeros(0, np.int64)]))
+    return FlatCache(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                     [k[idx] for k in flat.keys], [v[idx] for v in flat.values],
+                     flat.items[idx.numpy()], flat.timestamps[idx.numpy()])
+
+
+# ---------------------------------------------------------------- teacher caches and reference scores
+
+
+@dataclass
+class TeacherBatch:
+    """One batch of users' teacher caches (flat) and what scoring needs: the last known event, the held-out
+    target, and the scores of the uncompressed model after appending that event (`ref_scores`, (B, n_items + 1))."""
+
+    users: np.ndarray
+    flat: FlatCache
+    last_items: torch.Tensor
+    last_ts: torch.Tensor
+    targets: torch.Tensor
+    ref_scores: torch.Tensor
+
+    def cache_batch(self, cache) -> CacheBatch:
+        """A `CacheBatch` over `cache` (the decoded cache: its item ids are the teacher's, so the same window
+        items are masked)."""
+        return CacheBatch(self.users, cache, self.last_items, self.last_ts, self.targets)
+
+
+def teacher_batches(model, ds: SequenceData, users: np.ndarray | range, batch_users: int) -> Iterator[TeacherBatch]:
+    """Streamed: each batch's teacher cache is prefilled, flattened and scored, then left to the caller. `users`
+    may be a `range` (nothing per user is built for users not yet reached)."""
+    for b in iter_test_caches(model, ds, users, batch_users):
+        yield TeacherBatch(b.users, flatten(b.cache), b.last_items, b.last_ts, b.targets,
+                           scores_after_last_event(model, b.cache, b))
+
+
+@dataclass
+class Teacher:
+    """Every user's teacher cache (flat, concatenated in dataset order) and reference scores, built once and
+    shared by every plan of a sweep. `batches` are views into `flat`."""
+
+    flat: FlatCache
+    batches: list[TeacherBatch]
+
+    @classmethod
+    def build(cls, model, ds: SequenceData, batch_users: int = 256, advance: Callable[[int], None] | None = None) -> "Teacher":
+        batches = []
+        for tb in teacher_batches(model, ds, np.arange(ds.n_users), batch_users):
+            batches.append(tb)
+            if advance:
+                advance(len(tb.users))
+        flat = concat_flat([tb.flat for tb in batches], consume=True)
+        start = 0
+        for tb in batches:  # replace each batch's copy by a view into the concatenated cache
+            tb.flat = slice_flat(flat, start, start + len(tb.users))
+            start += len(tb.users)
+        return cls(flat, batches)
+
+
+def calibration_users(n_users: int, opts: CompressOptions) -> np.ndarray:
     rng = np.random.default_rng(opts.seed)
-    users = np.sort(rng.choice(ds.n_users, size=min(opts.calib_users, ds.n_users), replace=False))
-    flat = concat_flat([flatten(b.cache) for b in iter_test_caches(model, ds, users, opts.batch_users)])
+    return np.sort(rng.choice(n_users, size=min(opts.calib_users, n_users), replace=False))
+
+
+def fit_plan(model, ds: SequenceData, opts: CompressOptions, on_stream: Callable[[str], None] | None = None,
+             teacher: Teacher | None = None) -> CachePlan:
+    """Calibration: a seeded sample of users' teacher caches (taken from `teacher` when given, else prefilled)."""
+    plan = make_plan(model, opts)
+    users = calibration_users(ds.n_users, opts)
+    if teacher is not None:
+        flat = select_users(teacher.flat, users)
+    else:
+        flat = concat_flat([flatten(b.cache) for b in iter_test_caches(model, ds, users, opts.batch_users)])
     torch.manual_seed(opts.seed)
     plan.fit(flat, opts.seed, on_stream)
     return plan
 
 
-@torch.no_grad()
-def scores_after_last_event(model, cache, batch) -> torch.Tensor:
-    _, h = model.extend(cache, batch.last_items, batch.last_ts)
-    return model.score_all(last_hidden(h, torch.ones(len(batch.users), dtype=torch.long)))  # (B, n_items + 1)
+# ---------------------------------------------------------------- bytes
 
 
 def accounting(plan: CachePlan, offsets: np.ndarray, kv_dims: tuple[int, int], n_layers: int) -> dict:
@@ -99,85 +216,191 @@ def accounting(plan: CachePlan, offsets: np.ndarray, kv_dims: tuple[int, int], n
     }
 
 
-def compress(model, ds: SequenceData, opts: CompressOptions, plan: CachePlan | None = None,
-             advance: Callable[[int], None] | None = None, on_stream=None) -> CompressResult:
-    torch.manual_seed(opts.seed)
-    distilled = None
-    if plan is None:
-        plan = fit_plan(model, ds, opts, on_stream)
-        if opts.distill_steps:
-            from ckv_cli.distill import DistillOptions, distill
+# ---------------------------------------------------------------- the one encode / decode / score loop
 
-            distilled = distill(model, ds, plan, DistillOptions(steps=opts.distill_steps, seed=opts.seed))
-    users = np.arange(ds.n_users)
+
+class Scored:
+    """What scoring every user leaves: the users' token offsets and, per user, the target's rank under the
+    reference and the compressed cache, the top-10 overlap and the KL divergence (`score_fidelity`).
+
+    The per-user values are kept (`keep_per_user`: a sweep resamples them) or only summed (a streamed artifact:
+    nothing per user but the offsets, so memory stays flat in the number of users). Kept values go into arrays
+    allocated once when the number of users is known: lists of small per-batch arrays, each allocated after
+    the batch's large temporaries, kept glibc's heap from reusing or trimming them, and the resident set grew
+    by ~20 kB per user (`bench/compress_memory.py`). Summed, the metrics have the definitions of
+    `ranking_metrics` and `fidelity_summary` (means of the same per-user values) and differ from them only by
+    float rounding: sums per batch in float64 where numpy sums all users pairwise."""
+
+    def __init__(self, n_users: int | None, keep_per_user: bool = True):
+        self.n, self.keep, self.done = n_users, keep_per_user, 0
+        self.offsets = np.zeros((n_users or 0) + 1, dtype=np.int64)
+        self._lengths: list[np.ndarray] = []
+        self._arrays: dict[str, np.ndarray] = {}
+        self._parts: dict[str, list[np.ndarray]] = {}
+        self._sums: dict[str, float] = {}
+        self._counts = {"hit10_flips": 0, "hit10_gained": 0, "hit10_lost": 0}
+
+    def add(self, offsets: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """One batch (consecutive users): its offsets and `score_fidelity`'s per-user values."""
+        b = len(offsets) - 1
+        if self.n is None:
+            self._lengths.append(np.diff(offsets))
+        else:
+            if self.done + b > self.n:
+                raise CkvError(f"internal: more than the {self.n:,} users announced")
+            self.offsets[self.done + 1 : self.done + b + 1] = self.offsets[self.done] + (offsets[1:] - offsets[0])
+        if self.keep:
+            for k, v in values.items():
+                if self.n is None:
+                    self._parts.setdefault(k, []).append(v)
+                else:
+                    if k not in self._arrays:
+                        self._arrays[k] = np.empty(self.n, dtype=v.dtype)
+                    self._arrays[k][self.done : self.done + b] = v
+        else:
+            for side in ("rank_ref", "rank_new"):
+                for k, v in per_user_ranking(values[side]).items():
+                    self._sums[f"{side}/{k}"] = self._sums.get(f"{side}/{k}", 0.0) + float(v.sum())
+            for k in ("top10_overlap", "kl"):
+                self._sums[k] = self._sums.get(k, 0.0) + float(values[k].sum(dtype=np.float64))
+            rr, rn = values["rank_ref"], values["rank_new"]
+            self._counts["hit10_flips"] += int(((rr < 10) != (rn < 10)).sum())
+            self._counts["hit10_gained"] += int(((rr >= 10) & (rn < 10)).sum())
+            self._counts["hit10_lost"] += int(((rr < 10) & (rn >= 10)).sum())
+        self.done += b
+
+    def finish(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(offsets, per-user values: empty unless kept)."""
+        if self.n is None:
+            lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+            self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            self._arrays = {k: np.concatenate(v) for k, v in self._parts.items()}
+            self._lengths, self._parts = [], {}
+        elif self.done != self.n:
+            raise CkvError(f"internal: {self.done:,} of the {self.n:,} users announced were scored")
+        return self.offsets, self._arrays
+
+    @property
+    def per_user(self) -> dict[str, np.ndarray]:
+        return self._arrays
+
+    def metrics(self) -> tuple[dict, dict, dict]:
+        """(ranking metrics uncompressed, compressed, fidelity summary), from the kept values or the sums."""
+        if self.keep:
+            per_user = self._arrays
+            return ranking_metrics(per_user["rank_ref"]), ranking_metrics(per_user["rank_new"]), fidelity_summary(per_user)
+        n = self.done
+        mean = (lambda key: self._sums[key] / n) if n else (lambda key: float("nan"))  # noqa: E731
+        ref, new = ({k: mean(f"{side}/{k}") for k in RANKING_METRICS} for side in ("rank_ref", "rank_new"))
+        return ref, new, {"top10_overlap": mean("top10_overlap"), "kl_mean": mean("kl"), **self._counts}
+
+
+def run_plan(model, plan: CachePlan, batches: Iterable[TeacherBatch], advance: Callable[[int], None] | None = None,
+             keep_fields: bool = True, sink: Callable[[dict[str, np.ndarray], np.ndarray], None] | None = None,
+             n_users: int | None = None, keep_per_user: bool = True,
+             ) -> tuple[dict[str, np.ndarray], Scored, dict[str, float]]:
+    """Encode, decode and score each teacher batch through `plan`. Returns (fields, scores, relative
+    reconstruction error per stream); `fields` is empty unless `keep_fields`. `sink(fields, offsets)` receives
+    each batch's encoded fields as soon as they exist (a streaming writer). `n_users`, the number of users the
+    batches hold when known, lets the per-user values go into arrays allocated once (`Scored`)."""
     item_kv = lambda items, pos: item_layer_kv(model, items, pos)  # noqa: E731
     chunks: dict[str, list[np.ndarray]] = {}
-    lengths, ranks_t, ranks_c, overlap = [], [], [], []
+    scored = Scored(n_users, keep_per_user)
     err_num: dict[str, float] = {}
     err_den: dict[str, float] = {}
-    for batch in iter_test_caches(model, ds, users, opts.batch_users):
-        flat = flatten(batch.cache)
+    for tb in batches:
+        flat = tb.flat
         enc = plan.encode(flat)
+        if sink is not None:
+            sink(enc, flat.offsets)
         dec = plan.decode(enc, flat.offsets, item_kv)
         for name in plan.streams:
             a, b = flat.stream(name), dec.stream(name)
             err_num[name] = err_num.get(name, 0.0) + float(((a - b) ** 2).sum())
             err_den[name] = err_den.get(name, 0.0) + float((a ** 2).sum())
-        for k, v in enc.items():
-            chunks.setdefault(k, []).append(v)
-        lengths.append(np.diff(flat.offsets))
-        s_t = scores_after_last_event(model, batch.cache, batch)
-        s_c = scores_after_last_event(model, unflatten(dec), batch)
-        tgt = batch.targets[:, None]
-        ranks_t.append((s_t > s_t.gather(1, tgt)).sum(1).numpy())
-        ranks_c.append((s_c > s_c.gather(1, tgt)).sum(1).numpy())
-        top_t, top_c = s_t.topk(10).indices, s_c.topk(10).indices
-        overlap.append((top_t[:, :, None] == top_c[:, None, :]).any(2).float().mean(1).numpy())
+        if keep_fields:
+            for k, v in enc.items():
+                chunks.setdefault(k, []).append(v)
+        cache = unflatten(dec)
+        s_c = scores_after_last_event(model, cache, tb.cache_batch(cache))
+        scored.add(flat.offsets, score_fidelity(tb.ref_scores, s_c, tb.targets))
         if advance:
-            advance(len(batch.users))
+            advance(len(tb.users))
     fields = {k: np.concatenate(v) for k, v in chunks.items()}
-    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
-    rt, rc = np.concatenate(ranks_t), np.concatenate(ranks_c)
-    teacher, student = ranking_metrics(rt), ranking_metrics(rc)
+    scored.finish()
+    recon = {k: err_num[k] / max(err_den[k], 1e-12) for k in err_num}
+    return fields, scored, recon
+
+
+def compress(model, ds: SequenceData, opts: CompressOptions, plan: CachePlan | None = None,
+             advance: Callable[[int], None] | None = None, on_stream=None, teacher: Teacher | None = None,
+             keep_fields: bool = True, sink: FieldSink | None = None) -> CompressResult:
+    """Fit (unless `plan` is given), encode, decode and score every user. With `teacher` the caches and reference
+    scores come from it (a sweep); without, they are built batch by batch and dropped (bounded memory). With
+    `sink`, each batch's fields go to it as they are encoded (`sink.start(plan)` first) and neither they nor
+    the per-user values are kept (`per_user` is empty; the metrics come from running sums: `Scored`)."""
+    torch.manual_seed(opts.seed)
+    distilled = None
+    if plan is None:
+        plan = fit_plan(model, ds, opts, on_stream, teacher=teacher)
+        if opts.distill_steps:
+            from ckv_cli.distill import DistillOptions, distill
+
+            distilled = distill(model, ds, plan, DistillOptions(steps=opts.distill_steps, seed=opts.seed))
+    batches = teacher.batches if teacher is not None else teacher_batches(model, ds, range(ds.n_users), opts.batch_users)
+    if sink is not None:
+        sink.start(plan)
+    n_users = len(teacher.flat.offsets) - 1 if teacher is not None else ds.n_users
+    fields, scored, recon = run_plan(model, plan, batches, advance, keep_fields and sink is None,
+                                     sink.add if sink is not None else None, n_users=n_users,
+                                     keep_per_user=sink is None)
+    offsets, per_user = scored.offsets, scored.per_user
+    teacher_m, student, fidelity = scored.metrics()
     metrics = {
-        "protocol": "test split, history prefilled and compressed, last event appended via extend, all items ranked",
-        "uncompressed": teacher, "compressed": student,
-        "delta": {k: student[k] - teacher[k] for k in teacher},
-        "relative_delta": {k: (student[k] - teacher[k]) / teacher[k] if teacher[k] else 0.0 for k in teacher},
-        "fidelity": {"top10_overlap": float(np.concatenate(overlap).mean()),
-                     "hit10_flips": int(((rt < 10) != (rc < 10)).sum())},
-        "reconstruction_rel_mse": {k: err_num[k] / max(err_den[k], 1e-12) for k in err_num},
+        "protocol": f"test split, history prefilled and compressed, last event appended via extend; {PROTOCOL}",
+        "uncompressed": teacher_m, "compressed": student,
+        "delta": {k: student[k] - teacher_m[k] for k in teacher_m},
+        "relative_delta": {k: (student[k] - teacher_m[k]) / teacher_m[k] if teacher_m[k] else 0.0 for k in teacher_m},
+        "fidelity": fidelity,
+        "reconstruction_rel_mse": recon,
     }
     if distilled:
         metrics["distillation"] = {"steps": len(distilled), "first": distilled[0], "last": distilled[-1]}
     acct = accounting(plan, offsets, model.kv_dims, len(model.layers))
-    return CompressResult(plan, fields, offsets, [str(u) for u in ds.user_ids], acct, metrics)
+    return CompressResult(plan, fields, offsets, ds.user_ids, acct, metrics, per_user)
 
 
 def compress_to_artifact(model, meta: dict, checkpoint_path, ds: SequenceData, opts: CompressOptions, out,
                          force: bool = False, advance=None, command: str = "", on_stream=None) -> dict:
-    """Compress, write the artifact atomically, check its bytes against the accounting; returns the report."""
+    """Compress, streaming each batch's fields into the artifact as they are encoded (memory flat in the number
+    of users: `ArtifactWriter`), check the bytes laid out against the accounting, write the file atomically;
+    returns the report. An existing output without `force` is refused before any work."""
     from pathlib import Path
 
-    from ckv_cli.artifact import write_artifact
+    from ckv_cli.artifact import ArtifactWriter
     from ckv_cli.data.datasets import sha256_file
-    from ckv_cli.errors import CkvError
 
-    result = compress(model, ds, opts, advance=advance, on_stream=on_stream)
-    report = {
-        "artifact": str(out), "checkpoint": str(checkpoint_path), "checkpoint_sha256": sha256_file(Path(checkpoint_path)),
-        "arch": meta["arch"], "dataset": ds.name, "data_fingerprint": ds.fingerprint, "seed": opts.seed,
-        "codec": opts.codec, "params": opts.params, "share": list(opts.share),
-        "recompute_item_layers": opts.recompute_item_layers, "calib_users": min(opts.calib_users, ds.n_users),
-        "plan": result.plan.describe(), "accounting": result.accounting, "metrics": result.metrics,
-    }
-    metadata = {k: v for k, v in report.items() if k not in ("artifact", "plan")}
-    metadata["command"] = command
-    stored = write_artifact(out, result.plan, result.fields, result.offsets, result.user_ids, metadata, force=force)
-    on_disk = sum(v for k, v in stored.items() if k in result.accounting["per_user_breakdown"])
-    if on_disk != result.accounting["per_user_bytes"]:
-        raise CkvError(f"internal: per-user bytes on disk ({on_disk}) differ from the accounting "
-                       f"({result.accounting['per_user_bytes']})")
+    writer = ArtifactWriter(out, lambda: teacher_cache_lengths(ds, model.config.max_len), ds.user_ids, force=force)
+    try:
+        checkpoint_sha256 = sha256_file(Path(checkpoint_path))
+        result = compress(model, ds, opts, advance=advance, on_stream=on_stream, sink=writer)
+        report = {
+            "artifact": str(out), "checkpoint": str(checkpoint_path), "checkpoint_sha256": checkpoint_sha256,
+            "arch": meta["arch"], "dataset": ds.name, "data_fingerprint": ds.fingerprint, "seed": opts.seed,
+            "codec": opts.codec, "params": opts.params, "share": list(opts.share),
+            "recompute_item_layers": opts.recompute_item_layers, "calib_users": min(opts.calib_users, ds.n_users),
+            "plan": result.plan.describe(), "accounting": result.accounting, "metrics": result.metrics,
+        }
+        metadata = {k: v for k, v in report.items() if k not in ("artifact", "plan")}
+        metadata["command"] = command
+        laid_out = writer.tensor_bytes
+        on_disk = sum(v for k, v in laid_out.items() if k in result.accounting["per_user_breakdown"])
+        if on_disk != result.accounting["per_user_bytes"]:
+            raise CkvError(f"internal: per-user bytes on disk ({on_disk}) differ from the accounting "
+                           f"({result.accounting['per_user_bytes']})")
+        stored = writer.finish(metadata)
+    finally:
+        writer.discard()
     report["stored_tensor_bytes"] = int(sum(stored.values()))
     report["file_bytes"] = Path(out).stat().st_size
     return report

@@ -25,6 +25,9 @@ def mrr(ranks: np.ndarray) -> np.ndarray:
     return 1.0 / (ranks + 1.0)
 
 
+RANKING_METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR")  # what ranking_metrics returns by default
+
+
 def ranking_metrics(ranks: np.ndarray, ks=(10, 50)) -> dict[str, float]:
     out = {}
     for k in ks:
@@ -79,3 +82,21 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
     y = np.asarray(labels, dtype=np.float64)
     return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+
+def paired_bootstrap(ref: dict[str, np.ndarray], new: dict[str, np.ndarray], n: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile confidence interval of mean(new) - mean(ref) per metric, resampling users with replacement
+    (the same users for both: the comparison is paired). Per-user values in, (low, high) out."""
+    names = list(ref)
+    if not names or n < 1:
+        return {k: (float("nan"), float("nan")) for k in names}
+    users = len(ref[names[0]])
+    rng = np.random.default_rng(seed)
+    diffs = np.stack([new[k] - ref[k] for k in names])  # (M, U)
+    means = np.empty((len(names), n))
+    for a in range(0, n, 100):  # 100 resamples at a time bounds memory at 100 x U indices
+        idx = rng.integers(0, users, size=(min(100, n - a), users))  # (b, U)
+        means[:, a : a + len(idx)] = diffs[:, idx].mean(2)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2], axis=1)
+    return {k: (float(lo[i]), float(hi[i])) for i, k in enumerate(names)}

@@ -105,3 +105,118 @@ def print_compress(report: dict) -> None:
     if "seconds" in report:
         rows.append(["time / peak memory", f"{report['seconds']:.0f} s / {report.get('peak_rss_mb', 0):,.0f} MB"])
     print_table(f"ckv compress: {report['arch']} on {report['dataset']} -> {report['artifact']}", ["", "value"], rows)
+
+
+def print_comparison(comparisons) -> None:
+    """`ckv evaluate` with artifacts: one table per artifact (metrics with the delta's 95% CI, fidelity, bytes,
+    speed)."""
+    for c in comparisons:
+        rows = []
+        for k, d in c.delta.items():
+            ci = f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+            rows.append([k, f"{c.reference[k]:.4f}", f"{c.compressed[k]:.4f}", f"{d['delta']:+.4f}", ci,
+                         f"{d['relative']:+.2%}"])
+        print_table(f"{c.artifact}: {c.users:,} users, test split, all items ranked (95% CI: paired bootstrap)",
+                    ["metric", "uncompressed", "compressed", "delta", "95% CI", "relative"], rows)
+        f, a, s = c.fidelity, c.accounting, c.speed
+        info = [["top-10 overlap with uncompressed", f"{f['top10_overlap']:.3f}"],
+                ["KL(uncompressed || compressed), mean", f"{f['kl_mean']:.4f}"],
+                ["hit@10 flips (gained / lost)", f"{f['hit10_flips']:,} ({f['hit10_gained']:,} / {f['hit10_lost']:,})"]]
+        if a:
+            info += [["bytes per token (all layers)", f"{a['bytes_per_token']:.2f} vs {a['full_fp16_bytes_per_token']} fp16"],
+                     ["per-user ratio vs fp16 / fp32", f"{a['per_user_ratio_fp16']:.2%} / {a['per_user_ratio_fp32']:.2%}"],
+                     ["shared (pools, routers, bases)", _human(a["shared_bytes"])],
+                     ["total ratio vs fp16 / fp32", f"{a['total_ratio_fp16']:.2%} / {a['total_ratio_fp32']:.2%}"]]
+        if s:
+            info += [[f"rank next items of {s['users']} users: full fp16 cache in memory", f"{s['full_fp16_in_memory_s'] * 1e3:.1f} ms"],
+                     ["  artifact, attention over the compressed form", f"{s['compressed_domain_s'] * 1e3:.1f} ms"],
+                     ["  artifact, decoded then attended", f"{s['decode_then_attend_s'] * 1e3:.1f} ms"],
+                     [f"  speed-up, compressed form (median of {s['repeats']}, {s['threads']} threads)", f"{s['speedup']:.2f}x"]]
+        print_table(f"{c.artifact}: fidelity, bytes, speed", ["", "value"], info)
+
+
+_META_SHOWN = ("arch", "dataset", "codec", "params", "share", "seed", "calib_users", "checkpoint", "checkpoint_sha256",
+               "data_fingerprint", "format_version", "ckv_version", "command")
+
+
+def print_inspect_artifact(r: dict) -> None:
+    meta = r["metadata"]
+    print_table(f"{r['path']}: ckv artifact", ["key", "value"],
+                [[k, meta[k] if isinstance(meta[k], str) else json.dumps(meta[k])] for k in _META_SHOWN if k in meta])
+    print_table("tensors", ["name", "dtype", "shape", "bytes"],
+                [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", t["bytes"]] for t in r["tensors"]])
+    a = meta.get("accounting")
+    if a:
+        print_table("bytes (per-user part apart from the shared part)", ["", "value"], [
+            ["users / cached tokens", f"{a['users']:,} / {a['tokens']:,}"],
+            ["bytes per token (all layers)", f"{a['bytes_per_token']:.2f} vs {a['full_fp16_bytes_per_token']} fp16"],
+            ["per-user bytes (all users)", _human(a["per_user_bytes"])],
+            ["shared bytes (pools, routers, bases)", _human(a["shared_bytes"])],
+            ["per-user ratio vs fp16 / fp32", f"{a['per_user_ratio_fp16']:.2%} / {a['per_user_ratio_fp32']:.2%}"],
+            ["total ratio vs fp16 / fp32", f"{a['total_ratio_fp16']:.2%} / {a['total_ratio_fp32']:.2%}"]])
+    if r["pool_usage"]:
+        print_table("pool utilisation", ["stream", "entries used", "entropy (bits)", "entropy / max", "top-10 share"],
+                    [[s, f"{u['used']:,} / {u['pool_size']:,}", u["entropy_bits"], u["entropy_share"], u["top10_share"]]
+                     for s, u in r["pool_usage"].items()])
+    if "reconstruction_rel_error" in r:
+        print_table(f"reconstruction error against the teacher cache ({r['reconstruction_users']:,} users)",
+                    ["stream", "relative squared error"], [[s, e] for s, e in r["reconstruction_rel_error"].items()])
+    bad = r["corrupted_tensors"]
+    print(f"integrity: {'all tensors match their checksums' if not bad else f'{len(bad)} tensor(s) corrupted: ' + ', '.join(bad)}")
+
+
+def print_inspect_checkpoint(r: dict) -> None:
+    meta = r["metadata"]
+    rows = [[k, meta[k] if isinstance(meta[k], str) else json.dumps(meta[k])]
+            for k in ("arch", "config", "dataset", "data_fingerprint", "format_version", "ckv_version") if k in meta]
+    print_table(f"{r['path']}: ckv checkpoint ({r['n_items']:,} items)", ["key", "value"], rows)
+    an = r.get("analysis")
+    if not an:
+        print("(add --data to analyse the checkpoint's caches)")
+        return
+    rows = []
+    for name, s in an["streams"].items():
+        top = s["energy_top"]
+        rows.append([name, s["d"], top.get(1, float("nan")), top.get(8, float("nan")), s["components_for_90"],
+                     s["components_for_99"], s["same_item_cosine"], s["random_pair_cosine"], s["unexplained_by_item"],
+                     s["unexplained_by_item_position"], "yes" if s["item_function"] else "no"])
+    print_table(f"cached K/V of {an['users']:,} users ({an['tokens']:,} tokens)",
+                ["stream", "d", "top-1 var", "top-8 var", "PCs 90%", "PCs 99%", "same-item cos", "random cos",
+                 "unexpl. item", "unexpl. item+pos", "item function"], rows)
+    rows = [[name, m, e["rel_error"], *(e["after_user_dims"][k] for k in (1, 4, 8))]
+            for name, s in an["streams"].items() for m, e in s.get("pool_errors", {}).items()]
+    if rows:
+        print_table("pool k-means relative error (then with r user dims)", ["stream", "pool", "r=0", "r=1", "r=4", "r=8"], rows)
+    rec = an["recommendation"]
+    if "pool_size" in rec:
+        print(f"recommended: --pool-size {rec['pool_size']} --user-dim {rec['user_dim']} (estimated relative error "
+              f"{rec['estimated_rel_error']:.3f} <= {an['target_rel_error']}; {rec['bytes_per_token']:.2f} B/token, "
+              f"{rec['per_user_ratio_fp16']:.2%} of fp16); recompute from item ids: {', '.join(an['recompute_from_items']) or 'none'}")
+    else:
+        print(f"recommended: {rec['note']}")
+
+
+def print_sweep(payload: dict) -> None:
+    """`ckv evaluate --sweep`: one row per grid entry, sorted by per-user bytes, Pareto rows starred; refused and
+    not-implemented entries after them with their reason."""
+    ref = payload["reference"]
+    rows = []
+    for r in payload["rows"]:
+        if r["status"] != "ok":
+            rows.append([r["spec"], r["status"], *[""] * 9, f"{r['seconds']:.1f}", ""])
+            continue
+        m = r["metrics"]
+        ci = {k: f"{m[k]['delta']:+.4f} [{m[k]['ci_low']:+.4f}, {m[k]['ci_high']:+.4f}]" for k in ("NDCG@10", "HR@10")}
+        rows.append([r["spec"], f"{r['bytes_per_token']:.2f}", f"{r['per_user_ratio_fp16']:.2%} / {r['per_user_ratio_fp32']:.2%}",
+                     _human(r["shared_bytes"]), ci["NDCG@10"], ci["HR@10"], f"{m['NDCG@50']['delta']:+.4f}",
+                     f"{m['MRR']['delta']:+.4f}", f"{r['top10_overlap']:.3f}", f"{r['kl_mean']:.4f}",
+                     f"{r['hit10_flips']:,}", f"{r['seconds']:.1f}", "*" if r["pareto"] else ""])
+    print_table(f"sweep on {payload['dataset']}: {payload['users']:,} users, {payload['tokens']:,} cached tokens, "
+                f"uncompressed NDCG@10 {ref['NDCG@10']:.4f} / HR@10 {ref['HR@10']:.4f}; deltas with 95% CI (paired "
+                f"bootstrap); * = Pareto front (NDCG@10 delta vs per-user bytes)",
+                ["codec", "B/token", "per-user vs fp16 / fp32", "shared", "dNDCG@10 [95% CI]", "dHR@10 [95% CI]",
+                 "dNDCG@50", "dMRR", "top-10 overlap", "KL", "hit@10 flips", "s", "Pareto"], rows)
+    for r in payload["rows"]:
+        if r["status"] != "ok":
+            print(f"{r['spec']}: {r['status']}: {r['message']}")
+    print(f"teacher caches and reference scores: {payload['teacher_seconds']:.1f} s; whole sweep: {payload['seconds']:.1f} s")

@@ -237,8 +237,8 @@ def test_collective_needs_fit_and_enough_vectors():
 
 
 def test_make_codec_errors():
-    with pytest.raises(CkvError, match="unknown codec 'pq'"):
-        make_codec("pq", 8, {})
+    with pytest.raises(CkvError, match="unknown codec 'zip'"):
+        make_codec("zip", 8, {})
     with pytest.raises(CkvError, match="bad parameters"):
         make_codec("collective", 8, {"pool": 16})
 

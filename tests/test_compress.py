@@ -18,14 +18,18 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from conftest import make_model
-from ckv_cli.artifact import Artifact, write_artifact
-from ckv_cli.checkpoint import load_checkpoint, save_checkpoint
+import ckv_cli.artifact
+from ckv_cli import __version__
+from ckv_cli.artifact import (FORMAT, FORMAT_VERSION, Artifact, ArtifactWriter, _sha, decode_meta, encode_meta, field_meta,
+                              stored_shape, write_artifact)
+from ckv_cli.checkpoint import load_checkpoint, read_header, save_checkpoint, write_safetensors
+from ckv_cli.codecs.bits import pack
 from ckv_cli.codecs import ITEMS, CollectiveCodec, PlainCodec
 from ckv_cli.compress import CompressOptions, CompressResult, compress, compress_to_artifact, concat_flat, fit_plan, make_plan
 from ckv_cli.data import load
 from ckv_cli.distill import DistillOptions, distill
 from ckv_cli.errors import CkvError
-from ckv_cli.kv.extract import FlatCache, flatten, iter_test_caches
+from ckv_cli.kv.extract import FlatCache, flatten, iter_test_caches, teacher_cache_lengths
 from ckv_cli.models.base import item_layer_kv
 
 MAX_LEN = 16
@@ -117,6 +121,199 @@ def test_bytes_on_disk_match_the_accounting(built, ds):
     bits = built.result.plan.streams["L1.k"].bits
     assert sizes["L1.k/idx"] == (tokens * bits + 7) // 8
     assert 0 < acct["per_user_ratio_fp16"] < 1 and acct["per_user_ratio_fp32"] == pytest.approx(acct["per_user_ratio_fp16"] / 2)
+
+
+# ---------------------------------------------------------------- the streaming writer
+
+
+def reference_write_artifact(path, plan, fields, offsets, user_ids, metadata):
+    """The artifact writer before it streamed: every tensor packed in memory, written by safetensors' `save_file`,
+    header sorted. A streamed artifact must equal its file byte for byte."""
+    declared = plan.fields()
+    tensors, fmeta = {}, {}
+    n_tokens = int(offsets[-1])
+    for name, f in declared.items():
+        if name == "users/offsets":
+            continue
+        arr = np.asarray(fields[name])
+        count = n_tokens if f.per == "token" else len(offsets) - 1
+        assert len(arr) == count
+        tensors[name] = pack(arr, f.bits) if f.bits else np.ascontiguousarray(arr.reshape(stored_shape(name, f, count)))
+        fmeta[name] = field_meta(f, count)
+    tensors["users/offsets"] = offsets.astype(np.int64)
+    fmeta["users/offsets"] = field_meta(declared["users/offsets"], len(offsets))
+    ids = [str(u).encode() for u in user_ids]
+    tensors["users/id_bytes"] = np.frombuffer(b"".join(ids), dtype=np.uint8) if ids else np.zeros(0, np.uint8)
+    tensors["users/id_offsets"] = np.concatenate([[0], np.cumsum([len(b) for b in ids])]).astype(np.int64)
+    for stream, codec in plan.streams.items():
+        if not isinstance(codec, str):
+            for name, t in codec.shared().items():
+                tensors[f"shared/{stream}/{name}"] = t.detach().cpu().contiguous().numpy()
+    meta = {k: encode_meta(v) for k, v in metadata.items()}
+    meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "plan": json.dumps(plan.describe(), sort_keys=True),
+                 "fields": json.dumps(fmeta, sort_keys=True), "ckv_version": __version__,
+                 "checksums": json.dumps({k: _sha(v) for k, v in tensors.items()}, sort_keys=True)})
+    write_safetensors(Path(path), save_file, tensors, meta)
+
+
+WRITER_KEYS = ("format", "format_version", "plan", "fields", "ckv_version", "checksums")
+
+
+def test_write_artifact_equals_the_in_memory_writer(built, tmp_path):
+    ref = tmp_path / "ref.safetensors"
+    r = built.result
+    reference_write_artifact(ref, r.plan, r.fields, r.offsets, r.user_ids, {"seed": built.opts.seed})
+    assert built.path.read_bytes() == ref.read_bytes()
+
+
+def test_streamed_compress_equals_the_in_memory_writer(built, ds, tmp_path):
+    """`compress_to_artifact` streams 10 batches (of 100 users: bit-packed fields start mid-byte) into the file;
+    the in-memory writer, given every field of the same run at once, writes the same bytes."""
+    opts = CompressOptions(**OPTS[built.arch], batch_users=100)
+    out = tmp_path / "streamed.safetensors"
+    report = compress_to_artifact(built.model, built.meta, built.ckpt, ds, opts, out, command="ckv compress test")
+    result = compress(built.model, ds, opts)  # the same run, fields kept in memory
+    _, raw = read_header(out)
+    metadata = {k: decode_meta(v) for k, v in raw.items() if k not in WRITER_KEYS}
+    assert metadata["accounting"] == report["accounting"] == result.accounting
+    assert result.per_user and not compress(built.model, ds, opts, sink=NullSink()).per_user
+    streamed = metadata["metrics"]  # from running sums: the in-memory means up to float rounding
+    for group in ("uncompressed", "compressed", "fidelity"):
+        assert streamed[group].keys() == result.metrics[group].keys()
+        for k, v in result.metrics[group].items():
+            assert streamed[group][k] == (v if isinstance(v, int) else pytest.approx(v, rel=1e-6, abs=1e-12)), (group, k)
+    assert streamed["reconstruction_rel_mse"] == result.metrics["reconstruction_rel_mse"]
+    ref = tmp_path / "ref.safetensors"
+    reference_write_artifact(ref, result.plan, result.fields, result.offsets, result.user_ids, metadata)
+    assert out.read_bytes() == ref.read_bytes()
+    art = Artifact.open(out)
+    assert art.verify() == []
+    with safe_open(str(out), "np") as f:  # safetensors itself reads the streamed header and every tensor
+        assert set(f.keys()) == set(read_header(out)[0])
+    np.testing.assert_array_equal(np.diff(art.offsets), teacher_cache_lengths(ds, built.model.config.max_len))
+
+
+class NullSink:
+    def start(self, plan):
+        pass
+
+    def add(self, fields, offsets):
+        pass
+
+
+def with_empty_users(flat: FlatCache, where: np.ndarray) -> FlatCache:
+    """`flat` with a user of no tokens inserted before each user index in `where` (len(offsets) - 1: at the end)."""
+    offsets = np.insert(flat.offsets, where, flat.offsets[where])
+    return FlatCache(offsets, flat.keys, flat.values, flat.items, flat.timestamps)
+
+
+def test_streamed_batches_with_empty_users_equal_one_batch(built, tmp_path):
+    """Batches of 1 to 7 users, some with no tokens (first, last, runs of them), per-user fields (int8 scales
+    for SASRec) included: the same bytes as the in-memory writer, and every user reads back."""
+    r = built.result
+    flat = with_empty_users(slice_users(built.teacher, 0, 40), np.array([0, 0, 3, 17, 17, 17, 40, 40]))
+    n_users = len(flat.offsets) - 1
+    enc = r.plan.encode(flat)
+    ids = [f"u{i}" for i in range(n_users)]
+    ref = tmp_path / "ref.safetensors"
+    reference_write_artifact(ref, r.plan, enc, flat.offsets, ids, {"seed": 0})
+
+    out = tmp_path / "streamed.safetensors"
+    writer = ArtifactWriter(out, np.diff(flat.offsets), ids)
+    writer.start(r.plan)
+    rng = np.random.default_rng(0)
+    a = 0
+    while a < n_users:
+        b = min(n_users, a + int(rng.integers(1, 8)))
+        writer.add(r.plan.encode(slice_users(flat, a, b)), flat.offsets[a : b + 1])
+        a = b
+    writer.finish({"seed": 0})
+    assert out.read_bytes() == ref.read_bytes()
+    art = Artifact.open(out)
+    lengths = np.diff(art.offsets)
+    assert lengths[0] == lengths[-1] == lengths[-2] == 0 and (lengths == 0).sum() == 8
+    fields, offsets = art.read_fields(np.arange(n_users))
+    for k, v in enc.items():
+        np.testing.assert_array_equal(fields[k].reshape(v.shape), v)
+    empty, _ = art.read_fields(np.flatnonzero(lengths == 0))
+    assert len(empty["tokens/items"]) == 0
+
+
+def slice_users(flat: FlatCache, a: int, b: int) -> FlatCache:
+    lo, hi = int(flat.offsets[a]), int(flat.offsets[b])
+    return FlatCache(flat.offsets[a : b + 1] - lo, [k[lo:hi] for k in flat.keys], [v[lo:hi] for v in flat.values],
+                     flat.items[lo:hi], flat.timestamps[lo:hi])
+
+
+def test_writer_refuses_batches_it_was_not_laid_out_for(built, tmp_path):
+    r = built.result
+    flat = with_empty_users(slice_users(built.teacher, 0, 10), np.array([1]))  # 15, 0, 15, ... tokens
+    writer = ArtifactWriter(tmp_path / "a.safetensors", np.diff(flat.offsets), [str(i) for i in range(11)])
+    try:
+        writer.start(r.plan)
+        with pytest.raises(CkvError, match="token counts"):
+            writer.add(r.plan.encode(slice_users(flat, 1, 3)), flat.offsets[1:4])  # users 1, 2 where 0, 1 are due
+        writer.add(r.plan.encode(slice_users(flat, 0, 4)), flat.offsets[:5])
+        with pytest.raises(CkvError, match="4 of 11 users"):
+            writer.finish({})
+    finally:
+        writer.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def open_files_under(folder: Path) -> list[str]:
+    """Files this process holds open in `folder` (a deleted temporary shows as 'name (deleted)')."""
+    out = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(folder)):
+            out.append(target)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
+@pytest.mark.parametrize("built", ["hstu"], indirect=True)
+def test_interrupt_mid_stream_leaves_nothing(built, ds, tmp_path):
+    """Ctrl-C after the second batch is streamed: the old output is intact, no temporary file is left or open."""
+    out = tmp_path / "a.safetensors"
+    out.write_bytes(b"old output")
+    calls = []
+
+    def advance(n, *a):
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    opts = CompressOptions(**OPTS[built.arch], batch_users=100)
+    with pytest.raises(KeyboardInterrupt):
+        compress_to_artifact(built.model, built.meta, built.ckpt, ds, opts, out, force=True, advance=advance)
+    assert len(calls) == 2
+    assert out.read_bytes() == b"old output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+    assert open_files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("built", ["sasrec"], indirect=True)
+def test_disk_full_mid_stream(built, tmp_path, monkeypatch):
+    """A write of the temporary data file fails (ENOSPC): a one-line error, no file, nothing left open."""
+    import errno
+
+    r = built.result
+    real, calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(ckv_cli.artifact.os, "pwrite", pwrite)
+    with pytest.raises(CkvError, match="could not write .*a.safetensors: No space left on device"):
+        write_artifact(tmp_path / "a.safetensors", r.plan, r.fields, r.offsets, r.user_ids, {})
+    assert list(tmp_path.iterdir()) == [] and open_files_under(tmp_path) == []
 
 
 # ---------------------------------------------------------------- decoding

@@ -205,3 +205,18 @@ def test_registry():
 def test_last_hidden():
     h = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
     assert last_hidden(h, torch.tensor([2, 4])).tolist() == [h[0, 1].tolist(), h[1, 3].tolist()]
+
+
+def test_small_table_lookup_matches_indexing():
+    from ckv_cli.models.hstu import small_table_lookup
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(7, requires_grad=True)
+    idx = torch.randint(0, 7, (3, 5, 4), generator=g)
+    upstream = torch.randn(3, 5, 4, generator=g)
+    (w[idx] * upstream).sum().backward()
+    expected, w.grad = w.grad.clone(), None
+    out = small_table_lookup(w, idx)
+    (out * upstream).sum().backward()
+    assert torch.equal(out, w.detach()[idx])
+    assert torch.allclose(w.grad, expected, atol=1e-6)

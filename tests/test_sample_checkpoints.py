@@ -13,8 +13,8 @@ from ckv_cli.evaluate import evaluate_model
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_checkpoints"
 CHECKPOINTS = sorted(ROOT.glob("*-ml1m.safetensors"))
-# floors met by the shipped checkpoints (README table); the published numbers, and the issue's bars, are higher
-FLOORS = {"sasrec": {"HR@10": 0.20, "NDCG@10": 0.09}, "hstu": {"HR@10": 0.20, "NDCG@10": 0.09}}
+# the foundation issue's bars (published: SASRec 0.2853 / 0.1603, HSTU 0.3097 / 0.1720), published protocol
+FLOORS = {"sasrec": {"HR@10": 0.27, "NDCG@10": 0.15}, "hstu": {"HR@10": 0.29, "NDCG@10": 0.16}}
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +43,12 @@ def test_recorded_metrics_reproduce(path, ml1m):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CHECKPOINTS, ids=lambda p: p.stem)
 def test_compress_defaults(path, ml1m):
-    """Default `ckv compress`: per-user bytes <= 2% of the fp16 cache. Accuracy: measured -1.4% relative NDCG@10
-    on both models (README); this guards against regressions (<= 2.5%) while the 1% bar of the issue is open."""
+    """Default `ckv compress` (pool 8192) meets the compress issue's bar on both models: per-user bytes <= 2% of the
+    fp16 cache and NDCG@10 within 1% relative (README: SASRec +0.37%, HSTU -0.60%)."""
     model, meta = load_checkpoint(path)
     result = compress(model, ml1m, CompressOptions())
     acct, m = result.accounting, result.metrics
     assert acct["per_user_ratio_fp16"] <= 0.02
-    assert abs(m["relative_delta"]["NDCG@10"]) <= 0.025, m["relative_delta"]
+    assert m["relative_delta"]["NDCG@10"] >= -0.01, m["relative_delta"]
     assert m["fidelity"]["top10_overlap"] >= 0.83
     assert m["uncompressed"]["NDCG@10"] == pytest.approx(meta["metrics"]["test"]["NDCG@10"], abs=5e-4)

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from ckv_cli.codecs.base import Field, StreamCodec
 from ckv_cli.codecs.collective import CollectiveCodec
-from ckv_cli.codecs.plain import PlainCodec
+from ckv_cli.codecs.itemid import ItemIdCodec
+from ckv_cli.codecs.kivi import Int4Codec, Int8Codec
+from ckv_cli.codecs.lowrank import LowRankCodec
+from ckv_cli.codecs.plain import Bf16Codec, PlainCodec
 from ckv_cli.codecs.plan import ITEMS, CachePlan
+from ckv_cli.codecs.pq import PQCodec
 from ckv_cli.errors import CkvError
 
-REGISTRY: dict[str, type[StreamCodec]] = {c.name: c for c in (CollectiveCodec, PlainCodec)}
+REGISTRY: dict[str, type[StreamCodec]] = {c.name: c for c in (CollectiveCodec, PlainCodec, Bf16Codec, Int8Codec,
+                                                               Int4Codec, LowRankCodec, PQCodec, ItemIdCodec)}
 
 
-def make_codec(name: str, d: int, params: dict) -> StreamCodec:
+def make_codec(name: str, d: int, params: dict, kind: str = "") -> StreamCodec:
+    """`kind` ('k' or 'v') adds the codec's defaults for that stream kind under `params`."""
     if name not in REGISTRY:
         raise CkvError(f"unknown codec '{name}' (known: {', '.join(sorted(REGISTRY))})")
     try:
-        return REGISTRY[name](d=d, **params)
+        return REGISTRY[name](d=d, **{**REGISTRY[name].stream_defaults.get(kind, {}), **params})
     except TypeError as e:
         raise CkvError(f"bad parameters for codec '{name}': {e}") from None
 
@@ -28,6 +34,8 @@ def build_plan(name: str, params: dict, *, n_layers: int, d_k: int, d_v: int, n_
     bad = set(share) - {"k", "v"}
     if bad or not share:
         raise CkvError(f"--share takes k, v or k,v (got {','.join(share) or 'nothing'})")
+    if name not in REGISTRY:  # refused even when no stream would use it (a one-layer model, recomputed)
+        raise CkvError(f"unknown codec '{name}' (known: {', '.join(sorted(REGISTRY))})")
     streams = {}
     for layer in range(n_layers):
         for kind, d in (("k", d_k), ("v", d_v)):
@@ -35,7 +43,7 @@ def build_plan(name: str, params: dict, *, n_layers: int, d_k: int, d_v: int, n_
             if recompute_item_layers and layer in item_layers:
                 streams[key] = ITEMS
             elif kind in share:
-                streams[key] = make_codec(name, d, params)
+                streams[key] = make_codec(name, d, params, kind)
             else:
                 streams[key] = PlainCodec(d=d, dtype="float16")
     return CachePlan(n_layers, streams, n_items, timestamps)
@@ -53,5 +61,6 @@ def plan_from_description(desc: dict) -> CachePlan:
     return CachePlan(int(desc["n_layers"]), streams, int(desc["n_items"]), bool(desc["timestamps"]))
 
 
-__all__ = ["ITEMS", "REGISTRY", "CachePlan", "CollectiveCodec", "Field", "PlainCodec", "StreamCodec",
-           "build_plan", "make_codec", "plan_from_description"]
+__all__ = ["ITEMS", "REGISTRY", "Bf16Codec", "CachePlan", "CollectiveCodec", "Field", "Int4Codec", "Int8Codec",
+           "ItemIdCodec", "LowRankCodec", "PQCodec", "PlainCodec", "StreamCodec", "build_plan", "make_codec",
+           "plan_from_description"]

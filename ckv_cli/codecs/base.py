@@ -5,6 +5,8 @@
   user, at which width, so bytes are counted from the declaration and checked against the artifact.
 - `shared()` returns the tensors every user shares (pools, routers, bases); `load(params, shared)` rebuilds a
   codec from an artifact without running `fit`.
+- A codec with `needs_items` also gets the tokens' item ids (N,) as `items=` in fit, encode and decode;
+  `stream_defaults` maps a stream kind ('k', 'v') to parameter defaults the plan passes for that kind.
 Codecs never see the model: the caller hands them vectors.
 """
 from __future__ import annotations
@@ -39,6 +41,8 @@ class StreamCodec:
     """Base class; subclasses set `name`, validate their parameters in `__init__`, and implement the methods."""
 
     name = ""
+    needs_items = False
+    stream_defaults: dict[str, dict] = {}
 
     def params(self) -> dict:
         raise NotImplementedError

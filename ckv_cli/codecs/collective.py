@@ -23,7 +23,7 @@ from ckv_cli.errors import CkvError
 class CollectiveCodec(StreamCodec):
     name = "collective"
 
-    def __init__(self, d: int, pool_size: int = 4096, user_dim: int = 0, layout: str = "residual",
+    def __init__(self, d: int, pool_size: int = 8192, user_dim: int = 0, layout: str = "residual",
                  user_dtype: str = "int8", iters: int = 20):
         self.d = check_positive_int("d", d)
         self.pool_size = check_positive_int("pool size", pool_size, 2)
@@ -57,7 +57,8 @@ class CollectiveCodec(StreamCodec):
             self.mean = torch.zeros(self.d)
         else:
             self.mean = x.mean(0)
-            self.basis = torch.linalg.svd(x - self.mean, full_matrices=False).Vh.T.contiguous()  # (d, d) rotation R
+            # (d, d) rotation R; full when fewer vectors than dims (U is then small), else Vh would be (N, d)
+            self.basis = torch.linalg.svd(x - self.mean, full_matrices=x.shape[0] < self.d).Vh.T.contiguous()
             z = (x - self.mean) @ self.basis  # (N, d)
             if r:
                 full = kmeans(z, self.pool_size, seed=seed, iters=max(3, self.iters // 4))

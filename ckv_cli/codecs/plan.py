@@ -22,6 +22,11 @@ from ckv_cli.kv.extract import FlatCache
 ITEMS = "items"  # plan entry: recompute from item ids
 
 
+def _items(codec: StreamCodec, items: np.ndarray) -> dict:
+    """The item ids as a keyword for codecs that read them (`needs_items`), nothing for the others."""
+    return {"items": items} if codec.needs_items else {}
+
+
 @dataclass
 class CachePlan:
     n_layers: int
@@ -51,7 +56,10 @@ class CachePlan:
                 continue
             if progress:
                 progress(name)
-            codec.fit(flat.stream(name), seed + i)
+            try:
+                codec.fit(flat.stream(name), seed + i, **_items(codec, flat.items))
+            except CkvError as e:  # say which stream was refused
+                raise CkvError(f"{name}: {e}", e.exit_code) from None
 
     def encode(self, flat: FlatCache) -> dict[str, np.ndarray]:
         out = {"tokens/items": flat.items.astype(np.uint32)}
@@ -63,7 +71,7 @@ class CachePlan:
             out["tokens/timestamps"] = ts.astype(np.int32)
         for name, codec in self.streams.items():
             if codec != ITEMS:
-                for fname, arr in codec.encode(flat.stream(name), flat.offsets).items():
+                for fname, arr in codec.encode(flat.stream(name), flat.offsets, **_items(codec, flat.items)).items():
                     out[f"{name}/{fname}"] = arr
         return out
 
@@ -85,7 +93,7 @@ class CachePlan:
                     dest.append(recomputed[0 if kind == "k" else 1])
                 else:
                     sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
-                    dest.append(codec.decode(sub, offsets))
+                    dest.append(codec.decode(sub, offsets, **_items(codec, items)))
         return FlatCache(offsets, keys, values, items, ts)
 
     @staticmethod

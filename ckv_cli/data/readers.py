@@ -100,12 +100,19 @@ def read_delimited(path: str | Path, columns: dict[str, str] | None = None, deli
             raise CkvError(f"data file is empty: {path}") from None
         if "\x00" in sample:
             raise CkvError(f"{path}: not a text file")
+        dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
+        if dup is not None:
+            raise CkvError(f"{path}: column '{dup}' appears twice in the header")
         cols: dict[str, list] = {h: [] for h in header}
+        ids = [(header.index(mapping[k]), k) for k in ("user", "item") if mapping[k] in header]
         for lineno, row in enumerate(reader, start=2):
             if not row:
                 continue
             if len(row) != len(header):
                 raise CkvError(f"{path}:{lineno}: expected {len(header)} fields, got {len(row)}")
+            for i, what in ids:
+                if not row[i].strip():
+                    raise CkvError(f"{path}:{lineno}: empty {what} id")
             for h, v in zip(header, row):
                 cols[h].append(v)
     return _from_columns(cols, mapping, path, header)
@@ -125,6 +132,10 @@ def read_parquet(path: str | Path, columns: dict[str, str] | None = None) -> Log
     except Exception as e:  # pyarrow raises many types for bad files
         raise CkvError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
     cols = {name: table.column(name).to_pylist() for name in table.column_names}
+    for what in ("user", "item"):
+        empty = next((i for i, v in enumerate(cols.get(mapping[what], [])) if v is None or not str(v).strip()), None)
+        if empty is not None:
+            raise CkvError(f"{path}: empty {what} id in row {empty + 1}")
     return _from_columns(cols, mapping, path, list(table.column_names))
 
 

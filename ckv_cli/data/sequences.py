@@ -93,6 +93,10 @@ def build(log: Log, name: str, min_events: int = 3, item_vocab: list[str] | None
         idx = np.fromiter((lookup.get(x, -1) for x in items), dtype=np.int64, count=len(items))
         known = idx > 0
         dropped_events = int((~known).sum())
+        if len(idx) and not known.any():
+            raise CkvError(f"{name}: none of its {len(np.unique(items)):,} items is in the checkpoint's vocabulary "
+                           f"({len(item_vocab) - 1:,} items, e.g. {str(item_vocab[1]) if len(item_vocab) > 1 else ''!r}; "
+                           f"this data has e.g. {str(items[0])!r}): was the checkpoint trained on other data?")
         users, times, idx = users[known], times[known], idx[known]
         ratings = ratings[known] if ratings is not None else None
         item_ids = np.asarray(item_vocab, dtype=object)
@@ -111,7 +115,9 @@ def build(log: Log, name: str, min_events: int = 3, item_vocab: list[str] | None
     user_inv, idx, times = user_inv[keep_event], idx[keep_event], times[keep_event]
     ratings = ratings[keep_event] if ratings is not None else None
     if len(idx) == 0:
-        raise CkvError(f"{name}: no user has at least {min_events} events")
+        unknown = f" of items the checkpoint knows ({dropped_events:,} events of other items dropped)" if dropped_events else ""
+        raise CkvError(f"{name}: no user has at least {min_events} events{unknown}; "
+                       f"{len(user_uniq):,} users, each with fewer")
     new_id = np.cumsum(keep_user) - 1
     user_inv = new_id[user_inv]
     user_ids = user_uniq[keep_user]

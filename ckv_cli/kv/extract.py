@@ -61,16 +61,40 @@ def last_event_batch(hist_items: list[np.ndarray], hist_times: list[np.ndarray],
     return items, times, lengths, last_items, last_ts
 
 
+class _TestHistories:
+    """`data.split("test")`'s histories (everything before the held-out item), sliced one user at a time when
+    indexed, so that nothing per user is built for users not yet reached (memory flat in the number of users)."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray):
+        self.values, self.offsets = values, offsets
+
+    def __getitem__(self, u) -> np.ndarray:
+        return self.values[self.offsets[u] : self.offsets[u + 1] - 1]
+
+
+def teacher_cache_lengths(data: SequenceData, max_len: int, users: np.ndarray | None = None) -> np.ndarray:
+    """Tokens in each user's teacher cache as `iter_test_caches` builds it, without building it: the test
+    history (all events but the held-out one) cut to its last `max_len` events, minus the last event."""
+    lengths = np.diff(data.offsets).astype(np.int64, copy=False)  # one array, then worked on in place
+    if users is not None:
+        lengths = lengths[np.asarray(users, dtype=np.int64)]
+    lengths -= 1
+    np.minimum(lengths, max_len, out=lengths)
+    lengths -= 1
+    return np.maximum(lengths, 0, out=lengths)
+
+
 @torch.no_grad()
-def iter_test_caches(model, data: SequenceData, users: np.ndarray, batch_size: int = 256) -> Iterator[CacheBatch]:
+def iter_test_caches(model, data: SequenceData, users: np.ndarray | range, batch_size: int = 256) -> Iterator[CacheBatch]:
     model.eval()
-    hist_items, hist_times, targets = data.split("test")
+    hist_items, hist_times = _TestHistories(data.items, data.offsets), _TestHistories(data.timestamps, data.offsets)
     for a in range(0, len(users), batch_size):
-        batch = users[a : a + batch_size]
+        batch = np.asarray(users[a : a + batch_size])  # users may be a range: one batch's indices at a time
         items, times, lengths, last_items, last_ts = last_event_batch(hist_items, hist_times, batch, model.config.max_len)
         cache, _ = model.prefill(items, times, lengths)
+        targets = data.items[data.offsets[batch.astype(np.int64) + 1] - 1]  # the held-out (last) events
         yield CacheBatch(users=batch, cache=cache, last_items=last_items, last_ts=last_ts,
-                         targets=torch.from_numpy(targets[batch]))
+                         targets=torch.from_numpy(np.asarray(targets, dtype=np.int64)))
 
 
 def flatten(cache: KVCache) -> FlatCache:

@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""End to end from disk: read a batch of users' caches and score 100 candidates each (issue 7 part 3).
+
+Every side reads with the same memory-mapped reader (`ckv_cli.store.SafetensorsMap`, one vectorised gather per
+field) and scores with the same code: each user's last cached event is replayed over its cache (hidden states
+are not cached) by `ckv_cli.store.extend_compressed`, which attends over the cache in place (never copied or
+concatenated), and the candidates are scored against the output (`score_candidates`).
+- full: the teacher caches of the same users, every layer's K and V at fp16, in a safetensors file with the
+  artifact's flat layout (`users/offsets`, `L{l}.k`, `L{l}.v` (N, d), `tokens/items`, `tokens/timestamps`):
+  gathered, cast to fp32, padded (index_copy), attended densely;
+- ckv decoded: `CacheStore.fetch` (the artifact read and decoded: pools gathered, the first layer recomputed
+  from item ids), attended densely;
+- ckv compressed: `CacheStore.score_items` (the artifact read and attended in the compressed domain: pooled
+  layers through the pool, SASRec's first layer through the item and position tables; K/V never built).
+"read" columns time the read alone: full = gather + cast + pad into the model's layout; ckv = gather + unpack
++ the padded index tensors (`CompressedCache`).
+
+`warm`: the files are in the page cache (one untimed call first). `cold`: before every timed call that side's
+file is unmapped, its pages dropped with posix_fadvise(POSIX_FADV_DONTNEED) and mapped again, so its reads come
+from the disk; the share of the file still resident after the drop (mincore) is printed, so a drop the kernel
+ignored shows. The sides take turns within each of --repeats rounds (load from other processes falls on all
+alike); times are medians, "paired" is the median of the per-round ratios. The artifact (`ckv compress
+--pool-size 4096`, other options default) and the full-cache file are built once and kept under --out-dir.
+
+    python bench/end_to_end.py                 # ML-1M, sample_checkpoints/sasrec-ml1m.safetensors (builds ~3 min once)
+    python bench/end_to_end.py --data ml-100k --checkpoint CKPT --pool-size 64 --out-dir /tmp/b   # quick mode
+Runs from the repository root without installing ckv (it puts the root on sys.path).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+from ckv_cli.checkpoint import load_checkpoint, write_safetensors  # noqa: E402
+from ckv_cli.compress import CompressOptions, compress_to_artifact  # noqa: E402
+from ckv_cli.data import load  # noqa: E402
+from ckv_cli.data.datasets import sha256_file  # noqa: E402
+from ckv_cli.errors import CkvError  # noqa: E402
+from ckv_cli.kv.extract import flatten, iter_test_caches  # noqa: E402
+from ckv_cli.models.base import KVCache  # noqa: E402
+from ckv_cli.store import CacheStore, SafetensorsMap, replay_hidden, score_candidates, token_index  # noqa: E402
+
+FULL_FORMAT = "ckv-bench-full-cache"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=ROOT / "sample_checkpoints" / "sasrec-ml1m.safetensors")
+    p.add_argument("--data", default="ml-1m")
+    p.add_argument("--pool-size", type=int, default=4096)
+    p.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench", help="where the artifact and full file live")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 512])
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=9, help="timed calls per case; the median is reported")
+    p.add_argument("--modes", nargs="+", choices=["warm", "cold"], default=["warm", "cold"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write every row and the machine here")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def build_artifact(args, model, meta, ds, path: Path) -> None:
+    opts = CompressOptions(params={"pool_size": args.pool_size, "user_dim": 0, "layout": "residual", "user_dtype": "int8"})
+    t = time.perf_counter()
+    print(f"building {path} (ckv compress --pool-size {args.pool_size}) ...", file=sys.stderr)
+    compress_to_artifact(model, meta, args.checkpoint, ds, opts, path,
+                         command=f"ckv compress {args.checkpoint} --data {args.data} -o {path} --pool-size {args.pool_size}")
+    print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr)
+
+
+@torch.no_grad()
+def build_full(args, model, ds, path: Path) -> None:
+    """Every user's teacher cache (the cache the artifact compresses) at fp16, flat, in dataset order."""
+    t = time.perf_counter()
+    print(f"building {path} (teacher caches at fp16) ...", file=sys.stderr)
+    n_layers = len(model.layers)
+    parts: dict[str, list[np.ndarray]] = {}
+    lengths = []
+    for b in iter_test_caches(model, ds, np.arange(ds.n_users), 256):
+        flat = flatten(b.cache)
+        lengths.append(np.diff(flat.offsets))
+        for layer in range(n_layers):
+            parts.setdefault(f"L{layer}.k", []).append(flat.keys[layer].half().numpy())
+            parts.setdefault(f"L{layer}.v", []).append(flat.values[layer].half().numpy())
+        parts.setdefault("tokens/items", []).append(flat.items.astype(np.int32))
+        parts.setdefault("tokens/timestamps", []).append(flat.timestamps.astype(np.int64))
+    tensors = {k: np.concatenate(v) for k, v in parts.items()}
+    tensors["users/offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+    meta = {"format": FULL_FORMAT, "checkpoint_sha256": sha256_file(args.checkpoint), "dataset": ds.name,
+            "data_fingerprint": ds.fingerprint, "n_layers": str(n_layers)}
+    write_safetensors(path, save_file, tensors, meta)
+    print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr)
+
+
+class FullCache:
+    """The fp16 full-cache file, read with the store's memory-mapped reader."""
+
+    def __init__(self, path: Path, model):
+        self.map = SafetensorsMap(path)
+        self.model = model
+        self.n_layers = int(self.map.metadata["n_layers"])
+        self.offsets = np.array(self.map.tensors["users/offsets"])
+        self._buffers: dict = {}
+
+    def read(self, users: np.ndarray) -> KVCache:
+        """The users' caches, fp32, right-padded: per stream a gather of their fp16 rows, a cast into a staging
+        buffer and an index_copy into the padded buffer. Buffers are kept from call to call (as a server would:
+        fresh 30 MB buffers cost page faults); padding slots hold stale finite values, which the mask hides."""
+        starts, lengths = self.offsets[users], self.offsets[users + 1] - self.offsets[users]
+        tok = token_index(starts, lengths)
+        t = self.map.tensors
+        B, L, N = len(users), int(lengths.max()), len(tok)
+        valid = torch.arange(L)[None, :] < torch.from_numpy(lengths)[:, None]
+        slots = valid.view(-1).nonzero().squeeze(1)  # flat (B * L) positions of the real tokens
+
+        def buffer(key, shape, dtype):
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape[0] < shape[0] or buf.dtype != dtype:
+                buf = self._buffers[key] = torch.zeros(shape, dtype=dtype)
+            return buf[: shape[0]]
+
+        def pad(name: str) -> torch.Tensor:
+            x = torch.from_numpy(t[name][tok])
+            dtype = torch.float32 if x.is_floating_point() else torch.long
+            stage = buffer(("stage", name), (N, *x.shape[1:]), dtype).copy_(x)  # the cast
+            out = buffer(("pad", name), (B * L, *x.shape[1:]), dtype)
+            return out.index_copy_(0, slots, stage).view(B, L, *x.shape[1:])
+
+        keys = [pad(f"L{i}.k") for i in range(self.n_layers)]
+        values = [pad(f"L{i}.v") for i in range(self.n_layers)]
+        return KVCache(keys, values, torch.from_numpy(lengths), pad("tokens/items"), pad("tokens/timestamps"))
+
+    @torch.no_grad()
+    def score(self, users: np.ndarray, candidates: torch.Tensor) -> np.ndarray:
+        return score_candidates(self.model, replay_hidden(self.model, self.read(users)), candidates).numpy()
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def resident(m: SafetensorsMap) -> float:
+    """Share of the file's pages in the page cache (mincore over its map), NaN where mincore is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        view = np.frombuffer(m._mm, np.uint8)
+        size = len(view)
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
+        del view
+        return float("nan") if rc else sum(v & 1 for v in vec) / pages
+    except (OSError, AttributeError):
+        return float("nan")
+
+
+def interleaved(fns: dict, repeats: int, before: dict | None = None) -> dict[str, list[float]]:
+    """Milliseconds of each function over `repeats` rounds, the functions taking turns within a round (so that
+    load from other processes falls on all of them alike); one untimed call of each first."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if before:
+                before[name]()
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    model, meta = load_checkpoint(args.checkpoint)
+    ds = load(args.data, item_vocab=meta["item_vocab"])
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.checkpoint.stem}-{ds.name}"
+    art_path = args.out_dir / f"{stem}-pool{args.pool_size}.ckv.safetensors"
+    full_path = args.out_dir / f"{stem}.full-fp16.safetensors"
+    digest = sha256_file(args.checkpoint)
+    if art_path.exists():
+        try:
+            CacheStore.open(art_path, model, checkpoint=args.checkpoint).close()
+        except CkvError as e:
+            print(f"rebuilding {art_path}: {e}", file=sys.stderr)
+            art_path.unlink()
+    if not art_path.exists():
+        build_artifact(args, model, meta, ds, art_path)
+    if full_path.exists() and SafetensorsMap(full_path).metadata.get("checkpoint_sha256") != digest:
+        full_path.unlink()
+    if not full_path.exists():
+        build_full(args, model, ds, full_path)
+    store = CacheStore.open(art_path, model, checkpoint=args.checkpoint)
+    full = FullCache(full_path, model)
+    if not np.array_equal(full.offsets, store.artifact.offsets):
+        raise CkvError(f"{full_path} and {art_path} hold different caches: delete them to rebuild")
+    acct = store.artifact.meta["accounting"]
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for B in args.batch:
+        users = np.sort(rng.choice(store.artifact.n_users, size=min(B, store.artifact.n_users), replace=False))
+        uid = [store.user_ids[u] for u in users]
+        cand_np = rng.integers(1, ds.n_items + 1, size=(len(users), args.candidates))
+        cand = torch.from_numpy(cand_np)
+        n_tok = int((store.artifact.offsets[users + 1] - store.artifact.offsets[users]).sum())
+        s_full = full.score(users, cand)
+        s_dec = store.score_items(uid, cand_np, attention="decoded")  # the model's own extend: the reference
+        s_comp = store.score_items(uid, cand_np)
+
+        def decoded():
+            return score_candidates(model, replay_hidden(model, store.fetch(uid)), cand).numpy()
+
+        fns = {"full": lambda: full.score(users, cand), "full_read": lambda: full.read(users),
+               "ckv_decoded": decoded, "ckv_compressed": lambda: store.score_items(uid, cand_np),
+               "ckv_read": lambda: store._compressed(*store._read(users), recompute_items=False)}
+        maps = {"full": full.map, "full_read": full.map}
+        for mode in args.modes:
+            row = {"batch": len(users), "mode": mode, "tokens": n_tok,
+                   "full_bytes": n_tok * int(acct["full_fp16_bytes_per_token"]),
+                   "ckv_bytes": int(round(n_tok * acct["bytes_per_token"])),
+                   "max_abs_compressed_vs_decoded": float(np.abs(s_comp - s_dec).max()),
+                   "mean_abs_ckv_vs_full": float(np.abs(s_dec - s_full).mean())}
+            drop = {name: maps.get(name, store.mapped).evict for name in fns} if mode == "cold" else None
+            times = interleaved(fns, args.repeats, drop)
+            for name, ts in times.items():
+                row[f"{name}_ms"] = statistics.median(ts)
+            row["paired_ratio_compressed"] = statistics.median(f / c for f, c in zip(times["full"], times["ckv_compressed"]))
+            if mode == "cold":
+                for name, m in (("full", full.map), ("ckv", store.mapped)):
+                    m.evict()
+                    row[f"{name}_resident_after_drop"] = resident(m)
+            row["ratio_compressed"] = row["full_ms"] / row["ckv_compressed_ms"]
+            row["ratio_decoded"] = row["full_ms"] / row["ckv_decoded_ms"]
+            rows.append(row)
+            print(f"  B={len(users)} {mode}: full {row['full_ms']:.2f} ms, ckv {row['ckv_compressed_ms']:.2f} ms "
+                  f"({row['ratio_compressed']:.1f}x, paired {row['paired_ratio_compressed']:.1f}x)", file=sys.stderr)
+    return {"machine": machine(), "checkpoint": str(args.checkpoint), "data": ds.name, "artifact": str(art_path),
+            "full_file": str(full_path), "artifact_bytes": art_path.stat().st_size, "full_file_bytes": full_path.stat().st_size,
+            "bytes_per_token": acct["bytes_per_token"], "full_bytes_per_token": acct["full_fp16_bytes_per_token"],
+            "candidates": args.candidates, "repeats": args.repeats, "rows": rows}
+
+
+COLUMNS = [("batch", "B"), ("mode", "page cache"), ("tokens", "tokens"), ("full_ms", "full ms"),
+           ("full_read_ms", "full read ms"), ("ckv_decoded_ms", "ckv decoded ms"),
+           ("ckv_compressed_ms", "ckv compressed ms"), ("ckv_read_ms", "ckv read ms"),
+           ("ratio_decoded", "full / decoded"), ("ratio_compressed", "full / compressed"),
+           ("paired_ratio_compressed", "paired"),
+           ("full_bytes", "full MB"), ("ckv_bytes", "ckv MB")]
+
+
+def cell(key: str, row: dict) -> str:
+    v = row[key]
+    if key.endswith("_ms"):
+        return f"{v:.2f}"
+    if "ratio" in key:
+        return f"{v:.1f}x"
+    if key.endswith("_bytes"):
+        return f"{v / 1e6:.3f}"
+    return str(v)
+
+
+def print_table(result: dict) -> None:
+    m = result["machine"]
+    print(f"end to end from disk, {result['candidates']} candidates per user, median of {result['repeats']}: "
+          f"{Path(result['checkpoint']).name} on {result['data']}, {m['cpu']}, {m['cores']} cores, "
+          f"{m['torch_threads']} torch threads, torch {m['torch']}")
+    print(f"files: artifact {result['artifact_bytes'] / 1e6:.1f} MB ({result['bytes_per_token']:.2f} B/token), "
+          f"full fp16 {result['full_file_bytes'] / 1e6:.1f} MB ({result['full_bytes_per_token']} B/token)")
+    print("\t".join(h for _, h in COLUMNS))
+    for r in result["rows"]:
+        print("\t".join(cell(k, r) for k, _ in COLUMNS))
+    for r in result["rows"]:
+        if r["mode"] == "cold":
+            print(f"B={r['batch']} cold: resident after the drop: full {r['full_resident_after_drop']:.1%}, "
+                  f"artifact {r['ckv_resident_after_drop']:.1%}")
+    worst = max(r["max_abs_compressed_vs_decoded"] for r in result["rows"])
+    print(f"compressed-domain vs decoded scores: max |diff| {worst:.2e}; ckv vs full scores: mean |diff| "
+          f"{statistics.mean(r['mean_abs_ckv_vs_full'] for r in result['rows']):.4f} (compression error)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except CkvError as e:
+        print(f"bench/end_to_end.py: error: {e}", file=sys.stderr)
+        return 2
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,760 @@
+"""Every bad input tried on `ckv`, with the exact line it answers and its exit code.
+
+One list, two readers: `tests/test_errors.py` runs every case and checks the line and the code;
+`scripts/error_table.py` renders `docs/errors.md` from it (and the test checks the page is up to date), so the
+table and the tests cannot drift apart.
+
+Each case runs `ckv ARGS` in-process (`ckv_cli.cli.main`, as the console script does) inside a fresh copy of a
+small workspace (see `build_workspace`), after its `setup` has planted the bad input. `message` is the exact
+stderr: one line, where `<...>` stands for a part that changes from run to run (a checksum). `harness` names a
+condition the command runs under (a full disk, an interrupt). `intact` lists files that must be byte-identical
+afterwards (an old output), and no temporary file may be left in the workspace.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+VOCAB = ["<pad>"] + [f"i{k}" for k in range(1, 21)]  # the workspace checkpoints' 20 items
+COMPRESS = ("compress", "ckpt.safetensors", "--data", "events.csv", "--pool-size", "12", "--calib-users", "20")
+NEW = ("compress", "ckpt.safetensors", "--data", "events.csv", "-o", "new.safetensors")  # refused before any work
+EVALUATE = ("evaluate", "ckpt.safetensors", "--data", "events.csv")
+EVALUATE_ART = ("evaluate", "ckpt.safetensors", "art.safetensors", "--data", "events.csv", "--bootstrap", "20",
+                "--repeats", "1", "--speed-batch", "8")
+
+
+@dataclass(frozen=True)
+class Case:
+    group: str  # the section of the table
+    input: str  # what is wrong, in words
+    args: tuple[str, ...]  # after `ckv`, run in the workspace
+    message: str  # exact stderr, one line; <...> matches anything
+    exit: int = 2
+    setup: Callable[[Path], object] | None = None
+    harness: str = ""  # "", "enospc", "interrupt", "interrupt-write"
+    intact: tuple[str, ...] = ()
+    needs_non_root: bool = False  # permissions do not stop root: skipped there
+
+    @property
+    def id(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", f"{self.group} {self.input}".lower()).strip("-")[:80]
+
+    def matches(self, stderr: str) -> bool:
+        parts = re.split(r"<[^<>]*>", self.message)
+        return re.fullmatch(".+?".join(map(re.escape, parts)), stderr.rstrip("\n")) is not None
+
+
+# ---------------------------------------------------------------- the workspace
+
+
+def build_workspace(root: Path) -> None:
+    """ckpt.safetensors: a tiny untrained SASRec (2 layers, d 8, window 8) over items i1..i20; other.safetensors:
+    the same model with other weights; events.csv: 40 users with 4-9 events each over those items;
+    art.safetensors: `ckpt` compressed on `events` (collective, pool 12, 1 user dim); out.safetensors: a copy of
+    it (an existing output)."""
+    import numpy as np
+    import torch
+
+    from ckv_cli.checkpoint import load_checkpoint, save_checkpoint
+    from ckv_cli.compress import CompressOptions, compress_to_artifact
+    from ckv_cli.data import load
+    from ckv_cli.models import SASRec, SASRecConfig
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name, seed in (("ckpt", 0), ("other", 1)):
+        torch.manual_seed(seed)
+        model = SASRec(SASRecConfig(n_items=20, d=8, n_layers=2, max_len=8)).eval()
+        save_checkpoint(model, root / f"{name}.safetensors", dataset="events.csv", fingerprint="0" * 16,
+                        item_vocab=VOCAB, metrics={}, train={})
+    rng = np.random.default_rng(0)
+    with open(root / "events.csv", "w") as f:
+        f.write("user,item,timestamp,rating\n")
+        for u in range(40):
+            for t in range(int(rng.integers(4, 10))):
+                f.write(f"u{u},i{rng.integers(1, 21)},{1000 + 10 * t},{rng.integers(1, 6)}\n")
+    with chdir(root):
+        model, meta = load_checkpoint("ckpt.safetensors")
+        ds = load("events.csv", item_vocab=meta["item_vocab"])
+        opts = CompressOptions(params={"pool_size": 12, "user_dim": 1, "layout": "residual"}, calib_users=20)
+        compress_to_artifact(model, meta, "ckpt.safetensors", ds, opts, "art.safetensors", command="ckv compress")
+    shutil.copy(root / "art.safetensors", root / "out.safetensors")
+
+
+@contextlib.contextmanager
+def chdir(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+# ---------------------------------------------------------------- ways to break files
+
+
+def write(name: str, content: str | bytes):
+    def setup(ws: Path):
+        p = ws / name
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return setup
+
+
+def csv_rows(rows: list[str], header: str = "user,item,timestamp,rating"):
+    return write("bad.csv", header + "\n" + "".join(r + "\n" for r in rows))
+
+
+def good_rows(n_users: int = 5, events: int = 4) -> list[str]:
+    return [f"g{u},i{(u + t) % 20 + 1},{100 + t},4" for u in range(n_users) for t in range(events)]
+
+
+def copy(src: str, dst: str, keep: int | None = None, cut: int = 0):
+    """dst = src's first `keep` bytes (or all of it but the last `cut`)."""
+    def setup(ws: Path):
+        raw = (ws / src).read_bytes()
+        (ws / dst).write_bytes(raw[:keep] if keep is not None else raw[: len(raw) - cut])
+    return setup
+
+
+def edit_header(src: str, dst: str, edit: Callable[[dict], None]):
+    """dst = src with `edit(header)` applied to its JSON header (tensor data untouched)."""
+    def setup(ws: Path):
+        raw = (ws / src).read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8 : 8 + n])
+        edit(header)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        (ws / dst).write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    return setup
+
+
+def edit_meta(src: str, dst: str, key: str, change: Callable):
+    """dst = src with metadata entry `key` replaced by change(its JSON value)."""
+    def edit(header):
+        meta = header["__metadata__"]
+        meta[key] = change(json.loads(meta[key]) if meta[key][:1] in "{[" else meta[key])
+        meta[key] = meta[key] if isinstance(meta[key], str) else json.dumps(meta[key])
+    return edit_header(src, dst, edit)
+
+
+def flip(src: str, dst: str, at: Callable[[bytes, int], int], xor: int = 0x01):
+    """dst = src with the byte at `at(raw, header length)` xor-ed."""
+    def setup(ws: Path):
+        raw = bytearray((ws / src).read_bytes())
+        n = struct.unpack("<Q", raw[:8])[0]
+        raw[at(bytes(raw), n)] ^= xor
+        (ws / dst).write_bytes(bytes(raw))
+    return setup
+
+
+def tensor_span(raw: bytes, n: int, name: str) -> tuple[int, int]:
+    a, b = json.loads(raw[8 : 8 + n])[name]["data_offsets"]
+    return 8 + n + a, 8 + n + b
+
+
+def rewrite_tensors(src: str, dst: str, edit: Callable[[dict, dict], None], loader: str = "numpy"):
+    """dst = src with edit(tensors, metadata) applied, through safetensors (so the file itself is well formed)."""
+    def setup(ws: Path):
+        from safetensors import safe_open
+
+        if loader == "numpy":
+            from safetensors.numpy import save_file
+        else:
+            from safetensors.torch import save_file
+        with safe_open(str(ws / src), "np" if loader == "numpy" else "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = dict(f.metadata())
+        tensors = {k: (v.copy() if loader == "numpy" else v.clone()) for k, v in tensors.items()}
+        edit(tensors, meta)
+        save_file(tensors, str(ws / dst), metadata=meta)
+    return setup
+
+
+def resealed(edit):
+    """`edit`, then the checksums recomputed: a well-formed file whose values are wrong (a buggy or hostile
+    writer), not one damaged on disk, which `ckv evaluate` refuses at its checksum check first."""
+    def both(tensors, meta):
+        from ckv_cli.artifact import _sha
+
+        edit(tensors, meta)
+        meta["checksums"] = json.dumps({k: _sha(v) for k, v in tensors.items()}, sort_keys=True)
+    return both
+
+
+def set_value(name: str, index, value):
+    def edit(tensors, meta):
+        tensors[name][index] = value
+    return edit
+
+
+def packed_first(name: str, value: int, bits: int):
+    """Set the first value of a bit-packed field (big-endian bit order) to `value`."""
+    def edit(tensors, meta):
+        arr = tensors[name]
+        head = (int(arr[0]) << 8 | int(arr[1])) if len(arr) > 1 else int(arr[0]) << 8
+        head = (head & ((1 << (16 - bits)) - 1)) | (value << (16 - bits))
+        arr[0], arr[1] = head >> 8, head & 0xFF
+    return edit
+
+
+def checkpoint_edit(dst: str, edit: Callable[[dict, dict], None]):
+    return rewrite_tensors("ckpt.safetensors", dst, edit, loader="torch")
+
+
+def retarget(dst: str, checkpoint: str):
+    """dst = art.safetensors claiming to be made from `checkpoint` (its sha256 in the metadata)."""
+    def setup(ws: Path):
+        import hashlib
+
+        sha = hashlib.sha256((ws / checkpoint).read_bytes()).hexdigest()
+        edit_meta("art.safetensors", dst, "checkpoint_sha256", lambda _: sha)(ws)
+    return setup
+
+
+def wide_checkpoint(ws: Path):
+    """wide.safetensors: a SASRec of width 16 over the same items."""
+    import torch
+
+    from ckv_cli.checkpoint import save_checkpoint
+    from ckv_cli.models import SASRec, SASRecConfig
+
+    torch.manual_seed(2)
+    save_checkpoint(SASRec(SASRecConfig(n_items=20, d=16, n_layers=2, max_len=8)).eval(), ws / "wide.safetensors",
+                    dataset="x", fingerprint="0" * 16, item_vocab=VOCAB, metrics={}, train={})
+
+
+def chain(*setups):
+    def setup(ws: Path):
+        for s in setups:
+            s(ws)
+    return setup
+
+
+def torch_save(name: str):
+    def setup(ws: Path):
+        import torch
+
+        torch.save({"item_emb.weight": torch.zeros(21, 8)}, ws / name)
+    return setup
+
+
+def mkdir(name: str, mode: int | None = None):
+    def setup(ws: Path):
+        (ws / name).mkdir()
+        if mode is not None:
+            os.chmod(ws / name, mode)
+    return setup
+
+
+def chmod(name: str, mode: int):
+    def setup(ws: Path):
+        os.chmod(ws / name, mode)
+    return setup
+
+
+def config_edit(dst: str, **changes):
+    def edit(tensors, meta):
+        meta["config"] = json.dumps({**json.loads(meta["config"]), **changes})
+    return checkpoint_edit(dst, edit)
+
+
+def nan_weight(value: float):
+    def edit(tensors, meta):
+        tensors["layers.1.k.weight"][0, 0] = value
+    return edit
+
+
+def half_weights(tensors, meta):
+    tensors["item_emb.weight"] = tensors["item_emb.weight"][:, :4].contiguous()
+
+
+def drop_weight(tensors, meta):
+    del tensors["layers.1.k.bias"]
+
+
+def vocab_edit(tensors, meta):
+    meta["item_vocab"] = json.dumps(VOCAB[:-1])
+
+
+# ---------------------------------------------------------------- the cases
+
+CHECKPOINTS = "input files: checkpoints"
+DATA = "input files: interaction logs"
+ARTIFACTS = "input files: artifacts"
+MISMATCH = "an artifact and a checkpoint that do not belong together"
+OUTPUTS = "outputs"
+OPTIONS = "options"
+
+CASES: list[Case] = [
+    # -- checkpoints
+    Case(CHECKPOINTS, "checkpoint path does not exist", ("evaluate", "missing.safetensors", "--data", "events.csv"),
+         "ckv: error: checkpoint not found: missing.safetensors"),
+    Case(CHECKPOINTS, "checkpoint path is a directory", ("evaluate", "dir", "--data", "events.csv"),
+         "ckv: error: expected a checkpoint file, got a directory: dir", setup=mkdir("dir")),
+    Case(CHECKPOINTS, "empty checkpoint file (0 bytes)", ("evaluate", "empty.safetensors", "--data", "events.csv"),
+         "ckv: error: empty.safetensors: not a readable safetensors file (the file is empty)",
+         setup=write("empty.safetensors", b"")),
+    Case(CHECKPOINTS, "unreadable checkpoint (chmod 000)", EVALUATE,
+         "ckv: error: Invalid value for 'checkpoint': path 'ckpt.safetensors' is not readable.",
+         setup=chmod("ckpt.safetensors", 0),
+         needs_non_root=True),
+    Case(CHECKPOINTS, "a CSV file given as the checkpoint", ("evaluate", "events.csv", "--data", "events.csv"),
+         "ckv: error: events.csv: not a readable safetensors file (it starts with text, 'user,ite', where the 8-byte "
+         "header length should be)"),
+    Case(CHECKPOINTS, "a PyTorch pickle (.pt), never unpickled", ("evaluate", "model.pt", "--data", "events.csv"),
+         "ckv: error: model.pt: a PyTorch pickle (torch.save) file; ckv never unpickles, it reads only safetensors "
+         "files written by ckv", setup=torch_save("model.pt")),
+    Case(CHECKPOINTS, "a torch.save zip renamed to .safetensors", ("evaluate", "model.safetensors", "--data", "events.csv"),
+         "ckv: error: model.safetensors: a PyTorch pickle (torch.save) file; ckv never unpickles, it reads only "
+         "safetensors files written by ckv", setup=torch_save("model.safetensors")),
+    Case(CHECKPOINTS, "a safetensors file without ckv metadata", ("evaluate", "plain.safetensors", "--data", "events.csv"),
+         "ckv: error: plain.safetensors: not a ckv checkpoint (metadata 'format' is None)",
+         setup=rewrite_tensors("ckpt.safetensors", "plain.safetensors", lambda t, m: m.clear(), loader="torch")),
+    Case(CHECKPOINTS, "an artifact given as the checkpoint", ("evaluate", "art.safetensors", "--data", "events.csv"),
+         "ckv: error: art.safetensors: not a ckv checkpoint but a ckv artifact (written by ckv compress)"),
+    Case(CHECKPOINTS, "checkpoint truncated inside its tensor data", ("evaluate", "cut.safetensors", "--data", "events.csv"),
+         "ckv: error: cut.safetensors: not a readable safetensors file (the header declares <n> bytes of tensor data, "
+         "the file holds <m>: truncated)", setup=copy("ckpt.safetensors", "cut.safetensors", cut=100)),
+    Case(CHECKPOINTS, "checkpoint truncated inside its header", ("evaluate", "cut.safetensors", "--data", "events.csv"),
+         "ckv: error: cut.safetensors: not a readable safetensors file (its first 8 bytes give a header of <n> bytes, "
+         "the file has 92 after them: truncated)", setup=copy("ckpt.safetensors", "cut.safetensors", keep=100)),
+    Case(CHECKPOINTS, "checkpoint header JSON corrupted (one byte)", ("evaluate", "bad.safetensors", "--data", "events.csv"),
+         "ckv: error: bad.safetensors: not a readable safetensors file (the header is not valid JSON)",
+         setup=flip("ckpt.safetensors", "bad.safetensors", lambda raw, n: 8, xor=0xFF)),
+    Case(CHECKPOINTS, "NaN in a checkpoint weight", ("evaluate", "nan.safetensors", "--data", "events.csv"),
+         "ckv: error: nan.safetensors: tensor 'layers.1.k.weight' contains NaN or Inf",
+         setup=checkpoint_edit("nan.safetensors", nan_weight(float("nan")))),
+    Case(CHECKPOINTS, "Inf in a checkpoint weight", ("evaluate", "inf.safetensors", "--data", "events.csv"),
+         "ckv: error: inf.safetensors: tensor 'layers.1.k.weight' contains NaN or Inf",
+         setup=checkpoint_edit("inf.safetensors", nan_weight(float("-inf")))),
+    Case(CHECKPOINTS, "weights of another width than the config says", ("evaluate", "dim.safetensors", "--data", "events.csv"),
+         "ckv: error: dim.safetensors: tensor 'item_emb.weight' has shape (21, 4), the config implies (21, 8) "
+         "(weights do not match the config)", setup=checkpoint_edit("dim.safetensors", half_weights)),
+    Case(CHECKPOINTS, "config with a wider model than the weights", ("evaluate", "dim.safetensors", "--data", "events.csv"),
+         "ckv: error: dim.safetensors: tensor 'item_emb.weight' has shape (21, 8), the config implies (21, 16) "
+         "(weights do not match the config)", setup=config_edit("dim.safetensors", d=16)),
+    Case(CHECKPOINTS, "a weight tensor missing", ("evaluate", "less.safetensors", "--data", "events.csv"),
+         "ckv: error: less.safetensors: tensor 'layers.1.k.bias' is missing (weights do not match the config)",
+         setup=checkpoint_edit("less.safetensors", drop_weight)),
+    Case(CHECKPOINTS, "item vocabulary shorter than the config's item count", ("evaluate", "vocab.safetensors", "--data", "events.csv"),
+         "ckv: error: vocab.safetensors: the item vocabulary has 20 entries, the config says 20 items (+ 1 for padding)",
+         setup=checkpoint_edit("vocab.safetensors", vocab_edit)),
+    Case(CHECKPOINTS, "config with a zero width", ("evaluate", "zero.safetensors", "--data", "events.csv"),
+         "ckv: error: zero.safetensors: invalid model config (d must be a positive integer, got 0)",
+         setup=config_edit("zero.safetensors", d=0)),
+    Case(CHECKPOINTS, "config metadata that is not JSON", ("evaluate", "meta.safetensors", "--data", "events.csv"),
+         "ckv: error: meta.safetensors: corrupted checkpoint metadata: 'config' is not valid JSON",
+         setup=checkpoint_edit("meta.safetensors", lambda t, m: m.update(config="{\"d\": 8,"))),
+    Case(CHECKPOINTS, "unknown architecture in the metadata", ("evaluate", "arch.safetensors", "--data", "events.csv"),
+         "ckv: error: arch.safetensors: unknown architecture 'gpt2' (known: sasrec, hstu)",
+         setup=checkpoint_edit("arch.safetensors", lambda t, m: m.update(arch="gpt2"))),
+    Case(CHECKPOINTS, "checkpoint format version from the future", ("evaluate", "v2.safetensors", "--data", "events.csv"),
+         "ckv: error: v2.safetensors: checkpoint format version '2', this ckv reads '1'",
+         setup=checkpoint_edit("v2.safetensors", lambda t, m: m.update(format_version="2"))),
+    # -- data
+    Case(DATA, "data file does not exist", ("evaluate", "ckpt.safetensors", "--data", "missing.csv"),
+         "ckv: error: data file not found: missing.csv"),
+    Case(DATA, "data path is a directory", ("evaluate", "ckpt.safetensors", "--data", "logs.csv"),
+         "ckv: error: expected a file, got a directory: logs.csv", setup=mkdir("logs.csv")),
+    Case(DATA, "empty data file", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: data file is empty: bad.csv", setup=write("bad.csv", "")),
+    Case(DATA, "unreadable data file (chmod 000)", EVALUATE, "ckv: error: data file is not readable: events.csv",
+         setup=chmod("events.csv", 0), needs_non_root=True),
+    Case(DATA, "a binary file given as the data", ("evaluate", "ckpt.safetensors", "--data", "art.safetensors"),
+         "ckv: error: art.safetensors: not a text file"),
+    Case(DATA, "header only, no events", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: bad.csv: no rows after the header", setup=csv_rows([])),
+    Case(DATA, "required columns missing", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: bad.csv: missing column(s) item, timestamp (found: user, movie, ts); map them with --columns",
+         setup=csv_rows(["u1,i1,5"], header="user,movie,ts")),
+    Case(DATA, "a column named twice in the header", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: bad.csv: column 'item' appears twice in the header",
+         setup=csv_rows(["u1,i1,5,i2"], header="user,item,timestamp,item")),
+    Case(DATA, "a row with a missing field", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: bad.csv:4: expected 4 fields, got 3", setup=csv_rows(good_rows(1, 2) + ["g9,i1,5"])),
+    Case(DATA, "NaN timestamp", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: bad.csv: column 'timestamp' contains NaN or Inf", setup=csv_rows(good_rows() + ["g9,i1,nan,4"])),
+    Case(DATA, "Inf rating", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: bad.csv: column 'rating' contains NaN or Inf", setup=csv_rows(good_rows() + ["g9,i1,5,inf"])),
+    Case(DATA, "timestamp that is not a number", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: bad.csv: column 'timestamp' is not numeric (could not convert string to float: 'yesterday')",
+         setup=csv_rows(good_rows() + ["g9,i1,yesterday,4"])),
+    Case(DATA, "empty user id", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: bad.csv:22: empty user id", setup=csv_rows(good_rows() + [",i1,5,4"])),
+    Case(DATA, "every user has a single event", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: bad.csv: no user has at least 3 events; 5 users, each with fewer", setup=csv_rows(good_rows(5, 1))),
+    Case(DATA, "some users have one or two events (dropped, with a note)", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "note: dropped 2 users with fewer than 3 events", exit=0,
+         setup=csv_rows(good_rows(5, 4) + ["one,i1,5,4", "two,i1,5,4", "two,i2,6,4"])),
+    Case(DATA, "items the checkpoint never saw (dropped, with a note)", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "note: dropped 0 users with fewer than 3 events and 2 events of items the checkpoint does not know", exit=0,
+         setup=csv_rows(good_rows(5, 4) + ["g0,new1,200,4", "g1,new2,200,4"])),
+    Case(DATA, "no item of the data is in the checkpoint's vocabulary", ("compress", "ckpt.safetensors", "--data", "bad.csv", "-o", "new.safetensors"),
+         "ckv: error: bad.csv: none of its 2 items is in the checkpoint's vocabulary (20 items, e.g. 'i1'; this data "
+         "has e.g. '101'): was the checkpoint trained on other data?",
+         setup=csv_rows([f"u{u},{100 + t % 2 + 1},{t},4" for u in range(5) for t in range(4)])),
+    Case(DATA, "known items, but too few per user once the unknown ones are dropped", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: bad.csv: no user has at least 3 events of items the checkpoint knows (10 events of other items "
+         "dropped); 5 users, each with fewer", setup=csv_rows([f"u{u},{'i1' if t < 2 else 'x'},{t},4" for u in range(5) for t in range(4)])),
+    Case(DATA, "unknown dataset name", ("evaluate", "ckpt.safetensors", "--data", "ml-2m"),
+         "ckv: error: unknown dataset 'ml-2m'; named datasets: ml-100k, ml-1m (or give a file path)"),
+    Case(DATA, "RecBole .inter file with the wrong header", ("evaluate", "ckpt.safetensors", "--data", "bad.inter"),
+         "ckv: error: bad.inter: not a RecBole .inter file (header: uid, iid)", setup=write("bad.inter", "uid\tiid\n1\t2\n")),
+    Case(DATA, "MovieLens ratings.dat with a malformed line", ("evaluate", "ckpt.safetensors", "--data", "ratings.dat"),
+         "ckv: error: ratings.dat:2: expected UserID::MovieID::Rating::Timestamp",
+         setup=write("ratings.dat", "1::i1::5::100\n1::i2::5\n")),
+    Case(DATA, "bad --columns mapping", ("evaluate", "ckpt.safetensors", "--data", "events.csv", "--columns", "user=uid,movie=iid"),
+         "ckv: error: bad --columns entry 'movie=iid': expected user=..., item=..., timestamp=..., rating=..."),
+    # -- artifacts
+    Case(ARTIFACTS, "artifact path does not exist", ("inspect", "missing.safetensors"), "ckv: error: not found: missing.safetensors"),
+    Case(ARTIFACTS, "unreadable artifact (chmod 000)", ("inspect", "art.safetensors"),
+         "ckv: error: Invalid value for 'path': path 'art.safetensors' is not readable.",
+         setup=chmod("art.safetensors", 0),
+         needs_non_root=True),
+    Case(ARTIFACTS, "empty artifact file", ("evaluate", *EVALUATE[1:], "empty.safetensors"),
+         "ckv: error: empty.safetensors: not a readable safetensors file (the file is empty)",
+         setup=write("empty.safetensors", b"")),
+    Case(ARTIFACTS, "a checkpoint given as the artifact", ("evaluate", *EVALUATE[1:], "ckpt.safetensors"),
+         "ckv: error: ckpt.safetensors: not a ckv artifact but a ckv checkpoint (written by ckv train)"),
+    Case(ARTIFACTS, "artifact truncated by one byte", ("inspect", "cut.safetensors"),
+         "ckv: error: cut.safetensors: not a readable safetensors file (the header declares <n> bytes of tensor data, "
+         "the file holds <m>: truncated)", setup=copy("art.safetensors", "cut.safetensors", cut=1)),
+    Case(ARTIFACTS, "artifact header length garbled", ("inspect", "bad.safetensors"),
+         "ckv: error: bad.safetensors: not a readable safetensors file (its first 8 bytes give a header of "
+         "<n> bytes, more than a safetensors header may have)",
+         setup=flip("art.safetensors", "bad.safetensors", lambda raw, n: 6, xor=0x40)),
+    Case(ARTIFACTS, "artifact header JSON corrupted (one byte)", ("inspect", "bad.safetensors"),
+         "ckv: error: bad.safetensors: not a readable safetensors file (the header is not valid JSON)",
+         setup=flip("art.safetensors", "bad.safetensors", lambda raw, n: 8, xor=0xFF)),
+    Case(ARTIFACTS, "tensor data offsets shifted", ("inspect", "bad.safetensors"),
+         "ckv: error: bad.safetensors: not a readable safetensors file (tensor 'L1.k/idx' of shape [<n>] and dtype U8 "
+         "needs <n> bytes, its offsets span <n + 1>)",
+         setup=edit_header("art.safetensors", "bad.safetensors",
+                           lambda h: h["L1.k/idx"].update(data_offsets=[h["L1.k/idx"]["data_offsets"][0],
+                                                                        h["L1.k/idx"]["data_offsets"][1] + 1]))),
+    Case(ARTIFACTS, "tensor dtype changed in the header", ("inspect", "bad.safetensors"),
+         "ckv: error: bad.safetensors: inconsistent artifact (tensor 'L1.k/scale' is I16 [40, 1], its field needs F16 [40, 1])",
+         setup=edit_header("art.safetensors", "bad.safetensors", lambda h: h["L1.k/scale"].update(dtype="I16"))),
+    Case(ARTIFACTS, "tensor reshaped in the header (same bytes)", ("inspect", "bad.safetensors"),
+         "ckv: error: bad.safetensors: inconsistent artifact (tensor 'L1.k/user' is I8 [1, <n>], its field needs I8 [<n>, 1])",
+         setup=edit_header("art.safetensors", "bad.safetensors",
+                           lambda h: h["L1.k/user"].update(shape=h["L1.k/user"]["shape"][::-1]))),
+    Case(ARTIFACTS, "a tensor missing", ("inspect", "bad.safetensors"),
+         "ckv: error: bad.safetensors: not a readable safetensors file (tensor 'L1.v/idx' starts at byte <n> of the "
+         "data, expected <m> (overlap or gap))",
+         setup=edit_header("art.safetensors", "bad.safetensors", lambda h: h.pop("L1.k/idx"))),
+    Case(ARTIFACTS, "plan metadata that is not JSON", ("inspect", "bad.safetensors"),
+         "ckv: error: bad.safetensors: corrupted metadata entry 'plan'",
+         setup=edit_meta("art.safetensors", "bad.safetensors", "plan", lambda p: json.dumps(p)[:-1])),
+    Case(ARTIFACTS, "pool size in the plan disagrees with the stored pool", ("inspect", "bad.safetensors"),
+         "ckv: error: bad.safetensors: inconsistent artifact (stream L1.k: pool has 12 entries, the metadata says 16)",
+         setup=edit_meta("art.safetensors", "bad.safetensors", "plan",
+                         lambda p: {**p, "streams": {**p["streams"], "L1.k": {**p["streams"]["L1.k"],
+                                    "params": {**p["streams"]["L1.k"]["params"], "pool_size": 16}}}})),
+    Case(ARTIFACTS, "unknown codec in the plan", ("inspect", "bad.safetensors"),
+         "ckv: error: bad.safetensors: inconsistent artifact (its plan: unknown codec 'zip' (known: <the registered codecs>))",
+         setup=edit_meta("art.safetensors", "bad.safetensors", "plan",
+                         lambda p: {**p, "streams": {**p["streams"], "L1.k": {**p["streams"]["L1.k"], "codec": "zip"}}})),
+    Case(ARTIFACTS, "token count in the field table disagrees with the offsets", ("inspect", "bad.safetensors"),
+         "ckv: error: bad.safetensors: inconsistent artifact (field 'L1.k/idx' has count <n> in metadata 'fields', "
+         "expected <m>)",
+         setup=edit_meta("art.safetensors", "bad.safetensors", "fields",
+                         lambda f: {**f, "L1.k/idx": {**f["L1.k/idx"], "count": f["L1.k/idx"]["count"] + 1}})),
+    Case(ARTIFACTS, "artifact format version from the future", ("inspect", "bad.safetensors"),
+         "ckv: error: bad.safetensors: artifact format version '2', this ckv reads '1'",
+         setup=edit_meta("art.safetensors", "bad.safetensors", "format_version", lambda v: "2")),
+    Case(ARTIFACTS, "user offsets not increasing", ("inspect", "bad.safetensors"),
+         "ckv: error: bad.safetensors: inconsistent artifact (user offsets are not increasing from 0 to the <n> tokens)",
+         setup=rewrite_tensors("art.safetensors", "bad.safetensors", set_value("users/offsets", 3, 0))),
+    Case(ARTIFACTS, "pool index out of range", EVALUATE_ART[:2] + ("bad.safetensors",) + EVALUATE_ART[3:],
+         "ckv: error: bad.safetensors: L1.k pool index 15 out of range (pool 12)",
+         setup=rewrite_tensors("art.safetensors", "bad.safetensors", resealed(packed_first("L1.k/idx", 15, 4)))),
+    Case(ARTIFACTS, "item id out of range", EVALUATE_ART[:2] + ("bad.safetensors",) + EVALUATE_ART[3:],
+         "ckv: error: bad.safetensors: item id 31 out of range (20 items)",
+         setup=rewrite_tensors("art.safetensors", "bad.safetensors", resealed(packed_first("tokens/items", 31, 5)))),
+    Case(ARTIFACTS, "corrupted tensor data (checksum mismatch; the report is still printed)", ("inspect", "bad.safetensors"),
+         "ckv: integrity check failed: tensor 'shared/L1.v/pool' does not match its checksum (bad.safetensors)", exit=1,
+         setup=flip("art.safetensors", "bad.safetensors", lambda raw, n: sum(tensor_span(raw, n, "shared/L1.v/pool")) // 2)),
+    Case(ARTIFACTS, "corrupted tensor data given to evaluate", EVALUATE_ART[:2] + ("bad.safetensors",) + EVALUATE_ART[3:],
+         "ckv: error: bad.safetensors: tensor 'L1.k/idx' does not match its checksum (damaged on disk?)",
+         setup=rewrite_tensors("art.safetensors", "bad.safetensors", packed_first("L1.k/idx", 15, 4))),
+    # -- artifact against checkpoint
+    Case(MISMATCH, "artifact built from another checkpoint", ("evaluate", "other.safetensors", *EVALUATE_ART[2:]),
+         "ckv: error: art.safetensors was made from another checkpoint (sha256 <sha>..., this checkpoint <sha>...)"),
+    Case(MISMATCH, "artifact whose streams are narrower than the checkpoint's (dimension mismatch)",
+         ("evaluate", "wide.safetensors", "wide-art.safetensors", *EVALUATE_ART[3:]),
+         "ckv: error: wide-art.safetensors: stream L1.k is 8 wide, the checkpoint's is 16",
+         setup=chain(wide_checkpoint, retarget("wide-art.safetensors", "wide.safetensors"))),
+    Case(MISMATCH, "artifact of other users than --data holds", ("evaluate", "ckpt.safetensors", "art.safetensors", "--data", "bad.csv"),
+         "ckv: error: art.safetensors holds none of the 5 users of bad.csv", setup=csv_rows(good_rows(5, 4))),
+    # -- outputs
+    Case(OUTPUTS, "output in a directory that does not exist", (*COMPRESS, "-o", "nodir/out.safetensors"),
+         "ckv: error: output directory does not exist: nodir"),
+    Case(OUTPUTS, "output in a read-only directory", (*COMPRESS, "-o", "ro/out.safetensors"),
+         "ckv: error: output directory is not writable: ro", setup=mkdir("ro", 0o555), needs_non_root=True),
+    Case(OUTPUTS, "existing output without --force", (*COMPRESS, "-o", "out.safetensors"),
+         "ckv: error: out.safetensors exists; pass --force to overwrite it", intact=("out.safetensors",)),
+    Case(OUTPUTS, "output path is a directory", (*COMPRESS, "-o", "dir", "--force"),
+         "ckv: error: output is a directory: dir", setup=mkdir("dir")),
+    Case(OUTPUTS, "--json into a directory that does not exist", (*EVALUATE, "--json", "nodir/r.json"),
+         "ckv: error: output directory does not exist: nodir"),
+    Case(OUTPUTS, "disk full while the artifact is written (old output kept, no temporary left)",
+         (*COMPRESS, "-o", "out.safetensors", "--force"),
+         "ckv: error: could not write out.safetensors: No space left on device", harness="enospc",
+         intact=("out.safetensors",)),
+    Case(OUTPUTS, "interrupt (Ctrl-C) in the middle of compress (old output kept, nothing written)",
+         (*COMPRESS, "-o", "out.safetensors", "--force", "--batch-users", "8"),
+         "ckv: interrupted", exit=130, harness="interrupt", intact=("out.safetensors",)),
+    Case(OUTPUTS, "interrupt while the artifact is being written (old output kept, no temporary left)",
+         (*COMPRESS, "-o", "out.safetensors", "--force"),
+         "ckv: interrupted", exit=130, harness="interrupt-write", intact=("out.safetensors",)),
+    # -- options
+    Case(OPTIONS, "unknown codec", (*NEW, "--codec", "zip"),
+         "ckv: error: unknown codec 'zip' (known: <the registered codecs>)"),
+    Case(OPTIONS, "unknown codec parameter", (*NEW, "--param", "colour=red"),
+         "ckv: error: bad parameters for codec 'collective': CollectiveCodec.__init__() got an unexpected keyword "
+         "argument 'colour'"),
+    Case(OPTIONS, "codec parameter of the wrong type", (*NEW, "--param", "pool_size=big"),
+         "ckv: error: pool size must be an integer >= 2, got 'big'"),
+    Case(OPTIONS, "--param without '='", (*NEW, "--param", "pool_size"),
+         "ckv: error: bad --param 'pool_size': expected KEY=VALUE"),
+    Case(OPTIONS, "codec parameter out of range", (*NEW, "--codec", "pq", "--param", "bits=0"),
+         "ckv: error: bits must be an integer >= 1, got 0"),
+    Case(OPTIONS, "pool of one entry", (*NEW, "--pool-size", "1"),
+         "ckv: error: pool size must be an integer >= 2, got 1"),
+    Case(OPTIONS, "user dims as wide as the vectors", (*NEW, "--user-dim", "8"),
+         "ckv: error: user dim (8) must be smaller than the vector width (8)"),
+    Case(OPTIONS, "pool larger than the calibration set (1,024 entries, 40 users)", (*NEW, "--pool-size", "1024"),
+         "ckv: error: L1.k: a pool of 1024 entries needs at least as many calibration vectors, got <n> (use more "
+         "calibration users or a smaller pool)"),
+    Case(OPTIONS, "unknown --layout", (*NEW, "--layout", "stacked"),
+         "ckv: error: layout must be 'residual' or 'concat', got 'stacked'"),
+    Case(OPTIONS, "unknown --share", (*NEW, "--share", "q"),
+         "ckv: error: --share takes k, v or k,v (got q)"),
+    Case(OPTIONS, "--batch-users 0", (*NEW, "--batch-users", "0"),
+         "ckv: error: Invalid value for '--batch-users': Input should be greater than or equal to 1"),
+    Case(OPTIONS, "--calib-users 0", (*NEW, "--calib-users", "0"),
+         "ckv: error: Invalid value for '--calib-users': Input should be greater than or equal to 1"),
+    Case(OPTIONS, "--max-delta without '='", (*EVALUATE_ART, "--max-delta", "NDCG@10"),
+         "ckv: error: bad --max-delta 'NDCG@10': expected METRIC=VALUE with METRIC one of HR@10, NDCG@10, HR@50, "
+         "NDCG@50, MRR"),
+    Case(OPTIONS, "--max-delta on an unknown metric", (*EVALUATE_ART, "--max-delta", "AUC=0.01"),
+         "ckv: error: bad --max-delta 'AUC=0.01': expected METRIC=VALUE with METRIC one of HR@10, NDCG@10, HR@50, "
+         "NDCG@50, MRR"),
+    Case(OPTIONS, "--max-delta that is not a number", (*EVALUATE_ART, "--max-delta", "NDCG@10=lots"),
+         "ckv: error: bad --max-delta 'NDCG@10=lots': 'lots' is not a number"),
+    Case(OPTIONS, "negative --max-delta", (*EVALUATE_ART, "--max-delta", "NDCG@10=-1%"),
+         "ckv: error: bad --max-delta 'NDCG@10=-1%': the allowed drop must be >= 0"),
+    Case(OPTIONS, "--max-delta without an artifact to gate", (*EVALUATE, "--max-delta", "NDCG@10=1%"),
+         "ckv: error: --max-delta and --max-ratio gate artifacts: name at least one artifact"),
+    Case(OPTIONS, "negative --max-ratio", (*EVALUATE_ART, "--max-ratio", "-0.5"),
+         "ckv: error: Invalid value for '--max-ratio': Input should be greater than or equal to 0"),
+    Case(OPTIONS, "--speed-batch 0", (*EVALUATE_ART[:-2], "--speed-batch", "0"),
+         "ckv: error: Invalid value for '--speed-batch': Input should be greater than or equal to 1"),
+    Case(OPTIONS, "unknown --split", (*EVALUATE, "--split", "train"),
+         "ckv: error: unknown --split 'train' (choose test or valid)"),
+    Case(OPTIONS, "unknown --arch", ("train", "--arch", "gpt2", "--data", "events.csv", "-o", "new.safetensors"),
+         "ckv: error: unknown --arch 'gpt2' (choose from: sasrec, hstu)"),
+    Case(OPTIONS, "train --batch-size 0", ("train", "--arch", "sasrec", "--data", "events.csv", "-o", "new.safetensors",
+                                           "--batch-size", "0"),
+         "ckv: error: Invalid value for '--batch-size': Input should be greater than or equal to 1"),
+    Case(OPTIONS, "train --dropout 1.5", ("train", "--arch", "sasrec", "--data", "events.csv", "-o", "new.safetensors",
+                                          "--dropout", "1.5"),
+         "ckv: error: Invalid value for '--dropout': Input should be less than or equal to 0.99"),
+    Case(OPTIONS, "missing --data", ("compress", "ckpt.safetensors", "-o", "new.safetensors"),
+         "ckv: error: Missing option '--data' / '-d'."),
+    Case(OPTIONS, "unknown option", (*NEW, "--pool", "8"),
+         "ckv: error: No such option: --pool (Possible options: --pool-size)"),
+]
+
+
+# ---------------------------------------------------------------- running a case
+
+
+@contextlib.contextmanager
+def harness(name: str):
+    """The condition a case runs under, patched in-process."""
+    if not name:
+        yield
+        return
+    import ckv_cli.artifact
+    import ckv_cli.report
+
+    saved = []
+
+    def patch(obj, attr, value):
+        saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+
+    if name == "enospc":  # the writer gets half the file out, then the disk is full
+        real = ckv_cli.artifact._assemble
+
+        def assemble(path, *args):
+            real(path, *args)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        patch(ckv_cli.artifact, "_assemble", assemble)
+    elif name == "interrupt":  # Ctrl-C after the first batch of users is encoded
+        real_progress = ckv_cli.report.progress
+
+        @contextlib.contextmanager
+        def progress(description, total):
+            with real_progress(description, total) as advance:
+                calls = []
+
+                def interrupting(n=1, info=None):
+                    advance(n, info)
+                    if n:
+                        calls.append(n)
+                        if len(calls) == 2:
+                            raise KeyboardInterrupt
+                yield interrupting
+
+        patch(ckv_cli.report, "progress", progress)
+    elif name == "interrupt-write":  # Ctrl-C once the temporary file is written, before it is renamed
+        real_assemble = ckv_cli.artifact._assemble
+
+        def interrupted(path, *args):
+            real_assemble(path, *args)
+            raise KeyboardInterrupt
+
+        patch(ckv_cli.artifact, "_assemble", interrupted)
+    else:
+        raise ValueError(name)
+    try:
+        yield
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
+
+
+def run(case: Case, ws: Path) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `ckv ARGS` in workspace `ws`, after the case's setup."""
+    from ckv_cli.cli import main
+
+    if case.setup:
+        case.setup(ws)
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    env = os.environ.get("CKV_NO_PROGRESS")
+    os.environ["CKV_NO_PROGRESS"] = "1"
+    sys.argv = ["ckv", *case.args]
+    try:
+        with chdir(ws), harness(case.harness), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+        if env is None:
+            os.environ.pop("CKV_NO_PROGRESS", None)
+        else:
+            os.environ["CKV_NO_PROGRESS"] = env
+    return code, out.getvalue(), err.getvalue()
+
+
+NOBODY = 65534
+
+
+def run_unprivileged(case: Case, base: Path, scratch: Path) -> tuple[int, str, str] | None:
+    """As root, whom permissions do not stop: run the case as user `nobody` in a forked child (in a copy of the
+    workspace `base` under a new directory in `scratch`, which nobody can reach). The command runs once as root
+    first, so that every module it needs is imported before the child loses access to root's files. None when
+    this process cannot change its user."""
+    import tempfile
+
+    warm = _fresh(base, Path(tempfile.mkdtemp(dir=scratch)))
+    try:
+        run(case, warm)  # warm-up: imports
+    finally:
+        shutil.rmtree(warm)
+    ws = _fresh(base, Path(tempfile.mkdtemp(dir=scratch)))
+    try:
+        return _run_as_nobody(case, ws)
+    finally:
+        shutil.rmtree(ws)
+
+
+def _run_as_nobody(case: Case, ws: Path) -> tuple[int, str, str] | None:
+    for q in [ws, *ws.rglob("*")]:
+        os.chown(q, NOBODY, NOBODY)
+    read, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, run, send back the result, exit without cleanup
+        os.close(read)
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+        except PermissionError:
+            result = None
+        else:
+            try:
+                result = list(run(case, ws))
+            except BaseException:  # noqa: BLE001 -- reported by the parent
+                import traceback
+
+                result = [-1, "", traceback.format_exc()]
+        os.write(write_end, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write_end)
+    data = b""
+    while chunk := os.read(read, 1 << 16):
+        data += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    result = json.loads(data) if data else [-1, "", "the child died without a result"]
+    return None if result is None else tuple(result)
+
+
+def _fresh(base: Path, ws: Path) -> Path:
+    shutil.copytree(base, ws, dirs_exist_ok=True)
+    return ws
+
+
+# ---------------------------------------------------------------- the table
+
+
+def render() -> str:
+    """docs/errors.md."""
+    lines = ["# Bad input: what ckv answers", "",
+             "Every bad input tried, with the exact line `ckv` prints on stderr and its exit code (2 for bad input, 1 "
+             "for a failed integrity check, 130 for an interrupt, 0 when the input is used after a note). Each row is "
+             "a test: `tests/test_errors.py` runs it in a small workspace (a tiny checkpoint `ckpt.safetensors` over "
+             "items i1..i20, `other.safetensors` with other weights, a 40-user log `events.csv`, and "
+             "`art.safetensors` compressed from them) and checks the line and the code, that no temporary file is "
+             "left behind, and that an old output is untouched where the row says so. `<...>` marks a part that "
+             "varies (a checksum, a byte count).", "",
+             "Generated from `tests/error_cases.py` by `python scripts/error_table.py` (the test suite fails when this "
+             "page is out of date). Rows marked (non-root) need a user whom permissions stop: run as root, the test "
+             "runs them as user `nobody` in a forked child (and skips them where it cannot change user).", ""]
+    groups: dict[str, list[Case]] = {}
+    for case in CASES:
+        groups.setdefault(case.group, []).append(case)
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731
+    n = 0
+    for group, cases in groups.items():
+        lines += [f"## {group[0].upper() + group[1:]}", "", "| # | input | command | message | exit |",
+                  "|---|---|---|---|---|"]
+        for case in cases:
+            n += 1
+            how = {"enospc": " (the write fails: ENOSPC)", "interrupt": " (Ctrl-C mid-way)",
+                   "interrupt-write": " (Ctrl-C while writing)"}.get(case.harness, "")
+            note = " (non-root)" if case.needs_non_root else ""
+            lines.append(f"| {n} | {cell(case.input)}{note} | `{cell('ckv ' + ' '.join(case.args))}`{how} | "
+                         f"`{cell(case.message)}` | {case.exit} |")
+        lines.append("")
+    return "\n".join(lines)
