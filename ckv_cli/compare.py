@@ -105,20 +105,20 @@ def measure_speed(model, ds, artifact: Artifact, data_users, art_users, repeats:
     full = batch.cache
     full16 = [k.half() for k in full.keys], [v.half() for v in full.values]
     item_kv = lambda items, pos: item_layer_kv(model, items, pos)  # noqa: E731
-    store = CacheStore.open(artifact.path, model)
     user_ids = [artifact.user_ids[u] for u in art_users]
 
     def from_full():
         cache = type(full)([k.float() for k in full16[0]], [v.float() for v in full16[1]], full.lengths, full.items, full.timestamps)
         scores_after_last_event(model, cache, batch).topk(10)
 
-    def compressed():
-        store.rank_next(user_ids, new_items=batch.last_items, new_timestamps=batch.last_ts, k=10)
-
     def decoded():
         scores_after_last_event(model, unflatten(artifact.decode(art_users, item_kv)), batch).topk(10)
 
-    t_full, t_comp, t_dec = (_median_seconds(fn, repeats) for fn in (from_full, compressed, decoded))
+    with CacheStore.open(artifact.path, model) as store:  # the file stays mapped until closed
+        def compressed():
+            store.rank_next(user_ids, new_items=batch.last_items, new_timestamps=batch.last_ts, k=10)
+
+        t_full, t_comp, t_dec = (_median_seconds(fn, repeats) for fn in (from_full, compressed, decoded))
     return {"users": len(data_users), "repeats": repeats, "full_fp16_in_memory_s": t_full,
             "compressed_domain_s": t_comp, "decode_then_attend_s": t_dec,
             "speedup": t_full / t_comp if t_comp else float("nan"), "threads": torch.get_num_threads()}
