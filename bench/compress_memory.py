@@ -11,12 +11,17 @@ from nothing), which:
    /proc/self/clear_refs, Linux >= 4.0) and runs `compress_to_artifact` with the collective codec, pool
    `--pool` (1024), into a file in `--workdir`: calibration, encoding streamed into the artifact, decoding and
    scoring every user;
-4. reports the peak resident set during compress (VmHWM), its excess over "before", the wall time, the cached
-   tokens per second end to end (prefill, encode, decode and two scorings of every user, not the encoder
-   alone: `bench/encode.py` times that), and the file size.
+4. reports the peak resident set (VmHWM) of two phases and of the whole: "fit" (calibration caches of
+   `--calib-users` users, k-means, the first batch of users; the peak is read and reset when the first batch
+   is done) and "stream" (every later batch: prefill, encode, write, decode, score; then the metrics and the
+   file's assembly), each also as its excess over "before"; the wall time, the cached tokens per second end to
+   end (prefill, encode, decode and two scorings of every user, not the encoder alone: `bench/encode.py`
+   times that), and the file size.
 
 The input data is O(users) by nature (about 16 bytes per event plus the per-user ids and offsets), so the
-process's absolute peak grows with the data it was given; "compress peak - before" is what compress itself adds.
+process's absolute peak grows with the data it was given; "peak - before" is what compress itself adds. The fit
+phase does not depend on the number of users (a fixed calibration sample) but its peak varies by tens of MB
+between identical runs (allocator and library workspaces); `--repeats` runs each count several times.
 
     python bench/compress_memory.py                          # 100k and 1M users
     python bench/compress_memory.py --users 100000 300000 --json mem.json
@@ -121,18 +126,30 @@ def run_one(args) -> dict:
                     train={"epochs": 0})
     opts = CompressOptions(codec="collective", params={"pool_size": args.pool, "user_dim": 0, "layout": "residual"},
                            calib_users=args.calib_users, batch_users=args.batch_users, seed=args.seed)
+    fit_phase = {}
+
+    def advance(n, *rest):
+        if not fit_phase:  # the first batch is done: close the fit phase's window
+            fit_phase.update(peak=status_mb("VmHWM"), rss=status_mb("VmRSS"))
+            reset_peak()
+
     gc.collect()
     setup_peak = status_mb("VmHWM")
     before = status_mb("VmRSS")
-    windowed = reset_peak()
+    if not reset_peak():
+        raise SystemExit("this kernel does not let the peak resident set be reset (/proc/self/clear_refs)")
     t0 = time.perf_counter()
-    report = compress_to_artifact(model, {"arch": "sasrec"}, ckpt, ds, opts, out, command="bench/compress_memory.py")
+    report = compress_to_artifact(model, {"arch": "sasrec"}, ckpt, ds, opts, out, command="bench/compress_memory.py",
+                                  advance=advance)
     seconds = time.perf_counter() - t0
-    peak = status_mb("VmHWM")
+    stream_peak = status_mb("VmHWM")
+    peak = max(fit_phase["peak"], stream_peak)
     tokens = report["accounting"]["tokens"]
     row = {"users": n_users, "events": int(ds.offsets[-1]), "tokens": tokens, "compress_s": seconds,
            "tokens_per_s": tokens / seconds, "data_s": data_s, "setup_peak_mb": setup_peak, "rss_before_mb": before,
-           "compress_peak_mb": peak if windowed else float("nan"), "compress_extra_mb": peak - before if windowed else float("nan"),
+           "fit_peak_mb": fit_phase["peak"], "stream_peak_mb": stream_peak, "compress_peak_mb": peak,
+           "fit_extra_mb": fit_phase["peak"] - before, "stream_extra_mb": stream_peak - before,
+           "compress_extra_mb": peak - before,
            "file_mb": report["file_bytes"] / 2**20, "bytes_per_token": report["accounting"]["bytes_per_token"]}
     for p in (out, ckpt):
         p.unlink()
@@ -154,14 +171,12 @@ def cpu_model() -> str:
 
 
 def print_table(rows: list[dict], title: str) -> None:
-    base = rows[0]  # the first run of the first count
-    cols = ["users", "events", "cached tokens", "compress s", "tokens/s", "RSS before MB", "compress peak MB",
-            "peak vs first", "peak - before MB", "(peak - before) vs first", "artifact MB"]
+    cols = ["users", "events", "cached tokens", "compress s", "tokens/s", "RSS before MB", "fit peak MB",
+            "stream peak MB", "compress peak MB", "fit - before", "stream - before", "peak - before", "artifact MB"]
     cells = [[f"{r['users']:,}", f"{r['events']:,}", f"{r['tokens']:,}", f"{r['compress_s']:.0f}",
-              f"{r['tokens_per_s']:,.0f}", f"{r['rss_before_mb']:.0f}", f"{r['compress_peak_mb']:.0f}",
-              f"{(r['compress_peak_mb'] / base['compress_peak_mb'] - 1) * 100:+.1f}%", f"{r['compress_extra_mb']:.0f}",
-              f"{(r['compress_extra_mb'] / base['compress_extra_mb'] - 1) * 100:+.1f}%", f"{r['file_mb']:.1f}"]
-             for r in rows]
+              f"{r['tokens_per_s']:,.0f}", f"{r['rss_before_mb']:.0f}", f"{r['fit_peak_mb']:.0f}",
+              f"{r['stream_peak_mb']:.0f}", f"{r['compress_peak_mb']:.0f}", f"{r['fit_extra_mb']:.0f}",
+              f"{r['stream_extra_mb']:.0f}", f"{r['compress_extra_mb']:.0f}", f"{r['file_mb']:.1f}"] for r in rows]
     print(title)
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print("| " + " | ".join(c.rjust(w) for c, w in zip(cols, widths)) + " |")
@@ -199,14 +214,19 @@ def main(argv=None) -> int:
     print_table(rows, title)
     counts = sorted({r["users"] for r in rows})
     if len(counts) > 1:
-        med = {n: {k: statistics.median(r[k] for r in rows if r["users"] == n) for k in ("compress_peak_mb", "compress_extra_mb")}
-               for n in (counts[0], counts[-1])}
+        keys = ("compress_peak_mb", "compress_extra_mb", "fit_extra_mb", "stream_peak_mb", "stream_extra_mb")
+        med = {n: {k: statistics.median(r[k] for r in rows if r["users"] == n) for k in keys} for n in (counts[0], counts[-1])}
         first, last = med[counts[0]], med[counts[-1]]
-        what = "medians of " + str(args.repeats) + " runs" if args.repeats > 1 else "one run each"
-        print(f"growth {counts[0]:,} -> {counts[-1]:,} users ({what}): compress peak "
-              f"{(last['compress_peak_mb'] / first['compress_peak_mb'] - 1) * 100:+.1f}%, compress peak - before "
-              f"{(last['compress_extra_mb'] / first['compress_extra_mb'] - 1) * 100:+.1f}% "
-              f"({last['compress_extra_mb'] - first['compress_extra_mb']:+.0f} MB)")
+
+        def growth(key: str) -> str:
+            return f"{(last[key] / first[key] - 1) * 100:+.1f}% ({first[key]:.0f} -> {last[key]:.0f} MB)"
+
+        what = f"medians of {args.repeats} runs" if args.repeats > 1 else "one run each"
+        print(f"growth {counts[0]:,} -> {counts[-1]:,} users ({what}):")
+        print(f"  compress peak (process, input data included): {growth('compress_peak_mb')}")
+        print(f"  compress peak - before (what compress adds):  {growth('compress_extra_mb')}")
+        print(f"    fit phase - before:                         {growth('fit_extra_mb')}")
+        print(f"    stream phase - before:                      {growth('stream_extra_mb')}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     return 0
