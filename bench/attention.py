@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from bench._machine import machine  # noqa: E402
 
 from ckv_cli.kv.attention import (SILU, SOFTMAX, CompressedStream, choose_form, compressed_attention,  # noqa: E402
                                   full_attention)
@@ -74,24 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: str) -> dict:
-    out = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
-    if device == "cuda":
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
 
 
 def machine_line(m: dict) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -41,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from bench._machine import machine as bench_machine  # noqa: E402
 
 from ckv_cli.codecs.bits import pack  # noqa: E402
 from ckv_cli.codecs.collective import CollectiveCodec  # noqa: E402
@@ -185,16 +186,6 @@ def stream(args) -> list[dict]:
     return rows
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def print_table(rows: list[dict], title: str) -> None:
     key = "encode_peak_mb" if rows[0]["encode_peak_mb"] == rows[0]["encode_peak_mb"] else "process_peak_mb"  # NaN?
     base = rows[0][key]
@@ -224,8 +215,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = stream(args)
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "torch": torch.__version__, "platform": platform.platform()}
+    machine = bench_machine()
     title = (f"CollectiveCodec.encode: pool {args.pool}, d {args.d}, user dim {args.user_dim}, {args.layout}, mean "
              f"history {args.mean_len:g}, {args.batch_users} users per batch, output held: {args.hold}; "
              f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads")

@@ -32,7 +32,6 @@ import argparse
 import ctypes
 import json
 import mmap
-import os
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
+from bench._machine import machine  # noqa: E402
 from ckv_cli.checkpoint import load_checkpoint, write_safetensors  # noqa: E402
 from ckv_cli.compress import CompressOptions, compress_to_artifact  # noqa: E402
 from ckv_cli.data import load  # noqa: E402
@@ -184,23 +184,6 @@ def interleaved(fns: dict, repeats: int, before: dict | None = None) -> dict[str
             fn()
             times[name].append((time.perf_counter() - t) * 1e3)
     return times
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def machine() -> dict:
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -20,15 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from bench._machine import machine  # noqa: E402
 from ckv_cli.models import REGISTRY  # noqa: E402
 from ckv_cli.models.hstu import small_table_lookup  # noqa: E402
 from ckv_cli.train import sampled_softmax_loss  # noqa: E402
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def timed(fn, device: str, steps: int) -> float:
@@ -85,7 +79,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    out = {"machine": machine(args.device), "device": args.device, "torch": torch.__version__,
+    m = machine(args.device)
+    out = {"machine": m.get("gpu", f"{m['cpu']}, {m['torch_threads']} threads"), "device": args.device, "torch": torch.__version__,
            "train_step_ms": {a: train_step_ms(a, args.device, args.steps) for a in ("sasrec", "hstu")},
            "hstu_bias_fwd_bwd_ms": bias_ms(args.device, args.steps)}
     print(f"# training step, batch 128 x 200 events, median of {args.steps}: {out['machine']}, torch {out['torch']}")

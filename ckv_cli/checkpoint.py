@@ -115,36 +115,45 @@ def _pickle_error(path: Path) -> CkvError:
 
 
 def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
-    """(tensors: name -> {dtype, shape, data_offsets}, metadata) of a safetensors file, checked as safetensors
-    checks it (header length, JSON, dtypes, shapes against byte spans, spans tiling the data exactly) but with
-    a one-line CkvError that says what is wrong. Nothing is unpickled: `.pt`/`.pth` files are refused unread."""
+    """(tensors: name -> {dtype, shape, data_offsets}, metadata) of a safetensors file, checked by
+    `parse_header`. Nothing is unpickled: `.pt`/`.pth` files are refused unread."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise _pickle_error(path)
+    try:
+        with open(path, "rb") as f:
+            header, meta, _ = parse_header(f, os.fstat(f.fileno()).st_size, path)
+    except OSError as e:
+        raise CkvError(f"cannot read {path}: {e.strerror or e}") from None
+    return header, meta
+
+
+def parse_header(f, size: int, path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """(tensors, metadata, first data byte) of an open safetensors file of `size` bytes, checked as safetensors
+    checks it (header length, JSON, dtypes, shapes against byte spans, spans tiling the data exactly) but with a
+    one-line CkvError that says what is wrong."""
 
     def bad(why: str) -> CkvError:
         return CkvError(f"{path}: not a readable safetensors file ({why})")
 
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if size == 0:
-                raise bad("the file is empty")
-            if len(head) < 8:
-                raise bad(f"{size} bytes, too short for the 8-byte header length")
-            n = struct.unpack("<Q", head)[0]
-            if n > size - 8 or n > MAX_HEADER_BYTES:
-                if head.startswith((b"PK\x03\x04", b"\x80\x02")):  # a torch.save zip, or a legacy pickle
-                    raise _pickle_error(path)
-                if all(32 <= c < 127 or c in b"\t\r\n" for c in head):
-                    raise bad(f"it starts with text, {head.decode()!r}, where the 8-byte header length should be")
-                if n > MAX_HEADER_BYTES:
-                    raise bad(f"its first 8 bytes give a header of {n:,} bytes, more than a safetensors header may have")
-                raise bad(f"its first 8 bytes give a header of {n:,} bytes, the file has {size - 8:,} after them: truncated")
-            raw = f.read(n)
-    except OSError as e:
-        raise CkvError(f"cannot read {path}: {e.strerror or e}") from None
+    f.seek(0)
+    head = f.read(8)
+    if size == 0:
+        raise bad("the file is empty")
+    if len(head) < 8:
+        raise bad(f"{size} bytes, too short for the 8-byte header length")
+    n = struct.unpack("<Q", head)[0]
+    if n > size - 8 or n > MAX_HEADER_BYTES:
+        if head.startswith((b"PK\x03\x04", b"\x80\x02")):  # a torch.save zip, or a legacy pickle
+            raise _pickle_error(path)
+        if all(32 <= c < 127 or c in b"\t\r\n" for c in head):
+            raise bad(f"it starts with text, {head.decode()!r}, where the 8-byte header length should be")
+        if n > MAX_HEADER_BYTES:
+            raise bad(f"its first 8 bytes give a header of {n:,} bytes, more than a safetensors header may have")
+        raise bad(f"its first 8 bytes give a header of {n:,} bytes, the file has {size - 8:,} after them: truncated")
+    raw = f.read(n)
+    if len(raw) != n:
+        raise bad("the header could not be read whole")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -179,7 +188,7 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
     if end != size - 8 - n:
         raise bad(f"the header declares {end:,} bytes of tensor data, the file holds {size - 8 - n:,}"
                   + (": truncated" if end > size - 8 - n else ""))
-    return header, meta
+    return header, meta, 8 + n
 
 
 def read_metadata(path: str | Path) -> dict:

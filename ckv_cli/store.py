@@ -52,7 +52,6 @@ import json
 import math
 import mmap
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ import numpy as np
 import torch
 
 from ckv_cli.artifact import Artifact, write_artifact
+from ckv_cli.checkpoint import parse_header
 from ckv_cli.codecs import ITEMS, CollectiveCodec
 from ckv_cli.codecs.base import dequantize_per_user, quantize_per_user
 from ckv_cli.codecs.plan import CachePlan
@@ -74,68 +74,11 @@ from ckv_cli.models.base import KVCache, item_layer_kv, last_hidden
 NP_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "F16": np.float16,
              "U32": np.uint32, "I32": np.int32, "F32": np.float32, "U64": np.uint64, "I64": np.int64,
              "F64": np.float64}  # the safetensors dtypes numpy reads
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # as safetensors
 DECODED, COMPRESSED = "decoded", "compressed"
 WRITTEN_BY_WRITER = ("format", "format_version", "plan", "fields", "ckv_version", "checksums")
 
 
 # ---------------------------------------------------------------------------------------------- the file
-
-
-def parse_header(f, size: int, path) -> tuple[dict[str, dict], dict[str, str], int]:
-    """(tensors: name -> {dtype, shape, data_offsets}, metadata, first data byte) of an open safetensors file of
-    `size` bytes. Every tensor's span must lie inside the data and match its shape and dtype; spans must not
-    overlap. Anything else is a one-line CkvError."""
-
-    def bad(why: str) -> CkvError:
-        return CkvError(f"{path}: not a readable safetensors file ({why})")
-
-    f.seek(0)
-    head = f.read(8)
-    if len(head) < 8:
-        raise bad(f"{size} bytes, too short for the 8-byte header length")
-    n = struct.unpack("<Q", head)[0]
-    if n > MAX_HEADER_BYTES:
-        raise bad(f"its first 8 bytes give a header of {n:,} bytes, more than a safetensors header may have")
-    if n > size - 8:
-        raise bad(f"its first 8 bytes give a header of {n:,} bytes, the file has {size - 8:,} after them: truncated")
-    raw = f.read(n)
-    if len(raw) != n:
-        raise bad("the header could not be read whole")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise bad("the header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise bad("the header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise bad("__metadata__ is not a map of strings")
-    data_size = size - 8 - n
-    spans = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise bad(f"tensor '{name}' lacks a dtype, shape or data_offsets")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in NP_DTYPES:
-            raise bad(f"tensor '{name}' has dtype {dtype!r}, which this reader does not map")
-        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-            raise bad(f"tensor '{name}' has an invalid shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets)
-                or offsets[0] > offsets[1]):
-            raise bad(f"tensor '{name}' has invalid data offsets {offsets!r}")
-        need = math.prod(shape) * np.dtype(NP_DTYPES[dtype]).itemsize
-        if offsets[1] - offsets[0] != need:
-            raise bad(f"tensor '{name}' of shape {shape} and dtype {dtype} needs {need:,} bytes, its offsets span "
-                      f"{offsets[1] - offsets[0]:,}")
-        if offsets[1] > data_size:
-            raise bad(f"tensor '{name}' ends at byte {offsets[1]:,} of the data, the file holds {data_size:,}: truncated")
-        spans.append((offsets[0], offsets[1], name))
-    spans.sort()
-    for (_, b, name), (a, _, other) in zip(spans, spans[1:]):
-        if a < b:
-            raise bad(f"tensors '{name}' and '{other}' overlap")
-    return header, meta, 8 + n
 
 
 class SafetensorsMap:
@@ -159,6 +102,9 @@ class SafetensorsMap:
         try:
             self.stat = os.fstat(self._file.fileno())
             self.header, self.metadata, self.data_start = parse_header(self._file, self.stat.st_size, self.path)
+            for name, info in self.header.items():
+                if info["dtype"] not in NP_DTYPES:
+                    raise CkvError(f"{self.path}: tensor '{name}' has dtype {info['dtype']}, which this reader does not map")
             self._map()
         except OSError as e:
             self._file.close()

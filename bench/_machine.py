@@ -1,0 +1,27 @@
+"""The machine a benchmark ran on, for its table and JSON (shared by the scripts in `bench/`)."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str = "cpu") -> dict:
+    out = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__}
+    if str(device).startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
