@@ -7,32 +7,36 @@ from nothing), which:
 1. builds a synthetic `SequenceData`: `--items` items, history lengths 3 + Poisson(`--mean-len` - 3) events
    (mean 10), items uniform, timestamps increasing; user ids are integers, as ML-1M's;
 2. builds a tiny SASRec with random weights (d 64, 2 layers, 2 heads, max_len 50) and saves it as a checkpoint;
-3. records the resident set ("before": interpreter, torch, data, model), resets the peak (writing 5 to
-   /proc/self/clear_refs, Linux >= 4.0) and runs `compress_to_artifact` with the collective codec, pool
-   `--pool` (1024), into a file in `--workdir`: calibration, encoding streamed into the artifact, decoding and
-   scoring every user;
+3. records the resident set ("before": interpreter, torch, data, model; after `gc.collect` and glibc's
+   `malloc_trim`), resets the peak (writing 5 to /proc/self/clear_refs, Linux >= 4.0) and runs
+   `compress_to_artifact` with the collective codec, pool `--pool` (1024), into a file in `--workdir`:
+   calibration, encoding streamed into the artifact, decoding and scoring every user;
 4. reports the peak resident set (VmHWM) of two phases and of the whole: "fit" (calibration caches of
-   `--calib-users` users, k-means, the first batch of users; the peak is read and reset when the first batch
-   is done) and "stream" (every later batch: prefill, encode, write, decode, score; then the metrics and the
-   file's assembly), each also as its excess over "before"; the wall time, the cached tokens per second end to
-   end (prefill, encode, decode and two scorings of every user, not the encoder alone: `bench/encode.py`
-   times that), and the file size.
+   `--calib-users` users, k-means, the writer laying out the file and writing the user offsets and ids, the
+   first batch of users; the peak is read and reset when the first batch is done) and "stream" (every later
+   batch: prefill, encode, write, decode, score; then the metrics and the file's assembly), each also as its
+   excess over "before"; the wall time, the cached tokens per second end to end (prefill, encode, decode and
+   two scorings of every user, not the encoder alone: `bench/encode.py` times that), and the file size.
 
 The input data is O(users) by nature (about 16 bytes per event plus the per-user ids and offsets), so the
 process's absolute peak grows with the data it was given; "peak - before" is what compress itself adds. The fit
 phase does not depend on the number of users (a fixed calibration sample) but its peak varies by tens of MB
-between identical runs (allocator and library workspaces); `--repeats` runs each count several times.
+between identical runs (allocator and library workspaces); `--repeats` runs each count several times. Under
+glibc's dynamic mmap threshold, freeing the large arrays that built the data raises the threshold, so more of
+compress's temporaries come from the heap (which fragments) at 1M users than at 100k; `--mmap-threshold`
+fixes it (less noise, about half the throughput from the extra page faults).
 
     python bench/compress_memory.py                          # 100k and 1M users
     python bench/compress_memory.py --users 100000 300000 --json mem.json
+    python bench/compress_memory.py --repeats 3 --mmap-threshold 1048576
 Runs from the repository root without installing ckv (it puts the root on sys.path). Linux only (/proc).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +46,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._machine import machine as bench_machine  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-users", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mmap-threshold", type=int, metavar="BYTES",
+                   help="run the children with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=BYTES) instead of "
+                        "its dynamic default, under which how the input data was built shifts what compress's "
+                        "temporaries take from the heap")
     p.add_argument("--repeats", type=int, default=1,
                    help="fresh processes per count (default 1); the growth is computed on the medians")
     p.add_argument("--workdir", type=Path, default=None,
@@ -72,6 +82,15 @@ def status_mb(key: str) -> float:
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the kernel (glibc `malloc_trim`), so that "before" counts what is
+    in use, not what building the data freed: compress would reuse those pages without raising the RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak() -> bool:
@@ -134,6 +153,7 @@ def run_one(args) -> dict:
             reset_peak()
 
     gc.collect()
+    trim_heap()
     setup_peak = status_mb("VmHWM")
     before = status_mb("VmRSS")
     if not reset_peak():
@@ -158,16 +178,6 @@ def run_one(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def print_table(rows: list[dict], title: str) -> None:
@@ -198,6 +208,8 @@ def main(argv=None) -> int:
     for n in args.users:
         for _ in range(args.repeats):
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "CKV_NO_PROGRESS": "1"}
+            if args.mmap_threshold:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
             cmd = [sys.executable, str(Path(__file__).resolve()), *passed, "--workdir", str(args.workdir), "--one", str(n)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
@@ -207,10 +219,12 @@ def main(argv=None) -> int:
             r = rows[-1]
             print(f"  {n:,} users: {r['compress_s']:.0f} s, {r['tokens_per_s']:,.0f} tokens/s, peak "
                   f"{r['compress_peak_mb']:.0f} MB (before {r['rss_before_mb']:.0f} MB)", file=sys.stderr)
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform()}
+    machine = {**bench_machine(), "torch_threads": args.threads}  # the driver's torch is idle: report the runs'
     title = (f"ckv compress (compress_to_artifact): SASRec d 64, 2 layers, max_len 50, random weights; {args.items} items, "
              f"mean {args.mean_len:g} events per user; collective pool {args.pool}, {args.batch_users} users per batch, "
-             f"{args.calib_users} calibration users; {machine['cpu']}, {machine['cores']} cores, {args.threads} torch threads")
+             f"{args.calib_users} calibration users; {machine['cpu']}, {machine['cores']} cores, {args.threads} torch threads; "
+             + (f"glibc mmap threshold fixed at {args.mmap_threshold:,} bytes" if args.mmap_threshold
+                else "glibc's default (dynamic) mmap threshold"))
     print_table(rows, title)
     counts = sorted({r["users"] for r in rows})
     if len(counts) > 1:

@@ -150,8 +150,9 @@ class ArtifactWriter:
     ID_CHUNK = 1 << 16  # user ids encoded per write
 
     def __init__(self, path: str | Path, lengths, user_ids, force: bool = False):
-        """`lengths`: each user's token count, or a function returning them (called by `start`, so that they are
-        not held while the plan is fitted); `user_ids`: a sequence (list, array) of ids, str() of each stored."""
+        """`lengths`: each user's token count (an array), or a function `lengths(a, b)` returning those of users
+        [a, b), asked a chunk at a time by `start` (nothing per user is then held at any point); `user_ids`: a
+        sequence (list, array) of ids, str() of each stored."""
         self.path, self.force = Path(path), force
         check_output(self.path, force)
         self._lengths = lengths
@@ -167,14 +168,13 @@ class ArtifactWriter:
         table and the plan's shared tensors (pools, bases, routers: the plan must be fitted)."""
         if self._data is not None or self._lengths is None:
             raise CkvError("internal: the artifact writer was started twice")
-        lengths = self._lengths() if callable(self._lengths) else self._lengths
+        lengths = self._lengths if callable(self._lengths) else self._array_chunks(self._lengths, self.n_users)
         self._lengths = None
-        lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
-        if len(lengths) != self.n_users:
-            raise CkvError(f"internal: {self.n_users} user ids for {len(lengths)} users")
-        if len(lengths) and int(lengths.min()) < 0:
-            raise CkvError("internal: a user has a negative number of tokens")
-        self.n_tokens = int(lengths.sum())
+        for a in range(0, self.n_users, self.ID_CHUNK):
+            chunk = lengths(a, min(a + self.ID_CHUNK, self.n_users))
+            if len(chunk) and int(chunk.min()) < 0:
+                raise CkvError("internal: a user has a negative number of tokens")
+            self.n_tokens += int(chunk.sum())
         self.plan, self._declared = plan, plan.fields()
         specs: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
         self._fmeta = {}
@@ -210,7 +210,6 @@ class ArtifactWriter:
         except OSError as e:
             raise self._write_error(e) from None
         self._put_offsets(lengths)
-        del lengths
         self._put_ids()
         for name, a in shared.items():
             self._put(name, a)
@@ -309,12 +308,23 @@ class ArtifactWriter:
             raise CkvError(f"internal: the temporary data of {self.path} is {size - len(out):,} bytes short")
         return out
 
-    def _put_offsets(self, lengths: np.ndarray) -> None:
-        """users/offsets from the token counts, a chunk of users at a time."""
+    @staticmethod
+    def _array_chunks(lengths, n_users: int):
+        lengths = np.asarray(lengths).reshape(-1)
+        if len(lengths) != n_users or (len(lengths) and lengths.dtype.kind not in "iu"):
+            raise CkvError(f"internal: {n_users} user ids for {len(lengths)} token counts")
+        return lambda a, b: lengths[a:b]
+
+    def _put_offsets(self, lengths) -> None:
+        """users/offsets from the token counts (`lengths(a, b)`), a chunk of users at a time."""
         self._put("users/offsets", np.zeros(1, np.int64))
         end = 0
-        for a in range(0, len(lengths), self.ID_CHUNK):
-            ends = end + np.cumsum(lengths[a : a + self.ID_CHUNK])
+        for a in range(0, self.n_users, self.ID_CHUNK):
+            b = min(a + self.ID_CHUNK, self.n_users)
+            chunk = np.asarray(lengths(a, b), dtype=np.int64)
+            if len(chunk) != b - a:
+                raise CkvError(f"internal: {len(chunk)} token counts for the {b - a} users {a:,}..{b - 1:,}")
+            ends = end + np.cumsum(chunk)
             self._put("users/offsets", ends)
             end = int(ends[-1])
 

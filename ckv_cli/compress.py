@@ -51,7 +51,7 @@ class FieldSink(Protocol):
 class CompressResult:
     plan: CachePlan
     fields: dict[str, np.ndarray]  # empty when the caller asked not to keep them (a sweep, a streamed artifact)
-    offsets: np.ndarray
+    offsets: np.ndarray | None  # None when streamed into an artifact (the file holds them)
     user_ids: Sequence  # the dataset's raw user ids, in order (the artifact stores str() of each)
     accounting: dict
     metrics: dict
@@ -192,11 +192,13 @@ def fit_plan(model, ds: SequenceData, opts: CompressOptions, on_stream: Callable
 # ---------------------------------------------------------------- bytes
 
 
-def accounting(plan: CachePlan, offsets: np.ndarray, kv_dims: tuple[int, int], n_layers: int) -> dict:
+def accounting(plan: CachePlan, offsets: np.ndarray | None, kv_dims: tuple[int, int], n_layers: int,
+               counts: tuple[int, int] | None = None) -> dict:
     """Bytes per NOTES §4. Full cache = every layer's K and V of every cached token; compressed per-user =
     every per-token and per-user field as stored (indices, user values, scales, item ids, timestamps, offsets);
-    shared = pools, routers, bases. Model weights are needed by both and counted by neither."""
-    n_tokens, n_users = int(offsets[-1]), len(offsets) - 1
+    shared = pools, routers, bases. Model weights are needed by both and counted by neither. `counts` (users,
+    tokens) stands in for `offsets` where those are not held (a streamed artifact)."""
+    n_users, n_tokens = counts if counts is not None else (len(offsets) - 1, int(offsets[-1]))
     per_token_full = n_layers * (kv_dims[0] + kv_dims[1])
     full16, full32 = n_tokens * per_token_full * 2, n_tokens * per_token_full * 4
     breakdown = {name: f.nbytes(n_tokens if f.per == "token" else (n_users + 1 if name == "users/offsets" else n_users))
@@ -223,8 +225,9 @@ class Scored:
     """What scoring every user leaves: the users' token offsets and, per user, the target's rank under the
     reference and the compressed cache, the top-10 overlap and the KL divergence (`score_fidelity`).
 
-    The per-user values are kept (`keep_per_user`: a sweep resamples them) or only summed (a streamed artifact:
-    nothing per user but the offsets, so memory stays flat in the number of users). Kept values go into arrays
+    The offsets and per-user values are kept (`keep_per_user`: a sweep resamples them) or only counted and
+    summed (a streamed artifact, whose file holds the offsets: nothing per user is held, so memory stays flat
+    in the number of users; `offsets` is None and `n_tokens` counts the tokens). Kept values go into arrays
     allocated once when the number of users is known: lists of small per-batch arrays, each allocated after
     the batch's large temporaries, kept glibc's heap from reusing or trimming them, and the resident set grew
     by ~20 kB per user (`bench/compress_memory.py`). Summed, the metrics have the definitions of
@@ -232,8 +235,8 @@ class Scored:
     float rounding: sums per batch in float64 where numpy sums all users pairwise."""
 
     def __init__(self, n_users: int | None, keep_per_user: bool = True):
-        self.n, self.keep, self.done = n_users, keep_per_user, 0
-        self.offsets = np.zeros((n_users or 0) + 1, dtype=np.int64)
+        self.n, self.keep, self.done, self.n_tokens = n_users, keep_per_user, 0, 0
+        self.offsets = np.zeros((n_users or 0) + 1, dtype=np.int64) if keep_per_user else None
         self._lengths: list[np.ndarray] = []
         self._arrays: dict[str, np.ndarray] = {}
         self._parts: dict[str, list[np.ndarray]] = {}
@@ -243,21 +246,20 @@ class Scored:
     def add(self, offsets: np.ndarray, values: dict[str, np.ndarray]) -> None:
         """One batch (consecutive users): its offsets and `score_fidelity`'s per-user values."""
         b = len(offsets) - 1
-        if self.n is None:
+        if self.n is not None and self.done + b > self.n:
+            raise CkvError(f"internal: more than the {self.n:,} users announced")
+        self.n_tokens += int(offsets[-1] - offsets[0])
+        if self.keep and self.n is None:  # lists, joined by `finish`
             self._lengths.append(np.diff(offsets))
-        else:
-            if self.done + b > self.n:
-                raise CkvError(f"internal: more than the {self.n:,} users announced")
-            self.offsets[self.done + 1 : self.done + b + 1] = self.offsets[self.done] + (offsets[1:] - offsets[0])
-        if self.keep:
             for k, v in values.items():
-                if self.n is None:
-                    self._parts.setdefault(k, []).append(v)
-                else:
-                    if k not in self._arrays:
-                        self._arrays[k] = np.empty(self.n, dtype=v.dtype)
-                    self._arrays[k][self.done : self.done + b] = v
-        else:
+                self._parts.setdefault(k, []).append(v)
+        elif self.keep:  # arrays allocated once
+            self.offsets[self.done + 1 : self.done + b + 1] = self.offsets[self.done] + (offsets[1:] - offsets[0])
+            for k, v in values.items():
+                if k not in self._arrays:
+                    self._arrays[k] = np.empty(self.n, dtype=v.dtype)
+                self._arrays[k][self.done : self.done + b] = v
+        else:  # sums and counts
             for side in ("rank_ref", "rank_new"):
                 for k, v in per_user_ranking(values[side]).items():
                     self._sums[f"{side}/{k}"] = self._sums.get(f"{side}/{k}", 0.0) + float(v.sum())
@@ -269,14 +271,14 @@ class Scored:
             self._counts["hit10_lost"] += int(((rr < 10) & (rn >= 10)).sum())
         self.done += b
 
-    def finish(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(offsets, per-user values: empty unless kept)."""
-        if self.n is None:
+    def finish(self) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """(offsets, per-user values), both only if kept (else None and empty)."""
+        if self.n is None and self.keep:
             lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
             self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
             self._arrays = {k: np.concatenate(v) for k, v in self._parts.items()}
             self._lengths, self._parts = [], {}
-        elif self.done != self.n:
+        elif self.n is not None and self.done != self.n:
             raise CkvError(f"internal: {self.done:,} of the {self.n:,} users announced were scored")
         return self.offsets, self._arrays
 
@@ -338,7 +340,8 @@ def compress(model, ds: SequenceData, opts: CompressOptions, plan: CachePlan | N
     """Fit (unless `plan` is given), encode, decode and score every user. With `teacher` the caches and reference
     scores come from it (a sweep); without, they are built batch by batch and dropped (bounded memory). With
     `sink`, each batch's fields go to it as they are encoded (`sink.start(plan)` first) and neither they nor
-    the per-user values are kept (`per_user` is empty; the metrics come from running sums: `Scored`)."""
+    the offsets and per-user values are kept (`offsets` is None, `per_user` empty; the metrics come from running
+    sums: `Scored`)."""
     torch.manual_seed(opts.seed)
     distilled = None
     if plan is None:
@@ -366,7 +369,7 @@ def compress(model, ds: SequenceData, opts: CompressOptions, plan: CachePlan | N
     }
     if distilled:
         metrics["distillation"] = {"steps": len(distilled), "first": distilled[0], "last": distilled[-1]}
-    acct = accounting(plan, offsets, model.kv_dims, len(model.layers))
+    acct = accounting(plan, offsets, model.kv_dims, len(model.layers), counts=(scored.done, scored.n_tokens))
     return CompressResult(plan, fields, offsets, ds.user_ids, acct, metrics, per_user)
 
 
@@ -380,7 +383,8 @@ def compress_to_artifact(model, meta: dict, checkpoint_path, ds: SequenceData, o
     from ckv_cli.artifact import ArtifactWriter
     from ckv_cli.data.datasets import sha256_file
 
-    writer = ArtifactWriter(out, lambda: teacher_cache_lengths(ds, model.config.max_len), ds.user_ids, force=force)
+    writer = ArtifactWriter(out, lambda a, b: teacher_cache_lengths(ds, model.config.max_len, a, b), ds.user_ids,
+                            force=force)
     try:
         checkpoint_sha256 = sha256_file(Path(checkpoint_path))
         result = compress(model, ds, opts, advance=advance, on_stream=on_stream, sink=writer)

@@ -176,7 +176,9 @@ def test_streamed_compress_equals_the_in_memory_writer(built, ds, tmp_path):
     _, raw = read_header(out)
     metadata = {k: decode_meta(v) for k, v in raw.items() if k not in WRITER_KEYS}
     assert metadata["accounting"] == report["accounting"] == result.accounting
-    assert result.per_user and not compress(built.model, ds, opts, sink=NullSink()).per_user
+    streaming = compress(built.model, ds, opts, sink=NullSink())  # nothing per user kept
+    assert result.per_user and not streaming.per_user and streaming.offsets is None and not streaming.fields
+    assert streaming.accounting == result.accounting and streaming.metrics == metadata["metrics"]
     streamed = metadata["metrics"]  # from running sums: the in-memory means up to float rounding
     for group in ("uncompressed", "compressed", "fidelity"):
         assert streamed[group].keys() == result.metrics[group].keys()
@@ -207,9 +209,11 @@ def with_empty_users(flat: FlatCache, where: np.ndarray) -> FlatCache:
     return FlatCache(offsets, flat.keys, flat.values, flat.items, flat.timestamps)
 
 
-def test_streamed_batches_with_empty_users_equal_one_batch(built, tmp_path):
+def test_streamed_batches_with_empty_users_equal_one_batch(built, tmp_path, monkeypatch):
     """Batches of 1 to 7 users, some with no tokens (first, last, runs of them), per-user fields (int8 scales
-    for SASRec) included: the same bytes as the in-memory writer, and every user reads back."""
+    for SASRec) included, token counts asked 3 users at a time: the same bytes as the in-memory writer, and
+    every user reads back."""
+    monkeypatch.setattr(ArtifactWriter, "ID_CHUNK", 3)  # offsets and ids written in many pieces
     r = built.result
     flat = with_empty_users(slice_users(built.teacher, 0, 40), np.array([0, 0, 3, 17, 17, 17, 40, 40]))
     n_users = len(flat.offsets) - 1
@@ -219,8 +223,16 @@ def test_streamed_batches_with_empty_users_equal_one_batch(built, tmp_path):
     reference_write_artifact(ref, r.plan, enc, flat.offsets, ids, {"seed": 0})
 
     out = tmp_path / "streamed.safetensors"
-    writer = ArtifactWriter(out, np.diff(flat.offsets), ids)
+    lengths = np.diff(flat.offsets)
+    asked = []
+
+    def counts(a, b):
+        asked.append((a, b))
+        return lengths[a:b]
+
+    writer = ArtifactWriter(out, counts, ids)
     writer.start(r.plan)
+    assert asked[:2] == [(0, 3), (3, 6)] and max(b - a for a, b in asked) == 3
     rng = np.random.default_rng(0)
     a = 0
     while a < n_users:

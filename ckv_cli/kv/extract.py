@@ -72,12 +72,11 @@ class _TestHistories:
         return self.values[self.offsets[u] : self.offsets[u + 1] - 1]
 
 
-def teacher_cache_lengths(data: SequenceData, max_len: int, users: np.ndarray | None = None) -> np.ndarray:
-    """Tokens in each user's teacher cache as `iter_test_caches` builds it, without building it: the test
-    history (all events but the held-out one) cut to its last `max_len` events, minus the last event."""
-    lengths = np.diff(data.offsets).astype(np.int64, copy=False)  # one array, then worked on in place
-    if users is not None:
-        lengths = lengths[np.asarray(users, dtype=np.int64)]
+def teacher_cache_lengths(data: SequenceData, max_len: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Tokens in the teacher cache of users [start, stop) as `iter_test_caches` builds it, without building it:
+    the test history (all events but the held-out one) cut to its last `max_len` events, minus the last event."""
+    stop = data.n_users if stop is None else stop
+    lengths = np.diff(data.offsets[start : stop + 1]).astype(np.int64, copy=False)  # one array, worked on in place
     lengths -= 1
     np.minimum(lengths, max_len, out=lengths)
     lengths -= 1
