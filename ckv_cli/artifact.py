@@ -44,6 +44,7 @@ from ckv_cli.errors import CkvError
 from ckv_cli.kv.extract import FlatCache
 
 FORMAT = "ckv-artifact"
+SHARD_FORMAT = "ckv-artifact-shard"  # the per-user tensors of some users; shared tensors in their own file (`ckv_cli.shard`)
 FORMAT_VERSION = "1"
 SAFETENSORS_DTYPE = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "float16": "F16",
                      "uint32": "U32", "int32": "I32", "float32": "F32", "uint64": "U64", "int64": "I64",
@@ -94,6 +95,17 @@ def decode_meta(value: str):
             return value  # written by a ckv that stored such strings raw
         return out if isinstance(out, str) else value
     return value
+
+
+def decode_metadata(raw: dict[str, str], path) -> dict:
+    """Every `__metadata__` entry decoded (`decode_meta`), a one-line CkvError naming the one that is not."""
+    meta = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = decode_meta(v)
+        except (ValueError, RecursionError):
+            raise CkvError(f"{path}: corrupted metadata entry '{k}'") from None
+    return meta
 
 
 def _layout_order(dtypes: dict[str, np.dtype]) -> list[str]:
@@ -149,11 +161,12 @@ class ArtifactWriter:
 
     ID_CHUNK = 1 << 16  # user ids encoded per write
 
-    def __init__(self, path: str | Path, lengths, user_ids, force: bool = False):
+    def __init__(self, path: str | Path, lengths, user_ids, force: bool = False, shared: bool = True):
         """`lengths`: each user's token count (an array), or a function `lengths(a, b)` returning those of users
         [a, b), asked a chunk at a time by `start` (nothing per user is then held at any point); `user_ids`: a
-        sequence (list, array) of ids, str() of each stored."""
-        self.path, self.force = Path(path), force
+        sequence (list, array) of ids, str() of each stored. `shared=False` writes a shard (`ckv_cli.shard`):
+        the per-user tensors only, metadata format `SHARD_FORMAT`."""
+        self.path, self.force, self.with_shared = Path(path), force, shared
         check_output(self.path, force)
         self._lengths = lengths
         self.user_ids = user_ids
@@ -187,7 +200,7 @@ class ArtifactWriter:
         specs["users/id_offsets"] = (np.dtype(np.int64), (self.n_users + 1,))
         shared = {f"shared/{stream}/{name}": t.detach().cpu().contiguous().numpy()
                   for stream, codec in plan.streams.items() if not isinstance(codec, str)
-                  for name, t in codec.shared().items()}
+                  for name, t in codec.shared().items()} if self.with_shared else {}
         specs.update({name: (a.dtype, a.shape) for name, a in shared.items()})
         unknown = next((n for n, (dtype, _) in specs.items() if dtype.name not in SAFETENSORS_DTYPE), None)
         if unknown:
@@ -256,7 +269,7 @@ class ArtifactWriter:
             if self._cursor[name] != b:
                 raise CkvError(f"internal: tensor {name} got {self._cursor[name] - a:,} of its {b - a:,} bytes")
         meta = {k: encode_meta(v) for k, v in metadata.items()}
-        meta.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+        meta.update({"format": FORMAT if self.with_shared else SHARD_FORMAT, "format_version": FORMAT_VERSION,
                      "plan": json.dumps(self.plan.describe(), sort_keys=True),
                      "fields": json.dumps(self._fmeta, sort_keys=True), "ckv_version": __version__,
                      "checksums": json.dumps({k: h.hexdigest() for k, h in self._sha.items()}, sort_keys=True)})
@@ -405,6 +418,26 @@ def _probe(codec) -> str | None:
     return None
 
 
+def load_shared_into(plan: CachePlan, shared: dict[str, np.ndarray], bad) -> None:
+    """Load each pooled stream's shared tensors (`shared/<stream>/<name>` -> array) into its codec, checking that
+    they fit it; `bad(why)` makes the error raised."""
+    for stream, codec in plan.streams.items():
+        if isinstance(codec, str):
+            continue
+        prefix = f"shared/{stream}/"
+        try:
+            codec.load_shared({n[len(prefix):]: torch.from_numpy(t.copy()) for n, t in shared.items() if n.startswith(prefix)})
+        except KeyError as e:
+            raise bad(f"stream {stream} lacks shared tensor {e}") from None
+        except CkvError as e:
+            raise bad(f"stream {stream}: {e}") from None
+        except DECODE_ERRORS as e:
+            raise bad(f"stream {stream}: its shared tensors do not fit its codec ({type(e).__name__})") from None
+        why = _probe(codec)
+        if why:
+            raise bad(f"stream {stream}: its shared tensors do not fit its codec ({why})")
+
+
 @dataclass
 class Artifact:
     """A lazily opened artifact: metadata up front, tensors read on demand (one user without the others)."""
@@ -417,7 +450,9 @@ class Artifact:
     user_ids: list[str]
 
     @staticmethod
-    def open(path: str | Path) -> "Artifact":
+    def open(path: str | Path, shared: dict[str, np.ndarray] | None = None) -> "Artifact":
+        """Open and check an artifact file; with `shared` (name -> array, from a shared-tensor file) a shard,
+        which holds the per-user tensors only (`ckv_cli.shard`)."""
         path = Path(path)
         if not path.exists():
             raise CkvError(f"artifact not found: {path}")
@@ -426,18 +461,17 @@ class Artifact:
         header, raw = read_header(path)
         if raw.get("format") == CHECKPOINT_FORMAT:
             raise CkvError(f"{path}: not a ckv artifact but a ckv checkpoint (written by ckv train)")
-        if raw.get("format") != FORMAT:
-            raise CkvError(f"{path}: not a ckv artifact (metadata 'format' is {raw.get('format')!r})")
+        if raw.get("format") == SHARD_FORMAT and shared is None:
+            raise CkvError(f"{path}: a shard of a sharded artifact: open its index (.json) instead")
+        if raw.get("format") != (FORMAT if shared is None else SHARD_FORMAT):
+            raise CkvError(f"{path}: not a ckv artifact{' shard' if shared is not None else ''} "
+                           f"(metadata 'format' is {raw.get('format')!r})")
         if raw.get("format_version") != FORMAT_VERSION:
             raise CkvError(f"{path}: artifact format version {raw.get('format_version')!r}, this ckv reads "
                            f"{FORMAT_VERSION!r}")
-        meta = {}
-        for k, v in raw.items():
-            try:
-                meta[k] = decode_meta(v)
-            except (ValueError, RecursionError):
-                raise CkvError(f"{path}: corrupted metadata entry '{k}'") from None
-            if k in ("plan", "fields", "checksums", "accounting", "metrics") and not isinstance(meta[k], dict):
+        meta = decode_metadata(raw, path)
+        for k in ("plan", "fields", "checksums", "accounting", "metrics"):
+            if k in meta and not isinstance(meta[k], dict):
                 raise CkvError(f"{path}: corrupted metadata entry '{k}' (not a JSON object)")
         if "accounting" in meta:  # reports and gates read these numbers
             acct = meta["accounting"]
@@ -499,7 +533,7 @@ class Artifact:
             raise bad(f"tensor 'users/id_offsets' has shape {header['users/id_offsets']['shape']}, expected [{n_users + 1}]")
         pooled = {s for s, c in plan.streams.items() if not isinstance(c, str)}
         for name in header:
-            if name not in declared and name not in table and (
+            if name not in declared and name not in table and (shared is not None or
                     not name.startswith("shared/") or name.split("/")[1] not in pooled or name.count("/") != 2):
                 raise bad(f"unexpected tensor '{name}'")
         try:
@@ -507,7 +541,8 @@ class Artifact:
             offsets = f.get_tensor("users/offsets")
             id_bytes = f.get_tensor("users/id_bytes").tobytes()
             id_off = f.get_tensor("users/id_offsets")
-            shared = {n: f.get_tensor(n) for n in header if n.startswith("shared/")}
+            if shared is None:
+                shared = {n: f.get_tensor(n) for n in header if n.startswith("shared/")}
         except (SafetensorError, OSError, ValueError, TypeError) as e:
             raise CkvError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
         if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != n_tokens:
@@ -517,20 +552,7 @@ class Artifact:
         user_ids = [id_bytes[a:b].decode("utf-8", "replace") for a, b in zip(id_off[:-1], id_off[1:])]
         if len(set(user_ids)) != len(user_ids):
             raise bad("the user id table holds a user twice")
-        for stream in pooled:
-            codec = plan.streams[stream]
-            prefix = f"shared/{stream}/"
-            try:
-                codec.load_shared({n[len(prefix):]: torch.from_numpy(t.copy()) for n, t in shared.items() if n.startswith(prefix)})
-            except KeyError as e:
-                raise bad(f"stream {stream} lacks shared tensor {e}") from None
-            except CkvError as e:
-                raise bad(f"stream {stream}: {e}") from None
-            except DECODE_ERRORS as e:
-                raise bad(f"stream {stream}: its shared tensors do not fit its codec ({type(e).__name__})") from None
-            why = _probe(codec)
-            if why:
-                raise bad(f"stream {stream}: its shared tensors do not fit its codec ({why})")
+        load_shared_into(plan, shared, bad)
         return Artifact(path, meta, plan, fields, offsets, user_ids)
 
     @property
@@ -559,14 +581,19 @@ class Artifact:
             raise CkvError(f"{self.path}: " + ("holds no timestamps, which the checkpoint's attention reads"
                                                if not plan.timestamps else "holds timestamps, which the checkpoint does not read"))
 
-    def read_fields(self, users: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Fields of the given users (indices, any order) and their offsets, reading only their byte ranges."""
+    def checked_users(self, users) -> np.ndarray:
+        """User indices as int64 (1-D), or a CkvError for non-integers or indices out of range."""
         users = np.asarray(users)
         if users.dtype.kind not in "iu" and len(users):
             raise CkvError(f"user indices must be integers, got {users.dtype}")
         users = users.astype(np.int64).reshape(-1)
         if len(users) and (users.min() < 0 or users.max() >= self.n_users):
             raise CkvError(f"user index out of range (artifact has {self.n_users} users)")
+        return users
+
+    def read_fields(self, users: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Fields of the given users (indices, any order) and their offsets, reading only their byte ranges."""
+        users = self.checked_users(users)
         starts, ends = self.offsets[users], self.offsets[users + 1]
         out_offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
         out: dict[str, np.ndarray] = {}

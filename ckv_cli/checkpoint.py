@@ -84,7 +84,8 @@ def write_safetensors(path: Path, save, tensors: dict, metadata: dict, force: bo
 
 
 def save_checkpoint(model, path: str | Path, *, dataset: str, fingerprint: str, item_vocab, metrics: dict,
-                    train: dict, force: bool = True) -> None:
+                    train: dict, force: bool = True, user_vocab=None) -> None:
+    """`user_vocab`: raw user ids in the order of the model's user rows (CTR models, which embed users)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -98,6 +99,8 @@ def save_checkpoint(model, path: str | Path, *, dataset: str, fingerprint: str, 
         "train": json.dumps(train),
         "ckv_version": __version__,
     }
+    if user_vocab is not None:
+        meta["user_vocab"] = json.dumps([str(x) for x in user_vocab])
     write_safetensors(Path(path), save_file, tensors, meta, force=force)
 
 
@@ -106,7 +109,7 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "U16": 2
                "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-SIZES = ("n_items", "d", "n_layers", "n_heads", "d_qk", "d_v", "max_len", "time_buckets")  # config sizes, all >= 1
+SIZES = ("n_items", "d", "n_layers", "n_heads", "d_qk", "d_v", "max_len", "time_buckets", "n_users", "d_attn", "top_k")  # config sizes, all >= 1
 
 
 def _pickle_error(path: Path) -> CkvError:
@@ -221,7 +224,9 @@ def load_checkpoint(path: str | Path):
     meta = read_metadata(path)
     if meta["arch"] not in REGISTRY:
         raise CkvError(f"{path}: unknown architecture '{meta['arch']}' (known: {', '.join(REGISTRY)})")
-    for key in ("config", "item_vocab", "metrics", "train"):
+    for key in ("config", "item_vocab", "metrics", "train", "user_vocab"):
+        if key == "user_vocab" and key not in meta:
+            continue
         try:
             meta[key] = json.loads(meta.get(key, "{}"))
         except (ValueError, RecursionError):
@@ -243,6 +248,10 @@ def load_checkpoint(path: str | Path):
         model = model_cls(cfg)
     except (TypeError, ValueError, AssertionError, RuntimeError, ZeroDivisionError) as e:
         raise CkvError(f"{path}: invalid model config ({str(e).splitlines()[0][:120]})") from None
+    users = meta.get("user_vocab")
+    if users is not None and (not isinstance(users, list) or len(users) != getattr(cfg, "n_users", -1)):
+        raise CkvError(f"{path}: corrupted checkpoint metadata: 'user_vocab' is not a list of the config's "
+                       f"{getattr(cfg, 'n_users', 0):,} user ids")
     if len(vocab) != cfg.n_items + 1:
         raise CkvError(f"{path}: the item vocabulary has {len(vocab):,} entries, the config says {cfg.n_items:,} items "
                        "(+ 1 for padding)")

@@ -45,39 +45,63 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 @app.command()
 def train(
-    arch: Annotated[str, typer.Option("--arch", help="Model: sasrec or hstu.")],
+    arch: Annotated[str, typer.Option("--arch", help="Model: sasrec or hstu (next-item); sim, eta, sdim, twin or nohistory (CTR).")],
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).")],
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on validation NDCG@10).")] = 100,
-    patience: Annotated[int, typer.Option(help="Epochs without a better validation NDCG@10 before stopping.")] = 5,
-    batch_size: Annotated[int, typer.Option(min=1, help="Users per step.")] = 128,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Maximum epochs (early stopping on validation NDCG@10, or AUC for CTR) [next-item: 100, CTR: 1].")] = None,
+    patience: Annotated[Optional[int], typer.Option(min=1, help="Epochs without a better validation metric before stopping [next-item: 5, CTR: 1].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Users (next-item) or samples (CTR) per step [128 / 256].")] = None,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
-    d: Annotated[int, typer.Option(min=1, help="Model width.")] = 64,
-    layers: Annotated[int, typer.Option(min=1, help="Attention layers.")] = 2,
-    max_len: Annotated[int, typer.Option(min=1, help="History window (tokens cached per user).")] = 200,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout rate.")] = 0.2,
-    negatives: Annotated[int, typer.Option(help="Sampled-softmax negatives per position (0 = full softmax).")] = 128,
-    shared_negatives: Annotated[bool, typer.Option("--shared-negatives", help="Draw the negatives once per user, not per position (cheaper, weaker).")] = False,
+    d: Annotated[int, typer.Option(min=1, help="Model (embedding) width.")] = 64,
+    layers: Annotated[int, typer.Option(min=1, help="Attention layers (next-item models).")] = 2,
+    max_len: Annotated[Optional[int], typer.Option(min=1, help="History window: tokens cached per user [next-item: 200, CTR: 1000].")] = None,
+    dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Dropout rate [next-item: 0.2, CTR: 0].")] = None,
+    negatives: Annotated[int, typer.Option(help="Sampled-softmax negatives per position (0 = full softmax; next-item models).")] = 128,
+    shared_negatives: Annotated[bool, typer.Option("--shared-negatives", help="Draw the negatives once per user, not per position (cheaper, weaker; next-item models).")] = False,
+    heads: Annotated[Optional[int], typer.Option(min=1, help="Attention heads [next-item: 1, CTR: 8].")] = None,
+    attn_dim: Annotated[int, typer.Option(min=1, help="Target-attention width (CTR models).")] = 256,
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="Long-history tokens read per candidate (CTR) [50; TWIN 100].")] = None,
+    train_samples: Annotated[int, typer.Option(min=0, help="CTR: train on this many training events, a seeded random subset (0 = all).")] = 0,
     device: Annotated[str, typer.Option(help="Torch device to train on: cpu, cuda, cuda:1, ...")] = "cpu",
     max_minutes: Annotated[float, typer.Option(help="Wall-clock budget: stop after the epoch that passes it (0 = none).")] = 0.0,
+    threads: Annotated[int, typer.Option(min=0, help="Torch CPU threads (0 = torch's default).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
-    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (same arch and config).")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (same arch and config; next-item models).")] = None,
     columns: ColumnsOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing checkpoint.")] = False,
     json_out: JsonOpt = None,
 ):
-    """Train a next-item model with the published recipe and write a self-describing checkpoint."""
+    """Train a model with its published recipe and write a self-describing checkpoint."""
     from ckv_cli.checkpoint import check_output
-    from ckv_cli.data import load
-    from ckv_cli.models import REGISTRY
-    from ckv_cli.report import print_table, progress, write_json
-    from ckv_cli.train import TrainConfig, train_to_checkpoint
+    from ckv_cli.models import REGISTRY, TASKS
 
     if arch not in REGISTRY:
         raise CkvError(f"unknown --arch '{arch}' (choose from: {', '.join(REGISTRY)})")
     check_output(out, force)
     check_output(json_out)
     _check_device(device)
+    if TASKS[arch] == "ctr":
+        if init is not None:
+            raise CkvError("--init continues next-item models only")
+        model_cfg = {"d": d, "d_attn": attn_dim, "n_heads": heads or 8, "max_len": max_len or 1000,
+                     "dropout": dropout or 0.0, **({"top_k": top_k} if top_k else {})}
+        _train_ctr(arch, data, out, columns, model_cfg, epochs or 1, patience or 1, batch_size or 256, lr,
+                   train_samples, device, max_minutes, threads, seed, json_out)
+        return
+    if data.endswith("-ctr"):
+        raise CkvError(f"--data {data} is the CTR task; {arch} is a next-item model (use --data {data[:-4]})")
+    _train_next_item(arch, data, out, columns, init, epochs or 100, patience or 5, batch_size or 128, lr,
+                     {"d": d, "n_layers": layers, "max_len": max_len or 200, "dropout": 0.2 if dropout is None else dropout,
+                      **({"n_heads": heads} if heads else {})},
+                     negatives, shared_negatives, device, max_minutes, threads, seed, json_out)
+
+
+def _train_next_item(arch, data, out, columns, init, epochs, patience, batch_size, lr, model_cfg, negatives,
+                     shared_negatives, device, max_minutes, threads, seed, json_out) -> None:
+    from ckv_cli.data import load
+    from ckv_cli.report import print_table, progress, write_json
+    from ckv_cli.train import TrainConfig, train_to_checkpoint
+
     init_state = None
     if init is not None:
         from ckv_cli.checkpoint import load_checkpoint
@@ -86,16 +110,15 @@ def train(
         if init_meta["arch"] != arch:
             raise CkvError(f"--init {init} is a {init_meta['arch']} checkpoint, not {arch}")
         init_state = init_model.state_dict()
-        d, layers, max_len = (init_meta["config"][k] for k in ("d", "n_layers", "max_len"))
+        model_cfg.update({k: init_meta["config"][k] for k in ("d", "n_layers", "max_len", "n_heads")})
     ds = load(data, parse_columns(columns))
     _report_drops(ds)
     if init is not None and init_meta.get("data_fingerprint") != ds.fingerprint:
         raise CkvError(f"--init {init} was trained on other data (fingerprint {init_meta.get('data_fingerprint')}, "
                        f"this data {ds.fingerprint})")
-    model_cfg = {"d": d, "n_layers": layers, "max_len": max_len, "dropout": dropout}
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, n_negatives=negatives, patience=patience,
                       seed=seed, model=model_cfg, device=device, shared_negatives=shared_negatives,
-                      max_seconds=max_minutes * 60)
+                      max_seconds=max_minutes * 60, threads=threads)
     steps = -(-int((ds.lengths() >= 4).sum()) // batch_size)  # users with two or more training events
     with progress(f"train {arch}", total=epochs * steps) as advance:
         metrics, history = train_to_checkpoint(
@@ -105,6 +128,28 @@ def train(
     print_table(f"{arch} on {ds.name}: test (all items ranked)", ["metric", "value"], [[k, v] for k, v in test.items()])
     print(f"wrote {out} ({metrics['epochs']} epochs, best {metrics['best_epoch']}, {seconds:.0f} s"
           f"{', interrupted' if metrics['interrupted'] else ''})")
+    write_json(json_out, {"checkpoint": str(out), "arch": arch, "dataset": ds.name, **metrics, "history": history})
+
+
+def _train_ctr(arch, data, out, columns, model_cfg, epochs, patience, batch_size, lr, train_samples, device,
+               max_minutes, threads, seed, json_out) -> None:
+    from ckv_cli.ctr import CTRTrainConfig, model_config, train_ctr_to_checkpoint
+    from ckv_cli.data.ctr import load_ctr
+    from ckv_cli.report import print_table, progress, write_json
+
+    model_config(arch, 1, 1, 1, model_cfg)  # refuse a bad config before reading any data
+    ds = load_ctr(data, parse_columns(columns), max_history=model_cfg["max_len"])
+    _report_drops(ds.seq)
+    cfg = CTRTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, threads=threads,
+                         device=device, max_seconds=max_minutes * 60, train_samples=train_samples, model=model_cfg)
+    n = min(train_samples or len(ds.samples("train")), len(ds.samples("train")))
+    with progress(f"train {arch}", total=epochs * -(-n // batch_size)) as advance:
+        metrics, history = train_ctr_to_checkpoint(
+            ds, arch, cfg, out, command=" ".join(["ckv"] + sys.argv[1:]), on_step=advance,
+            on_epoch=lambda h: advance(0, f"epoch {h['epoch']} loss {h['loss']:.4f} val AUC {h['valid_AUC']:.4f}"))
+    print_table(f"{arch} on {ds.name}: test ({metrics['test']['samples']:,} samples)", ["metric", "value"],
+                [[k, v] for k, v in metrics["test"].items()])
+    print(f"wrote {out} ({metrics['epochs']} epochs, best {metrics['best_epoch']}, {metrics['train_seconds']:.0f} s)")
     write_json(json_out, {"checkpoint": str(out), "arch": arch, "dataset": ds.name, **metrics, "history": history})
 
 
@@ -123,6 +168,11 @@ def _checkpoint_and_data(checkpoint: Path, data: str, columns: str | None):
     from ckv_cli.data import load
 
     model, meta = load_checkpoint(checkpoint)
+    if getattr(model, "task", "next-item") == "ctr":
+        raise CkvError(f"{checkpoint} is a CTR model ({meta['arch']}); this command reads next-item models "
+                       "(sasrec, hstu) for now")
+    if data.endswith("-ctr") and not Path(data).exists():
+        raise CkvError(f"--data {data} is the CTR task; {checkpoint} is a next-item model (use --data {data[:-4]})")
     ds = load(data, parse_columns(columns), item_vocab=meta["item_vocab"])
     _report_drops(ds)
     return model, meta, ds
@@ -165,6 +215,11 @@ def evaluate(
 
     if not data:
         raise CkvError("missing option '--data'")
+    if _task_of(checkpoint) == "ctr":
+        if artifacts or sweep is not None or max_delta or max_ratio is not None:
+            raise CkvError(f"{checkpoint} is a CTR model: artifacts, --sweep and gates apply to next-item models for now")
+        _evaluate_ctr(checkpoint, data, columns, split, json_out)
+        return
     if sweep is not None:
         _sweep(checkpoint, data, columns, sweep, artifacts or [], split, exclude_seen, bool(max_delta) or max_ratio is not None,
                bootstrap, seed, calib_users, json_out, csv_out, plot)
@@ -204,6 +259,33 @@ def evaluate(
                           "seconds": round(time.time() - t, 2)})
 
 
+def _task_of(checkpoint: Path) -> str:
+    from ckv_cli.checkpoint import read_metadata
+    from ckv_cli.models import TASKS
+
+    return TASKS.get(read_metadata(checkpoint).get("arch"), "next-item")
+
+
+def _evaluate_ctr(checkpoint: Path, data: str, columns: str | None, split: str, json_out) -> None:
+    from ckv_cli.checkpoint import check_output, load_checkpoint
+    from ckv_cli.ctr import evaluate_ctr
+    from ckv_cli.data.ctr import load_ctr
+    from ckv_cli.report import print_table, progress, write_json
+
+    check_output(json_out)
+    model, meta = load_checkpoint(checkpoint)
+    ds = load_ctr(data, parse_columns(columns), max_history=model.config.max_len, item_vocab=meta["item_vocab"])
+    _report_drops(ds.seq)
+    ds = ds.with_user_vocab(meta.get("user_vocab") or [])
+    t = time.time()
+    with progress("evaluate", total=len(ds.samples(split))) as advance:
+        metrics = evaluate_ctr(model, ds, split, progress=advance)
+    print_table(f"{meta['arch']} on {ds.name}: {split} ({metrics['samples']:,} samples, {metrics['users']:,} users)",
+                ["metric", "value"], [[k, v] for k, v in metrics.items()])
+    write_json(json_out, {"checkpoint": str(checkpoint), "arch": meta["arch"], "dataset": ds.name, "split": split,
+                          "metrics": metrics, "seconds": round(time.time() - t, 2)})
+
+
 def _sweep(checkpoint, data, columns, spec, artifacts, split, exclude_seen, gated, bootstrap, seed, calib_users,
            json_out, csv_out, plot) -> None:
     from ckv_cli.checkpoint import check_output
@@ -240,13 +322,13 @@ def _sweep(checkpoint, data, columns, spec, artifacts, split, exclude_seen, gate
 
 
 def _compare(model, checkpoint, ds, artifacts, bootstrap, seed, speed_batch, repeats):
-    from ckv_cli.artifact import Artifact
     from ckv_cli.compare import check_source, compare_artifact
+    from ckv_cli.shard import open_artifact
     from ckv_cli.data.datasets import sha256_file
     from ckv_cli.report import print_comparison, progress
 
     sha = sha256_file(checkpoint)
-    opened = [Artifact.open(a) for a in artifacts]
+    opened = [open_artifact(a) for a in artifacts]
     for art in opened:  # refuse before any work
         check_source(art, sha)
         art.check_model(model)
@@ -268,7 +350,7 @@ def compress(
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact to write (.safetensors).")],
     codec: Annotated[str, typer.Option(help="Compression method (see the README for the list).")] = "collective",
-    pool_size: Annotated[int, typer.Option(help="Global pool entries per stream (collective).")] = 8192,
+    pool_size: Annotated[Optional[int], typer.Option(help="Global pool entries per stream (collective) [next-item models 8192, CTR models 4096].")] = None,
     user_dim: Annotated[int, typer.Option(help="User-specific dims per token per stream (collective).")] = 0,
     layout: Annotated[str, typer.Option(help="residual (pool + low-rank basis) or concat (the paper's).")] = "residual",
     user_dtype: Annotated[str, typer.Option(help="Storage of the user dims: int8 (per-user scale) or fp16.")] = "int8",
@@ -277,6 +359,10 @@ def compress(
     calib_users: Annotated[int, typer.Option(min=1, help="Users whose caches fit the pool (seeded sample).")] = 1000,
     batch_users: Annotated[int, typer.Option(min=1, help="Users encoded per batch (bounds memory).")] = 256,
     distill_steps: Annotated[int, typer.Option(min=0, help="Distillation steps after the gradient-free initialisation (0 = none).")] = 0,
+    engine: Annotated[str, typer.Option(help="Where users are encoded: local (this process) or ray (a Ray Data job; needs ckv-cli[ray]). ray writes shards, like --shard-size.")] = "local",
+    shard_size: Annotated[Optional[int], typer.Option(help="Write shards of this many users (a multiple of --batch-users) and an index: -o NAME.index.json. Default with --engine ray: 65536.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="With --engine ray: the Ray cluster to join (e.g. auto, ray://head:10001); default: start a local Ray.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="With --engine ray: encoding actors (one CPU, one model and plan each).")] = 2,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="Codec parameter KEY=VALUE for any codec, repeatable (e.g. --codec pq --param subvectors=16 --param bits=8).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
     columns: ColumnsOpt = None,
@@ -288,19 +374,54 @@ def compress(
     from ckv_cli.compress import CompressOptions, compress_to_artifact, parse_params
     from ckv_cli.report import print_compress, progress, write_json
 
+    if checkpoint.is_file() and _task_of(checkpoint) == "ctr":  # SIM, ETA, SDIM, TWIN: ckv_cli/compress_ctr.py
+        from ckv_cli.compress_ctr import compress_ctr_command
+
+        compress_ctr_command(checkpoint, data, out, codec=codec, pool_size=pool_size, user_dim=user_dim, layout=layout,
+                             user_dtype=user_dtype, share=share, calib_users=calib_users, batch_users=batch_users,
+                             param=param, seed=seed, columns=columns, force=force, json_out=json_out,
+                             refused={"--engine": engine != "local", "--shard-size": shard_size is not None,
+                                      "--address": address is not None, "--distill-steps": distill_steps > 0,
+                                      "--no-recompute-item-layers": not recompute_item_layers},
+                             command=" ".join(["ckv"] + sys.argv[1:]))
+        return
+    sharded = engine != "local" or shard_size is not None
+    if engine not in ("local", "ray"):
+        raise CkvError(f"unknown --engine '{engine}' (choose local or ray)")
+    if engine == "ray":
+        from ckv_cli.engines.ray_engine import require_ray
+
+        require_ray()
+    if address is not None and engine != "ray":
+        raise CkvError("--address goes with --engine ray")
+    if sharded:
+        from ckv_cli.shard import DEFAULT_SHARD_USERS, is_index
+
+        shard_size = shard_size or DEFAULT_SHARD_USERS
+        if not is_index(out):
+            raise CkvError(f"sharded output is an index: -o must end with .json (e.g. NAME.index.json), got {out}")
     check_output(out, force)
     check_output(json_out)
     model, meta, ds = _checkpoint_and_data(checkpoint, data, columns)
-    params = {"pool_size": pool_size, "user_dim": user_dim, "layout": layout, "user_dtype": user_dtype} if codec == "collective" else {}
+    params = ({"pool_size": 8192 if pool_size is None else pool_size, "user_dim": user_dim, "layout": layout,
+               "user_dtype": user_dtype} if codec == "collective" else {})
     params.update(parse_params(param or []))
     opts = CompressOptions(codec=codec, params=params, share=tuple(s.strip() for s in share.split(",") if s.strip()),
                            recompute_item_layers=recompute_item_layers, calib_users=calib_users,
                            batch_users=batch_users, distill_steps=distill_steps, seed=seed)
     t = time.time()
     with progress("compress", total=ds.n_users) as advance:
-        report = compress_to_artifact(model, meta, checkpoint, ds, opts, out, force=force, advance=advance,
+        if sharded:
+            from ckv_cli.shard import compress_sharded
+
+            report = compress_sharded(model, meta, checkpoint, ds, opts, out, shard_size, engine=engine,
+                                      workers=workers, address=address, force=force, advance=advance,
                                       command=" ".join(["ckv"] + sys.argv[1:]),
                                       on_stream=lambda name: advance(0, f"fitting {name}"))
+        else:
+            report = compress_to_artifact(model, meta, checkpoint, ds, opts, out, force=force, advance=advance,
+                                          command=" ".join(["ckv"] + sys.argv[1:]),
+                                          on_stream=lambda name: advance(0, f"fitting {name}"))
     report["seconds"] = round(time.time() - t, 1)
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     print_compress(report)
@@ -309,7 +430,7 @@ def compress(
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="An artifact (ckv compress) or a checkpoint (ckv train).")],
+    path: Annotated[Path, typer.Argument(help="An artifact (ckv compress): one file, an index (.json) of shards or one shard; or a checkpoint (ckv train).")],
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="Dataset: reconstruction error of an artifact; the cache analysis of a checkpoint.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="The artifact's checkpoint (default: the path in its metadata).")] = None,
     users: Annotated[int, typer.Option(min=1, help="Users sampled for the analysis / reconstruction error.")] = 500,
@@ -328,7 +449,11 @@ def inspect(
     if not path.exists():
         raise CkvError(f"not found: {path}")
     kind = _file_kind(path)
-    if kind == "artifact":
+    from ckv_cli.compress_ctr import inspect_ctr_artifact, is_ctr_artifact
+
+    if kind == "artifact" and path.is_file() and is_ctr_artifact(path):  # a CTR model's artifact (compress_ctr.py)
+        ok = inspect_ctr_artifact(path, data, json_out)
+    elif kind == "artifact":
         ok = _inspect_artifact(path, data, checkpoint, users, seed, plot, columns, json_out)
     else:
         _inspect_checkpoint(path, data, users, seed, target_error, plot, columns, json_out)
@@ -337,28 +462,58 @@ def inspect(
         raise typer.Exit(1)
 
 
-def _file_kind(path: Path) -> str:
-    from ckv_cli.artifact import FORMAT
-    from ckv_cli.checkpoint import read_header, read_metadata
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="An artifact: the index (.json) of a sharded one, or one file.")],
+    json_out: JsonOpt = None,
+):
+    """Check an artifact on disk: each shard's and the shared file's sha256 against the index, every header,
+    every tensor's checksum, and that every user appears exactly once. Prints what differs; exit 1 on any problem."""
+    from ckv_cli.checkpoint import check_output
+    from ckv_cli.report import write_json
+    from ckv_cli.shard import verify_path
 
+    check_output(json_out)
+    if not path.exists():
+        raise CkvError(f"not found: {path}")
+    problems, summary = verify_path(path)
+    for line in problems:
+        print(f"FAILED {line}")
+    what = (f"{summary['shards']} shards + shared file" if "shards" in summary else "1 file")
+    print(f"{'ok' if not problems else f'{len(problems)} problem(s)'}: {path} ({what}, {summary['users']:,} users, "
+          f"{summary['tokens']:,} tokens)")
+    write_json(json_out, {"path": str(path), "ok": not problems, "problems": problems, **summary})
+    if problems:
+        raise typer.Exit(1)
+
+
+def _file_kind(path: Path) -> str:
+    from ckv_cli.artifact import FORMAT, SHARD_FORMAT
+    from ckv_cli.checkpoint import read_header, read_metadata
+    from ckv_cli.shard import is_index
+
+    if is_index(path):
+        return "artifact"
     fmt = read_header(path)[1].get("format")
-    if fmt == FORMAT:
+    if fmt in (FORMAT, SHARD_FORMAT):
         return "artifact"
     read_metadata(path)  # raises the checkpoint reader's one-line error for anything else
     return "checkpoint"
 
 
 def _inspect_artifact(path, data, checkpoint, users, seed, plot, columns, json_out) -> bool:
-    from ckv_cli.artifact import Artifact
     from ckv_cli.compare import check_source
     from ckv_cli.data.datasets import sha256_file
-    from ckv_cli.inspection import pool_usage, reconstruction_error, tensor_inventory
+    from ckv_cli.inspection import artifact_inventory, pool_usage, reconstruction_error
     from ckv_cli.report import print_inspect_artifact, write_json
+    from ckv_cli.shard import open_artifact, shards_summary
 
-    art = Artifact.open(path)
+    art = open_artifact(path)
     report = {"path": str(path), "kind": "artifact",
               "metadata": {k: v for k, v in art.meta.items() if k not in ("checksums", "fields")},
-              "tensors": tensor_inventory(path), "pool_usage": pool_usage(art)}
+              "tensors": artifact_inventory(art), "pool_usage": pool_usage(art)}
+    if hasattr(art, "shards"):
+        report["shards"] = shards_summary(art)
     report["corrupted_tensors"] = art.verify()
     if data:
         ckpt = checkpoint or Path(str(art.meta.get("checkpoint", "")))

@@ -193,20 +193,29 @@ def fit_plan(model, ds: SequenceData, opts: CompressOptions, on_stream: Callable
 
 
 def accounting(plan: CachePlan, offsets: np.ndarray | None, kv_dims: tuple[int, int], n_layers: int,
-               counts: tuple[int, int] | None = None) -> dict:
+               counts: tuple[int, int] | None = None, breakdown: dict[str, int] | None = None) -> dict:
     """Bytes per NOTES §4. Full cache = every layer's K and V of every cached token; compressed per-user =
     every per-token and per-user field as stored (indices, user values, scales, item ids, timestamps, offsets);
     shared = pools, routers, bases. Model weights are needed by both and counted by neither. `counts` (users,
-    tokens) stands in for `offsets` where those are not held (a streamed artifact)."""
+    tokens) stands in for `offsets` where those are not held (a streamed artifact); `breakdown` (per-user bytes
+    per field) for the sizes computed from the counts where the users are split over shards (`ckv_cli.shard`:
+    each shard packs its own last partial byte and holds its own offsets)."""
     n_users, n_tokens = counts if counts is not None else (len(offsets) - 1, int(offsets[-1]))
     per_token_full = n_layers * (kv_dims[0] + kv_dims[1])
     full16, full32 = n_tokens * per_token_full * 2, n_tokens * per_token_full * 4
-    breakdown = {name: f.nbytes(n_tokens if f.per == "token" else (n_users + 1 if name == "users/offsets" else n_users))
+    breakdown = breakdown or {name: f.nbytes(n_tokens if f.per == "token" else (n_users + 1 if name == "users/offsets" else n_users))
                  for name, f in plan.fields().items()}
     per_user = sum(breakdown.values())
     shared = {f"shared/{s}/{n}": int(t.numel() * t.element_size()) for s, c in plan.streams.items()
               if not isinstance(c, str) for n, t in c.shared().items()}
     shared_total = sum(shared.values())
+    return {**ratios(n_users, n_tokens, per_token_full, per_user, shared_total),
+            "per_user_breakdown": breakdown, "shared_breakdown": shared}
+
+
+def ratios(n_users: int, n_tokens: int, per_token_full: int, per_user: int, shared_total: int) -> dict:
+    """NOTES §4's totals and ratios; `per_token_full` = values per token of the full cache (fp16: x 2 bytes)."""
+    full16, full32 = n_tokens * per_token_full * 2, n_tokens * per_token_full * 4
     return {
         "users": n_users, "tokens": n_tokens, "full_fp16_bytes": full16, "full_fp32_bytes": full32,
         "per_user_bytes": per_user, "shared_bytes": shared_total,
@@ -214,7 +223,6 @@ def accounting(plan: CachePlan, offsets: np.ndarray | None, kv_dims: tuple[int, 
         "per_user_ratio_fp16": per_user / max(full16, 1), "per_user_ratio_fp32": per_user / max(full32, 1),
         "total_ratio_fp16": (per_user + shared_total) / max(full16, 1),
         "total_ratio_fp32": (per_user + shared_total) / max(full32, 1),
-        "per_user_breakdown": breakdown, "shared_breakdown": shared,
     }
 
 
@@ -242,6 +250,38 @@ class Scored:
         self._parts: dict[str, list[np.ndarray]] = {}
         self._sums: dict[str, float] = {}
         self._counts = {"hit10_flips": 0, "hit10_gained": 0, "hit10_lost": 0}
+        self._err: dict[str, list[float]] = {}  # stream -> [squared error, squared norm] of the decoded cache
+
+    def add_error(self, name: str, teacher: torch.Tensor, decoded: torch.Tensor) -> None:
+        e = self._err.setdefault(name, [0.0, 0.0])
+        e[0] += float(((teacher - decoded) ** 2).sum())
+        e[1] += float((teacher ** 2).sum())
+
+    def recon(self) -> dict[str, float]:
+        """Relative squared reconstruction error per stream, over every token added."""
+        return {k: num / max(den, 1e-12) for k, (num, den) in self._err.items()}
+
+    def summary(self) -> dict:
+        """The running sums (plain numbers: JSON-able), for `merged` (shards scored apart; not kept per user)."""
+        return {"done": self.done, "n_tokens": self.n_tokens, "sums": dict(self._sums), "counts": dict(self._counts),
+                "err": {k: list(v) for k, v in self._err.items()}}
+
+    @classmethod
+    def merged(cls, summaries: list[dict]) -> "Scored":
+        """One `Scored` (sums only) over the users of several: their `summary()`s added."""
+        out = cls(None, keep_per_user=False)
+        for s in summaries:
+            out.done += s["done"]
+            out.n_tokens += s["n_tokens"]
+            for k, v in s["sums"].items():
+                out._sums[k] = out._sums.get(k, 0.0) + v
+            for k, v in s["counts"].items():
+                out._counts[k] += v
+            for k, (num, den) in s["err"].items():
+                e = out._err.setdefault(k, [0.0, 0.0])
+                e[0] += num
+                e[1] += den
+        return out
 
     def add(self, offsets: np.ndarray, values: dict[str, np.ndarray]) -> None:
         """One batch (consecutive users): its offsets and `score_fidelity`'s per-user values."""
@@ -308,8 +348,6 @@ def run_plan(model, plan: CachePlan, batches: Iterable[TeacherBatch], advance: C
     item_kv = lambda items, pos: item_layer_kv(model, items, pos)  # noqa: E731
     chunks: dict[str, list[np.ndarray]] = {}
     scored = Scored(n_users, keep_per_user)
-    err_num: dict[str, float] = {}
-    err_den: dict[str, float] = {}
     for tb in batches:
         flat = tb.flat
         enc = plan.encode(flat)
@@ -317,9 +355,7 @@ def run_plan(model, plan: CachePlan, batches: Iterable[TeacherBatch], advance: C
             sink(enc, flat.offsets)
         dec = plan.decode(enc, flat.offsets, item_kv)
         for name in plan.streams:
-            a, b = flat.stream(name), dec.stream(name)
-            err_num[name] = err_num.get(name, 0.0) + float(((a - b) ** 2).sum())
-            err_den[name] = err_den.get(name, 0.0) + float((a ** 2).sum())
+            scored.add_error(name, flat.stream(name), dec.stream(name))
         if keep_fields:
             for k, v in enc.items():
                 chunks.setdefault(k, []).append(v)
@@ -330,8 +366,39 @@ def run_plan(model, plan: CachePlan, batches: Iterable[TeacherBatch], advance: C
             advance(len(tb.users))
     fields = {k: np.concatenate(v) for k, v in chunks.items()}
     scored.finish()
-    recon = {k: err_num[k] / max(err_den[k], 1e-12) for k in err_num}
-    return fields, scored, recon
+    return fields, scored, scored.recon()
+
+
+def fit_and_distill(model, ds: SequenceData, opts: CompressOptions, on_stream=None, teacher: Teacher | None = None):
+    """(fitted plan, distillation history or None): calibration (`fit_plan`), then `opts.distill_steps` steps."""
+    torch.manual_seed(opts.seed)
+    plan = fit_plan(model, ds, opts, on_stream, teacher=teacher)
+    if not opts.distill_steps:
+        return plan, None
+    from ckv_cli.distill import DistillOptions, distill
+
+    return plan, distill(model, ds, plan, DistillOptions(steps=opts.distill_steps, seed=opts.seed))
+
+
+def metrics_report(scored: Scored, recon: dict[str, float]) -> dict:
+    """The metrics entry of a report: ranking metrics without and with compression, deltas, fidelity, error."""
+    teacher_m, student, fidelity = scored.metrics()
+    return {
+        "protocol": f"test split, history prefilled and compressed, last event appended via extend; {PROTOCOL}",
+        "uncompressed": teacher_m, "compressed": student,
+        "delta": {k: student[k] - teacher_m[k] for k in teacher_m},
+        "relative_delta": {k: (student[k] - teacher_m[k]) / teacher_m[k] if teacher_m[k] else 0.0 for k in teacher_m},
+        "fidelity": fidelity,
+        "reconstruction_rel_mse": recon,
+    }
+
+
+def run_metadata(meta: dict, checkpoint_path, checkpoint_sha256: str, ds: SequenceData, opts: CompressOptions) -> dict:
+    """What an artifact records of the run that made it (besides plan, accounting, metrics and command)."""
+    return {"checkpoint": str(checkpoint_path), "checkpoint_sha256": checkpoint_sha256, "arch": meta["arch"],
+            "dataset": ds.name, "data_fingerprint": ds.fingerprint, "seed": opts.seed, "codec": opts.codec,
+            "params": opts.params, "share": list(opts.share), "recompute_item_layers": opts.recompute_item_layers,
+            "calib_users": min(opts.calib_users, ds.n_users)}
 
 
 def compress(model, ds: SequenceData, opts: CompressOptions, plan: CachePlan | None = None,
@@ -345,11 +412,7 @@ def compress(model, ds: SequenceData, opts: CompressOptions, plan: CachePlan | N
     torch.manual_seed(opts.seed)
     distilled = None
     if plan is None:
-        plan = fit_plan(model, ds, opts, on_stream, teacher=teacher)
-        if opts.distill_steps:
-            from ckv_cli.distill import DistillOptions, distill
-
-            distilled = distill(model, ds, plan, DistillOptions(steps=opts.distill_steps, seed=opts.seed))
+        plan, distilled = fit_and_distill(model, ds, opts, on_stream, teacher=teacher)
     batches = teacher.batches if teacher is not None else teacher_batches(model, ds, range(ds.n_users), opts.batch_users)
     if sink is not None:
         sink.start(plan)
@@ -358,15 +421,7 @@ def compress(model, ds: SequenceData, opts: CompressOptions, plan: CachePlan | N
                                      sink.add if sink is not None else None, n_users=n_users,
                                      keep_per_user=sink is None)
     offsets, per_user = scored.offsets, scored.per_user
-    teacher_m, student, fidelity = scored.metrics()
-    metrics = {
-        "protocol": f"test split, history prefilled and compressed, last event appended via extend; {PROTOCOL}",
-        "uncompressed": teacher_m, "compressed": student,
-        "delta": {k: student[k] - teacher_m[k] for k in teacher_m},
-        "relative_delta": {k: (student[k] - teacher_m[k]) / teacher_m[k] if teacher_m[k] else 0.0 for k in teacher_m},
-        "fidelity": fidelity,
-        "reconstruction_rel_mse": recon,
-    }
+    metrics = metrics_report(scored, recon)
     if distilled:
         metrics["distillation"] = {"steps": len(distilled), "first": distilled[0], "last": distilled[-1]}
     acct = accounting(plan, offsets, model.kv_dims, len(model.layers), counts=(scored.done, scored.n_tokens))
@@ -388,13 +443,8 @@ def compress_to_artifact(model, meta: dict, checkpoint_path, ds: SequenceData, o
     try:
         checkpoint_sha256 = sha256_file(Path(checkpoint_path))
         result = compress(model, ds, opts, advance=advance, on_stream=on_stream, sink=writer)
-        report = {
-            "artifact": str(out), "checkpoint": str(checkpoint_path), "checkpoint_sha256": checkpoint_sha256,
-            "arch": meta["arch"], "dataset": ds.name, "data_fingerprint": ds.fingerprint, "seed": opts.seed,
-            "codec": opts.codec, "params": opts.params, "share": list(opts.share),
-            "recompute_item_layers": opts.recompute_item_layers, "calib_users": min(opts.calib_users, ds.n_users),
-            "plan": result.plan.describe(), "accounting": result.accounting, "metrics": result.metrics,
-        }
+        report = {"artifact": str(out), **run_metadata(meta, checkpoint_path, checkpoint_sha256, ds, opts),
+                  "plan": result.plan.describe(), "accounting": result.accounting, "metrics": result.metrics}
         metadata = {k: v for k, v in report.items() if k not in ("artifact", "plan")}
         metadata["command"] = command
         laid_out = writer.tensor_bytes

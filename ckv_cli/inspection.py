@@ -43,24 +43,46 @@ def tensor_inventory(path) -> list[dict]:
     return out
 
 
+def artifact_inventory(art: Artifact) -> list[dict]:
+    """`tensor_inventory` of an artifact; of a sharded one (`ckv_cli.shard.ShardedArtifact`), the shared file's
+    tensors and each per-user tensor over all shards (bytes and first dimension summed, `files` counted)."""
+    shards = getattr(art, "shards", None)
+    if shards is None:
+        return tensor_inventory(art.path)
+    out = {t["name"]: {**t, "files": 1} for t in tensor_inventory(art.path.parent / art.index["shared"]["file"])}
+    for shard in shards:
+        for t in tensor_inventory(shard.path):
+            if t["name"] not in out:
+                out[t["name"]] = {**t, "shape": list(t["shape"]), "files": 0}
+            else:
+                o = out[t["name"]]
+                o["bytes"] += t["bytes"]
+                o["shape"] = [o["shape"][0] + t["shape"][0], *o["shape"][1:]]
+            out[t["name"]]["files"] += 1
+    return [out[k] for k in sorted(out)]
+
+
 def pool_usage(art: Artifact) -> dict[str, dict]:
     """Per pooled stream: entries used, entropy of the index distribution (bits, and as a share of the most a
-    pool of that size can have), and the share of tokens that go to the 10 most used entries."""
+    pool of that size can have), and the share of tokens that go to the 10 most used entries (over every shard
+    of a sharded artifact)."""
     out = {}
-    with safe_open(str(art.path), "np") as f:
-        for stream, codec in art.plan.streams.items():
-            name = f"{stream}/idx"
-            if isinstance(codec, str) or name not in art.fields:
-                continue
-            fm = art.fields[name]
-            idx = unpack(f.get_tensor(name), fm["bits"], fm["count"])
-            counts = np.bincount(idx, minlength=codec.pool_size)
-            p = counts[counts > 0] / max(counts.sum(), 1)
-            entropy = float(-(p * np.log2(p)).sum())
-            out[stream] = {"pool_size": codec.pool_size, "used": int((counts > 0).sum()),
-                           "entropy_bits": entropy, "entropy_share": entropy / math.log2(codec.pool_size),
-                           "top10_share": float(np.sort(counts)[::-1][:10].sum() / max(counts.sum(), 1)),
-                           "counts": counts}
+    for stream, codec in art.plan.streams.items():
+        name = f"{stream}/idx"
+        if isinstance(codec, str) or name not in art.fields:
+            continue
+        idx = []
+        for part in getattr(art, "shards", [art]):
+            fm = part.fields[name]
+            with safe_open(str(part.path), "np") as f:
+                idx.append(unpack(f.get_tensor(name), fm["bits"], fm["count"]))
+        counts = np.bincount(np.concatenate(idx), minlength=codec.pool_size)
+        p = counts[counts > 0] / max(counts.sum(), 1)
+        entropy = float(-(p * np.log2(p)).sum())
+        out[stream] = {"pool_size": codec.pool_size, "used": int((counts > 0).sum()),
+                       "entropy_bits": entropy, "entropy_share": entropy / math.log2(codec.pool_size),
+                       "top10_share": float(np.sort(counts)[::-1][:10].sum() / max(counts.sum(), 1)),
+                       "counts": counts}
     return out
 
 

@@ -102,6 +102,11 @@ def print_compress(report: dict) -> None:
                      f"{m['uncompressed'][k]:.4f} -> {m['compressed'][k]:.4f} ({m['delta'][k]:+.4f}, {m['relative_delta'][k]:+.2%})"])
     rows.append(["top-10 overlap with uncompressed", f"{m['fidelity']['top10_overlap']:.3f}"])
     rows.append(["users whose hit@10 flips", f"{m['fidelity']['hit10_flips']:,}"])
+    if "engine" in report:
+        e = report["engine"]
+        rows.append([f"shards ({e['name']}, {e['workers']} worker(s))",
+                     f"{e['shards']:,} of {e['shard_size']:,} users; encode {e['encode_seconds']:.0f} s, "
+                     f"{e['tokens_per_second_per_worker']:,.0f} tokens/s per worker"])
     if "seconds" in report:
         rows.append(["time / peak memory", f"{report['seconds']:.0f} s / {report.get('peak_rss_mb', 0):,.0f} MB"])
     print_table(f"ckv compress: {report['arch']} on {report['dataset']} -> {report['artifact']}", ["", "value"], rows)
@@ -135,8 +140,8 @@ def print_comparison(comparisons) -> None:
         print_table(f"{c.artifact}: fidelity, bytes, speed", ["", "value"], info)
 
 
-_META_SHOWN = ("arch", "dataset", "codec", "params", "share", "seed", "calib_users", "checkpoint", "checkpoint_sha256",
-               "data_fingerprint", "format_version", "ckv_version", "command")
+_META_SHOWN = ("format", "arch", "dataset", "codec", "params", "share", "seed", "calib_users", "checkpoint",
+               "checkpoint_sha256", "data_fingerprint", "format_version", "ckv_version", "command", "shard", "engine")
 
 
 def print_inspect_artifact(r: dict) -> None:
@@ -145,6 +150,12 @@ def print_inspect_artifact(r: dict) -> None:
                 [[k, meta[k] if isinstance(meta[k], str) else json.dumps(meta[k])] for k in _META_SHOWN if k in meta])
     print_table("tensors", ["name", "dtype", "shape", "bytes"],
                 [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", t["bytes"]] for t in r["tensors"]])
+    if "shards" in r:
+        s = r["shards"]
+        print_table(f"{s['count']} shards (users in index order) + shared tensors in {s['shared']['file']}",
+                    ["file", "users", "first / last user id", "tokens", "bytes"],
+                    [[f["file"], f"{f['users'][0]:,}..{f['users'][1] - 1:,}", f"{f['first_user_id']} / {f['last_user_id']}",
+                      f"{f['tokens']:,}", f"{f['bytes']:,}"] for f in s["files"]])
     a = meta.get("accounting")
     if a:
         print_table("bytes (per-user part apart from the shared part)", ["", "value"], [

@@ -70,6 +70,7 @@ from ckv_cli.kv.attention import (SCORES, SILU, SOFTMAX, VALUES, CompressedStrea
                                   choose_form, compressed_scores, compressed_values, pool_and_basis)
 from ckv_cli.kv.extract import FlatCache, flatten, unflatten
 from ckv_cli.models.base import KVCache, item_layer_kv, last_hidden
+from ckv_cli.shard import ShardedArtifact, is_index, read_by_shard
 
 NP_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "F16": np.float16,
              "U32": np.uint32, "I32": np.int32, "F32": np.float32, "U64": np.uint64, "I64": np.int64,
@@ -453,8 +454,11 @@ def score_candidates(model, h: torch.Tensor, candidates: torch.Tensor) -> torch.
 class CacheStore:
     """Users' caches served from an artifact on disk (module docstring). Open with `CacheStore.open`."""
 
-    def __init__(self, artifact: Artifact, mapped: SafetensorsMap, model, item_vocab: list[str] | None):
-        self.artifact, self.mapped, self.model = artifact, mapped, model.eval()
+    def __init__(self, artifact: Artifact, mapped: SafetensorsMap | list[SafetensorsMap], model,
+                 item_vocab: list[str] | None):
+        """`mapped`: the artifact's file, or each shard's (a `ckv_cli.shard.ShardedArtifact`)."""
+        self.maps = mapped if isinstance(mapped, list) else [mapped]
+        self.artifact, self.mapped, self.model = artifact, self.maps[0], model.eval()
         self.plan: CachePlan = artifact.plan
         self.item_vocab = item_vocab
         self._item_lookup = None
@@ -471,7 +475,8 @@ class CacheStore:
              item_vocab: Sequence[str] | None = None) -> "CacheStore":
         """Open an artifact for the given model: a model object (then `checkpoint`, the file it was loaded from,
         is hashed and checked against the artifact's `checkpoint_sha256` when given, and its item vocabulary
-        used), or a checkpoint path (loaded and checked the same way). Refuses, with a CkvError, an artifact
+        used), or a checkpoint path (loaded and checked the same way). `path` is one artifact file or the index
+        of a sharded one (a `.json` path: each shard is mapped). Refuses, with a CkvError, an artifact
         whose architecture, item count, layers, widths, timestamps or window do not fit the model."""
         from ckv_cli.checkpoint import load_checkpoint, read_metadata
 
@@ -486,14 +491,23 @@ class CacheStore:
             except (ValueError, RecursionError):
                 raise CkvError(f"{checkpoint}: corrupted checkpoint metadata: 'item_vocab' is not valid JSON") from None
             _check_weights(model, checkpoint)
-        mapped = SafetensorsMap(path)
+        maps: list[SafetensorsMap] = []
         try:
-            artifact = Artifact.open(path)
-            if not mapped.same_file():
-                raise CkvError(f"{path}: the file changed while it was being opened")
-            for name in list(artifact.fields) + ["users/id_bytes", "users/id_offsets"]:
-                if name not in mapped.tensors:
-                    raise CkvError(f"{path}: inconsistent artifact (tensor '{name}' is missing)")
+            if is_index(path):
+                artifact = ShardedArtifact.open(path)
+                parts = artifact.shards
+            else:
+                parts = [None]
+            for part in parts:
+                file = path if part is None else part.path
+                maps.append(SafetensorsMap(file))
+                if part is None:
+                    artifact = Artifact.open(path)
+                if not maps[-1].same_file():
+                    raise CkvError(f"{file}: the file changed while it was being opened")
+                for name in list(artifact.fields) + ["users/id_bytes", "users/id_offsets"]:
+                    if name not in maps[-1].tensors:
+                        raise CkvError(f"{file}: inconsistent artifact (tensor '{name}' is missing)")
             cls._check_model(artifact, model)
             if next(model.parameters()).device.type != "cpu":
                 raise CkvError("the store runs on the CPU: pass the model moved there (model.cpu())")
@@ -511,9 +525,10 @@ class CacheStore:
                 raise CkvError(f"the item vocabulary has {len(vocab):,} entries, the model has "
                                f"{model.config.n_items:,} items (+ 1 for padding)")
         except BaseException:
-            mapped.close()
+            for m in maps:
+                m.close()
             raise
-        return cls(artifact, mapped, model, [str(v) for v in vocab] if vocab is not None else None)
+        return cls(artifact, maps, model, [str(v) for v in vocab] if vocab is not None else None)
 
     @staticmethod
     def _check_model(artifact: Artifact, model) -> None:
@@ -527,7 +542,8 @@ class CacheStore:
                            f"{model.config.max_len}")
 
     def close(self) -> None:
-        self.mapped.close()
+        for m in self.maps:
+            m.close()
 
     def __enter__(self):
         return self
@@ -597,11 +613,19 @@ class CacheStore:
 
     # -- reading ----------------------------------------------------------------------------------------
     def _read_disk(self, users: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        starts = self.artifact.offsets[users]
-        lengths = self.artifact.offsets[users + 1] - starts
+        if len(self.maps) == 1:
+            return self._gather(self.mapped.tensors, self.artifact.offsets, users)
+        shards = self.artifact.shards
+        return read_by_shard(users, self.artifact.starts,
+                             lambda s, local: self._gather(self.maps[s].tensors, shards[s].offsets, local),
+                             self.artifact.fields)
+
+    def _gather(self, t: dict[str, np.ndarray], offsets: np.ndarray, users: np.ndarray):
+        """Fields and offsets of `users` from one mapped file `t` whose users' tokens are at `offsets`."""
+        starts = offsets[users]
+        lengths = offsets[users + 1] - starts
         tok = token_index(starts, lengths)
         out = {}
-        t = self.mapped.tensors
         for name, fm in self.artifact.fields.items():
             if name == "users/offsets":
                 continue

@@ -39,6 +39,27 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # overrides of the model config
 
 
+class BestEpoch:
+    """Early stopping: keeps the weights of the epoch with the highest validation score (on the CPU) and says when
+    `patience` epochs in a row have not beaten it."""
+
+    def __init__(self, patience: int, score: float = -1.0, state: dict | None = None):
+        self.patience, self.score, self.state, self.bad = patience, score, state, 0
+
+    def update(self, model, score: float) -> bool:
+        """Record an epoch's score; True when it is the best so far (its weights are then kept)."""
+        if score > self.score:
+            self.score, self.bad = score, 0
+            self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.bad >= self.patience
+
+
 def seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -113,10 +134,10 @@ def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
     train_items, train_times, _ = data.split("train")
     users = np.array([u for u, s in enumerate(train_items) if len(s) >= 2])
     rng = np.random.default_rng(cfg.seed)
-    best, best_state, bad, history = -1.0, None, 0, []
+    keeper, history = BestEpoch(cfg.patience), []
     if init_state is not None:  # training only replaces the initial weights when it beats them on validation
-        best, best_state = evaluate_model(model, data, "valid")["NDCG@10"], copy.deepcopy(model.state_dict())
-        history.append({"epoch": 0, "valid_NDCG@10": best, "init": True})
+        keeper = BestEpoch(cfg.patience, evaluate_model(model, data, "valid")["NDCG@10"], copy.deepcopy(model.state_dict()))
+        history.append({"epoch": 0, "valid_NDCG@10": keeper.score, "init": True})
     start = time.time()
     try:
         for epoch in range(1, cfg.epochs + 1):
@@ -126,22 +147,18 @@ def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
                             "seconds": round(time.time() - start, 1)})
             if on_epoch:
                 on_epoch(epoch, float(np.mean(losses)), val)
-            if val > best:
-                best, best_state, bad = val, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, 0
-                if on_improve:
-                    on_improve(model, history)
-            else:
-                bad += 1
-                if bad >= cfg.patience:
-                    break
+            if keeper.update(model, val) and on_improve:
+                on_improve(model, history)
+            if keeper.stop:
+                break
             if cfg.max_seconds and time.time() - start > cfg.max_seconds:
                 history.append({"time_budget_spent": True, "seconds": round(time.time() - start, 1)})
                 break
     except KeyboardInterrupt:  # Ctrl-C ends training early and keeps the best epoch so far
-        if best_state is None:
+        if keeper.state is None:
             raise
         history.append({"interrupted": True, "seconds": round(time.time() - start, 1)})
-    model.load_state_dict(best_state)
+    model.load_state_dict(keeper.state)
     return model.cpu().eval(), history, time.time() - start
 
 

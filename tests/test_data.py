@@ -303,26 +303,26 @@ def test_item_vocab_of_the_log_itself_changes_nothing():
     assert np.array_equal(again.items, ds.items) and again.fingerprint == ds.fingerprint
 
 
-def test_ctr_view():
+def test_ctr_labels():
+    from ckv_cli.data.ctr import build_ctr
+
     ds = build(make_log(ROWS), "toy")
-    users, pos, labels = ds.ctr_view()
-    assert len(users) == len(pos) == len(labels) == len(ds.items)
+    ctr = build_ctr(ds)
     rating_of = {(r[0], r[1], r[2]): r[3] for r in ROWS}
-    for u, p, y in zip(users, pos, labels):
-        items, times = ds.sequence(u)
-        assert 0 <= p < len(items)
-        key = (ds.user_ids[u], ds.item_ids[items[p]], int(times[p]))
-        assert y == float(rating_of[key] >= 4.0)
-    assert labels.sum() == 4  # a: 4.0, 5.0; b: 4.5, 5.0
-    assert pos.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
-    assert ds.ctr_view(positive_rating=5.0)[2].sum() == 2
+    for e in range(len(ds.items)):
+        key = (ds.user_ids[ctr.users[e]], ds.item_ids[ds.items[e]], int(ds.timestamps[e]))
+        assert ctr.labels[e] == float(rating_of[key] >= 4.0)
+    assert ctr.labels.sum() == 4  # a: 4.0, 5.0; b: 4.5, 5.0
+    assert build_ctr(ds, positive_rating=5.0).labels.sum() == 2
 
 
-def test_ctr_view_needs_ratings():
+def test_ctr_needs_ratings():
+    from ckv_cli.data.ctr import build_ctr
+
     ds = build(make_log(ROWS, ratings=False), "toy")
     assert ds.ratings is None
     with pytest.raises(CkvError, match="ratings"):
-        ds.ctr_view()
+        build_ctr(ds)
 
 
 def test_fingerprint():

@@ -197,9 +197,12 @@ def test_eval_is_deterministic_and_train_mode_uses_dropout(model):
 
 
 def test_registry():
-    assert set(REGISTRY) == {"sasrec", "hstu"}
+    from ckv_cli.models import TASKS
+
+    assert set(REGISTRY) == set(TASKS) == {"sasrec", "hstu", "sim", "eta", "sdim", "twin", "nohistory"}
     for name, (cls, cfg_cls) in REGISTRY.items():
-        assert cls.arch == name and cfg_cls(n_items=3).n_items == 3
+        cfg = cfg_cls(n_items=3) if TASKS[name] == "next-item" else cfg_cls(n_items=3, n_users=2, n_genres=1)
+        assert cls.arch == name and cfg.n_items == 3
 
 
 def test_last_hidden():

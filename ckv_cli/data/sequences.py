@@ -1,4 +1,5 @@
-"""From a raw log to per-user time-ordered sequences, vocabularies, the leave-one-out split and a CTR view.
+"""From a raw log to per-user time-ordered sequences, vocabularies and the leave-one-out split (the CTR view of
+the same log is `ckv_cli/data/ctr.py`).
 
 Conventions:
 - events are sorted by (user, timestamp), ties kept in file order (a stable sort);
@@ -63,16 +64,6 @@ class SequenceData:
             else:
                 hist_items.append(it[: end - 1]); hist_times.append(ts[: end - 1]); targets.append(it[end - 1])
         return hist_items, hist_times, np.asarray(targets, dtype=np.int64)
-
-    def ctr_view(self, positive_rating: float = 4.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """CTR samples of the same log: every rated event is a sample, label = rating >= 4, its history = the
-        user's earlier events. Returns (user index, event position within the user's sequence, label)."""
-        if self.ratings is None:
-            raise CkvError(f"{self.name}: the CTR view needs ratings, and this log has none")
-        users = np.repeat(np.arange(self.n_users), self.lengths())
-        pos = np.arange(len(self.items)) - self.offsets[users]
-        labels = (self.ratings >= positive_rating).astype(np.float32)
-        return users, pos, labels
 
 
 def _fingerprint(user_ids, item_ids, offsets, items, timestamps) -> str:
