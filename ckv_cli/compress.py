@@ -202,7 +202,6 @@ def accounting(plan: CachePlan, offsets: np.ndarray | None, kv_dims: tuple[int, 
     each shard packs its own last partial byte and holds its own offsets)."""
     n_users, n_tokens = counts if counts is not None else (len(offsets) - 1, int(offsets[-1]))
     per_token_full = n_layers * (kv_dims[0] + kv_dims[1])
-    full16, full32 = n_tokens * per_token_full * 2, n_tokens * per_token_full * 4
     breakdown = breakdown or {name: f.nbytes(n_tokens if f.per == "token" else (n_users + 1 if name == "users/offsets" else n_users))
                  for name, f in plan.fields().items()}
     per_user = sum(breakdown.values())

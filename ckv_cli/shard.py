@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ckv_cli import __version__
 from ckv_cli.artifact import FORMAT_VERSION, SHARD_FORMAT, Artifact, ArtifactWriter, field_meta, load_shared_into

@@ -64,3 +64,25 @@ def subprocess_env():
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", CKV_NO_PROGRESS="1")
     return env
+
+
+def untrained_checkpoint(arch: str, ds, path, max_len: int):
+    """A small untrained model of `arch` over `ds`'s items saved as a ckv checkpoint at `path` (returned)."""
+    from ckv_cli.checkpoint import save_checkpoint
+
+    save_checkpoint(make_model(arch, n_items=ds.n_items, max_len=max_len), path, dataset=ds.name,
+                    fingerprint=ds.fingerprint, item_vocab=list(ds.item_ids), metrics={}, train={"epochs": 0})
+    return path
+
+
+def cli_runner(cwd):
+    """`run(*args)`: `python -m ckv_cli.cli ARGS` in `cwd`, one thread, a wide terminal, output captured."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "ckv_cli.cli", *map(str, args)], capture_output=True, text=True,
+                              env=env, cwd=cwd, timeout=600)
+    return run

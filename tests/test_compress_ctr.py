@@ -6,9 +6,6 @@ the report are the bytes on disk; the same seed gives a byte-identical artifact;
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +17,7 @@ from ckv_cli.compress_ctr import (CTROptions, calibration_events, compress_ctr, 
                                   event_streams, pack_codes, unpack_codes)
 from ckv_cli.ctr import CTRTrainConfig, predict, train_ctr
 from ckv_cli.data.ctr import load_ctr
+from conftest import cli_runner
 from test_cli import assert_one_line_error
 
 SMALL = {"d": 16, "d_attn": 32, "n_heads": 4, "top_k": 10, "max_len": 200}
@@ -128,13 +126,8 @@ def test_stored_signatures_are_exact(models, data):
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     cwd = tmp_path_factory.mktemp("ctr-compress-cli")
-
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "ckv_cli.cli", *map(str, args)], capture_output=True, text=True,
-                              env=env, cwd=cwd, timeout=600)
-    return run, cwd
+    return cli_runner(cwd), cwd
 
 
 def test_cli_same_seed_same_bytes_and_inspect(cli, models):

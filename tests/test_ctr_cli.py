@@ -2,27 +2,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from ckv_cli.checkpoint import load_checkpoint
 from ckv_cli.data.ctr import load_ctr
+from conftest import cli_runner
 from test_cli import assert_one_line_error
 
 
 @pytest.fixture(scope="module")
 def ckv_run(tmp_path_factory):
-    import os
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     cwd = tmp_path_factory.mktemp("ctr-cli")
-
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "ckv_cli.cli", *map(str, args)], capture_output=True, text=True,
-                              env=env, cwd=cwd, timeout=600)
-    return run, cwd
+    return cli_runner(cwd), cwd
 
 
 SMALL = ["--d", "16", "--attn-dim", "32", "--heads", "4", "--top-k", "10", "--max-len", "200", "--train-samples",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")  # a guard only: CI installs the ray extra (`make setup`), so these run there

@@ -7,15 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_model
-from ckv_cli.artifact import Artifact
-from ckv_cli.checkpoint import load_checkpoint, save_checkpoint
+from conftest import untrained_checkpoint
+from ckv_cli.checkpoint import load_checkpoint
 from ckv_cli.compress import CompressOptions, compress_to_artifact
 from ckv_cli.data import load
 from ckv_cli.errors import CkvError
@@ -35,10 +33,7 @@ def ds():
 
 @pytest.fixture(scope="module")
 def hstu_ckpt(ds, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "hstu.safetensors"
-    save_checkpoint(make_model("hstu", n_items=ds.n_items, max_len=MAX_LEN), path, dataset=ds.name,
-                    fingerprint=ds.fingerprint, item_vocab=list(ds.item_ids), metrics={}, train={"epochs": 0})
-    return path
+    return untrained_checkpoint("hstu", ds, tmp_path_factory.mktemp("ckpt") / "hstu.safetensors", MAX_LEN)
 
 
 def run_ckv(*args, cwd, env=None):

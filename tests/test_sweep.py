@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model
-from ckv_cli.checkpoint import load_checkpoint, save_checkpoint
+from conftest import untrained_checkpoint
+from ckv_cli.checkpoint import load_checkpoint
 from ckv_cli.compress import CompressOptions, Teacher, compress, concat_flat, select_users
 from ckv_cli.data import load
 from ckv_cli.errors import CkvError
@@ -32,10 +32,7 @@ def ds():
 
 @pytest.fixture(scope="module")
 def ckpt(ds, tmp_path_factory):
-    path = tmp_path_factory.mktemp("sweep") / "sasrec.safetensors"
-    save_checkpoint(make_model("sasrec", n_items=ds.n_items, max_len=MAX_LEN), path, dataset=ds.name,
-                    fingerprint=ds.fingerprint, item_vocab=list(ds.item_ids), metrics={}, train={"epochs": 0})
-    return path
+    return untrained_checkpoint("sasrec", ds, tmp_path_factory.mktemp("sweep") / "sasrec.safetensors", MAX_LEN)
 
 
 @pytest.fixture(scope="module")
