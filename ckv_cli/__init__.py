@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 _STORE = ("CacheStore", "CompressedCache", "Ranking")  # ckv_cli.store, imported on first use (it needs torch)
-__all__ = ["__version__", *_STORE]
+_STORE_CTR = ("CTRStore", "CTRArtifact")  # ckv_cli.store_ctr: CTR artifacts (SIM, ETA, SDIM, TWIN)
+__all__ = ["__version__", *_STORE, *_STORE_CTR]
 
 
 def __getattr__(name: str):
@@ -11,4 +12,8 @@ def __getattr__(name: str):
         from ckv_cli import store
 
         return getattr(store, name)
+    if name in _STORE_CTR:
+        from ckv_cli import store_ctr
+
+        return getattr(store_ctr, name)
     raise AttributeError(f"module 'ckv_cli' has no attribute {name!r}")

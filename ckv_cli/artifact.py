@@ -40,6 +40,7 @@ from ckv_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from ckv_cli.checkpoint import atomic_write, check_output, read_header
 from ckv_cli.codecs import ITEMS, CachePlan, Field, plan_from_description
 from ckv_cli.codecs.bits import BitPacker, byte_range, packed_nbytes, unpack
+from ckv_cli.codecs.evict import NO_ARTIFACT
 from ckv_cli.errors import CkvError
 from ckv_cli.kv.extract import FlatCache
 
@@ -181,6 +182,8 @@ class ArtifactWriter:
         table and the plan's shared tensors (pools, bases, routers: the plan must be fitted)."""
         if self._data is not None or self._lengths is None:
             raise CkvError("internal: the artifact writer was started twice")
+        if any(f.per == "kept" for f in plan.fields().values()):
+            raise CkvError(NO_ARTIFACT)
         lengths = self._lengths if callable(self._lengths) else self._array_chunks(self._lengths, self.n_users)
         self._lengths = None
         for a in range(0, self.n_users, self.ID_CHUNK):
@@ -371,6 +374,38 @@ def _is_int(x, lo: int, hi: int) -> bool:
     return type(x) is int and lo <= x <= hi
 
 
+def check_listed_fields(fields, declared: dict, bad) -> None:
+    """The metadata's 'fields' must list exactly the fields the plan declares; `bad(why)` makes the error."""
+    if not isinstance(fields, dict):
+        raise bad("metadata 'fields' is missing or not a JSON object")
+    if set(fields) != set(declared):
+        name = sorted(set(fields) ^ set(declared))[0]
+        raise bad(f"field '{name}' is " + ("declared by the plan but not listed in metadata 'fields'"
+                                           if name in declared else "listed in metadata 'fields' but not in the plan"))
+
+
+def check_field_tensors(fields: dict, declared: dict, header: dict, n_tokens: int, n_users: int, bad) -> None:
+    """Each declared field's metadata entry, width and tensor (dtype, shape in the safetensors `header`) must be
+    what the plan stores for `n_tokens` tokens of `n_users` users; `bad(why)` makes the error."""
+    for name, f in declared.items():
+        fm = fields[name]
+        want = field_meta(f, n_tokens if f.per == "token" else n_users + (name == "users/offsets"))
+        if fm != want:
+            if not isinstance(fm, dict) or set(fm) != set(want):
+                raise bad(f"field '{name}' in metadata 'fields' is not {{{', '.join(want)}}}")
+            key = next(k for k in want if fm[k] != want[k] or type(fm[k]) is not type(want[k]))
+            raise bad(f"field '{name}' has {key} {fm[key]!r} in metadata 'fields', expected {want[key]!r}")
+        if f.bits > MAX_BITS or f.width > MAX_WIDTH:
+            raise bad(f"field '{name}' is {f.bits} bits x {f.width} wide")
+        info = header.get(name)
+        shape = list(stored_shape(name, f, want["count"]))
+        dtype = "U8" if f.bits else SAFETENSORS_DTYPE.get(f.dtype)
+        if info is None:
+            raise bad(f"tensor '{name}' is missing")
+        if info["dtype"] != dtype or list(info["shape"]) != shape:
+            raise bad(f"tensor '{name}' is {info['dtype']} {info['shape']}, its field needs {dtype} {shape}")
+
+
 def _check_plan(desc) -> str | None:
     """What is wrong with a plan description (the metadata's 'plan'), or None."""
     if not isinstance(desc, dict):
@@ -496,34 +531,13 @@ class Artifact:
             raise bad(f"its plan: {type(e).__name__}: {str(e)[:100]}") from None
         fields = meta.get("fields")
         declared = plan.fields()
-        if not isinstance(fields, dict):
-            raise bad("metadata 'fields' is missing or not a JSON object")
-        if set(fields) != set(declared):
-            name = sorted(set(fields) ^ set(declared))[0]
-            raise bad(f"field '{name}' is " + ("declared by the plan but not listed in metadata 'fields'"
-                                               if name in declared else "listed in metadata 'fields' but not in the plan"))
+        check_listed_fields(fields, declared, bad)
         offsets_count = fields["users/offsets"].get("count") if isinstance(fields["users/offsets"], dict) else None
         n_tokens = fields["tokens/items"].get("count") if isinstance(fields["tokens/items"], dict) else None
         if not _is_int(offsets_count, 1, 2**62) or not _is_int(n_tokens, 0, 2**62):
             raise bad("metadata 'fields' gives no user or token count")
         n_users = offsets_count - 1
-        for name, f in declared.items():
-            fm = fields[name]
-            want = field_meta(f, n_tokens if f.per == "token" else n_users + (name == "users/offsets"))
-            if fm != want:
-                if not isinstance(fm, dict) or set(fm) != set(want):
-                    raise bad(f"field '{name}' in metadata 'fields' is not {{{', '.join(want)}}}")
-                key = next(k for k in want if fm[k] != want[k] or type(fm[k]) is not type(want[k]))
-                raise bad(f"field '{name}' has {key} {fm[key]!r} in metadata 'fields', expected {want[key]!r}")
-            if f.bits > MAX_BITS or f.width > MAX_WIDTH:
-                raise bad(f"field '{name}' is {f.bits} bits x {f.width} wide")
-            info = header.get(name)
-            shape = list(stored_shape(name, f, want["count"]))
-            dtype = "U8" if f.bits else SAFETENSORS_DTYPE.get(f.dtype)
-            if info is None:
-                raise bad(f"tensor '{name}' is missing")
-            if info["dtype"] != dtype or info["shape"] != shape:
-                raise bad(f"tensor '{name}' is {info['dtype']} {info['shape']}, its field needs {dtype} {shape}")
+        check_field_tensors(fields, declared, header, n_tokens, n_users, bad)
         table = {"users/id_bytes": "U8", "users/id_offsets": "I64"}
         for name, dtype in table.items():
             info = header.get(name)

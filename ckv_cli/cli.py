@@ -200,6 +200,7 @@ def evaluate(
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats for speed (median reported).")] = 5,
     sweep: Annotated[Optional[str], typer.Option("--sweep", help="Compress and evaluate a grid of codecs on this checkpoint, writing no artifact: 'default' or 'codec[:KEY=VALUE,...];...', e.g. 'collective:pool_size=1024;int4:group_size=64;pq:subvectors=8,bits=8'.")] = None,
     calib_users: Annotated[Optional[int], typer.Option(help="With --sweep: users whose caches fit each codec (seeded sample; default 1000).")] = None,
+    sweep_users: Annotated[Optional[int], typer.Option("--sweep-users", help="With --sweep on a CTR model: score the test samples of this many seeded test users (default 1500; 0 = all).")] = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="With --sweep: also write the table as CSV to this path.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --sweep: write a PNG of NDCG@10 delta against bytes per token into this directory (needs ckv-cli[plot]).")] = None,
     columns: ColumnsOpt = None,
@@ -216,10 +217,22 @@ def evaluate(
     if not data:
         raise CkvError("missing option '--data'")
     if _task_of(checkpoint) == "ctr":
-        if artifacts or sweep is not None or max_delta or max_ratio is not None:
-            raise CkvError(f"{checkpoint} is a CTR model: artifacts, --sweep and gates apply to next-item models for now")
+        if sweep is not None:  # ckv_cli/sweep_ctr.py
+            _sweep_ctr(checkpoint, data, columns, sweep, artifacts or [], split, bool(max_delta) or max_ratio is not None,
+                       bootstrap, seed, calib_users, sweep_users, json_out, csv_out, plot)
+            return
+        if artifacts and sweep is None:  # CTR artifacts against their checkpoint: ckv_cli/store_ctr.py
+            if csv_out is not None or plot is not None or calib_users is not None:
+                raise CkvError("--csv, --plot and --calib-users go with --sweep")
+            _evaluate_ctr_artifacts(checkpoint, artifacts, data, columns, split, bootstrap, seed, max_delta or [],
+                                    max_ratio, json_out)
+            return
+        if max_delta or max_ratio is not None:
+            raise CkvError("--max-delta and --max-ratio gate artifacts: name at least one artifact")
         _evaluate_ctr(checkpoint, data, columns, split, json_out)
         return
+    if sweep_users is not None:
+        raise CkvError("--sweep-users goes with --sweep on a CTR model (a next-item sweep scores every user)")
     if sweep is not None:
         _sweep(checkpoint, data, columns, sweep, artifacts or [], split, exclude_seen, bool(max_delta) or max_ratio is not None,
                bootstrap, seed, calib_users, json_out, csv_out, plot)
@@ -286,6 +299,49 @@ def _evaluate_ctr(checkpoint: Path, data: str, columns: str | None, split: str, 
                           "metrics": metrics, "seconds": round(time.time() - t, 2)})
 
 
+def _evaluate_ctr_artifacts(checkpoint: Path, artifacts: list[Path], data: str, columns: str | None, split: str,
+                            bootstrap: int, seed: int, max_delta: list[str], max_ratio: float | None, json_out) -> None:
+    """`ckv evaluate CTR_CKPT ARTIFACT...`: each artifact's decoded caches against the uncompressed model on the
+    test split (ckv_cli/store_ctr.py); gates exit 1 with one line each."""
+    from ckv_cli.checkpoint import check_output, load_checkpoint
+    from ckv_cli.compare import parse_gate
+    from ckv_cli.data.ctr import load_ctr
+    from ckv_cli.report import progress, write_json
+    from ckv_cli.store_ctr import (CTR_METRICS, check_ctr_gates, compare_ctr_artifact, open_ctr_artifacts,
+                                   print_ctr_comparison)
+
+    if split != "test":
+        raise CkvError("artifacts are compared on the test split (drop --split)")
+    for g in max_delta:
+        parse_gate(g, list(CTR_METRICS))
+    if bootstrap < 0:
+        raise CkvError(f"--bootstrap must be >= 0, got {bootstrap}")
+    check_output(json_out)
+    model, meta = load_checkpoint(checkpoint)
+    opened = open_ctr_artifacts(model, checkpoint, artifacts)  # refused before the data is read
+    try:
+        ds = load_ctr(data, parse_columns(columns), max_history=model.config.max_len, item_vocab=meta["item_vocab"])
+        _report_drops(ds.seq)
+        ds = ds.with_user_vocab(meta.get("user_vocab") or [])
+        comparisons = []
+        for art in opened:
+            with progress(f"evaluate {art.path.name}", total=ds.seq.n_users) as advance:
+                c = compare_ctr_artifact(model, ds, art, bootstrap=bootstrap, seed=seed, advance=advance)
+            print_ctr_comparison(c)
+            comparisons.append(c)
+    finally:
+        for art in opened:
+            art.close()
+    failures = check_ctr_gates(comparisons, max_delta, max_ratio)
+    write_json(json_out, {"checkpoint": str(checkpoint), "arch": meta["arch"], "dataset": ds.name,
+                          "comparisons": comparisons,
+                          "gates": {"max_delta": max_delta, "max_ratio": max_ratio, "failures": failures}})
+    for line in failures:
+        print(f"ckv: {line}", file=sys.stderr)
+    if failures:
+        raise typer.Exit(1)
+
+
 def _sweep(checkpoint, data, columns, spec, artifacts, split, exclude_seen, gated, bootstrap, seed, calib_users,
            json_out, csv_out, plot) -> None:
     from ckv_cli.checkpoint import check_output
@@ -319,6 +375,52 @@ def _sweep(checkpoint, data, columns, spec, artifacts, split, exclude_seen, gate
         plot.mkdir(parents=True, exist_ok=True)
         title = f"{meta['arch']} ({checkpoint.name}) on {ds.name}: NDCG@10 delta vs per-user bytes"
         print(f"wrote {plot_sweep(payload['rows'], title, plot / (checkpoint.stem + '.sweep.png'))}")
+
+
+def _sweep_ctr(checkpoint, data, columns, spec, artifacts, split, gated, bootstrap, seed, calib_users, sweep_users,
+               json_out, csv_out, plot) -> None:
+    """`ckv evaluate CTR_CHECKPOINT --sweep SPEC` (ckv_cli/sweep_ctr.py)."""
+    from ckv_cli.checkpoint import check_output, load_checkpoint
+    from ckv_cli.data.ctr import load_ctr
+    from ckv_cli.report import progress, write_json
+    from ckv_cli.sweep_ctr import DEFAULT_SWEEP_USERS, parse_ctr_sweep, print_ctr_sweep, run_ctr_sweep, write_ctr_csv
+    from ckv_cli.sweep_ctr import sweep_users as pick_users
+
+    if gated:
+        raise CkvError("--sweep takes no gates (--max-delta, --max-ratio): gate one artifact of `ckv compress` instead")
+    if artifacts:
+        raise CkvError("--sweep compresses the checkpoint itself: name no artifacts")
+    if split != "test":
+        raise CkvError("--sweep evaluates on the test split (drop --split)")
+    if calib_users is not None and calib_users < 1:
+        raise CkvError(f"--calib-users must be >= 1, got {calib_users}")
+    if sweep_users is not None and sweep_users < 0:
+        raise CkvError(f"--sweep-users must be >= 0 (0 = every test user), got {sweep_users}")
+    if bootstrap < 0:
+        raise CkvError(f"--bootstrap must be >= 0, got {bootstrap}")
+    specs = parse_ctr_sweep(spec)
+    check_output(json_out)
+    check_output(csv_out)
+    if plot is not None and plot.exists() and not plot.is_dir():
+        raise CkvError(f"--plot {plot} exists and is not a directory")
+    model, meta = load_checkpoint(checkpoint)
+    ds = load_ctr(data, parse_columns(columns), max_history=model.config.max_len, item_vocab=meta["item_vocab"])
+    _report_drops(ds.seq)
+    ds = ds.with_user_vocab(meta.get("user_vocab") or [])
+    n_users = DEFAULT_SWEEP_USERS if sweep_users is None else sweep_users
+    with progress("sweep", total=len(pick_users(ds, n_users, seed)) * len(specs)) as advance:
+        payload = run_ctr_sweep(model, ds, specs, calib_users=calib_users or 1000, seed=seed, bootstrap=bootstrap,
+                                users=n_users, advance=advance, on_spec=lambda label: advance(0, label))
+    payload = {"checkpoint": str(checkpoint), "arch": meta["arch"], **payload}
+    print_ctr_sweep(payload)
+    write_json(json_out, payload)
+    write_ctr_csv(csv_out, payload)
+    if plot is not None:
+        from ckv_cli.plots import plot_sweep
+
+        plot.mkdir(parents=True, exist_ok=True)
+        title = f"{meta['arch']} ({checkpoint.name}) on {ds.name}: AUC delta vs per-user bytes"
+        print(f"wrote {plot_sweep(payload['rows'], title, plot / (checkpoint.stem + '.sweep.png'), metric='AUC')}")
 
 
 def _compare(model, checkpoint, ds, artifacts, bootstrap, seed, speed_batch, repeats):
@@ -359,6 +461,7 @@ def compress(
     calib_users: Annotated[int, typer.Option(min=1, help="Users whose caches fit the pool (seeded sample).")] = 1000,
     batch_users: Annotated[int, typer.Option(min=1, help="Users encoded per batch (bounds memory).")] = 256,
     distill_steps: Annotated[int, typer.Option(min=0, help="Distillation steps after the gradient-free initialisation (0 = none).")] = 0,
+    finetune: Annotated[bool, typer.Option("--finetune", help="With --distill-steps: fine-tune a copy of the model too; it reads the artifact and is written beside it as OUT.student.safetensors (evaluate the artifact with that checkpoint).")] = False,
     engine: Annotated[str, typer.Option(help="Where users are encoded: local (this process) or ray (a Ray Data job; needs ckv-cli[ray]). ray writes shards, like --shard-size.")] = "local",
     shard_size: Annotated[Optional[int], typer.Option(help="Write shards of this many users (a multiple of --batch-users) and an index: -o NAME.index.json. Default with --engine ray: 65536.")] = None,
     address: Annotated[Optional[str], typer.Option(help="With --engine ray: the Ray cluster to join (e.g. auto, ray://head:10001); default: start a local Ray.")] = None,
@@ -382,10 +485,15 @@ def compress(
                              param=param, seed=seed, columns=columns, force=force, json_out=json_out,
                              refused={"--engine": engine != "local", "--shard-size": shard_size is not None,
                                       "--address": address is not None, "--distill-steps": distill_steps > 0,
+                                      "--finetune": finetune,
                                       "--no-recompute-item-layers": not recompute_item_layers},
                              command=" ".join(["ckv"] + sys.argv[1:]))
         return
     sharded = engine != "local" or shard_size is not None
+    if finetune and distill_steps <= 0:
+        raise CkvError("--finetune needs --distill-steps > 0 (the model trains during distillation)")
+    if finetune and sharded:
+        raise CkvError("--finetune writes one artifact: it does not go with --engine ray or --shard-size yet")
     if engine not in ("local", "ray"):
         raise CkvError(f"unknown --engine '{engine}' (choose local or ray)")
     if engine == "ray":
@@ -402,13 +510,17 @@ def compress(
             raise CkvError(f"sharded output is an index: -o must end with .json (e.g. NAME.index.json), got {out}")
     check_output(out, force)
     check_output(json_out)
+    if finetune:
+        from ckv_cli.compress import student_path
+
+        check_output(student_path(out), force)
     model, meta, ds = _checkpoint_and_data(checkpoint, data, columns)
     params = ({"pool_size": 8192 if pool_size is None else pool_size, "user_dim": user_dim, "layout": layout,
                "user_dtype": user_dtype} if codec == "collective" else {})
     params.update(parse_params(param or []))
     opts = CompressOptions(codec=codec, params=params, share=tuple(s.strip() for s in share.split(",") if s.strip()),
                            recompute_item_layers=recompute_item_layers, calib_users=calib_users,
-                           batch_users=batch_users, distill_steps=distill_steps, seed=seed)
+                           batch_users=batch_users, distill_steps=distill_steps, finetune=finetune, seed=seed)
     t = time.time()
     with progress("compress", total=ds.n_users) as advance:
         if sharded:
@@ -451,7 +563,9 @@ def inspect(
     kind = _file_kind(path)
     from ckv_cli.compress_ctr import inspect_ctr_artifact, is_ctr_artifact
 
-    if kind == "artifact" and path.is_file() and is_ctr_artifact(path):  # a CTR model's artifact (compress_ctr.py)
+    if kind == "artifact" and path.is_file() and is_ctr_artifact(path) and data:  # against data: store_ctr.py
+        ok = _inspect_ctr_artifact_data(path, data, checkpoint, users, seed, columns, json_out)
+    elif kind == "artifact" and path.is_file() and is_ctr_artifact(path):  # a CTR model's artifact (compress_ctr.py)
         ok = inspect_ctr_artifact(path, data, json_out)
     elif kind == "artifact":
         ok = _inspect_artifact(path, data, checkpoint, users, seed, plot, columns, json_out)
@@ -535,6 +649,34 @@ def _inspect_artifact(path, data, checkpoint, users, seed, plot, columns, json_o
     for name in report["corrupted_tensors"]:
         print(f"ckv: integrity check failed: tensor '{name}' does not match its checksum ({path})", file=sys.stderr)
     return not report["corrupted_tensors"]
+
+
+def _inspect_ctr_artifact_data(path, data, checkpoint, users, seed, columns, json_out) -> bool:
+    """`ckv inspect CTR_ARTIFACT --data`: the header view, then pool usage and the decoded K/V against the model's
+    on a sample of the data's users (ckv_cli/store_ctr.py)."""
+    from ckv_cli.checkpoint import load_checkpoint
+    from ckv_cli.compress_ctr import describe_ctr_artifact, inspect_ctr_artifact
+    from ckv_cli.data.ctr import load_ctr
+    from ckv_cli.report import write_json
+    from ckv_cli.store_ctr import inspect_ctr_data, print_ctr_inspect_data
+
+    meta = describe_ctr_artifact(path)["metadata"]
+    ckpt = checkpoint or Path(str(meta.get("checkpoint", "")))
+    if not ckpt.is_file():
+        raise CkvError(f"reconstruction error needs the artifact's checkpoint: {ckpt} not found (pass --checkpoint)")
+    model, cmeta = load_checkpoint(ckpt)
+    if getattr(model, "task", "") != "ctr":
+        raise CkvError(f"{ckpt} is a next-item model; {path} is an artifact of a CTR model")
+    ds = load_ctr(data, parse_columns(columns), max_history=model.config.max_len, item_vocab=cmeta["item_vocab"])
+    _report_drops(ds.seq)
+    report = inspect_ctr_data(path, model, ckpt, ds, users, seed)  # refuses another checkpoint, damaged tensors
+    ok = inspect_ctr_artifact(path, None, None)
+    print_ctr_inspect_data(report)
+    for u in report["pool_usage"].values():
+        u["counts"] = u["counts"].tolist()
+    write_json(json_out, {"path": str(path), "kind": "artifact", "task": "ctr", **describe_ctr_artifact(path),
+                          "checkpoint": str(ckpt), **report})
+    return ok and not report["corrupted_tensors"]
 
 
 def _inspect_checkpoint(path, data, users, seed, target_error, plot, columns, json_out) -> None:

@@ -48,25 +48,65 @@ def artifact_users(artifact: Artifact, ds: SequenceData) -> tuple[np.ndarray, np
 
 
 def check_source(artifact: Artifact, checkpoint_sha256: str) -> None:
-    """Refuse an artifact made from another checkpoint (its metadata keeps the checkpoint's sha256)."""
+    """Refuse an artifact made from another checkpoint (its metadata keeps the checkpoint's sha256). An artifact
+    of `ckv compress --finetune` is read by its fine-tuned student (`student_sha256`): the student is accepted,
+    the teacher it was compressed from is refused (reading it with the teacher's weights is not what was
+    measured)."""
     made_from = artifact.meta.get("checkpoint_sha256")
+    student = artifact.meta.get("student_sha256")
+    if student is not None:
+        if checkpoint_sha256 == student:
+            return
+        name = artifact.meta.get("student_checkpoint", "its student checkpoint")
+        if checkpoint_sha256 == made_from:
+            raise CkvError(f"{artifact.path} is read by the fine-tuned student {name}, not by the teacher checkpoint "
+                           f"it was compressed from: use {name}")
+        raise CkvError(f"{artifact.path} is read by the fine-tuned student {name} (sha256 {str(student)[:12]}...), "
+                       f"not by this checkpoint ({checkpoint_sha256[:12]}...)")
     if made_from != checkpoint_sha256:
         raise CkvError(f"{artifact.path} was made from another checkpoint (sha256 {str(made_from)[:12]}..., "
                        f"this checkpoint {checkpoint_sha256[:12]}...)")
 
 
+def teacher_of(artifact: Artifact, model):
+    """The model whose caches the artifact holds: `model`, unless the artifact was read by a fine-tuned student
+    (`ckv compress --finetune`): then the teacher checkpoint its metadata names, checked against its sha256."""
+    if artifact.meta.get("student_sha256") is None:
+        return model
+    from pathlib import Path
+
+    from ckv_cli.checkpoint import load_checkpoint
+    from ckv_cli.data.datasets import sha256_file
+
+    path = Path(str(artifact.meta.get("checkpoint")))
+    if not path.is_absolute() and not path.exists() and (Path(artifact.path).parent / path).exists():
+        path = Path(artifact.path).parent / path  # recorded relative to the directory compress ran in
+    try:
+        digest = sha256_file(path)
+    except OSError:
+        raise CkvError(f"{artifact.path}: its caches are those of the teacher {path}, which cannot be read "
+                       "(needed as the uncompressed reference)") from None
+    if digest != artifact.meta.get("checkpoint_sha256"):
+        raise CkvError(f"{artifact.path}: the teacher {path} changed since the artifact was made (sha256 differs)")
+    return load_checkpoint(path)[0]
+
+
 def compare_artifact(model, ds: SequenceData, artifact: Artifact, *, bootstrap: int = 1000, seed: int = 0,
-                     batch_users: int = 256, speed_batch: int = 256, repeats: int = 5, advance=None) -> Comparison:
+                     batch_users: int = 256, speed_batch: int = 256, repeats: int = 5, advance=None,
+                     teacher=None) -> Comparison:
+    """`model` reads the decoded caches; the reference is the model whose caches the artifact holds (`model`
+    itself, or the teacher of a fine-tuned student: `teacher`, default `teacher_of(artifact, model)`)."""
     data_users, art_users = artifact_users(artifact, ds)
+    reference_model = teacher_of(artifact, model) if teacher is None else teacher
     item_kv = lambda items, pos: item_layer_kv(model, items, pos)  # noqa: E731
     parts: dict[str, list[np.ndarray]] = {}
-    for start, batch in zip(range(0, len(data_users), batch_users), iter_test_caches(model, ds, data_users, batch_users)):
+    for start, batch in zip(range(0, len(data_users), batch_users), iter_test_caches(reference_model, ds, data_users, batch_users)):
         decoded = artifact.decode(art_users[start : start + len(batch.users)], item_kv)
         teacher = flatten(batch.cache)
         if not np.array_equal(decoded.offsets, teacher.offsets) or not np.array_equal(decoded.items, teacher.items):
             raise CkvError(f"{artifact.path}: its cached histories differ from those of --data {ds.name} "
                            "(another dataset, split or window?)")
-        s_ref = scores_after_last_event(model, batch.cache, batch)
+        s_ref = scores_after_last_event(reference_model, batch.cache, batch)
         s_new = scores_after_last_event(model, unflatten(decoded), batch)
         for k, v in score_fidelity(s_ref, s_new, batch.targets).items():
             parts.setdefault(k, []).append(v)

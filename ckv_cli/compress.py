@@ -13,6 +13,7 @@ teacher batches either streamed (built per batch of users, then dropped: memory 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -36,6 +37,7 @@ class CompressOptions:
     calib_users: int = 1000
     batch_users: int = 256
     distill_steps: int = 0
+    finetune: bool = False  # with distill_steps: the model trains too, as a student copy (`ckv_cli.distill`)
     seed: int = 0
 
 
@@ -57,6 +59,7 @@ class CompressResult:
     metrics: dict
     per_user: dict[str, np.ndarray] = field(default_factory=dict)  # rank_ref, rank_new, top10_overlap, kl (U,),
     # empty when streamed into an artifact (the metrics then come from running sums: `Scored`)
+    student: object = None  # the fine-tuned model that reads the artifact (`CompressOptions.finetune`), else None
 
 
 def parse_params(specs: list[str], what: str = "--param") -> dict:
@@ -199,11 +202,17 @@ def accounting(plan: CachePlan, offsets: np.ndarray | None, kv_dims: tuple[int, 
     shared = pools, routers, bases. Model weights are needed by both and counted by neither. `counts` (users,
     tokens) stands in for `offsets` where those are not held (a streamed artifact); `breakdown` (per-user bytes
     per field) for the sizes computed from the counts where the users are split over shards (`ckv_cli.shard`:
-    each shard packs its own last partial byte and holds its own offsets)."""
+    each shard packs its own last partial byte and holds its own offsets). Fields with one row per kept token
+    (`evict`) count the tokens the plan keeps of `offsets`' users."""
     n_users, n_tokens = counts if counts is not None else (len(offsets) - 1, int(offsets[-1]))
     per_token_full = n_layers * (kv_dims[0] + kv_dims[1])
-    breakdown = breakdown or {name: f.nbytes(n_tokens if f.per == "token" else (n_users + 1 if name == "users/offsets" else n_users))
-                 for name, f in plan.fields().items()}
+    fields = plan.fields()
+    if breakdown is None and offsets is None and any(f.per == "kept" for f in fields.values()):
+        raise CkvError("internal: counting an evicting plan's bytes needs the user offsets")
+    kept = plan.kept_tokens(offsets) if offsets is not None else n_tokens
+    breakdown = breakdown or {name: f.nbytes({"token": n_tokens, "kept": kept}.get(
+                                  f.per, n_users + 1 if name == "users/offsets" else n_users))
+                              for name, f in fields.items()}
     per_user = sum(breakdown.values())
     shared = {f"shared/{s}/{n}": int(t.numel() * t.element_size()) for s, c in plan.streams.items()
               if not isinstance(c, str) for n, t in c.shared().items()}
@@ -368,15 +377,21 @@ def run_plan(model, plan: CachePlan, batches: Iterable[TeacherBatch], advance: C
     return fields, scored, scored.recon()
 
 
-def fit_and_distill(model, ds: SequenceData, opts: CompressOptions, on_stream=None, teacher: Teacher | None = None):
-    """(fitted plan, distillation history or None): calibration (`fit_plan`), then `opts.distill_steps` steps."""
+def fit_and_distill(model, ds: SequenceData, opts: CompressOptions, on_stream=None, teacher: Teacher | None = None,
+                    student=None):
+    """(fitted plan, distillation history or None): calibration (`fit_plan`), then `opts.distill_steps` steps.
+    With `opts.finetune`, `student` (`ckv_cli.distill.make_student(model)`) is fine-tuned in place too."""
+    if opts.finetune and (not opts.distill_steps or student is None):
+        raise CkvError("--finetune needs --distill-steps > 0" if not opts.distill_steps
+                       else "internal: fine-tuning needs a student model")
     torch.manual_seed(opts.seed)
     plan = fit_plan(model, ds, opts, on_stream, teacher=teacher)
     if not opts.distill_steps:
         return plan, None
     from ckv_cli.distill import DistillOptions, distill
 
-    return plan, distill(model, ds, plan, DistillOptions(steps=opts.distill_steps, seed=opts.seed))
+    return plan, distill(model, ds, plan, DistillOptions(steps=opts.distill_steps, seed=opts.seed, finetune=opts.finetune),
+                         student=student)
 
 
 def metrics_report(scored: Scored, recon: dict[str, float]) -> dict:
@@ -402,29 +417,62 @@ def run_metadata(meta: dict, checkpoint_path, checkpoint_sha256: str, ds: Sequen
 
 def compress(model, ds: SequenceData, opts: CompressOptions, plan: CachePlan | None = None,
              advance: Callable[[int], None] | None = None, on_stream=None, teacher: Teacher | None = None,
-             keep_fields: bool = True, sink: FieldSink | None = None) -> CompressResult:
+             keep_fields: bool = True, sink: FieldSink | None = None, student=None) -> CompressResult:
     """Fit (unless `plan` is given), encode, decode and score every user. With `teacher` the caches and reference
     scores come from it (a sweep); without, they are built batch by batch and dropped (bounded memory). With
     `sink`, each batch's fields go to it as they are encoded (`sink.start(plan)` first) and neither they nor
     the offsets and per-user values are kept (`offsets` is None, `per_user` empty; the metrics come from running
-    sums: `Scored`)."""
+    sums: `Scored`).
+
+    With `opts.finetune` a copy of `model` (or `student` when given) is fine-tuned with the plan
+    (`ckv_cli.distill`) and reads the decoded caches: `model`, the teacher, still builds every cache and the
+    reference scores ("uncompressed" = the teacher's metrics, "compressed" = the student's); the result's
+    `student` is that model."""
     torch.manual_seed(opts.seed)
     distilled = None
+    if opts.finetune and student is None:
+        if plan is not None:
+            raise CkvError("internal: a given plan with finetune needs its fine-tuned student")
+        from ckv_cli.distill import make_student
+
+        student = make_student(model)
     if plan is None:
-        plan, distilled = fit_and_distill(model, ds, opts, on_stream, teacher=teacher)
+        plan, distilled = fit_and_distill(model, ds, opts, on_stream, teacher=teacher, student=student)
     batches = teacher.batches if teacher is not None else teacher_batches(model, ds, range(ds.n_users), opts.batch_users)
     if sink is not None:
         sink.start(plan)
     n_users = len(teacher.flat.offsets) - 1 if teacher is not None else ds.n_users
-    fields, scored, recon = run_plan(model, plan, batches, advance, keep_fields and sink is None,
+    reader = student if student is not None else model  # reads the decoded caches (batches: the teacher's)
+    fields, scored, recon = run_plan(reader, plan, batches, advance, keep_fields and sink is None,
                                      sink.add if sink is not None else None, n_users=n_users,
                                      keep_per_user=sink is None)
     offsets, per_user = scored.offsets, scored.per_user
     metrics = metrics_report(scored, recon)
     if distilled:
-        metrics["distillation"] = {"steps": len(distilled), "first": distilled[0], "last": distilled[-1]}
+        metrics["distillation"] = {"steps": len(distilled), "finetune": bool(opts.finetune),
+                                   "first": distilled[0], "last": distilled[-1]}
     acct = accounting(plan, offsets, model.kv_dims, len(model.layers), counts=(scored.done, scored.n_tokens))
-    return CompressResult(plan, fields, offsets, ds.user_ids, acct, metrics, per_user)
+    return CompressResult(plan, fields, offsets, ds.user_ids, acct, metrics, per_user, student=student)
+
+
+def student_path(out) -> Path:
+    """Where `ckv compress --finetune -o OUT` writes the fine-tuned student: OUT with `.student.safetensors`
+    in place of its last suffix (`x.ckv.safetensors` -> `x.ckv.student.safetensors`)."""
+    out = Path(out)
+    return out.with_name((out.stem if out.suffix else out.name) + ".student.safetensors")
+
+
+def weights_sha256(model) -> str:
+    """sha256 of a model's parameters and buffers (names, dtypes, shapes, bytes; in name order): the same for a
+    model object and for one loaded from a checkpoint written from it (`CacheStore` checks it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
 
 
 def compress_to_artifact(model, meta: dict, checkpoint_path, ds: SequenceData, opts: CompressOptions, out,
@@ -432,18 +480,34 @@ def compress_to_artifact(model, meta: dict, checkpoint_path, ds: SequenceData, o
     """Compress, streaming each batch's fields into the artifact as they are encoded (memory flat in the number
     of users: `ArtifactWriter`), check the bytes laid out against the accounting, write the file atomically;
     returns the report. An existing output without `force` is refused before any work."""
-    from pathlib import Path
-
     from ckv_cli.artifact import ArtifactWriter
+    from ckv_cli.checkpoint import check_output, save_checkpoint
+    from ckv_cli.codecs.evict import refuse_artifact
     from ckv_cli.data.datasets import sha256_file
 
+    refuse_artifact(opts.codec)
+    student_out = student_path(out) if opts.finetune else None
+    if student_out is not None:
+        check_output(student_out, force)  # before any work
     writer = ArtifactWriter(out, lambda a, b: teacher_cache_lengths(ds, model.config.max_len, a, b), ds.user_ids,
                             force=force)
+    student_written = False
     try:
         checkpoint_sha256 = sha256_file(Path(checkpoint_path))
         result = compress(model, ds, opts, advance=advance, on_stream=on_stream, sink=writer)
         report = {"artifact": str(out), **run_metadata(meta, checkpoint_path, checkpoint_sha256, ds, opts),
                   "plan": result.plan.describe(), "accounting": result.accounting, "metrics": result.metrics}
+        if student_out is not None:  # the model that reads this artifact (what the metrics measured)
+            save_checkpoint(result.student, student_out, dataset=meta.get("dataset", ds.name),
+                            fingerprint=meta.get("data_fingerprint", ds.fingerprint), item_vocab=meta["item_vocab"],
+                            metrics={"compressed_test": result.metrics["compressed"]},
+                            train={"finetuned_from": str(checkpoint_path), "finetuned_from_sha256": checkpoint_sha256,
+                                   "distill_steps": opts.distill_steps, "seed": opts.seed, "artifact": str(out),
+                                   "command": command}, force=force)
+            student_written = True
+            report.update({"finetune": True, "student_checkpoint": str(student_out),
+                           "student_sha256": sha256_file(student_out),
+                           "student_weights_sha256": weights_sha256(result.student)})
         metadata = {k: v for k, v in report.items() if k not in ("artifact", "plan")}
         metadata["command"] = command
         laid_out = writer.tensor_bytes
@@ -452,6 +516,10 @@ def compress_to_artifact(model, meta: dict, checkpoint_path, ds: SequenceData, o
             raise CkvError(f"internal: per-user bytes on disk ({on_disk}) differ from the accounting "
                            f"({result.accounting['per_user_bytes']})")
         stored = writer.finish(metadata)
+    except BaseException:
+        if student_written:  # no student without its artifact
+            student_out.unlink(missing_ok=True)
+        raise
     finally:
         writer.discard()
     report["stored_tensor_bytes"] = int(sum(stored.values()))

@@ -165,6 +165,11 @@ class CTRPlan:
             raise CkvError(f"unknown codec '{opts.codec}' (known: {', '.join(sorted([*CODECS, EVENTID]))})")
         if self.eventid and opts.params:
             raise CkvError(f"codec eventid takes no parameters (got {', '.join(sorted(opts.params))})")
+        if opts.codec == "evict":
+            raise CkvError("codec evict is for next-item models only (CTR caches do not take its keep mask yet)")
+        if opts.codec == "itemid":
+            raise CkvError("codec itemid: a CTR token's K/V are a function of its event (item, rating, gap), not of "
+                           "the item alone: use eventid")
         self.code_bits = code_bits(model)
         self.codes = "recomputed" if self.eventid else (opts.codes if self.code_bits else "none")
         self.n_items = model.config.n_items
@@ -433,9 +438,15 @@ def accounting(plan: CTRPlan, n_users: int, n_tokens: int, short_tokens: int) ->
 
 
 def compress_ctr(model: CTRModel, data: CTRData, opts: CTROptions, sink=None,
-                 advance: Callable[[int], None] | None = None, on_stream=None) -> dict:
+                 advance: Callable[[int], None] | None = None, on_stream=None, users: np.ndarray | None = None,
+                 reference: dict | None = None) -> dict:
     """Fit, encode every user's tokens batch by batch (each batch's fields to `sink.add` when given), decode them
-    and score the batch's test samples. Returns {'plan', 'accounting', 'metrics', 'timing'}."""
+    and score the batch's test samples. Returns {'plan', 'accounting', 'metrics', 'timing', 'scope'}.
+
+    `ckv evaluate --sweep` (ckv_cli/sweep_ctr.py) passes `users` (user indices: only their tokens are encoded and
+    only their test samples scored; calibration and the byte accounting still cover every user; no sink) and
+    `reference` (a dict: filled with the uncompressed scores on the first call, {'samples', 'ref', 'seconds'},
+    and read instead of scoring them again on the next ones)."""
     torch.manual_seed(opts.seed)
     model.eval()
     t0 = time.time()
@@ -472,13 +483,20 @@ def compress_ctr(model: CTRModel, data: CTRData, opts: CTROptions, sink=None,
     code_flips = [0, 0]
     refs, news, done = [], [], []
     budget = 1 << 19  # rows x history tokens per scoring call
-    for a in range(0, data.seq.n_users, opts.batch_users):
-        b = min(a + opts.batch_users, data.seq.n_users)
-        lo, hi = int(offsets[a]), int(offsets[b])
-        boff = offsets[a : b + 1] - lo
-        ev = _events_of(data, lo, hi)
+    rows = np.arange(data.seq.n_users) if users is None else np.unique(np.asarray(users, dtype=np.int64))
+    if users is not None and sink is not None:
+        raise CkvError("internal: an artifact holds every user: compress_ctr takes users= without a sink only")
+    given = reference is not None and "ref" in reference
+    t_ref, cursor = 0.0, 0
+    for a in range(0, len(rows), opts.batch_users):
+        ub = rows[a : a + opts.batch_users]  # consecutive users unless `users` was given
+        starts, lens = offsets[ub], offsets[ub + 1] - offsets[ub]
+        boff = np.r_[0, np.cumsum(lens)].astype(np.int64)
+        shift = starts - boff[:-1]  # global event index - batch position, per user
+        idx = np.repeat(shift, lens) + np.arange(boff[-1])  # global event index of each batch token
+        ev = {"items": data.seq.items[idx], "ratings": data.rating_bucket[idx], "gaps": data.gap_bucket[idx]}
         streams, codes = event_streams(model, ev["items"], ev["ratings"], ev["gaps"])
-        enc = plan.encode(ev, streams, codes, boff, memo, inverse_all[lo:hi] if inverse_all is not None else None)
+        enc = plan.encode(ev, streams, codes, boff, memo, inverse_all[idx] if inverse_all is not None else None)
         if sink is not None:
             sink.add(enc, boff)
         dec, dcodes = plan.decode(enc, boff)
@@ -488,17 +506,28 @@ def compress_ctr(model: CTRModel, data: CTRData, opts: CTROptions, sink=None,
         if codes is not None:
             code_flips[0] += int((codes != dcodes).sum())
             code_flips[1] += codes.numel()
-        samples = lo + np.flatnonzero(test[lo:hi])
+        samples = idx[test[idx]]
         for g in _groups(samples, data, budget):
-            refs.append(torch.sigmoid(score_group(model, data, g, lo, streams, codes)).double().numpy())
+            lo = int(shift[np.searchsorted(ub, data.users[g[0]])])  # a group is one user's samples
+            if given:
+                refs.append(reference["ref"][cursor : cursor + len(g)])
+                cursor += len(g)
+            else:
+                t_r = time.perf_counter()
+                refs.append(torch.sigmoid(score_group(model, data, g, lo, streams, codes)).double().numpy())
+                t_ref += time.perf_counter() - t_r
             news.append(torch.sigmoid(score_group(model, data, g, lo, dec, dcodes)).double().numpy())
             done.append(g)
         if advance:
-            advance(b - a)
+            advance(len(ub))
     t_all = time.time() - t0
     samples = np.concatenate(done) if done else np.zeros(0, np.int64)
     ref = np.concatenate(refs) if refs else np.zeros(0)
     new = np.concatenate(news) if news else np.zeros(0)
+    if given and not np.array_equal(reference["samples"], samples):
+        raise CkvError("internal: the scored samples differ from those of the precomputed reference")
+    if reference is not None and not given:
+        reference.update(samples=samples, ref=ref, seconds=round(t_ref, 2))
     metrics = ctr_report(data, samples, ref, new, opts.bootstrap, opts.seed)
     metrics["protocol"] = PROTOCOL
     metrics["reconstruction_rel_mse"] = {n: e[0] / max(e[1], 1e-12) for n, e in err.items()}
@@ -510,7 +539,8 @@ def compress_ctr(model: CTRModel, data: CTRData, opts: CTROptions, sink=None,
     return {"plan": plan, "accounting": acct, "metrics": metrics, "calibration": {
                 "users": n_calib_users, "tokens": int(len(calib)), "split": "train",
                 "distinct_events_encoded": n_distinct},
-            "timing": {"fit_seconds": round(t_fit, 1), "total_seconds": round(t_all, 1)}}
+            "timing": {"fit_seconds": round(t_fit, 1), "total_seconds": round(t_all, 1)},
+            "scope": {"users": int(len(rows)), "tokens": int((offsets[rows + 1] - offsets[rows]).sum())}}
 
 
 def compress_ctr_to_artifact(model: CTRModel, meta: dict, checkpoint_path, data: CTRData, opts: CTROptions, out,
@@ -658,7 +688,7 @@ def compress_ctr_command(checkpoint: Path, data: str, out: Path, *, codec: str, 
 
 def inspect_ctr_artifact(path, data, json_out) -> bool:
     """`ckv inspect` on a CTR artifact: metadata, tensor inventory, byte accounting, integrity (tensor checksums).
-    Reconstruction error against the teacher (`--data`) is not implemented for CTR artifacts."""
+    With `--data` the CLI adds pool usage and the reconstruction error (`ckv_cli.store_ctr.inspect_ctr_data`)."""
     import json
     import sys
 

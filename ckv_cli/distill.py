@@ -1,14 +1,37 @@
-"""Distillation of a fitted cache plan (CollectiveKV's training objective, model frozen).
+"""Distillation of a fitted cache plan (CollectiveKV's training objective), the model frozen or fine-tuned.
 
-The student is the unchanged model reading decoded caches; only the pools and routers learn. The teacher cache
-is built by the full model on training histories (the validation split's: the test items are never seen).
+The teacher is the full model, frozen: it builds every cache (on training histories: the validation split's
+histories, i.e. every event before the validation item, so the test items are never seen) and the target
+distribution. The student reads the teacher's cache passed through the plan (training-time gated top-1 decode
+for `collective` streams, encode/decode for the other codecs, first layers recomputed from item ids by the
+student's own weights, as an artifact's reader does) and appends the last event with `extend`.
+
+Frozen (default): the student is the teacher's model object, unchanged; only the pools and routers learn.
+Fine-tuned (`finetune`): the student is a separate copy of the teacher whose parameters train too (learning
+rate `model_lr`); its weights compute the appended event, the queries, every later layer and the scores (and the
+recomputed first layers); the cached K/V it reads are still codec(teacher K/V). The teacher object is never
+modified.
+
 Loss = KL(teacher || student) on the next-item distribution (temperature 0.05, as in training)
      + w_peak * peak loss  -mean(log sigmoid(top-1 router logit))
-     + w_bal  * load balance  KL(mean softmax(router logits) || uniform),
+     + w_bal  * load balance  KL(mean softmax(router logits) || uniform)
+     + w_task * cross-entropy of the true next item (fine-tuned only),
 both auxiliary terms over real tokens only (the flat layout holds no padding).
+
+The task label is the validation item: the event that follows the appended last event in each user's
+sequence. It is not a test item: `ds.split("valid")` returns the histories that end before the validation item
+and the validation items as targets; the test item (the last event of each sequence) comes only from
+`ds.split("test")`, which this module never reads. The teacher's own training read the training split only
+(everything but the last two events), so the fine-tuned student sees one extra event per user that the teacher
+did not train on: the control (`compress=False`) gets exactly the same extra data.
+
+Control (`compress=False`, with `finetune`): the same batches, steps and loss without the codec (the student
+reads the teacher's exact cache) and without the auxiliary losses: it measures what the extra training alone
+buys, against which the fine-tuned compressed student is compared.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,67 +41,137 @@ import torch.nn.functional as F
 
 from ckv_cli.codecs import CachePlan
 from ckv_cli.codecs.collective import CollectiveCodec
+from ckv_cli.codecs.plan import ITEMS, _items
 from ckv_cli.errors import CkvError
 from ckv_cli.kv.extract import FlatCache, flatten, last_event_batch, unflatten
+from ckv_cli.models.base import item_layer_kv
 
 
 @dataclass
 class DistillOptions:
     steps: int = 200
     batch_users: int = 64
-    lr: float = 1e-3
+    lr: float = 1e-3  # pools and routers
     w_peak: float = 0.01
     w_bal: float = 1.0
     temperature: float = 0.05
     balance_tokens: int = 2048
     seed: int = 0
+    finetune: bool = False  # the student's model parameters train too (a copy of the teacher)
+    model_lr: float = 1e-4  # the student model's learning rate (finetune)
+    w_task: float = 1.0  # weight of the next-item cross-entropy (finetune)
+    compress: bool = True  # False: the control (no codec, no auxiliary losses; needs finetune)
 
 
-def distill(model, ds, plan: CachePlan, opts: DistillOptions, on_step: Callable[[int, float], None] | None = None) -> list[dict]:
-    """Trains the plan's collective streams in place; returns the loss history."""
-    streams = {n: c for n, c in plan.streams.items() if isinstance(c, CollectiveCodec)}
-    if not streams:
-        raise CkvError("distillation needs at least one 'collective' stream in the plan")
+def make_student(model):
+    """A trainable copy of the teacher (the teacher object stays as it is)."""
+    student = copy.deepcopy(model)
+    student.eval()  # no dropout: the student is compared with the teacher's deterministic outputs
+    return student
+
+
+def _recompute_items(student, flat: FlatCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-layer K/V of the cached tokens from their item ids, through the student (with gradients):
+    what `CachePlan.decode` recomputes for `items` streams when the student reads an artifact."""
+    lengths = np.diff(flat.offsets)
+    B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
+    pos = torch.arange(L)[None, :].expand(B, L)
+    valid = pos < torch.from_numpy(lengths)[:, None]
+    padded = torch.zeros(B, L, dtype=torch.long)
+    padded[valid] = torch.from_numpy(flat.items)
+    k, v = item_layer_kv(student, padded, pos)
+    return k[valid], v[valid]
+
+
+def distill(model, ds, plan: CachePlan | None, opts: DistillOptions,
+            on_step: Callable[[int, float], None] | None = None, student=None) -> list[dict]:
+    """Trains the plan's collective streams in place (and, with `opts.finetune`, `student`: a copy of `model`
+    from `make_student`, trained in place); returns the loss history. `model`, the teacher, is left unchanged.
+    With `opts.compress=False` (the control) `plan` is not read and only `student` trains."""
+    if opts.finetune and student is None:
+        raise CkvError("internal: fine-tuning needs a student (make_student(model))")
+    if student is model:
+        raise CkvError("internal: the student must be a copy of the teacher, not the teacher itself")
+    if not opts.compress and not opts.finetune:
+        raise CkvError("internal: the control (no compression) trains the model: it needs finetune")
+    streams = {}
+    if opts.compress:
+        if plan is None:
+            raise CkvError("internal: distillation needs a plan")
+        streams = {n: c for n, c in plan.streams.items() if isinstance(c, CollectiveCodec)}
+        if not streams:
+            raise CkvError("distillation needs at least one 'collective' stream in the plan")
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    params = [t for c in streams.values() for t in c.trainable()]
-    opt = torch.optim.Adam(params, lr=opts.lr)
+    reader = student if opts.finetune else model
+    groups = []
+    if streams:
+        groups.append({"params": [t for c in streams.values() for t in c.trainable()], "lr": opts.lr})
+    if opts.finetune:
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(True)
+        groups.append({"params": [p for p in student.parameters()], "lr": opts.model_lr})
+    opt = torch.optim.Adam(groups)
     rng = np.random.default_rng(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
     eligible = np.flatnonzero(ds.lengths() >= 4)  # a validation history of at least two events
-    hist_items, hist_times, _ = ds.split("valid")  # once: the targets (validation items) are never used
+    hist_items, hist_times, valid_items = ds.split("valid")  # never the test items (see the module docstring)
+    recompute = opts.compress and opts.finetune and any(c == ITEMS for c in plan.streams.values())
+    others = {n: c for n, c in plan.streams.items() if c != ITEMS and n not in streams} if opts.compress else {}
     history = []
     try:
         for step in range(opts.steps):
             users = np.sort(rng.choice(eligible, size=min(opts.batch_users, len(eligible)), replace=False))
             items, times, lengths, last_i, last_t = last_event_batch(hist_items, hist_times, users, model.config.max_len)
             with torch.no_grad():
-                cache, _ = model.prefill(items, times, lengths)
+                cache, _ = model.prefill(items, times, lengths)  # the teacher's cache
                 _, h_t = model.extend(cache, last_i, last_t)
                 p_t = F.softmax(model.score_all(h_t[:, 0])[:, 1:] / opts.temperature, dim=-1)
             flat = flatten(cache)
-            student = FlatCache(flat.offsets, list(flat.keys), list(flat.values), flat.items, flat.timestamps)
+            read = FlatCache(flat.offsets, list(flat.keys), list(flat.values), flat.items, flat.timestamps)
             peak = bal = torch.zeros(())
-            for name, codec in streams.items():
-                x = flat.stream(name)
-                x_hat, top = codec.gated_decode(x)
-                student.set_stream(name, x_hat)
-                peak = peak - F.logsigmoid(top).mean()
-                pick = torch.randint(len(top), (min(opts.balance_tokens, len(top)),), generator=gen)
-                mean_p = F.softmax(codec.router_logits(x[pick]), dim=-1).mean(0)  # (m,)
-                bal = bal + (mean_p * (mean_p.clamp(min=1e-12) * mean_p.numel()).log()).sum()
-            _, h_s = model.extend(unflatten(student), last_i, last_t)
-            log_p_s = F.log_softmax(model.score_all(h_s[:, 0])[:, 1:] / opts.temperature, dim=-1)
+            if opts.compress:
+                if recompute:
+                    k0, v0 = _recompute_items(student, flat)
+                    for name, c in plan.streams.items():
+                        if c == ITEMS:
+                            read.set_stream(name, k0 if name.endswith(".k") else v0)
+                for name, codec in others.items():  # fixed codecs: their decoded teacher K/V (no gradient)
+                    with torch.no_grad():
+                        kw = _items(codec, flat.items)
+                        x = flat.stream(name)
+                        read.set_stream(name, codec.decode(codec.encode(x, flat.offsets, **kw), flat.offsets, **kw).float())
+                for name, codec in streams.items():
+                    x = flat.stream(name)
+                    x_hat, top = codec.gated_decode(x)
+                    read.set_stream(name, x_hat)
+                    peak = peak - F.logsigmoid(top).mean()
+                    pick = torch.randint(len(top), (min(opts.balance_tokens, len(top)),), generator=gen)
+                    mean_p = F.softmax(codec.router_logits(x[pick]), dim=-1).mean(0)  # (m,)
+                    bal = bal + (mean_p * (mean_p.clamp(min=1e-12) * mean_p.numel()).log()).sum()
+            _, h_s = reader.extend(unflatten(read), last_i, last_t)
+            logits = reader.score_all(h_s[:, 0])[:, 1:] / opts.temperature
+            log_p_s = F.log_softmax(logits, dim=-1)
             kl = F.kl_div(log_p_s, p_t, reduction="batchmean")
-            loss = kl + opts.w_peak * peak + opts.w_bal * bal
+            loss = kl + opts.w_peak * peak + opts.w_bal * bal if opts.compress else kl
+            task = torch.zeros(())
+            if opts.finetune:
+                task = F.cross_entropy(logits, torch.from_numpy(valid_items[users] - 1))
+                loss = loss + opts.w_task * task
             opt.zero_grad()
             loss.backward()
             opt.step()
-            history.append({"step": step + 1, "loss": loss.item(), "kl": kl.item(), "peak": peak.item(), "balance": bal.item()})
+            history.append({"step": step + 1, "loss": loss.item(), "kl": kl.item(), "peak": peak.item(),
+                            "balance": bal.item(), "task": task.item()})
             if on_step:
                 on_step(step + 1, kl.item())
     finally:
         for c in streams.values():
             c.freeze()  # the router keeps its trained weights (no longer tied to the pool)
+        if opts.finetune:
+            for p in student.parameters():
+                p.requires_grad_(False)
+            student.eval()
     return history

@@ -97,8 +97,9 @@ def print_compress(report: dict) -> None:
         ["per-user ratio vs fp16 / fp32", f"{a['per_user_ratio_fp16']:.2%} / {a['per_user_ratio_fp32']:.2%}"],
         ["total ratio vs fp16 / fp32", f"{a['total_ratio_fp16']:.2%} / {a['total_ratio_fp32']:.2%}"],
     ]
+    sides = "teacher -> fine-tuned student, compressed" if report.get("student_checkpoint") else "uncompressed -> compressed"
     for k in ("NDCG@10", "HR@10", "NDCG@50", "HR@50"):
-        rows.append([f"{k}: uncompressed -> compressed",
+        rows.append([f"{k}: {sides}",
                      f"{m['uncompressed'][k]:.4f} -> {m['compressed'][k]:.4f} ({m['delta'][k]:+.4f}, {m['relative_delta'][k]:+.2%})"])
     rows.append(["top-10 overlap with uncompressed", f"{m['fidelity']['top10_overlap']:.3f}"])
     rows.append(["users whose hit@10 flips", f"{m['fidelity']['hit10_flips']:,}"])
@@ -107,6 +108,8 @@ def print_compress(report: dict) -> None:
         rows.append([f"shards ({e['name']}, {e['workers']} worker(s))",
                      f"{e['shards']:,} of {e['shard_size']:,} users; encode {e['encode_seconds']:.0f} s, "
                      f"{e['tokens_per_second_per_worker']:,.0f} tokens/s per worker"])
+    if report.get("student_checkpoint"):
+        rows.append(["fine-tuned student (evaluate with it)", report["student_checkpoint"]])
     if "seconds" in report:
         rows.append(["time / peak memory", f"{report['seconds']:.0f} s / {report.get('peak_rss_mb', 0):,.0f} MB"])
     print_table(f"ckv compress: {report['arch']} on {report['dataset']} -> {report['artifact']}", ["", "value"], rows)

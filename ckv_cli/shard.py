@@ -284,9 +284,11 @@ def compress_sharded(model, meta: dict, checkpoint_path, ds, opts, out, shard_si
     write the shared tensors, encode the shards (in this process, or on Ray: `ckv_cli.engines.ray_engine`),
     then the index. Returns the report (as `compress_to_artifact`'s, plus the engine's timings). Every output
     (index, shared file, shards) is checked before any work; on failure the files this run wrote are removed."""
+    from ckv_cli.codecs.evict import refuse_artifact
     from ckv_cli.compress import fit_and_distill, run_metadata
     from ckv_cli.data.datasets import sha256_file
 
+    refuse_artifact(opts.codec)
     out = Path(out)
     if not is_index(out):
         raise CkvError(f"sharded output is an index: -o must end with .json (e.g. {stem_of(out)}.index.json), got {out}")
@@ -477,6 +479,12 @@ def verify_path(path: str | Path) -> tuple[list[str], dict]:
     its header and tensor checksums."""
     path = Path(path)
     if not is_index(path):
+        from ckv_cli.compress_ctr import is_ctr_artifact
+
+        if path.is_file() and is_ctr_artifact(path):  # a CTR model's artifact: no next-item plan to check
+            from ckv_cli.store_ctr import verify_ctr_artifact
+
+            return verify_ctr_artifact(path)
         art = Artifact.open(path)
         return [f"{path.name}: tensor '{n}' does not match its checksum" for n in art.verify()], \
             {"files": 1, "users": art.n_users, "tokens": int(art.offsets[-1])}

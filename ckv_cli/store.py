@@ -43,8 +43,9 @@ over it, and the new tokens' K/V are encoded by the plan (the router picks their
 Appends live in an in-memory overlay (the file on disk is immutable); `save(path)` writes a new artifact with
 the overlay merged, atomically. A store is not safe to append to from several threads at once.
 
-Not here: CTR scoring of candidates needs the CTR models of another issue, which do not exist yet; for
-next-item models `score_items` gives the model's scores (cosine against the item table) of given candidates.
+CTR artifacts (SIM, ETA, SDIM, TWIN) are served by `ckv_cli.store_ctr.CTRStore` (click probabilities of
+candidates); for next-item models `score_items` gives the model's scores (cosine against the item table) of given
+candidates.
 """
 from __future__ import annotations
 
@@ -509,6 +510,7 @@ class CacheStore:
                     if name not in maps[-1].tensors:
                         raise CkvError(f"{file}: inconsistent artifact (tensor '{name}' is missing)")
             cls._check_model(artifact, model)
+            _check_student(artifact, model)
             if next(model.parameters()).device.type != "cpu":
                 raise CkvError("the store runs on the CPU: pass the model moved there (model.cpu())")
             if checkpoint is not None:
@@ -569,15 +571,7 @@ class CacheStore:
 
     def index(self, user_ids) -> np.ndarray:
         """Raw user ids (a string or a sequence of them) -> user indices; CkvError naming an unknown user."""
-        if isinstance(user_ids, (str, bytes)) or not isinstance(user_ids, (Sequence, np.ndarray)):
-            user_ids = [user_ids]
-        out = np.empty(len(user_ids), np.int64)
-        for j, u in enumerate(user_ids):
-            key = u.decode() if isinstance(u, bytes) else str(u)
-            if key not in self._lookup:
-                raise CkvError(f"user '{key}' is not in {self.artifact.path}")
-            out[j] = self._lookup[key]
-        return out
+        return user_indices(self._lookup, user_ids, self.artifact.path)
 
     def item_index(self, items) -> np.ndarray:
         """Items -> indices 1..n_items (same shape): strings are raw ids looked up in the checkpoint's vocabulary,
@@ -837,8 +831,8 @@ class CacheStore:
     def score_items(self, user_ids, candidate_items, new_items=None, new_timestamps=None,
                     attention: str = COMPRESSED) -> np.ndarray:
         """Next-item scores (B, C) of candidate items: one list per user (B lists of C), or one list for all.
-        Candidates are raw ids or indices and are scored even if seen. (CTR scoring of candidates needs the CTR
-        models of another issue; they do not exist yet.)"""
+        Candidates are raw ids or indices and are scored even if seen. (CTR artifacts:
+        `ckv_cli.store_ctr.CTRStore.score`.)"""
         users = self.index(user_ids)
         per_user = (candidate_items.ndim == 2 if isinstance(candidate_items, (np.ndarray, torch.Tensor))
                     else len(candidate_items) > 0 and not isinstance(candidate_items[0], (str, int, np.integer)))
@@ -971,6 +965,35 @@ class CacheStore:
         meta["appended"] = {"users": self.appended_users, "source": str(self.artifact.path),
                             "source_checksums_sha256": _digest(self.artifact.meta.get("checksums", {}))}
         return write_artifact(path, self.plan, fields, offsets, self._user_ids, meta, force=force)
+
+
+def _check_student(artifact, model) -> None:
+    """Refuse to read an artifact of `ckv compress --finetune` with any model but its fine-tuned student (the
+    teacher's weights read it differently from what was measured): the artifact keeps the student's weights
+    digest."""
+    want = artifact.meta.get("student_weights_sha256")
+    if want is None:
+        return
+    from ckv_cli.compress import weights_sha256
+
+    if weights_sha256(model) != want:
+        name = artifact.meta.get("student_checkpoint", "its student checkpoint")
+        raise CkvError(f"{artifact.path} is read by the fine-tuned student {name}: open it with that checkpoint's "
+                       "model, not the teacher's or another")
+
+
+def user_indices(lookup: dict[str, int], user_ids, where) -> np.ndarray:
+    """Raw user ids (one, or a sequence of them) -> indices through `lookup`; CkvError naming an unknown user and
+    `where` (the artifact) it is missing from."""
+    if isinstance(user_ids, (str, bytes, int, np.integer)) or not isinstance(user_ids, (Sequence, np.ndarray)):
+        user_ids = [user_ids]
+    out = np.empty(len(user_ids), np.int64)
+    for j, u in enumerate(user_ids):
+        key = u.decode() if isinstance(u, bytes) else str(u)
+        if key not in lookup:
+            raise CkvError(f"user '{key}' is not in {where}")
+        out[j] = lookup[key]
+    return out
 
 
 def _check_weights(model, checkpoint) -> None:

@@ -10,7 +10,9 @@ CI over users, fidelity to the uncompressed scores, and its time. Rows are sorte
 the Pareto front when no other row has as few or fewer bytes and a better NDCG@10 delta.
 
 A grid entry the codec refuses on this model (e.g. `itemid` on a layer whose K/V are not a function of the item)
-is recorded as refused with the codec's message; `evict` (issue 6) is not implemented and is listed as such.
+is recorded as refused with the codec's message. `evict` (token eviction, `ckv_cli.codecs.evict`) runs here only:
+its dropped tokens are masked out of the appended event's attention, and its bytes are those it would store (the
+kept tokens' fp16 vectors, a 1-bit keep flag per token for the key-norm rules); `ckv compress` refuses it.
 
 SPEC: `default`, or entries separated by ';', each `codec` or `codec:key=value,key=value`
 (e.g. `collective:pool_size=1024;int4:group_size=64;pq:subvectors=8,bits=8`); `default;...` adds to the default.
@@ -32,14 +34,15 @@ from ckv_cli.errors import CkvError
 from ckv_cli.evaluate import PROTOCOL, target_ranks
 from ckv_cli.metrics import RANKING_METRICS, paired_bootstrap, per_user_ranking, ranking_metrics
 
-NOT_IMPLEMENTED = {"evict": "keep a fraction of the history tokens (most recent or highest key norm): "
-                            "not implemented in this version (issue 6)"}
+NOT_IMPLEMENTED: dict[str, str] = {}  # codec -> why: grid entries accepted but not built (listed as such); none now
 
 DEFAULT_GRID = ("plain:dtype=float16", "bf16", "int8", "int4:group_size=32", "int4:group_size=64",
                 "lowrank:rank=2", "lowrank:rank=8", "lowrank:rank=16",
                 "pq:subvectors=2,bits=8", "pq:subvectors=4,bits=8", "pq:subvectors=8,bits=8",
                 "collective:pool_size=1024", "collective:pool_size=4096", "collective:pool_size=8192",
-                "collective:pool_size=4096,user_dim=1", "itemid", "evict")
+                "collective:pool_size=4096,user_dim=1", "itemid", "evict:keep=0.25,policy=recent",
+                "evict:keep=0.5,policy=recent", "evict:keep=0.5,policy=keynorm",
+                "evict:keep=0.5,policy=keynorm_high")
 
 PARETO_METRIC = "NDCG@10"
 OK, REFUSED, MISSING = "ok", "refused", "not implemented"
@@ -60,10 +63,12 @@ def _codec_parameters(codec: str) -> list[str]:
     return [n for n in sig.parameters if n not in ("self", "d")]
 
 
-def parse_sweep(spec: str) -> list[SweepSpec]:
+def parse_sweep(spec: str, default_grid: tuple[str, ...] = DEFAULT_GRID, extra_codecs: tuple[str, ...] = (),
+                extra_params: tuple[str, ...] = ()) -> list[SweepSpec]:
     """'default' or 'codec[:k=v,...];...' -> grid entries (duplicates dropped, first kept). Unknown codecs,
     unknown parameter names and malformed entries raise a one-line CkvError; values are checked by the codec
-    when the entry runs (a value it refuses makes a refused row)."""
+    when the entry runs (a value it refuses makes a refused row). The CTR sweep passes its own default grid, its
+    parameterless `eventid` codec (`extra_codecs`) and the parameters every codec takes there (`extra_params`)."""
     entries = [e.strip() for e in str(spec).split(";")]
     if not any(entries):
         raise CkvError("empty --sweep: give 'default' or entries like 'collective:pool_size=1024;int4:group_size=64'")
@@ -72,9 +77,9 @@ def parse_sweep(spec: str) -> list[SweepSpec]:
         if not entry:
             continue
         if entry == "default":
-            out += [parse_sweep_entry(e) for e in DEFAULT_GRID]
+            out += [parse_sweep_entry(e, extra_codecs, extra_params) for e in default_grid]
         else:
-            out.append(parse_sweep_entry(entry))
+            out.append(parse_sweep_entry(entry, extra_codecs, extra_params))
     seen, unique = set(), []
     for s in out:
         if s.label not in seen:
@@ -83,10 +88,10 @@ def parse_sweep(spec: str) -> list[SweepSpec]:
     return unique
 
 
-def parse_sweep_entry(entry: str) -> SweepSpec:
+def parse_sweep_entry(entry: str, extra_codecs: tuple[str, ...] = (), extra_params: tuple[str, ...] = ()) -> SweepSpec:
     codec, sep, rest = entry.partition(":")
     codec = codec.strip()
-    known = sorted(REGISTRY) + sorted(NOT_IMPLEMENTED)
+    known = sorted(REGISTRY) + sorted(set(NOT_IMPLEMENTED) - set(REGISTRY)) + sorted(extra_codecs)
     if codec not in known:
         raise CkvError(f"bad --sweep entry '{entry}': unknown codec '{codec}' (known: {', '.join(known)})")
     if sep and not rest.strip():
@@ -95,8 +100,8 @@ def parse_sweep_entry(entry: str) -> SweepSpec:
     if any(not p for p in items):
         raise CkvError(f"bad --sweep entry '{entry}': empty parameter (stray ',')")
     params = parse_params(items, what=f"--sweep entry '{entry}': parameter")
-    if codec in REGISTRY:
-        allowed = _codec_parameters(codec)
+    if codec in REGISTRY or codec in extra_codecs:
+        allowed = (_codec_parameters(codec) if codec in REGISTRY else []) + list(extra_params)
         for k in params:
             if k not in allowed:
                 raise CkvError(f"bad --sweep entry '{entry}': codec '{codec}' has no parameter '{k}' "
@@ -143,11 +148,11 @@ def _row_not_run(spec: SweepSpec, status: str, message: str, seconds: float = 0.
             "message": message, "seconds": round(seconds, 2)}
 
 
-def order_rows(rows: list[dict]) -> list[dict]:
+def order_rows(rows: list[dict], metric: str = PARETO_METRIC) -> list[dict]:
     """Rows that ran sorted by per-user bytes (then by label), then refused, then not implemented; Pareto flags
-    set on the rows that ran (False on the others)."""
+    (on `metric`'s delta, higher is better) set on the rows that ran (False on the others)."""
     ran = sorted((r for r in rows if r["status"] == OK), key=lambda r: (r["per_user_bytes"], r["spec"]))
-    flags = pareto_flags([r["per_user_bytes"] for r in ran], [r["metrics"][PARETO_METRIC]["delta"] for r in ran])
+    flags = pareto_flags([r["per_user_bytes"] for r in ran], [r["metrics"][metric]["delta"] for r in ran])
     for r, flag in zip(ran, flags):
         r["pareto"] = flag
     rest = [r for r in rows if r["status"] == REFUSED] + [r for r in rows if r["status"] == MISSING]
@@ -232,17 +237,19 @@ def csv_rows(payload: dict) -> list[dict]:
     return out
 
 
-def write_csv(path: str | Path | None, payload: dict) -> None:
-    """One line per row, CSV_COLUMNS, written atomically (a temporary file renamed into place)."""
+def write_csv(path: str | Path | None, payload: dict, columns: list[str] | None = None,
+              to_rows: Callable[[dict], list[dict]] | None = None) -> None:
+    """One line per row, CSV_COLUMNS (or `columns`, filled by `to_rows(payload)`: the CTR sweep's), written
+    atomically (a temporary file renamed into place)."""
     if not path:
         return
     from ckv_cli.checkpoint import atomic_write
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            w = csv.DictWriter(f, fieldnames=columns or CSV_COLUMNS)
             w.writeheader()
-            w.writerows(csv_rows(payload))
+            w.writerows((to_rows or csv_rows)(payload))
 
     atomic_write(Path(path), write)
 
@@ -255,16 +262,25 @@ def collective_verdict(payload: dict, metric: str = PARETO_METRIC) -> dict:
     """Does `collective` have the best `metric` delta at equal or smaller per-user bytes than every baseline? For
     each baseline row (every row that ran and is not collective): `dominated` when a collective row with <= its
     bytes has a delta at least as good, `beats` when collective rows with <= its bytes exist but all are worse,
-    `smaller` when no collective row is that small."""
+    `smaller` when no collective row is that small, and `undercuts` when it is moreover not distinguishably worse
+    than the best collective row (a delta at least as good, or CIs that overlap: `eventid`, lossless, against a
+    collective row whose delta is a noise-level +0.00004 on the CTR models), which makes the answer no as well.
+    The rule leans against collective on purpose: fewer bytes and no measurable loss is a win for the baseline."""
     ran = [r for r in payload["rows"] if r["status"] == OK]
     coll = [r for r in ran if r["codec"] == "collective"]
-    out = {"metric": metric, "collective_rows": len(coll), "beats": [], "dominated": [], "smaller": []}
+    out = {"metric": metric, "collective_rows": len(coll), "beats": [], "dominated": [], "smaller": [], "undercuts": []}
     for b in ran:
         if b["codec"] == "collective":
             continue
         cheaper = [c for c in coll if c["per_user_bytes"] <= b["per_user_bytes"]]
         if not cheaper:
-            out["smaller"].append({"baseline": b["spec"]})
+            top = max(coll, key=lambda c: c["metrics"][metric]["delta"]) if coll else None
+            if top and (b["metrics"][metric]["delta"] >= top["metrics"][metric]["delta"]
+                        or b["metrics"][metric]["ci_high"] >= top["metrics"][metric]["ci_low"]):
+                out["undercuts"].append({"baseline": b["spec"], "baseline_bytes_per_token": b["bytes_per_token"],
+                                         "baseline_delta": b["metrics"][metric]["delta"]})
+            else:
+                out["smaller"].append({"baseline": b["spec"]})
             continue
         best = max(cheaper, key=lambda c: (c["metrics"][metric]["delta"], -c["per_user_bytes"]))
         mb, mc = b["metrics"][metric], best["metrics"][metric]
@@ -273,22 +289,26 @@ def collective_verdict(payload: dict, metric: str = PARETO_METRIC) -> dict:
                  "collective_delta": mc["delta"],
                  "cis_overlap": bool(mb["ci_low"] <= mc["ci_high"] and mc["ci_low"] <= mb["ci_high"])}
         out["beats" if mb["delta"] > mc["delta"] else "dominated"].append(entry)
-    out["collective_best"] = bool(coll) and not out["beats"]
+    out["collective_best"] = bool(coll) and not out["beats"] and not out["undercuts"]
     return out
 
 
-def verdict_line(payload: dict, metric: str = PARETO_METRIC) -> str:
+def verdict_line(payload: dict, metric: str = PARETO_METRIC, digits: int = 4) -> str:
     v = collective_verdict(payload, metric)
     if not v["collective_rows"]:
         return f"No `collective` row ran, so there is nothing to compare ({metric} delta)."
     head = (f"`collective` has the best {metric} delta at equal or smaller per-user bytes than every baseline: "
             f"**{'yes' if v['collective_best'] else 'no'}**")
     parts = []
+    if v["undercuts"]:
+        parts.append("undercut by " + "; ".join(
+            f"`{e['baseline']}` ({e['baseline_bytes_per_token']:.2f} B/token, {e['baseline_delta']:+.{digits}f}), smaller "
+            "than every collective row and not distinguishably worse than the best of them" for e in v["undercuts"]))
     if v["beats"]:
         parts.append("beaten by " + "; ".join(
-            f"`{e['baseline']}` ({e['baseline_bytes_per_token']:.2f} B/token, {e['baseline_delta']:+.4f}) against the "
-            f"best collective at <= its bytes, `{e['collective']}` ({e['collective_bytes_per_token']:.2f} B/token, "
-            f"{e['collective_delta']:+.4f}){', CIs overlap' if e['cis_overlap'] else ''}" for e in v["beats"]))
+            f"`{e['baseline']}` ({e['baseline_bytes_per_token']:.2f} B/token, {e['baseline_delta']:+.{digits}f}) against "
+            f"the best collective at <= its bytes, `{e['collective']}` ({e['collective_bytes_per_token']:.2f} B/token, "
+            f"{e['collective_delta']:+.{digits}f}){', CIs overlap' if e['cis_overlap'] else ''}" for e in v["beats"]))
     if v["dominated"]:
         parts.append("at least as good as " + ", ".join(f"`{e['baseline']}`" for e in v["dominated"]) + " at fewer or equal bytes")
     if v["smaller"]:

@@ -576,6 +576,16 @@ CASES: list[Case] = [
          "ckv: error: Missing option '--data' / '-d'."),
     Case(OPTIONS, "unknown option", (*NEW, "--pool", "8"),
          "ckv: error: No such option: --pool (Possible options: --pool-size)"),
+    Case(OPTIONS, "--finetune without distillation", (*NEW, "--finetune"),
+         "ckv: error: --finetune needs --distill-steps > 0 (the model trains during distillation)"),
+    Case(OPTIONS, "--finetune with sharded output", (*NEW, "--finetune", "--distill-steps", "2", "--shard-size", "8"),
+         "ckv: error: --finetune writes one artifact: it does not go with --engine ray or --shard-size yet"),
+    Case(OPTIONS, "compress --codec evict (sweep only)", (*NEW, "--codec", "evict"),
+         "ckv: error: codec evict keeps a different number of tokens per user, which the artifact format (fixed-width "
+         "per-token fields) does not hold: it is available in `ckv evaluate CHECKPOINT --sweep "
+         "'evict:keep=0.5,policy=recent'` only"),
+    Case(OPTIONS, "--sweep-users on a next-item model", (*EVALUATE, "--sweep-users", "10"),
+         "ckv: error: --sweep-users goes with --sweep on a CTR model (a next-item sweep scores every user)"),
 ]
 
 

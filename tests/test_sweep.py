@@ -1,5 +1,5 @@
 """`ckv evaluate --sweep` (issue 6): spec parsing, Pareto flags, the sweep on ML-100K with a tiny untrained SASRec
-(shared teacher, exact codec, refused and not-implemented rows, JSON/CSV/PNG), the collective verdict of
+(shared teacher, exact codec, evict, refused rows, JSON/CSV/PNG), the collective verdict of
 bench/sweep.py, and the command line."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ckv_cli.sweep import (CSV_COLUMNS, DEFAULT_GRID, collective_verdict, markdo
 from test_compress import one_line_error, run_ckv
 
 MAX_LEN = 16
-GRID = "collective:pool_size=16;plain:dtype=float32;itemid;evict"  # three that run (one refused) + one missing
+GRID = "collective:pool_size=16;plain:dtype=float32;itemid;evict:keep=0.5,policy=keynorm"  # three run, one refused
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +144,12 @@ def test_teacher_matches_streamed_caches(model, ds):
 
 def test_sweep_rows(payload, ds):
     rows = payload["rows"]
-    assert [r["spec"] for r in rows] == ["collective:pool_size=16", "plain:dtype=float32", "itemid", "evict"]
-    assert [r["status"] for r in rows] == ["ok", "ok", "refused", "not implemented"]
-    ran = rows[:2]
-    assert ran[0]["per_user_bytes"] < ran[1]["per_user_bytes"]  # sorted by bytes
-    assert "not a function of the item alone" in rows[2]["message"] and "\n" not in rows[2]["message"]
-    assert "not implemented" in rows[3]["message"]
+    assert [r["spec"] for r in rows] == ["collective:pool_size=16", "evict:keep=0.5,policy=keynorm",
+                                         "plain:dtype=float32", "itemid"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "refused"]
+    ran = [rows[0], rows[2]]
+    assert ran[0]["per_user_bytes"] < rows[1]["per_user_bytes"] < ran[1]["per_user_bytes"]  # sorted by bytes
+    assert "not a function of the item alone" in rows[3]["message"] and "\n" not in rows[3]["message"]
     exact = ran[1]
     assert exact["top10_overlap"] == 1.0 and exact["hit10_flips"] == 0 and exact["kl_mean"] < 1e-6
     for k, m in exact["metrics"].items():
@@ -164,10 +164,29 @@ def test_sweep_rows(payload, ds):
     json.dumps(payload)  # JSON-able as is
 
 
+def test_sweep_evict_row(payload, ds):
+    """evict keeps half of each user's tokens (masked, not compacted): its bytes are the kept tokens' fp16 K/V
+    of the stored layer, a keep bit per token, item ids and offsets; dropping tokens changes the scores."""
+    from ckv_cli.codecs.bits import bits_for, packed_nbytes
+    from ckv_cli.codecs.evict import kept_counts
+    from ckv_cli.kv.extract import teacher_cache_lengths
+
+    row = payload["rows"][1]
+    lengths = teacher_cache_lengths(ds, MAX_LEN)
+    n, kept = int(lengths.sum()), int(kept_counts(lengths, 0.5).sum())
+    assert payload["tokens"] == n
+    want = {"tokens/items": packed_nbytes(n, bits_for(ds.n_items + 1)), "users/offsets": 8 * (ds.n_users + 1),
+            "tokens/keep": packed_nbytes(n, 1), "L1.k/x": kept * 16 * 2, "L1.v/x": kept * 16 * 2}
+    assert row["per_user_breakdown"] == want and row["per_user_bytes"] == sum(want.values())
+    assert row["shared_bytes"] == 0 and row["top10_overlap"] < 1
+    assert row["plan"]["streams"]["L0.k"] == "items" and row["plan"]["streams"]["L1.v"]["params"]["keep"] == 0.5
+
+
 def test_sweep_row_equals_compress(payload, model, ds):
     """The sweep and `ckv compress` share one code path: the same plan gives the same bytes and fidelity."""
     result = compress(model, ds, CompressOptions(codec="plain", params={"dtype": "float32"}, calib_users=100))
-    row = payload["rows"][1]
+    row = payload["rows"][2]
+    assert row["spec"] == "plain:dtype=float32"
     assert row["per_user_bytes"] == result.accounting["per_user_bytes"]
     assert row["bytes_per_token"] == result.accounting["bytes_per_token"]
     assert row["metrics"]["NDCG@10"]["value"] == result.metrics["compressed"]["NDCG@10"]
@@ -181,8 +200,8 @@ def test_sweep_outputs(payload, tmp_path):
     with open(tmp_path / "s.csv") as f:
         lines = list(csv.DictReader(f))
     assert list(lines[0]) == CSV_COLUMNS and [r["spec"] for r in lines] == [r["spec"] for r in payload["rows"]]
-    assert float(lines[1]["NDCG@10_delta"]) == 0 and lines[1]["pareto"] == str(payload["rows"][1]["pareto"])
-    assert lines[2]["status"] == "refused" and lines[2]["NDCG@10_delta"] == ""
+    assert float(lines[2]["NDCG@10_delta"]) == 0 and lines[2]["pareto"] == str(payload["rows"][2]["pareto"])
+    assert lines[3]["status"] == "refused" and lines[3]["NDCG@10_delta"] == ""
     assert [p.name for p in tmp_path.iterdir()] == ["s.csv"]  # no temporary left behind
     pytest.importorskip("matplotlib")
     from ckv_cli.plots import plot_sweep
@@ -202,8 +221,10 @@ def test_cli_sweep(ckpt, tmp_path):
     assert "Traceback" not in proc.stderr
     out = json.loads((tmp_path / "s.json").read_text())
     assert out["arch"] == "sasrec" and out["checkpoint"] == str(ckpt) and out["calib_users"] == 100
-    assert [r["spec"] for r in out["rows"]] == ["collective:pool_size=16", "plain:dtype=float32", "evict"]
-    assert "collective:pool_size=16" in proc.stdout and "evict: not implemented" in proc.stdout
+    assert [r["spec"] for r in out["rows"]] == ["collective:pool_size=16", "evict", "plain:dtype=float32"]
+    assert all(r["status"] == "ok" for r in out["rows"]) and out["rows"][1]["plan"]["streams"]["L1.k"]["params"] == {
+        "d": 16, "keep": 0.5, "policy": "recent"}  # the defaults
+    assert "collective:pool_size=16" in proc.stdout and "evict" in proc.stdout
     assert (tmp_path / "s.csv").read_text().count("\n") == 4
     if (tmp_path / "plots").exists():  # matplotlib installed
         assert (tmp_path / "plots" / "sasrec.sweep.png").stat().st_size > 0
@@ -216,3 +237,16 @@ def test_cli_sweep_refusals(ckpt, tmp_path):
     one_line_error(run_ckv(*base, "--sweep", "pq:bogus=1", "--json", tmp_path / "x.json", cwd=tmp_path), "bogus")
     one_line_error(run_ckv(*base, "--csv", tmp_path / "x.csv", cwd=tmp_path), "--sweep")
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.csv").exists()
+
+
+def test_verdict_undercut_by_a_smaller_row_not_distinguishably_worse():
+    """A baseline smaller than every collective row counts against collective when it is not measurably worse
+    (eventid on the CTR models: lossless, fewer bytes); a smaller row that is clearly worse does not."""
+    base = [_row("collective:pool_size=16", 50, 0.002), _row("int8", 300, -0.001)]
+    payload = {"rows": order_rows(base + [_row("lowrank:rank=2", 40, -0.05)])}
+    v = collective_verdict(payload)
+    assert v["collective_best"] and not v["undercuts"] and [e["baseline"] for e in v["smaller"]] == ["lowrank:rank=2"]
+    payload = {"rows": order_rows(base + [_row("eventid", 20, 0.0)])}  # CI [-0.01, +0.01] overlaps collective's
+    v = collective_verdict(payload)
+    assert not v["collective_best"] and [e["baseline"] for e in v["undercuts"]] == ["eventid"]
+    assert "**no**" in verdict_line(payload) and "undercut by `eventid`" in verdict_line(payload)

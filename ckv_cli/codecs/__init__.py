@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ckv_cli.codecs.base import Field, StreamCodec
 from ckv_cli.codecs.collective import CollectiveCodec
+from ckv_cli.codecs.evict import EvictCodec
 from ckv_cli.codecs.itemid import ItemIdCodec
 from ckv_cli.codecs.kivi import Int4Codec, Int8Codec
 from ckv_cli.codecs.lowrank import LowRankCodec
@@ -13,7 +14,8 @@ from ckv_cli.codecs.pq import PQCodec
 from ckv_cli.errors import CkvError
 
 REGISTRY: dict[str, type[StreamCodec]] = {c.name: c for c in (CollectiveCodec, PlainCodec, Bf16Codec, Int8Codec,
-                                                               Int4Codec, LowRankCodec, PQCodec, ItemIdCodec)}
+                                                               Int4Codec, LowRankCodec, PQCodec, ItemIdCodec,
+                                                               EvictCodec)}
 
 
 def make_codec(name: str, d: int, params: dict, kind: str = "") -> StreamCodec:
@@ -61,6 +63,6 @@ def plan_from_description(desc: dict) -> CachePlan:
     return CachePlan(int(desc["n_layers"]), streams, int(desc["n_items"]), bool(desc["timestamps"]))
 
 
-__all__ = ["ITEMS", "REGISTRY", "Bf16Codec", "CachePlan", "CollectiveCodec", "Field", "Int4Codec", "Int8Codec",
+__all__ = ["ITEMS", "REGISTRY", "Bf16Codec", "CachePlan", "CollectiveCodec", "EvictCodec", "Field", "Int4Codec", "Int8Codec",
            "ItemIdCodec", "LowRankCodec", "PQCodec", "PlainCodec", "StreamCodec", "build_plan", "make_codec",
            "plan_from_description"]

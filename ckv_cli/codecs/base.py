@@ -7,6 +7,8 @@
   codec from an artifact without running `fit`.
 - A codec with `needs_items` also gets the tokens' item ids (N,) as `items=` in fit, encode and decode;
   `stream_defaults` maps a stream kind ('k', 'v') to parameter defaults the plan passes for that kind.
+- A codec with `needs_keep` (token eviction) gets the plan's keep mask (N,) bool as `keep=` in encode and
+  decode, and may declare `kept` fields: one row per kept token, not per token.
 Codecs never see the model: the caller hands them vectors.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ckv_cli.errors import CkvError
 
 @dataclass(frozen=True)
 class Field:
-    """One stored array: `per` is 'token' or 'user'; `bits` > 0 means bit-packed unsigned ints, one per token;
+    """One stored array: `per` is 'token', 'user' or 'kept'; `bits` > 0 means bit-packed unsigned ints, one per token;
     otherwise `dtype` and `width` (values per token or per user)."""
 
     name: str
@@ -42,6 +44,7 @@ class StreamCodec:
 
     name = ""
     needs_items = False
+    needs_keep = False
     stream_defaults: dict[str, dict] = {}
 
     def params(self) -> dict:

@@ -5,6 +5,11 @@ A stream whose K/V are an exact function of (item, position) — a first attenti
 `items`: nothing is stored for it, the reader recomputes it from the item ids through a callable the caller
 supplies (the plan never sees the model). Item ids are stored for every token in any case (bit-packed):
 they let a cache be re-encoded or its window slid, and they are counted in the per-user bytes.
+
+An evicting codec (`evict`) drops tokens: the plan decides once per token which are kept (`keep_mask`, one
+decision for every layer, K and V), hands the mask to every evict stream, zeroes the dropped tokens of `items`
+streams, stores the mask when it is not known from the per-user counts (`tokens/keep`, 1 bit per token) and
+returns it with the decoded cache (`FlatCache.keep`), where attention reads it.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch
 
 from ckv_cli.codecs.base import Field, StreamCodec
 from ckv_cli.codecs.bits import bits_for
+from ckv_cli.codecs.evict import EvictCodec, kept_counts
 from ckv_cli.errors import CkvError
 from ckv_cli.kv.extract import FlatCache
 
@@ -27,6 +33,11 @@ def _items(codec: StreamCodec, items: np.ndarray) -> dict:
     return {"items": items} if codec.needs_items else {}
 
 
+def _keep(codec: StreamCodec, keep: np.ndarray | None) -> dict:
+    """The plan's keep mask as a keyword for evicting codecs (`needs_keep`), nothing for the others."""
+    return {"keep": keep} if codec.needs_keep else {}
+
+
 @dataclass
 class CachePlan:
     n_layers: int
@@ -34,9 +45,35 @@ class CachePlan:
     n_items: int
     timestamps: bool  # the model's attention reads event times (HSTU)
 
+    def __post_init__(self):
+        params = {(c.keep, c.policy) for c in self.streams.values() if isinstance(c, EvictCodec)}
+        if len(params) > 1:
+            raise CkvError("every evict stream of a plan must have the same keep and policy (one decision per token)")
+
     @staticmethod
     def key(layer: int, kind: str) -> str:
         return f"L{layer}.{kind}"
+
+    @property
+    def evictor(self) -> tuple[int, EvictCodec] | None:
+        """(layer, codec) of the first layer with an evict stream (whose keys the key-norm rules read), or None."""
+        for layer in range(self.n_layers):
+            for kind in ("k", "v"):
+                codec = self.streams.get(self.key(layer, kind))
+                if isinstance(codec, EvictCodec):
+                    return layer, codec
+        return None
+
+    def keep_mask(self, flat: FlatCache) -> np.ndarray | None:
+        """Which tokens the plan keeps (N,) bool, one decision per token for every stream; None without eviction."""
+        ev = self.evictor
+        return None if ev is None else ev[1].select(flat.keys[ev[0]], flat.offsets)
+
+    def kept_tokens(self, offsets: np.ndarray) -> int:
+        """Tokens kept over the users of `offsets` (every token without eviction): the rows of `kept` fields."""
+        lengths = np.diff(offsets)
+        ev = self.evictor
+        return int(lengths.sum() if ev is None else kept_counts(lengths, ev[1].keep).sum())
 
     def fields(self) -> dict[str, Field]:
         """Every stored array, by artifact name."""
@@ -44,6 +81,9 @@ class CachePlan:
                "users/offsets": Field("offsets", "user", dtype="int64")}
         if self.timestamps:
             out["tokens/timestamps"] = Field("timestamps", "token", dtype="int32")
+        ev = self.evictor
+        if ev is not None and ev[1].stores_flags:
+            out["tokens/keep"] = Field("keep", "token", bits=1)
         for name, codec in self.streams.items():
             if codec != ITEMS:
                 for f in codec.fields():
@@ -69,9 +109,13 @@ class CachePlan:
                 raise CkvError(f"timestamps {int(ts.min())}..{int(ts.max())} do not fit the artifact's int32 field "
                                "(seconds expected; divide millisecond timestamps by 1000)")
             out["tokens/timestamps"] = ts.astype(np.int32)
+        keep = self.keep_mask(flat)
+        if keep is not None and self.evictor[1].stores_flags:
+            out["tokens/keep"] = keep.astype(np.uint8)
         for name, codec in self.streams.items():
             if codec != ITEMS:
-                for fname, arr in codec.encode(flat.stream(name), flat.offsets, **_items(codec, flat.items)).items():
+                for fname, arr in codec.encode(flat.stream(name), flat.offsets, **_items(codec, flat.items),
+                                               **_keep(codec, keep)).items():
                     out[f"{name}/{fname}"] = arr
         return out
 
@@ -81,6 +125,9 @@ class CachePlan:
         `item_kv(items (B, L), positions (B, L))` recomputes the K/V of `items` streams."""
         items = np.asarray(fields["tokens/items"], dtype=np.int64)
         ts = np.asarray(fields["tokens/timestamps"], dtype=np.int64) if self.timestamps else np.zeros_like(items)
+        ev = self.evictor
+        keep = None if ev is None else (np.asarray(fields["tokens/keep"], dtype=bool) if ev[1].stores_flags
+                                        else ev[1].select(None, offsets))
         keys, values = [], []
         recomputed = None
         for layer in range(self.n_layers):
@@ -90,11 +137,14 @@ class CachePlan:
                 if codec == ITEMS:
                     if recomputed is None:
                         recomputed = self._recompute(items, offsets, item_kv)
+                        if keep is not None:  # dropped tokens decode as zeros in every stream
+                            drop = torch.from_numpy(~keep)
+                            recomputed = tuple(x.masked_fill(drop[:, None], 0.0) for x in recomputed)
                     dest.append(recomputed[0 if kind == "k" else 1])
                 else:
                     sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
-                    dest.append(codec.decode(sub, offsets, **_items(codec, items)))
-        return FlatCache(offsets, keys, values, items, ts)
+                    dest.append(codec.decode(sub, offsets, **_items(codec, items), **_keep(codec, keep)))
+        return FlatCache(offsets, keys, values, items, ts, keep)
 
     @staticmethod
     @torch.no_grad()

@@ -35,6 +35,7 @@ class FlatCache:
     values: list[torch.Tensor]  # per layer (N, d_v)
     items: np.ndarray  # (N,) int64
     timestamps: np.ndarray  # (N,) int64
+    keep: np.ndarray | None = None  # (N,) bool: tokens attention reads (`KVCache.keep`); None = all
 
     def _locate(self, name: str) -> tuple[list[torch.Tensor], int]:
         layer, kind = int(name[1 : name.index(".")]), name[-1]  # plan key, e.g. "L1.k"
@@ -97,11 +98,12 @@ def iter_test_caches(model, data: SequenceData, users: np.ndarray | range, batch
 
 
 def flatten(cache: KVCache) -> FlatCache:
-    valid = cache.valid_mask()  # (B, L)
+    valid = cache.length_mask()  # (B, L): evicted tokens stay, with their mask
     offsets = np.zeros(len(cache.lengths) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(cache.lengths.numpy())
     return FlatCache(offsets, [k[valid] for k in cache.keys], [v[valid] for v in cache.values],
-                     cache.items[valid].numpy(), cache.timestamps[valid].numpy())
+                     cache.items[valid].numpy(), cache.timestamps[valid].numpy(),
+                     None if cache.keep is None else cache.keep[valid].numpy())
 
 
 def unflatten(flat: FlatCache) -> KVCache:
@@ -115,4 +117,5 @@ def unflatten(flat: FlatCache) -> KVCache:
         return out
 
     return KVCache([pad(k) for k in flat.keys], [pad(v) for v in flat.values], lengths,
-                   pad(torch.from_numpy(flat.items)), pad(torch.from_numpy(flat.timestamps)))
+                   pad(torch.from_numpy(flat.items)), pad(torch.from_numpy(flat.timestamps)),
+                   None if flat.keep is None else pad(torch.from_numpy(np.asarray(flat.keep, dtype=bool))))

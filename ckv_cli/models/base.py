@@ -20,13 +20,19 @@ import torch.nn.functional as F
 
 @dataclass
 class KVCache:
-    """Per-layer keys/values of every cached history token, right-padded: user b's tokens are [0, lengths[b])."""
+    """Per-layer keys/values of every cached history token, right-padded: user b's tokens are [0, lengths[b]).
+
+    `keep` (B, L) bool, when set, masks tokens out of attention without removing them (an evicting codec:
+    `ckv_cli.codecs.evict`), so every token keeps its position and timestamp; `valid_mask` is where attention
+    reads it. `extend` carries it forward (new tokens are kept); a re-prefill recomputes the window from the
+    item ids and clears it."""
 
     keys: list[torch.Tensor]  # per layer (B, L, d_k)
     values: list[torch.Tensor]  # per layer (B, L, d_v)
     lengths: torch.Tensor  # (B,) int64
     items: torch.Tensor  # (B, L) int64 item ids of the cached tokens, 0 = padding
     timestamps: torch.Tensor  # (B, L) int64
+    keep: torch.Tensor | None = None  # (B, L) bool; None = every token attended
 
     @property
     def n_layers(self) -> int:
@@ -40,9 +46,15 @@ class KVCache:
                        torch.zeros(batch, 0, dtype=torch.long, device=device),
                        torch.zeros(batch, 0, dtype=torch.long, device=device))
 
-    def valid_mask(self) -> torch.Tensor:
+    def length_mask(self) -> torch.Tensor:
+        """(B, L) True on each user's cached tokens (evicted ones included)."""
         L = self.items.shape[1]
         return torch.arange(L, device=self.lengths.device)[None, :] < self.lengths[:, None]  # (B, L)
+
+    def valid_mask(self) -> torch.Tensor:
+        """(B, L) True on the tokens attention reads: cached and not evicted."""
+        m = self.length_mask()
+        return m if self.keep is None else m & self.keep
 
 
 def merge(cached: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor, new_lengths: torch.Tensor) -> torch.Tensor:
@@ -119,9 +131,10 @@ class SequentialRecommender(nn.Module):
             x = layer.finish(x, a, extra)
             keys.append(merge(cache.keys[i], k, cache.lengths, new_lengths))
             values.append(merge(cache.values[i], v, cache.lengths, new_lengths))
+        keep = None if cache.keep is None else merge(cache.keep, new_valid, cache.lengths, new_lengths)
         new_cache = KVCache(keys, values, cache.lengths + new_lengths,
                             merge(cache.items, items * new_valid, cache.lengths, new_lengths),
-                            merge(cache.timestamps, timestamps * new_valid, cache.lengths, new_lengths))
+                            merge(cache.timestamps, timestamps * new_valid, cache.lengths, new_lengths), keep)
         return new_cache, self.final(x)
 
     def _reprefill(self, cache, items, timestamps, new_lengths, layer_inputs):
