@@ -374,6 +374,19 @@ def _is_int(x, lo: int, hi: int) -> bool:
     return type(x) is int and lo <= x <= hi
 
 
+def checked_user_table(offsets: np.ndarray, id_off: np.ndarray, id_bytes: bytes, n_tokens: int, bad) -> list[str]:
+    """The user id table of an artifact, after checking the token offsets (0 .. n_tokens, non-decreasing), the id
+    offsets (0 .. len(id_bytes)) and that no user is listed twice; `bad(why)` makes the error."""
+    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != n_tokens:
+        raise bad(f"user offsets are not increasing from 0 to the {n_tokens:,} tokens")
+    if id_off[0] != 0 or (np.diff(id_off) < 0).any() or id_off[-1] != len(id_bytes):
+        raise bad(f"user id offsets are not increasing from 0 to the {len(id_bytes):,} id bytes")
+    user_ids = [id_bytes[a:b].decode("utf-8", "replace") for a, b in zip(id_off[:-1], id_off[1:])]
+    if len(set(user_ids)) != len(user_ids):
+        raise bad("the user id table holds a user twice")
+    return user_ids
+
+
 def check_listed_fields(fields, declared: dict, bad) -> None:
     """The metadata's 'fields' must list exactly the fields the plan declares; `bad(why)` makes the error."""
     if not isinstance(fields, dict):
@@ -559,13 +572,7 @@ class Artifact:
                 shared = {n: f.get_tensor(n) for n in header if n.startswith("shared/")}
         except (SafetensorError, OSError, ValueError, TypeError) as e:
             raise CkvError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
-        if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != n_tokens:
-            raise bad(f"user offsets are not increasing from 0 to the {n_tokens:,} tokens")
-        if id_off[0] != 0 or (np.diff(id_off) < 0).any() or id_off[-1] != len(id_bytes):
-            raise bad(f"user id offsets are not increasing from 0 to the {len(id_bytes):,} id bytes")
-        user_ids = [id_bytes[a:b].decode("utf-8", "replace") for a, b in zip(id_off[:-1], id_off[1:])]
-        if len(set(user_ids)) != len(user_ids):
-            raise bad("the user id table holds a user twice")
+        user_ids = checked_user_table(offsets, id_off, id_bytes, n_tokens, bad)
         load_shared_into(plan, shared, bad)
         return Artifact(path, meta, plan, fields, offsets, user_ids)
 

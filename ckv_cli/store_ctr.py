@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from ckv_cli.artifact import (DECODE_ERRORS, FORMAT, FORMAT_VERSION, SAFETENSORS_DTYPE, SHARD_FORMAT, _sha,
-                              check_field_tensors, check_listed_fields, decode_metadata, load_shared_into,
-                              stored_shape)
+                              check_field_tensors, check_listed_fields, checked_user_table, decode_metadata,
+                              load_shared_into, stored_shape)
 from ckv_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from ckv_cli.codecs import REGISTRY as CODECS
 from ckv_cli.codecs import make_codec
@@ -188,13 +188,7 @@ class CTRArtifact:
         offsets = np.array(t["users/offsets"], dtype=np.int64)
         id_off = np.array(t["users/id_offsets"], dtype=np.int64)
         id_bytes = t["users/id_bytes"].tobytes()
-        if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != n_tokens:
-            raise bad(f"user offsets are not increasing from 0 to the {n_tokens:,} tokens")
-        if id_off[0] != 0 or (np.diff(id_off) < 0).any() or id_off[-1] != len(id_bytes):
-            raise bad(f"user id offsets are not increasing from 0 to the {len(id_bytes):,} id bytes")
-        user_ids = [id_bytes[a:b].decode("utf-8", "replace") for a, b in zip(id_off[:-1], id_off[1:])]
-        if len(set(user_ids)) != len(user_ids):
-            raise bad("the user id table holds a user twice")
+        user_ids = checked_user_table(offsets, id_off, id_bytes, n_tokens, bad)
         load_shared_into(plan, {n: np.array(t[n]) for n in header if n.startswith("shared/")}, bad)
         return cls(path, mapped, meta, plan, fields, offsets, user_ids)
 
