@@ -1,12 +1,13 @@
-# Set-up and the two Quick-start targets. The venv gets the CPU build of torch first (TORCH, overridable),
-# so that installing ckv does not pull a multi-GB CUDA build; the package itself only asks torch>=2.1.
+# Set-up and the README's commands: `make demo`, `make test` (the fast tier), `make test-all` (what CI runs).
+# The venv gets the CPU build of torch first (TORCH, overridable), so that installing ckv does not pull a
+# multi-GB CUDA build; the package itself only asks torch>=2.1.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO_CKPT ?= sample_checkpoints/sasrec-ml1m.safetensors
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-all clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +22,9 @@ demo: setup
 	$(VENV)/bin/ckv compress $(DEMO_CKPT) --data ml-1m -o $(DEMO_OUT)/sasrec-ml1m.ckv.safetensors --force --json $(DEMO_OUT)/compress.json
 
 test: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+test-all: setup
 	$(VENV)/bin/pytest -q
 
 clean:

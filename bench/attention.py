@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from bench._machine import machine  # noqa: E402
 
-from ckv_cli.kv.attention import (SILU, SOFTMAX, CompressedStream, choose_form, compressed_attention,  # noqa: E402
+from ckv_cli.serve.attention import (SILU, SOFTMAX, CompressedStream, choose_form, compressed_attention,  # noqa: E402
                                   full_attention)
 
 GRID = {"batch": [1, 64, 512], "history": [50, 200, 1000, 4000], "d": [64, 256], "pool": [1024, 10000]}

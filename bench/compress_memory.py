@@ -128,8 +128,8 @@ def run_one(args) -> dict:
 
     import torch
 
-    from ckv_cli.checkpoint import save_checkpoint
-    from ckv_cli.compress import CompressOptions, compress_to_artifact
+    from ckv_cli.models.checkpoint import save_checkpoint
+    from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact
     from ckv_cli.models import SASRec, SASRecConfig
 
     torch.set_num_threads(args.threads)

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """End to end from disk: read a batch of users' caches and score 100 candidates each (issue 7 part 3).
 
-Every side reads with the same memory-mapped reader (`ckv_cli.store.SafetensorsMap`, one vectorised gather per
+Every side reads with the same memory-mapped reader (`ckv_cli.io.safetensors.SafetensorsMap`, one vectorised gather per
 field) and scores with the same code: each user's last cached event is replayed over its cache (hidden states
-are not cached) by `ckv_cli.store.extend_compressed`, which attends over the cache in place (never copied or
+are not cached) by `ckv_cli.serve.next_item.extend_compressed`, which attends over the cache in place (never copied or
 concatenated), and the candidates are scored against the output (`score_candidates`).
 - full: the teacher caches of the same users, every layer's K and V at fp16, in a safetensors file with the
   artifact's flat layout (`users/offsets`, `L{l}.k`, `L{l}.v` (N, d), `tokens/items`, `tokens/timestamps`):
@@ -45,14 +45,16 @@ import torch  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from bench._machine import machine  # noqa: E402
-from ckv_cli.checkpoint import load_checkpoint, write_safetensors  # noqa: E402
-from ckv_cli.compress import CompressOptions, compress_to_artifact  # noqa: E402
+from ckv_cli.models.checkpoint import load_checkpoint, write_safetensors  # noqa: E402
+from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact  # noqa: E402
 from ckv_cli.data import load  # noqa: E402
 from ckv_cli.data.datasets import sha256_file  # noqa: E402
 from ckv_cli.errors import CkvError  # noqa: E402
-from ckv_cli.kv.extract import flatten, iter_test_caches  # noqa: E402
+from ckv_cli.io.safetensors import SafetensorsMap  # noqa: E402
 from ckv_cli.models.base import KVCache  # noqa: E402
-from ckv_cli.store import CacheStore, SafetensorsMap, replay_hidden, score_candidates, token_index  # noqa: E402
+from ckv_cli.serve.next_item import CacheStore, replay_hidden, score_candidates  # noqa: E402
+from ckv_cli.spec import token_index  # noqa: E402
+from ckv_cli.tasks.next_item import iter_test_caches  # noqa: E402
 
 FULL_FORMAT = "ckv-bench-full-cache"
 
@@ -94,11 +96,11 @@ def build_full(args, model, ds, path: Path) -> None:
     parts: dict[str, list[np.ndarray]] = {}
     lengths = []
     for b in iter_test_caches(model, ds, np.arange(ds.n_users), 256):
-        flat = flatten(b.cache)
+        flat = model.flatten(b.cache)
         lengths.append(np.diff(flat.offsets))
         for layer in range(n_layers):
-            parts.setdefault(f"L{layer}.k", []).append(flat.keys[layer].half().numpy())
-            parts.setdefault(f"L{layer}.v", []).append(flat.values[layer].half().numpy())
+            parts.setdefault(f"L{layer}.k", []).append(flat.stream(f"L{layer}.k").half().numpy())
+            parts.setdefault(f"L{layer}.v", []).append(flat.stream(f"L{layer}.v").half().numpy())
         parts.setdefault("tokens/items", []).append(flat.items.astype(np.int32))
         parts.setdefault("tokens/timestamps", []).append(flat.timestamps.astype(np.int64))
     tensors = {k: np.concatenate(v) for k, v in parts.items()}
@@ -242,13 +244,13 @@ def run(args) -> dict:
                    "ckv_bytes": int(round(n_tok * acct["bytes_per_token"])),
                    "max_abs_compressed_vs_decoded": float(np.abs(s_comp - s_dec).max()),
                    "mean_abs_ckv_vs_full": float(np.abs(s_dec - s_full).mean())}
-            drop = {name: maps.get(name, store.mapped).evict for name in fns} if mode == "cold" else None
+            drop = {name: maps.get(name, store.artifact.mapped).evict for name in fns} if mode == "cold" else None
             times = interleaved(fns, args.repeats, drop)
             for name, ts in times.items():
                 row[f"{name}_ms"] = statistics.median(ts)
             row["paired_ratio_compressed"] = statistics.median(f / c for f, c in zip(times["full"], times["ckv_compressed"]))
             if mode == "cold":
-                for name, m in (("full", full.map), ("ckv", store.mapped)):
+                for name, m in (("full", full.map), ("ckv", store.artifact.mapped)):
                     m.evict()
                     row[f"{name}_resident_after_drop"] = resident(m)
             row["ratio_compressed"] = row["full_ms"] / row["ckv_compressed_ms"]

@@ -2,9 +2,9 @@
 """The codec sweep of every sample checkpoint (issue 6 part 3): for each checkpoint in `sample_checkpoints/`
 
 - next-item (`*-ml1m.safetensors`, SASRec / HSTU): the default grid of `ckv evaluate CHECKPOINT --data ml-1m
-  --sweep default` (`ckv_cli.sweep.run_sweep`; Pareto front and verdict on the NDCG@10 delta);
+  --sweep default` (`ckv_cli.evaluate.sweep.run_sweep`; Pareto front and verdict on the NDCG@10 delta);
 - CTR (`*-ml1m-ctr.safetensors`, SIM / ETA / SDIM / TWIN): the CTR grid of `ckv evaluate CHECKPOINT --data
-  ml-1m-ctr --sweep default --sweep-users N` (`ckv_cli.sweep_ctr.run_ctr_sweep`; on the AUC delta). A model that
+  ml-1m-ctr --sweep default --sweep-users N` (`ckv_cli.evaluate.sweep.run_sweep`; on the AUC delta). A model that
   caches nothing per user (`nohistory`) gets a short section saying so;
 
 (no artifact written) and writes
@@ -42,13 +42,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from ckv_cli.checkpoint import atomic_write, load_checkpoint, read_metadata  # noqa: E402
-from ckv_cli.data import load  # noqa: E402
+from ckv_cli.cli.render import write_json  # noqa: E402
 from ckv_cli.errors import CkvError  # noqa: E402
+from ckv_cli.evaluate import sweep  # noqa: E402
+from ckv_cli.io.files import atomic_write  # noqa: E402
 from ckv_cli.models import TASKS  # noqa: E402
-from ckv_cli.report import write_json  # noqa: E402
-from ckv_cli import sweep as nextitem  # noqa: E402
-from ckv_cli import sweep_ctr  # noqa: E402
+from ckv_cli.models.checkpoint import load_checkpoint, read_metadata  # noqa: E402
+from ckv_cli.tasks import CTR, NEXT_ITEM, task_of as model_task  # noqa: E402
+from ckv_cli.tasks.ctr import DEFAULT_SWEEP_USERS  # noqa: E402
 
 TASK_NAMES = ("next-item", "ctr")
 
@@ -64,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ctr-data", default=None, help="dataset of the CTR models (default: --data with -ctr)")
     p.add_argument("--spec", default="default", help="next-item sweep spec, as `ckv evaluate --sweep` (default: default)")
     p.add_argument("--ctr-spec", default="default", help="CTR sweep spec (default: default, the CTR grid)")
-    p.add_argument("--sweep-users", type=int, default=sweep_ctr.DEFAULT_SWEEP_USERS,
-                   help=f"CTR: seeded test users scored (default {sweep_ctr.DEFAULT_SWEEP_USERS}; 0 = all)")
+    p.add_argument("--sweep-users", type=int, default=DEFAULT_SWEEP_USERS,
+                   help=f"CTR: seeded test users scored (default {DEFAULT_SWEEP_USERS}; 0 = all)")
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="output directory (default docs/)")
     p.add_argument("--calib-users", type=int, default=1000)
     p.add_argument("--bootstrap", type=int, default=1000)
@@ -99,7 +100,7 @@ def _plot(payload: dict, path: Path, args, metric: str, name: str) -> None:
     if args.no_plot:
         return
     try:
-        from ckv_cli.plots import plot_sweep
+        from ckv_cli.evaluate.plots import plot_sweep
 
         plot_sweep(payload["rows"], f"{payload['arch']} ({path.name}) on {payload['dataset']}: {metric} delta vs "
                    "per-user bytes", args.out / f"sweep-{name}.png", metric=metric)
@@ -118,32 +119,20 @@ def sweep_one(path: Path, args) -> dict:
         print(f"  {name}: {label} ({time.perf_counter() - t:.0f} s)", flush=True)
 
     head = {"checkpoint": _rel(path), "arch": meta["arch"], "task": task, "command": _command()}
-    if task == "ctr":
-        from ckv_cli.data.ctr import load_ctr
-
-        ds = load_ctr(args.ctr_data or f"{args.data}-ctr", max_history=model.config.max_len,
-                      item_vocab=meta["item_vocab"]).with_user_vocab(meta.get("user_vocab") or [])
-        try:
-            sweep_ctr.stream_dims(model)
-        except CkvError as e:  # nohistory: nothing cached per user
-            payload = {**head, "dataset": ds.name, "no_sweep": str(e), "bench_seconds": round(time.perf_counter() - t, 1)}
-            write_json(args.out / f"sweep-{name}.json", payload)
-            return payload
-        payload = sweep_ctr.run_ctr_sweep(model, ds, sweep_ctr.parse_ctr_sweep(args.ctr_spec),
-                                          calib_users=args.calib_users, seed=args.seed, bootstrap=args.bootstrap,
-                                          users=args.sweep_users, on_spec=on_spec)
-        payload = {**head, **payload, "bench_seconds": round(time.perf_counter() - t, 1)}
+    mtask = model_task(model)
+    ds = mtask.load(args.ctr_data or f"{args.data}-ctr" if mtask is CTR else args.data, None, meta, model)
+    if not model.cache_spec().streams:  # nohistory: nothing cached per user
+        payload = {**head, "dataset": ds.name, "no_sweep": "the model caches nothing per user (no history is read): "
+                   "there is nothing to compress", "bench_seconds": round(time.perf_counter() - t, 1)}
         write_json(args.out / f"sweep-{name}.json", payload)
-        sweep_ctr.write_ctr_csv(args.out / f"sweep-{name}.csv", payload)
-        _plot(payload, path, args, sweep_ctr.PARETO_METRIC, name)
         return payload
-    ds = load(args.data, item_vocab=meta["item_vocab"])
-    payload = nextitem.run_sweep(model, ds, nextitem.parse_sweep(args.spec), calib_users=args.calib_users,
-                                 seed=args.seed, bootstrap=args.bootstrap, on_spec=on_spec)
+    payload = sweep.run_sweep(model, ds, sweep.parse_task_sweep(args.ctr_spec if mtask is CTR else args.spec, mtask),
+                              calib_users=args.calib_users, seed=args.seed, bootstrap=args.bootstrap,
+                              users=args.sweep_users, on_spec=on_spec)
     payload = {**head, **payload, "bench_seconds": round(time.perf_counter() - t, 1)}
     write_json(args.out / f"sweep-{name}.json", payload)
-    nextitem.write_csv(args.out / f"sweep-{name}.csv", payload)
-    _plot(payload, path, args, nextitem.PARETO_METRIC, name)
+    sweep.write_csv(args.out / f"sweep-{name}.csv", payload)
+    _plot(payload, path, args, mtask.pareto_metric, name)
     return payload
 
 
@@ -157,7 +146,7 @@ def verdict(payload: dict) -> str:
     ran = [r for r in payload["rows"] if r["status"] == "ok"]
     if not any(r["codec"] == "collective" for r in ran):
         return "no collective row ran"
-    best = sweep_ctr.collective_best(payload) if is_ctr(payload) else nextitem.collective_verdict(payload)["collective_best"]
+    best = sweep.collective_verdict(payload, "AUC" if is_ctr(payload) else "NDCG@10")["collective_best"]
     return "yes" if best else "no"
 
 
@@ -168,12 +157,11 @@ def section(name: str, payload: dict | None) -> list[str]:
     if "no_sweep" in payload:
         return [f"## {name} ({payload['arch']})", "",
                 f"No sweep possible: this model has no history branch, so nothing is cached per user and there is "
-                f"nothing to compress (`compress_ctr`: \"{payload['no_sweep']}\"). Its predictions need no KV cache "
+                f"nothing to compress (`ckv compress`: \"{payload['no_sweep']}\"). Its predictions need no KV cache "
                 "at all; it is the floor the history models are measured against.", ""]
-    if is_ctr(payload):
-        table, line, metric = sweep_ctr.markdown_table(payload), sweep_ctr.ctr_verdict_line(payload), "AUC"
-    else:
-        table, line, metric = nextitem.markdown_table(payload), nextitem.verdict_line(payload), "NDCG@10"
+    metric = "AUC" if is_ctr(payload) else "NDCG@10"
+    payload = {"task": "ctr" if is_ctr(payload) else "next-item", "pareto_metric": metric, **payload}
+    table, line = sweep.markdown_table(payload), sweep.verdict_line(payload, metric)
     lines = [f"## {name} ({payload['arch']})", "",
              f"![{metric} delta against per-user bytes](sweep-{name}.png)", "", table, "", line, ""]
     if is_ctr(payload) and verdict(payload) == "no":
@@ -187,14 +175,15 @@ def section(name: str, payload: dict | None) -> list[str]:
 def why_not_ctr(payload: dict) -> str:
     """Why collective is not best on a CTR model, in one paragraph (what the rows show)."""
     parts = []
-    under = sweep_ctr.undercut(payload)
+    payload = {"pareto_metric": "AUC", **payload}
+    under = sweep.undercut(payload)
     if any(r["codec"] == "eventid" for r in under):
         e = next(r for r in under if r["codec"] == "eventid")
         parts.append(f"`eventid` is lossless at {e['bytes_per_token']:.2f} B/token, fewer bytes than the smallest "
                      "collective row, because in these models a token's K/V are a function of its event (item, rating "
                      "bucket, gap bucket): an index into the distinct events (95k of 1M tokens on ML-1M) is all a "
                      "cache needs, and a pool of 1024-4096 entries per stream is a lossy version of that index")
-    v = nextitem.collective_verdict(payload, sweep_ctr.PARETO_METRIC)
+    v = sweep.collective_verdict(payload, "AUC")
     if v["beats"]:
         overlap = all(e["cis_overlap"] for e in v["beats"])
         parts.append("the baselines that beat collective at more bytes (" + ", ".join(f"`{e['baseline']}`" for e in v["beats"])
@@ -250,8 +239,8 @@ def main(argv=None) -> int:
     times = []
     try:
         if args.ctr_spec:
-            sweep_ctr.parse_ctr_sweep(args.ctr_spec)  # bad specs fail before any work
-        nextitem.parse_sweep(args.spec)
+            sweep.parse_task_sweep(args.ctr_spec, CTR)  # bad specs fail before any work
+        sweep.parse_task_sweep(args.spec, NEXT_ITEM)
         args.out.mkdir(parents=True, exist_ok=True)
         for path in every:
             name, task = _name(path), task_of(path)
@@ -267,7 +256,7 @@ def main(argv=None) -> int:
             if "no_sweep" in payload:
                 print(f"  no sweep: {payload['no_sweep']}", flush=True)
             else:
-                line = sweep_ctr.ctr_verdict_line(payload) if is_ctr(payload) else nextitem.verdict_line(payload)
+                line = sweep.verdict_line(payload)
                 print(f"  {line}", flush=True)
         text = markdown([_name(p) for p in every], results, {_name(p): task_of(p) for p in every})
         atomic_write(args.out / "sweep.md", lambda tmp: Path(tmp).write_text(text + "\n"))

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from bench._machine import machine  # noqa: E402
 from ckv_cli.models import REGISTRY  # noqa: E402
 from ckv_cli.models.hstu import small_table_lookup  # noqa: E402
-from ckv_cli.train import sampled_softmax_loss  # noqa: E402
+from ckv_cli.train.next_item import sampled_softmax_loss  # noqa: E402
 
 
 def timed(fn, device: str, steps: int) -> float:

@@ -63,19 +63,25 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((r[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
-    """Per-user AUC weighted by the user's sample count; users with only one class are skipped."""
+def per_user_auc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(AUC, weight) per distinct user (sorted ids); weight = sample count, 0 for single-class users (gAUC skips
+    them, their AUC reads 0)."""
     users = np.asarray(users)
     order = np.argsort(users, kind="mergesort")
     u, lab, sc = users[order], np.asarray(labels)[order], np.asarray(scores)[order]
-    bounds = np.flatnonzero(np.diff(u)) + 1
-    total, weight = 0.0, 0
-    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(u)]):
-        value = auc(lab[a:b], sc[a:b])
-        if not np.isnan(value):
-            total += value * (b - a)
-            weight += b - a
-    return total / weight if weight else float("nan")
+    bounds = np.r_[0, np.flatnonzero(np.diff(u)) + 1, len(u)]
+    vals, weights = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        v = auc(lab[a:b], sc[a:b])
+        vals.append(0.0 if np.isnan(v) else v)
+        weights.append(0 if np.isnan(v) else b - a)
+    return np.array(vals), np.array(weights, dtype=np.float64)
+
+
+def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
+    """Per-user AUC weighted by the user's sample count; users with only one class are skipped."""
+    vals, w = per_user_auc(users, labels, scores)
+    return float((vals * w).sum() / w.sum()) if w.sum() else float("nan")
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:

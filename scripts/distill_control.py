@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/distill_control.py CKPT --data ml-1m --steps 200 --seed 0 --out DIR
 
-On the same seeded batches (`ckv_cli.distill`: the validation split's histories, the validation item as the
+On the same seeded batches (`ckv_cli.pipeline.distill`: the validation split's histories, the validation item as the
 fine-tuning label; the test items are never trained on), measures the test metrics (the protocol of
 `ckv compress`) of
   - teacher: the checkpoint on its exact cache;
@@ -32,12 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ckv_cli.checkpoint import load_checkpoint
-from ckv_cli.compress import CompressOptions, Scored, Teacher, fit_plan, run_plan
+from ckv_cli.models.checkpoint import load_checkpoint
+from ckv_cli.pipeline.compress import CompressOptions, fit_plan, run_plan
 from ckv_cli.data import load
-from ckv_cli.distill import DistillOptions, distill, make_student
-from ckv_cli.evaluate import PROTOCOL, score_fidelity, scores_after_last_event
-from ckv_cli.kv.extract import unflatten
+from ckv_cli.pipeline.distill import DistillOptions, distill, make_student
+from ckv_cli.tasks.next_item import PROTOCOL, Scored, Teacher, score_fidelity, scores_after_last_event
 from ckv_cli.metrics import paired_bootstrap, per_user_ranking
 
 SHOWN = ("NDCG@10", "HR@10")
@@ -51,7 +50,7 @@ def exact_scores(reader, teacher: Teacher) -> Scored:
     """`reader` appending the last event through each user's exact teacher cache (no codec)."""
     scored = Scored(len(teacher.flat.offsets) - 1)
     for tb in teacher.batches:
-        cache = unflatten(tb.flat)
+        cache = reader.unflatten(tb.flat)
         s = scores_after_last_event(reader, cache, tb.cache_batch(cache))
         scored.add(tb.flat.offsets, score_fidelity(tb.ref_scores, s, tb.targets))
     scored.finish()
@@ -163,7 +162,9 @@ def main() -> None:
 
     def plan_row(name, plan, reader):
         t = time.time()
-        _, scored, _ = run_plan(reader, plan, teacher.batches, keep_fields=False, n_users=ds.n_users)
+        scored = Scored(ds.n_users)
+        run_plan(reader, plan, teacher.batches, scored, keep_fields=False)
+        scored.finish()
         timing[name + " (score)"] = round(time.time() - t, 1)
         record(name, scored)
         log(f"{name}: scored", t0)

@@ -49,7 +49,7 @@ def model(arch):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A SASRec checkpoint over TINY_VOCAB written by save_checkpoint (no training)."""
-    from ckv_cli.checkpoint import save_checkpoint
+    from ckv_cli.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     m = SASRec(SASRecConfig(n_items=len(TINY_VOCAB) - 1, d=8, n_layers=1, max_len=8)).eval()
@@ -68,7 +68,7 @@ def subprocess_env():
 
 def untrained_checkpoint(arch: str, ds, path, max_len: int):
     """A small untrained model of `arch` over `ds`'s items saved as a ckv checkpoint at `path` (returned)."""
-    from ckv_cli.checkpoint import save_checkpoint
+    from ckv_cli.models.checkpoint import save_checkpoint
 
     save_checkpoint(make_model(arch, n_items=ds.n_items, max_len=max_len), path, dataset=ds.name,
                     fingerprint=ds.fingerprint, item_vocab=list(ds.item_ids), metrics={}, train={"epochs": 0})
@@ -86,3 +86,48 @@ def cli_runner(cwd):
         return subprocess.run([sys.executable, "-m", "ckv_cli.cli", *map(str, args)], capture_output=True, text=True,
                               env=env, cwd=cwd, timeout=600)
     return run
+
+
+def next_item_plan(name: str, params: dict, *, n_layers: int, d_k: int, d_v: int, n_items: int, timestamps: bool,
+                   recompute_item_layers: bool = True, **kw):
+    """`build_plan` for a next-item model's cache (`next_item_spec`): what the plans of these tests were built as."""
+    from ckv_cli.codecs import build_plan
+    from ckv_cli.models.base import next_item_spec
+
+    spec = next_item_spec(n_items, n_layers, d_k, d_v, timestamps)
+    return build_plan(spec, name, params, n_items=n_items, recompute_free=recompute_item_layers, **kw)
+
+
+def flat_of(offsets, keys: list, values: list, items, timestamps, keep=None):
+    """A next-item flat cache from per-layer keys and values (streams L0.k, L0.v, ...)."""
+    import numpy as np
+
+    from ckv_cli.spec import FlatCache
+
+    streams = {}
+    for i, (k, v) in enumerate(zip(keys, values)):
+        streams[f"L{i}.k"], streams[f"L{i}.v"] = k, v
+    return FlatCache(np.asarray(offsets, dtype=np.int64), streams,
+                     {"items": np.asarray(items, dtype=np.int64), "timestamps": np.asarray(timestamps, dtype=np.int64)},
+                     keep=keep)
+
+
+class ItemKVModel:
+    """What a plan asks of the model reading a cache, with the first layer's K/V given by `item_kv(items (B, L),
+    positions (B, L)) -> (k, v)`: a deterministic stand-in for a model's first layer, or a real model's
+    (`lambda i, p: item_layer_kv(model, i, p)`)."""
+
+    def __init__(self, item_kv):
+        self.item_kv = item_kv
+
+    def recompute(self, names, ids, offsets):
+        import numpy as np
+
+        lengths = np.diff(offsets)
+        B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
+        pos = torch.arange(L)[None, :].expand(B, L)
+        valid = pos < torch.from_numpy(lengths)[:, None]
+        padded = torch.zeros(B, L, dtype=torch.long)
+        padded[valid] = torch.from_numpy(np.asarray(ids["items"], np.int64))
+        k, v = self.item_kv(padded, pos)
+        return {n: (k if n.endswith(".k") else v)[valid] for n in names}, {}

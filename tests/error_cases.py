@@ -65,8 +65,8 @@ def build_workspace(root: Path) -> None:
     import numpy as np
     import torch
 
-    from ckv_cli.checkpoint import load_checkpoint, save_checkpoint
-    from ckv_cli.compress import CompressOptions, compress_to_artifact
+    from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
+    from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact
     from ckv_cli.data import load
     from ckv_cli.models import SASRec, SASRecConfig
 
@@ -185,7 +185,7 @@ def resealed(edit):
     """`edit`, then the checksums recomputed: a well-formed file whose values are wrong (a buggy or hostile
     writer), not one damaged on disk, which `ckv evaluate` refuses at its checksum check first."""
     def both(tensors, meta):
-        from ckv_cli.artifact import _sha
+        from ckv_cli.artifact.format import _sha
 
         edit(tensors, meta)
         meta["checksums"] = json.dumps({k: _sha(v) for k, v in tensors.items()}, sort_keys=True)
@@ -226,7 +226,7 @@ def wide_checkpoint(ws: Path):
     """wide.safetensors: a SASRec of width 16 over the same items."""
     import torch
 
-    from ckv_cli.checkpoint import save_checkpoint
+    from ckv_cli.models.checkpoint import save_checkpoint
     from ckv_cli.models import SASRec, SASRecConfig
 
     torch.manual_seed(2)
@@ -532,7 +532,7 @@ CASES: list[Case] = [
     Case(OPTIONS, "codec parameter out of range", (*NEW, "--codec", "pq", "--param", "bits=0"),
          "ckv: error: bits must be an integer >= 1, got 0"),
     Case(OPTIONS, "pool of one entry", (*NEW, "--pool-size", "1"),
-         "ckv: error: pool size must be an integer >= 2, got 1"),
+         "ckv: error: Invalid value for '--pool-size': Input should be greater than or equal to 2"),
     Case(OPTIONS, "user dims as wide as the vectors", (*NEW, "--user-dim", "8"),
          "ckv: error: user dim (8) must be smaller than the vector width (8)"),
     Case(OPTIONS, "pool larger than the calibration set (1,024 entries, 40 users)", (*NEW, "--pool-size", "1024"),
@@ -598,8 +598,8 @@ def harness(name: str):
     if not name:
         yield
         return
-    import ckv_cli.artifact
-    import ckv_cli.report
+    import ckv_cli.artifact.writer
+    import ckv_cli.cli.render
 
     saved = []
 
@@ -608,7 +608,7 @@ def harness(name: str):
         setattr(obj, attr, value)
 
     if name == "enospc":  # the writer gets half the file out, then the disk is full
-        real = ckv_cli.artifact._assemble
+        real = ckv_cli.artifact.writer._assemble
 
         def assemble(path, *args):
             real(path, *args)
@@ -616,9 +616,9 @@ def harness(name: str):
                 f.truncate(os.path.getsize(path) // 2)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        patch(ckv_cli.artifact, "_assemble", assemble)
+        patch(ckv_cli.artifact.writer, "_assemble", assemble)
     elif name == "interrupt":  # Ctrl-C after the first batch of users is encoded
-        real_progress = ckv_cli.report.progress
+        real_progress = ckv_cli.cli.render.progress
 
         @contextlib.contextmanager
         def progress(description, total):
@@ -633,15 +633,15 @@ def harness(name: str):
                             raise KeyboardInterrupt
                 yield interrupting
 
-        patch(ckv_cli.report, "progress", progress)
+        patch(ckv_cli.cli.render, "progress", progress)
     elif name == "interrupt-write":  # Ctrl-C once the temporary file is written, before it is renamed
-        real_assemble = ckv_cli.artifact._assemble
+        real_assemble = ckv_cli.artifact.writer._assemble
 
         def interrupted(path, *args):
             real_assemble(path, *args)
             raise KeyboardInterrupt
 
-        patch(ckv_cli.artifact, "_assemble", interrupted)
+        patch(ckv_cli.artifact.writer, "_assemble", interrupted)
     else:
         raise ValueError(name)
     try:

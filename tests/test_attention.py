@@ -9,8 +9,8 @@ import torch
 
 from conftest import make_model
 from ckv_cli.codecs import CollectiveCodec
-from ckv_cli.kv import attention
-from ckv_cli.kv.attention import (GATHER, SCATTER, SCORES, SILU, SOFTMAX, CompressedStream, choose_form,
+from ckv_cli.serve import attention
+from ckv_cli.serve.attention import (GATHER, SCATTER, SCORES, SILU, SOFTMAX, CompressedStream, choose_form,
                                   compressed_attention, decode_then_attend, full_attention, stream_from_codec)
 
 REL = 1e-5  # float32: max |compressed - reference| <= REL * max |reference|

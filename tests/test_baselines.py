@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckv_cli.artifact import Artifact, write_artifact
-from ckv_cli.codecs import (ITEMS, Bf16Codec, Int4Codec, Int8Codec, ItemIdCodec, LowRankCodec, PlainCodec, PQCodec,
+from ckv_cli.codecs import (RecomputeCodec, Bf16Codec, Int4Codec, Int8Codec, ItemIdCodec, LowRankCodec, PlainCodec, PQCodec,
                             build_plan, make_codec, plan_from_description)
 from ckv_cli.codecs.bits import pack
 from ckv_cli.errors import CkvError
-from ckv_cli.kv.extract import FlatCache
+from conftest import ItemKVModel, flat_of
+from conftest import next_item_plan as build_plan
 
 OFFSETS = np.array([0, 70, 71, 140, 173, 300])  # five users: 70 tokens (2 groups of 32 + 6), 1, 69, 33, 127
 HYP = settings(max_examples=25, deadline=None)
@@ -457,7 +458,7 @@ def item_flat(offsets, seed=0, noise=0.0, n_items=20):
     v1 = tv[items] + noise * torch.randn(n, 6, generator=g)
     pos = torch.from_numpy(np.arange(n) - np.repeat(offsets[:-1], np.diff(offsets)))
     k0, v0 = fake_item_kv(torch.from_numpy(items)[None], pos[None])
-    return FlatCache(np.asarray(offsets, dtype=np.int64), [k0[0], k1], [v0[0], v1], items, np.zeros(n, dtype=np.int64))
+    return flat_of(offsets, [k0[0], k1], [v0[0], v1], items, np.zeros(n, dtype=np.int64))
 
 
 def fake_item_kv(items, positions):
@@ -469,17 +470,17 @@ def fake_item_kv(items, positions):
 @pytest.mark.parametrize("name", list(PLAN_PARAMS))
 def test_plan_and_artifact_round_trip(name, tmp_path):
     plan = build_plan(name, PLAN_PARAMS[name], n_layers=2, d_k=8, d_v=6, n_items=40, timestamps=False)
-    assert plan.streams["L0.k"] == ITEMS
+    assert isinstance(plan.streams["L0.k"], RecomputeCodec)
     offsets = np.concatenate([[0], np.cumsum(LENGTHS)])
     noise = 0.0 if name == "itemid" else 0.3
     calib, flat = item_flat(offsets, seed=1, noise=noise), item_flat(offsets, seed=2, noise=noise)  # other users
     plan.fit(calib, seed=0)
     enc = plan.encode(flat)
     assert set(enc) == set(plan.fields()) - {"users/offsets"}
-    dec = plan.decode(enc, flat.offsets, fake_item_kv)
-    for a, b in ((flat.keys[1], dec.keys[1]), (flat.values[1], dec.values[1])):
+    dec = plan.decode(enc, flat.offsets, ItemKVModel(fake_item_kv))
+    for a, b in ((flat.stream("L1.k"), dec.stream("L1.k")), (flat.stream("L1.v"), dec.stream("L1.v"))):
         assert float(((a - b) ** 2).sum() / (a**2).sum()) <= MAX_REL_ERR[name]
-    assert torch.equal(dec.keys[0], flat.keys[0])
+    assert torch.equal(dec.stream("L0.k"), flat.stream("L0.k"))
 
     path = tmp_path / f"{name}.safetensors"
     stored = write_artifact(path, plan, enc, flat.offsets, [f"u{i}" for i in range(len(LENGTHS))], {})
@@ -491,9 +492,9 @@ def test_plan_and_artifact_round_trip(name, tmp_path):
     assert art.verify() == []
     assert art.plan.describe() == plan.describe()
     users = np.array([4, 0, 2])
-    got = art.decode(users, fake_item_kv)
+    got = art.decode(users, ItemKVModel(fake_item_kv))
     rows = np.concatenate([np.arange(offsets[u], offsets[u + 1]) for u in users])
-    for a, b in ((dec.keys[1][rows], got.keys[1]), (dec.values[1][rows], got.values[1])):
+    for a, b in ((dec.stream("L1.k")[rows], got.stream("L1.k")), (dec.stream("L1.v")[rows], got.stream("L1.v"))):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(got.items, flat.items[rows])
 

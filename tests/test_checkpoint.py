@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckv_cli.checkpoint import FORMAT, atomic_write, load_checkpoint, read_metadata, save_checkpoint
+from ckv_cli.io.files import atomic_write
+from ckv_cli.models.checkpoint import FORMAT, load_checkpoint, read_metadata, save_checkpoint
 from ckv_cli.data.batching import history_batch
 from ckv_cli.errors import CkvError
 from ckv_cli.models import last_hidden

@@ -180,7 +180,7 @@ def test_train_then_evaluate_ml_100k(trained, ckv):
 
 
 def test_checkpoint_from_train_is_self_describing(trained):
-    from ckv_cli.checkpoint import load_checkpoint
+    from ckv_cli.models.checkpoint import load_checkpoint
 
     d, proc = trained
     assert proc.returncode == 0, proc.stderr

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from ckv_cli.codecs import (ITEMS, CollectiveCodec, Field, PlainCodec, build_plan, make_codec,
-                            plan_from_description)
+from ckv_cli.codecs import (CollectiveCodec, Field, PlainCodec, RecomputeCodec, build_plan, make_codec,
+                            plan_from_description, recomputed)
 from ckv_cli.codecs.base import user_index
 from ckv_cli.codecs.bits import bits_for, byte_range, pack, packed_nbytes, unpack
 from ckv_cli.codecs.kmeans import kmeans, nearest
 from ckv_cli.errors import CkvError
-from ckv_cli.kv.extract import FlatCache
+from ckv_cli.models.base import next_item_spec
+from ckv_cli.spec import FlatCache
 
 # ---------------------------------------------------------------- bits
 
@@ -263,19 +264,24 @@ def test_plain_codec():
 
 
 def plan_for(**kw):
+    """A plan for a next-item model's cache (`next_item_spec`) of 3 layers, K 8 and V 6 wide, 1682 items."""
     args = {"n_layers": 3, "d_k": 8, "d_v": 6, "n_items": 1682, "timestamps": True}
     params = kw.pop("params", {"pool_size": 48, "user_dim": 3, "layout": "residual"})
-    return build_plan(kw.pop("name", "collective"), params, **{**args, **kw})
+    name = kw.pop("name", "collective")
+    a = {**args, **{k: kw.pop(k) for k in list(kw) if k in args}}
+    spec = next_item_spec(a["n_items"], a["n_layers"], a["d_k"], a["d_v"], a["timestamps"])
+    return build_plan(spec, name, params, n_items=a["n_items"],
+                      recompute_free=kw.pop("recompute_item_layers", True), **kw)
 
 
 def kinds(plan):
-    return {k: (c if c == ITEMS else (c.name, c.params())) for k, c in plan.streams.items()}
+    return {k: ("recompute" if recomputed(c) else (c.name, c.params())) for k, c in plan.streams.items()}
 
 
 def test_build_plan_item_layers_and_share():
     plan = plan_for()
     assert list(plan.streams) == ["L0.k", "L0.v", "L1.k", "L1.v", "L2.k", "L2.v"]
-    assert plan.streams["L0.k"] == ITEMS and plan.streams["L0.v"] == ITEMS
+    assert isinstance(plan.streams["L0.k"], RecomputeCodec) and isinstance(plan.streams["L0.v"], RecomputeCodec)
     assert all(isinstance(plan.streams[k], CollectiveCodec) for k in ("L1.k", "L1.v", "L2.k", "L2.v"))
     assert plan.streams["L1.k"].d == 8 and plan.streams["L1.v"].d == 6
 
@@ -283,7 +289,7 @@ def test_build_plan_item_layers_and_share():
     assert isinstance(stored.streams["L0.k"], CollectiveCodec) and isinstance(stored.streams["L0.v"], CollectiveCodec)
 
     k_only = plan_for(share=("k",))
-    assert k_only.streams["L0.v"] == ITEMS
+    assert isinstance(k_only.streams["L0.v"], RecomputeCodec)
     for layer in (1, 2):
         assert isinstance(k_only.streams[f"L{layer}.k"], CollectiveCodec)
         v = k_only.streams[f"L{layer}.v"]
@@ -348,7 +354,10 @@ def synthetic_flat(plan, offsets, seed=0, ts_base=10**9):
     values = [clustered(n, 6, seed=seed + 10 * layer + 1) for layer in range(plan.n_layers)]
     items = torch.randint(1, plan.n_items + 1, (n,), generator=g).numpy()
     ts = ts_base + np.arange(n, dtype=np.int64) * 37
-    return FlatCache(np.asarray(offsets, dtype=np.int64), keys, values, items, ts)
+    streams = {}
+    for layer in range(plan.n_layers):
+        streams[f"L{layer}.k"], streams[f"L{layer}.v"] = keys[layer], values[layer]
+    return FlatCache(np.asarray(offsets, dtype=np.int64), streams, {"items": items, "timestamps": ts})
 
 
 def fake_item_kv(items, positions):
@@ -358,6 +367,15 @@ def fake_item_kv(items, positions):
     return k, v
 
 
+class FakeModel:
+    """What a plan asks of the model that reads a cache: its first layer recomputed (`fake_item_kv`)."""
+
+    def recompute(self, names, ids, offsets):
+        pos = torch.from_numpy(np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], np.diff(offsets)))
+        k, v = fake_item_kv(torch.from_numpy(np.asarray(ids["items"], np.int64)), pos)
+        return {n: (k if n.endswith(".k") else v) for n in names}, {}
+
+
 def test_plan_encode_decode_round_trip():
     plan = plan_for()
     offsets = np.array([0, 40, 41, 300, 500])
@@ -365,14 +383,14 @@ def test_plan_encode_decode_round_trip():
     plan.fit(flat, seed=0)
     enc = plan.encode(flat)
     assert set(enc) == set(plan.fields()) - {"users/offsets"}
-    dec = plan.decode(enc, offsets, fake_item_kv)
+    dec = plan.decode(enc, offsets, FakeModel())
     np.testing.assert_array_equal(dec.items, flat.items)
     np.testing.assert_array_equal(dec.timestamps, flat.timestamps)
     pos = torch.from_numpy(np.arange(500) - np.repeat(offsets[:-1], np.diff(offsets)))
     k0, v0 = fake_item_kv(torch.from_numpy(flat.items)[None], pos[None])
-    assert torch.equal(dec.keys[0], k0[0]) and torch.equal(dec.values[0], v0[0])  # recomputed, per user position
+    assert torch.equal(dec.stream("L0.k"), k0[0]) and torch.equal(dec.stream("L0.v"), v0[0])  # recomputed, per user position
     for layer in (1, 2):
-        for a, b in ((flat.keys[layer], dec.keys[layer]), (flat.values[layer], dec.values[layer])):
+        for a, b in ((flat.stream(f"L{layer}.k"), dec.stream(f"L{layer}.k")), (flat.stream(f"L{layer}.v"), dec.stream(f"L{layer}.v"))):
             assert a.shape == b.shape
             assert float(((a - b) ** 2).sum() / (a**2).sum()) < 0.1
 

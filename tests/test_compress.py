@@ -18,19 +18,21 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from conftest import make_model
-import ckv_cli.artifact
+import ckv_cli.artifact.writer
 from ckv_cli import __version__
-from ckv_cli.artifact import (FORMAT, FORMAT_VERSION, Artifact, ArtifactWriter, _sha, decode_meta, encode_meta, field_meta,
-                              stored_shape, write_artifact)
-from ckv_cli.checkpoint import load_checkpoint, read_header, save_checkpoint, write_safetensors
+from ckv_cli.artifact import FORMAT, FORMAT_VERSION, Artifact, ArtifactWriter, write_artifact
+from ckv_cli.artifact.format import _sha, decode_meta, encode_meta, field_meta, stored_shape
+from ckv_cli.codecs import CollectiveCodec, PlainCodec, RecomputeCodec
 from ckv_cli.codecs.bits import pack
-from ckv_cli.codecs import ITEMS, CollectiveCodec, PlainCodec
-from ckv_cli.compress import CompressOptions, CompressResult, compress, compress_to_artifact, concat_flat, fit_plan, make_plan
 from ckv_cli.data import load
-from ckv_cli.distill import DistillOptions, distill
 from ckv_cli.errors import CkvError
-from ckv_cli.kv.extract import FlatCache, flatten, iter_test_caches, teacher_cache_lengths
-from ckv_cli.models.base import item_layer_kv
+from ckv_cli.io.files import write_safetensors
+from ckv_cli.io.safetensors import read_header
+from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
+from ckv_cli.pipeline.compress import CompressOptions, CompressResult, compress, compress_to_artifact, fit_plan, make_plan
+from ckv_cli.pipeline.distill import DistillOptions, distill
+from ckv_cli.spec import FlatCache
+from ckv_cli.tasks.next_item import iter_test_caches, teacher_cache_lengths
 
 MAX_LEN = 16
 OPTS = {  # pool sizes that are not powers of two leave room for an out-of-range index in the packed bits
@@ -68,9 +70,6 @@ class Built:
     path: Path  # the artifact written from `result`
     teacher: FlatCache  # every user's uncompressed cache, flat
 
-    def item_kv(self, items, pos):
-        return item_layer_kv(self.model, items, pos)
-
 
 @pytest.fixture(scope="module", params=list(OPTS))
 def built(request, ds, checkpoints, tmp_path_factory):
@@ -80,7 +79,7 @@ def built(request, ds, checkpoints, tmp_path_factory):
     result = compress(model, ds, opts)
     path = tmp_path_factory.mktemp(f"art-{arch}") / "a.safetensors"
     write_artifact(path, result.plan, result.fields, result.offsets, result.user_ids, {"seed": opts.seed})
-    teacher = concat_flat([flatten(b.cache) for b in iter_test_caches(model, ds, np.arange(ds.n_users), opts.batch_users)])
+    teacher = FlatCache.concat([model.flatten(b.cache) for b in iter_test_caches(model, ds, np.arange(ds.n_users), opts.batch_users)])
     return Built(arch, model, meta, checkpoints[arch], opts, result, path, teacher)
 
 
@@ -206,7 +205,7 @@ class NullSink:
 def with_empty_users(flat: FlatCache, where: np.ndarray) -> FlatCache:
     """`flat` with a user of no tokens inserted before each user index in `where` (len(offsets) - 1: at the end)."""
     offsets = np.insert(flat.offsets, where, flat.offsets[where])
-    return FlatCache(offsets, flat.keys, flat.values, flat.items, flat.timestamps)
+    return FlatCache(offsets, flat.streams, flat.ids)
 
 
 def test_streamed_batches_with_empty_users_equal_one_batch(built, tmp_path, monkeypatch):
@@ -252,9 +251,7 @@ def test_streamed_batches_with_empty_users_equal_one_batch(built, tmp_path, monk
 
 
 def slice_users(flat: FlatCache, a: int, b: int) -> FlatCache:
-    lo, hi = int(flat.offsets[a]), int(flat.offsets[b])
-    return FlatCache(flat.offsets[a : b + 1] - lo, [k[lo:hi] for k in flat.keys], [v[lo:hi] for v in flat.values],
-                     flat.items[lo:hi], flat.timestamps[lo:hi])
+    return flat.users(a, b)
 
 
 def test_writer_refuses_batches_it_was_not_laid_out_for(built, tmp_path):
@@ -322,7 +319,7 @@ def test_disk_full_mid_stream(built, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, data, offset)
 
-    monkeypatch.setattr(ckv_cli.artifact.os, "pwrite", pwrite)
+    monkeypatch.setattr(ckv_cli.artifact.writer.os, "pwrite", pwrite)
     with pytest.raises(CkvError, match="could not write .*a.safetensors: No space left on device"):
         write_artifact(tmp_path / "a.safetensors", r.plan, r.fields, r.offsets, r.user_ids, {})
     assert list(tmp_path.iterdir()) == [] and open_files_under(tmp_path) == []
@@ -335,32 +332,27 @@ def assert_flat_equal(a: FlatCache, b: FlatCache, recomputed_atol=0.0):
     np.testing.assert_array_equal(a.offsets, b.offsets)
     np.testing.assert_array_equal(a.items, b.items)
     np.testing.assert_array_equal(a.timestamps, b.timestamps)
-    for layer, (ka, kb, va, vb) in enumerate(zip(a.keys, b.keys, a.values, b.values)):
-        tol = recomputed_atol if layer == 0 else 0.0  # layer 0 is recomputed through the model
-        assert torch.allclose(ka, kb, rtol=0, atol=tol) and torch.allclose(va, vb, rtol=0, atol=tol), layer
+    assert a.streams.keys() == b.streams.keys()
+    for name in a.streams:
+        tol = recomputed_atol if name.startswith("L0.") else 0.0  # layer 0 is recomputed through the model
+        assert torch.allclose(a.stream(name), b.stream(name), rtol=0, atol=tol), name
 
 
 def test_artifact_decode_equals_plan_decode(built, ds):
     art = Artifact.open(built.path)
     assert art.n_users == ds.n_users and art.user_ids == [str(u) for u in ds.user_ids]
     assert art.plan.describe() == built.result.plan.describe()
-    everyone = art.decode(np.arange(art.n_users), built.item_kv)
-    ref = built.result.plan.decode(built.result.fields, built.result.offsets, built.item_kv)
+    everyone = art.decode(np.arange(art.n_users), built.model)
+    ref = built.result.plan.decode(built.result.fields, built.result.offsets, built.model)
     assert_flat_equal(everyone, ref)
 
     rng = np.random.default_rng(0)
     users = np.concatenate([[art.n_users - 1, 0], rng.choice(np.arange(1, art.n_users - 1), 35, replace=False)])
     rng.shuffle(users)
-    some = art.decode(users, built.item_kv)
+    some = art.decode(users, built.model)
     off = everyone.offsets
     for j, u in enumerate(users):
-        a, b = some.offsets[j], some.offsets[j + 1]
-        part = FlatCache(np.array([0, b - a]), [k[a:b] for k in some.keys], [v[a:b] for v in some.values],
-                         some.items[a:b], some.timestamps[a:b])
-        lo, hi = off[u], off[u + 1]
-        whole = FlatCache(np.array([0, hi - lo]), [k[lo:hi] for k in everyone.keys], [v[lo:hi] for v in everyone.values],
-                          everyone.items[lo:hi], everyone.timestamps[lo:hi])
-        assert_flat_equal(part, whole, recomputed_atol=1e-6)
+        assert_flat_equal(some.users(j, j + 1), everyone.users(u, u + 1), recomputed_atol=1e-6)
 
     uid = str(ds.user_ids[123])
     assert art.user_index(uid) == 123
@@ -372,13 +364,13 @@ def test_artifact_decode_equals_plan_decode(built, ds):
 
 def test_recomputed_layer_and_timestamps_match_the_teacher(built):
     art = Artifact.open(built.path)
-    dec = art.decode(np.arange(art.n_users), built.item_kv)
+    dec = art.decode(np.arange(art.n_users), built.model)
     t = built.teacher
     np.testing.assert_array_equal(dec.offsets, t.offsets)
     np.testing.assert_array_equal(dec.items, t.items)
-    assert built.result.plan.streams["L0.k"] == ITEMS
-    assert torch.allclose(dec.keys[0], t.keys[0], rtol=0, atol=1e-5)
-    assert torch.allclose(dec.values[0], t.values[0], rtol=0, atol=1e-5)
+    assert isinstance(built.result.plan.streams["L0.k"], RecomputeCodec)
+    assert torch.allclose(dec.stream("L0.k"), t.stream("L0.k"), rtol=0, atol=1e-5)
+    assert torch.allclose(dec.stream("L0.v"), t.stream("L0.v"), rtol=0, atol=1e-5)
     if built.arch == "hstu":
         assert "tokens/timestamps" in art.fields
         np.testing.assert_array_equal(dec.timestamps, t.timestamps)
@@ -386,9 +378,7 @@ def test_recomputed_layer_and_timestamps_match_the_teacher(built):
         assert "tokens/timestamps" not in art.fields
     # the stored layers are approximations, and the reported reconstruction error is theirs
     for name in ("L1.k", "L1.v"):
-        a = t.keys[1] if name.endswith("k") else t.values[1]
-        b = dec.keys[1] if name.endswith("k") else dec.values[1]
-        err = rel_mse(a, b)
+        err = rel_mse(t.stream(name), dec.stream(name))
         assert 1e-6 < err < 1
         assert err == pytest.approx(built.result.metrics["reconstruction_rel_mse"][name], rel=1e-3)
 
@@ -461,8 +451,8 @@ def test_share_k_keeps_v_at_fp16(built, ds):
     mse = result.metrics["reconstruction_rel_mse"]
     assert mse["L1.v"] < 1e-6 and mse["L0.v"] < 1e-6
     assert mse["L1.k"] > 1e-4
-    dec = plan.decode(result.fields, result.offsets, built.item_kv)
-    assert torch.equal(dec.values[1], built.teacher.values[1].half().float())
+    dec = plan.decode(result.fields, result.offsets, built.model)
+    assert torch.equal(dec.stream("L1.v"), built.teacher.stream("L1.v").half().float())
     assert result.accounting["per_user_breakdown"]["L1.v/x"] == result.accounting["tokens"] * built.model.kv_dims[1] * 2
     assert result.accounting["per_user_bytes"] > built.result.accounting["per_user_bytes"]
 
@@ -487,11 +477,11 @@ def test_distill_trains_pool_and_router(built, ds, tmp_path):
         assert "router_w" in shared and "router_b" in shared
         assert not torch.equal(shared["router_w"], 2 * shared["pool"])  # trained apart from the pool
 
-    flat = flatten(next(iter_test_caches(model, ds, np.arange(64), 64)).cache)
+    flat = model.flatten(next(iter_test_caches(model, ds, np.arange(64), 64)).cache)
     enc = plan.encode(flat)
-    dec = plan.decode(enc, flat.offsets, lambda i, p: item_layer_kv(model, i, p))
-    assert [k.shape for k in dec.keys] == [k.shape for k in flat.keys]
-    assert all(torch.isfinite(k).all() for k in dec.keys + dec.values)
+    dec = plan.decode(enc, flat.offsets, model)
+    assert {n: k.shape for n, k in dec.streams.items()} == {n: k.shape for n, k in flat.streams.items()}
+    assert all(torch.isfinite(k).all() for k in dec.streams.values())
 
     # the trained router travels with the artifact: a reader encodes exactly as the writer did
     path = tmp_path / "d.safetensors"
@@ -502,7 +492,7 @@ def test_distill_trains_pool_and_router(built, ds, tmp_path):
     assert set(again) == set(enc)
     for k in enc:
         np.testing.assert_array_equal(again[k], enc[k])
-    assert_flat_equal(art.decode(np.arange(64), lambda i, p: item_layer_kv(model, i, p)), dec, recomputed_atol=1e-6)
+    assert_flat_equal(art.decode(np.arange(64), model), dec, recomputed_atol=1e-6)
 
 
 def test_distill_needs_a_collective_stream(built, ds):
@@ -558,8 +548,8 @@ def test_out_of_range_pool_index_and_item_id(built, tmp_path):
 
     art = Artifact.open(rewrite(built.path, tmp_path / "idx.safetensors", bad_index))
     with pytest.raises(CkvError, match=r"L1.k pool index 63 out of range \(pool 48\)"):
-        art.decode([0], built.item_kv)
-    art.decode([1], built.item_kv)  # other users read fine
+        art.decode([0], built.model)
+    art.decode([1], built.model)  # other users read fine
     assert art.verify() == ["L1.k/idx"]
 
     def bad_item(t):
@@ -567,7 +557,7 @@ def test_out_of_range_pool_index_and_item_id(built, tmp_path):
 
     art = Artifact.open(rewrite(built.path, tmp_path / "items.safetensors", bad_item))
     with pytest.raises(CkvError, match="item id 2047 out of range"):
-        art.decode([0], built.item_kv)
+        art.decode([0], built.model)
 
 
 # ---------------------------------------------------------------- command line

@@ -1,4 +1,4 @@
-"""`ckv compress` on the target-attention CTR models (ckv_cli/compress_ctr.py): real ML-100k, small trained models.
+"""`ckv compress` on the target-attention CTR models (the CTR task, ckv_cli/tasks/ctr.py): real ML-100k, small trained models.
 
 Lossless codecs give deltas of exactly 0; the uncompressed reference equals the model's own forward; the bytes in
 the report are the bytes on disk; the same seed gives a byte-identical artifact; bad options are one-line errors.
@@ -11,14 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from ckv_cli.checkpoint import load_checkpoint, read_header, save_checkpoint
 from ckv_cli.codecs.bits import bits_for
-from ckv_cli.compress_ctr import (CTROptions, calibration_events, compress_ctr, compress_ctr_to_artifact,
-                                  event_streams, pack_codes, unpack_codes)
-from ckv_cli.ctr import CTRTrainConfig, predict, train_ctr
+from ckv_cli.codecs.plan import pack_side, unpack_side
 from ckv_cli.data.ctr import load_ctr
+from ckv_cli.io.safetensors import read_header
+from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
+from ckv_cli.pipeline.compress import CompressOptions, compress, compress_to_artifact
+from ckv_cli.tasks.ctr import calibration_events, event_ids, groups, predict, score_group, tokens_of
+from ckv_cli.train.ctr import CTRTrainConfig, train_ctr
 from conftest import cli_runner
 from test_cli import assert_one_line_error
+
+
+def CTROptions(**kw) -> CompressOptions:
+    """`CompressOptions` with the CTR defaults of `ckv compress` (a pool of 4096 per stream)."""
+    return CompressOptions(**{"params": {"pool_size": 4096, "user_dim": 0, "layout": "residual"}, **kw})
 
 SMALL = {"d": 16, "d_attn": 32, "n_heads": 4, "top_k": 10, "max_len": 200}
 FAST = {"calib_tokens": 3000, "bootstrap": 20}
@@ -56,8 +63,8 @@ def test_lossless_codecs_change_nothing(models, data, arch, codec):
 
     model, _, ds = _load(models[arch], data)
     params = {"dtype": "float32"} if codec == "plain" else {}
-    r = compress_ctr(model, ds, CTROptions(codec=codec, params=params, **FAST))
-    m = r["metrics"]
+    r = compress(model, ds, CTROptions(codec=codec, params=params, **FAST))
+    m = r.metrics
     assert m["delta"] == {"AUC": 0.0, "gAUC": 0.0, "logloss": 0.0}, m["delta"]
     assert m["max_abs_prob_change"] == 0.0 and all(v == 0.0 for v in m["reconstruction_rel_mse"].values())
     assert m.get("signature_mismatch_rate", 0.0) == 0.0
@@ -65,26 +72,23 @@ def test_lossless_codecs_change_nothing(models, data, arch, codec):
     events = ds.samples("test")
     assert m["samples"] == len(events) and m["users"] == len(np.unique(ds.users[events]))
     assert m["uncompressed"]["AUC"] == pytest.approx(auc(ds.labels[events], predict(model, ds, events)), abs=1e-6)
-    fields = set(r["accounting"]["per_user_breakdown"])
+    fields = set(r.accounting["per_user_breakdown"])
     if codec == "eventid":  # item, rating bucket and gap bucket ids, bit-packed: nothing else
         assert fields == {"users/offsets", "tokens/items", "tokens/ratings", "tokens/gaps"}
         n = len(ds.seq.items)
         want = sum((n * b + 7) // 8 for b in (bits_for(ds.seq.n_items + 1), 3, 5)) + 8 * (ds.seq.n_users + 1)
-        assert r["accounting"]["per_user_bytes"] == want
+        assert r.accounting["per_user_bytes"] == want
 
 
 def test_reference_cache_matches_forward_sample_by_sample(models, data):
     """score_group over the per-event streams equals model(batch) per sample (not only in AUC)."""
-    from ckv_cli.compress_ctr import _groups, score_group
-
     model, _, ds = _load(models["twin"], data)
     users = np.unique(ds.users[ds.samples("test")])[:5]
     lo, hi = int(ds.seq.offsets[users[0]]), int(ds.seq.offsets[users[-1] + 1])
-    ev = slice(lo, hi)
-    streams, codes = event_streams(model, ds.seq.items[ev], ds.rating_bucket[ev], ds.gap_bucket[ev])
+    tokens = tokens_of(model, ds, np.arange(lo, hi), np.array([0, hi - lo]))
     samples = lo + np.flatnonzero(ds.split_of[lo:hi] == 2)
-    for g in _groups(samples, ds, 1 << 12):
-        got = score_group(model, ds, g, lo, streams, codes)
+    for g in groups(samples, ds, 1 << 12):
+        got = score_group(model, ds, g, lo, tokens)
         with torch.no_grad():
             want = model(ds.batch(g))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -94,7 +98,7 @@ def test_collective_accounting_and_bytes_on_disk(models, data, tmp_path):
     model, meta, ds = _load(models["eta"], data)
     out = tmp_path / "eta.ckv.safetensors"
     opts = CTROptions(params={"pool_size": 64, "user_dim": 0, "layout": "residual"}, **FAST)
-    rep = compress_ctr_to_artifact(model, meta, models["eta"], ds, opts, out, command="test")
+    rep = compress_to_artifact(model, meta, models["eta"], ds, opts, out, command="test")
     acct = rep["accounting"]
     header, raw = read_header(out)
     size = {n: i["data_offsets"][1] - i["data_offsets"][0] for n, i in header.items()}
@@ -111,17 +115,18 @@ def test_collective_accounting_and_bytes_on_disk(models, data, tmp_path):
     assert raw["task"] == "ctr" and raw["arch"] == "eta" and raw["command"] == "test"
     assert json.loads(raw["accounting"])["per_user_bytes"] == acct["per_user_bytes"]
     assert json.loads(raw["plan"])["streams"]["long.k"]["codec"] == "collective"
-    calib, _ = calibration_events(ds, opts)
+    calib, _ = calibration_events(ds, opts.calib_users, opts.calib_tokens, opts.seed)
     assert (ds.split_of[calib] == 0).all() and len(calib) == FAST["calib_tokens"]
 
 
 def test_stored_signatures_are_exact(models, data):
     model, _, ds = _load(models["sdim"], data)
-    _, codes = event_streams(model, ds.seq.items[:500], ds.rating_bucket[:500], ds.gap_bucket[:500])
-    assert torch.equal(unpack_codes(model, pack_codes(model, codes)), codes)
-    r = compress_ctr(model, ds, CTROptions(params={"pool_size": 64}, codes="stored", **FAST))
-    assert r["metrics"]["signature_mismatch_rate"] == 0.0
-    assert r["accounting"]["per_user_breakdown"]["tokens/codes"] == (len(ds.seq.items) * 48 + 7) // 8
+    _, side = model.token_streams(event_ids(ds, np.arange(500)))
+    codes, (spec,) = side["codes"], model.cache_spec().side
+    assert torch.equal(model.side_values("codes", unpack_side(pack_side(codes, spec.bits), spec.count, spec.bits)), codes)
+    r = compress(model, ds, CTROptions(params={"pool_size": 64}, codes="stored", **FAST))
+    assert r.metrics["signature_mismatch_rate"] == 0.0
+    assert r.accounting["per_user_breakdown"]["tokens/codes"] == (len(ds.seq.items) * 48 + 7) // 8
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +187,6 @@ def test_ml1m_bars_with_the_defaults(arch, tmp_path):
         pytest.skip(f"{path} not present")
     model, meta = load_checkpoint(path)
     ds = load_ctr("ml-1m-ctr", max_history=model.config.max_len, item_vocab=meta["item_vocab"]).with_user_vocab(meta["user_vocab"])
-    rep = compress_ctr_to_artifact(model, meta, path, ds, CTROptions(), tmp_path / "a.safetensors")
+    rep = compress_to_artifact(model, meta, path, ds, CTROptions(), tmp_path / "a.safetensors")
     assert rep["accounting"]["per_user_ratio_fp16"] <= 0.005
     assert abs(rep["metrics"]["delta"]["AUC"]) <= 0.001 and abs(rep["metrics"]["delta"]["gAUC"]) <= 0.001

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ckv_cli.ctr import CTRTrainConfig, build_model, evaluate_ctr, length_bucketed_batches, predict, train_ctr
+from ckv_cli.tasks.ctr import evaluate_ctr, predict
+from ckv_cli.train.ctr import CTRTrainConfig, build_model, length_bucketed_batches, train_ctr
 from ckv_cli.data.ctr import N_GAPS, build_ctr, gap_buckets
 from ckv_cli.data.readers import Log
 from ckv_cli.data.sequences import build

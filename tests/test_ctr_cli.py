@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ckv_cli.checkpoint import load_checkpoint
+from ckv_cli.models.checkpoint import load_checkpoint
 from ckv_cli.data.ctr import load_ctr
 from conftest import cli_runner
 from test_cli import assert_one_line_error

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ckv_cli.checkpoint import load_checkpoint
-from ckv_cli.ctr import evaluate_ctr
+from ckv_cli.models.checkpoint import load_checkpoint
+from ckv_cli.tasks.ctr import evaluate_ctr
 from ckv_cli.data.ctr import load_ctr
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_checkpoints"

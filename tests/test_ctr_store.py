@@ -1,4 +1,4 @@
-"""Reading CTR artifacts back (ckv_cli/store_ctr.py): the plan rebuilt from the file, decoded caches, `ckv evaluate
+"""Reading CTR artifacts back (ckv_cli/artifact, ckv_cli/evaluate/compare.py, ckv_cli/serve/ctr.py): the plan rebuilt from the file, decoded caches, `ckv evaluate
 CTR_CKPT ARTIFACT` (metrics equal to what compress reported), `ckv inspect --data`, `ckv verify`, and `CTRStore`
 (score, fetch, append, save). Real ML-100k, small models trained on 3,000 samples."""
 from __future__ import annotations
@@ -10,14 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from ckv_cli.checkpoint import load_checkpoint, save_checkpoint
-from ckv_cli.compress_ctr import CTROptions, compress_ctr_to_artifact
-from ckv_cli.ctr import CTRTrainConfig, build_model, train_ctr
+from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
+from ckv_cli.artifact import Artifact
+from ckv_cli.evaluate.compare import compare_artifact
+from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact
+from ckv_cli.train.ctr import CTRTrainConfig, build_model, train_ctr
 from ckv_cli.data.ctr import CTRBatch, build_ctr, load_ctr
 from ckv_cli.errors import CkvError
-from ckv_cli.store_ctr import CTRArtifact, CTRStore, compare_ctr_artifact, score_cache
+from ckv_cli.serve.ctr import CTRStore, score_cache
 from conftest import cli_runner
 from test_cli import assert_one_line_error
+
+def CTROptions(**kw) -> CompressOptions:
+    """`CompressOptions` with the CTR defaults of `ckv compress` (a pool of 4096 per stream)."""
+    return CompressOptions(**{"params": {"pool_size": 4096, "user_dim": 0, "layout": "residual"}, **kw})
+
 
 SMALL = {"d": 16, "d_attn": 32, "n_heads": 4, "top_k": 10, "max_len": 200}
 FAST = {"calib_tokens": 3000, "bootstrap": 20}
@@ -66,7 +73,7 @@ def arts(ckpts, data, tmp_path_factory):
     for name, (arch, codec, params) in CODECS.items():
         model, meta, ds = _load(ckpts[arch], data)
         path = root / f"{name}.safetensors"
-        rep = compress_ctr_to_artifact(model, meta, ckpts[arch], ds, CTROptions(codec=codec, params=params, **FAST), path)
+        rep = compress_to_artifact(model, meta, ckpts[arch], ds, CTROptions(codec=codec, params=params, **FAST), path)
         out[name] = (path, rep)
     return out
 
@@ -87,16 +94,13 @@ def test_decoded_metrics_equal_the_compress_report(arts, ckpts, data, name):
     """The plan rebuilt from the file (no refit) decodes the caches compress scored: the metrics are exactly equal."""
     path, rep = arts[name]
     model, _, ds = _load(ckpts[CODECS[name][0]], data)
-    art = CTRArtifact.open(path, model)
-    try:
-        c = compare_ctr_artifact(model, ds, art, bootstrap=20)
-    finally:
-        art.close()
+    with Artifact.open(path) as art:
+        c = compare_artifact(model, ds, art, bootstrap=20)
     for side in ("uncompressed", "compressed"):
-        assert c["metrics"][side] == rep["metrics"][side], side
-    assert c["metrics"]["delta"] == rep["metrics"]["delta"] and c["equals_compress_report"]
-    assert c["metrics"]["delta_ci95"] == rep["metrics"]["delta_ci95"]  # same resamples, same seed
-    assert c["accounting"]["per_user_bytes"] == rep["accounting"]["per_user_bytes"]
+        assert c.metrics[side] == rep["metrics"][side], side
+    assert c.metrics["delta"] == rep["metrics"]["delta"] and c.equals_compress_report
+    assert c.metrics["delta_ci95"] == rep["metrics"]["delta_ci95"]  # same resamples, same seed
+    assert c.accounting["per_user_bytes"] == rep["accounting"]["per_user_bytes"]
 
 
 @pytest.mark.parametrize("name, tol", [("sim-eventid", 1e-5), ("sim-fp32", 1e-5), ("sim-fp16", 2e-3)])
@@ -152,8 +156,8 @@ def test_append_then_score_equals_compress_of_the_extended_log(ckpts, data, tmp_
     users, k = [2, 7], 3
     short = _truncated(ds, users, k)
     opts = CTROptions(codec=codec, params=params, **FAST)
-    compress_ctr_to_artifact(model, meta, ckpts["sim"], short, opts, tmp_path / "short.safetensors")
-    compress_ctr_to_artifact(model, meta, ckpts["sim"], ds, opts, tmp_path / "full.safetensors")
+    compress_to_artifact(model, meta, ckpts["sim"], short, opts, tmp_path / "short.safetensors")
+    compress_to_artifact(model, meta, ckpts["sim"], ds, opts, tmp_path / "full.safetensors")
     ids = [str(ds.seq.user_ids[u]) for u in users]
     cand = np.arange(1, 30)
     with CTRStore.open(tmp_path / "short.safetensors", ckpts["sim"]) as store, \
@@ -240,7 +244,7 @@ def test_bad_input_is_a_one_line_error(arts, ckpts, data, tmp_path):
 
 def _damage(path, tensor: str, out):
     """A copy of `path` with the first 16 bytes of `tensor` set to 0xff."""
-    from ckv_cli.store import SafetensorsMap
+    from ckv_cli.io.safetensors import SafetensorsMap
 
     m = SafetensorsMap(path)
     a = m.data_start + m.header[tensor]["data_offsets"][0]

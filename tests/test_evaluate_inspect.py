@@ -10,14 +10,14 @@ import torch
 
 from conftest import make_model
 from ckv_cli.artifact import Artifact
-from ckv_cli.checkpoint import load_checkpoint, save_checkpoint
-from ckv_cli.compare import check_gates, compare_artifact, parse_gate
-from ckv_cli.evaluate import score_fidelity
-from ckv_cli.compress import CompressOptions, compress_to_artifact
+from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
+from ckv_cli.evaluate.compare import check_gates, compare_artifact, parse_gate
+from ckv_cli.tasks.next_item import score_fidelity
+from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact
 from ckv_cli.data import load
 from ckv_cli.errors import CkvError
-from ckv_cli.evaluate import rank_targets
-from ckv_cli.inspection import analyse_checkpoint, spectrum, unexplained_by
+from ckv_cli.tasks.next_item import rank_targets
+from ckv_cli.evaluate.inspect import analyse_checkpoint, spectrum, unexplained_by
 from ckv_cli.metrics import RANKING_METRICS, paired_bootstrap
 from test_compress import one_line_error, run_ckv
 

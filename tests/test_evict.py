@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import N_ITEMS, make_model
-from ckv_cli.codecs import CachePlan, EvictCodec, build_plan, make_codec, plan_from_description
+from ckv_cli.codecs import CachePlan, EvictCodec, make_codec, plan_from_description
 from ckv_cli.codecs.bits import packed_nbytes
 from ckv_cli.codecs.evict import kept_counts
-from ckv_cli.compress import accounting
+from ckv_cli.pipeline.compress import accounting
 from ckv_cli.errors import CkvError
-from ckv_cli.kv.extract import flatten, unflatten
-from ckv_cli.models.base import item_layer_kv
+from ckv_cli.models.base import flatten, unflatten
+from ckv_cli.pipeline.compress import full_width
 
 LENGTHS = [12, 7, 1, 5, 10, 0]
 
@@ -34,14 +34,14 @@ def _setup(model, lengths=LENGTHS, seed=1):
 
 
 def _plan(model, codec, params, recompute=True):
-    d_k, d_v = model.kv_dims
-    return build_plan(codec, params, n_layers=len(model.layers), d_k=d_k, d_v=d_v, n_items=N_ITEMS,
-                      timestamps=model.arch == "hstu", recompute_item_layers=recompute)
+    from ckv_cli.codecs import build_plan
+
+    return build_plan(model.cache_spec(), codec, params, n_items=N_ITEMS, recompute_free=recompute)
 
 
 def _roundtrip(model, plan, flat):
     enc = plan.encode(flat)
-    return enc, plan.decode(enc, flat.offsets, lambda i, p: item_layer_kv(model, i, p))
+    return enc, plan.decode(enc, flat.offsets, model)
 
 
 @torch.no_grad()
@@ -99,7 +99,8 @@ def test_keep_one_is_plain_fp16(model, policy):
     _, plain = _roundtrip(model, _plan(model, "plain", {"dtype": "float16"}), flat)
     _, ev = _roundtrip(model, _plan(model, "evict", {"keep": 1.0, "policy": policy}), flat)
     assert ev.keep.all()
-    assert all(torch.equal(a, b) for a, b in zip(plain.keys + plain.values, ev.keys + ev.values))
+    assert plain.streams.keys() == ev.streams.keys()
+    assert all(torch.equal(plain.streams[n], ev.streams[n]) for n in plain.streams)
     c_plain, h_plain = _append(model, plain, li, lt)
     c_ev, h_ev = _append(model, ev, li, lt)
     assert torch.equal(h_plain, h_ev)
@@ -128,17 +129,17 @@ def test_masks_the_expected_tokens_in_every_stream(model, policy, keep, recomput
     plan = _plan(model, "evict", {"keep": keep, "policy": policy}, recompute)
     enc, dec = _roundtrip(model, plan, flat)
     decider = 1 if recompute else 0  # the first layer whose streams evict stores
-    want = _expected_keep(policy, keep, flat, flat.keys[decider])
+    want = _expected_keep(policy, keep, flat, flat.stream(f"L{decider}.k"))
     np.testing.assert_array_equal(dec.keep, want)
     np.testing.assert_array_equal(plan.keep_mask(flat), want)
     assert plan.kept_tokens(flat.offsets) == want.sum() == sum(math.ceil(round(keep * n, 9)) for n in LENGTHS)
     kept, drop = torch.from_numpy(want), torch.from_numpy(~want)
-    item_k, item_v = plan._recompute(flat.items, flat.offsets, lambda i, p: item_layer_kv(model, i, p))
+    item = model.recompute(["L0.k", "L0.v"], flat.ids, flat.offsets)[0]
     for layer in range(len(model.layers)):
-        for kind, teacher, recomputed in (("k", flat.keys, item_k), ("v", flat.values, item_v)):
+        for kind in ("k", "v"):
             x = dec.stream(CachePlan.key(layer, kind))
             assert (x[drop] == 0).all()
-            exact = recomputed if (recompute and layer == 0) else teacher[layer].half().float()
+            exact = item[f"L0.{kind}"] if (recompute and layer == 0) else flat.stream(f"L{layer}.{kind}").half().float()
             assert torch.equal(x[kept], exact[kept])
             if not (recompute and layer == 0):
                 assert enc[f"L{layer}.{kind}/x"].shape == (want.sum(), x.shape[1])
@@ -156,16 +157,15 @@ def test_dropped_tokens_cannot_influence_the_output(model):
     _, h = _append(model, dec, li, lt)
     drop = torch.from_numpy(~dec.keep)
     g = torch.Generator().manual_seed(5)
-    for streams in (dec.keys, dec.values):
-        for i, x in enumerate(streams):
-            x = x.clone()
-            x[drop] = 100 * torch.randn(int(drop.sum()), x.shape[1], generator=g)
-            streams[i] = x
+    for name, x in list(dec.streams.items()):
+        x = x.clone()
+        x[drop] = 100 * torch.randn(int(drop.sum()), x.shape[1], generator=g)
+        dec.streams[name] = x
     _, h2 = _append(model, dec, li, lt)
     assert torch.equal(h, h2)
     # ... while a kept token does
-    dec.keys[1] = dec.keys[1].clone()
-    dec.keys[1][torch.from_numpy(dec.keep)] += 1.0
+    dec.streams["L1.k"] = dec.streams["L1.k"].clone()
+    dec.streams["L1.k"][torch.from_numpy(dec.keep)] += 1.0
     assert not torch.equal(h, _append(model, dec, li, lt)[1])
 
 
@@ -195,7 +195,7 @@ def test_bytes_counted_are_bytes_stored(model, policy):
     stored = {name: packed_nbytes(len(enc[name]), f.bits) if f.bits else enc[name].nbytes
               for name, f in declared.items() if name != "users/offsets"}
     stored["users/offsets"] = flat.offsets.nbytes
-    acct = accounting(plan, flat.offsets, model.kv_dims, len(model.layers))
+    acct = accounting(plan, flat.offsets, full_width(model))
     assert acct["per_user_breakdown"] == stored
     n, kept = int(flat.offsets[-1]), int(sum(kept_counts(np.array(LENGTHS), 0.5)))
     d_k, d_v = model.kv_dims
@@ -209,7 +209,7 @@ def test_bytes_counted_are_bytes_stored(model, policy):
 def test_accounting_refuses_an_evict_plan_without_offsets(model):
     plan = _plan(model, "evict", {})
     with pytest.raises(CkvError, match="needs the user offsets"):
-        accounting(plan, None, model.kv_dims, 2, counts=(3, 30))
+        accounting(plan, None, full_width(model), counts=(3, 30))
 
 
 # ---------------------------------------------------------------- refusals elsewhere
@@ -229,14 +229,14 @@ def test_artifact_and_ctr_refuse_evict(tmp_path):
     writer.discard()
     assert list(tmp_path.iterdir()) == []
 
-    from ckv_cli.compress_ctr import CTROptions, CTRPlan
-    from ckv_cli.ctr import model_config
     from ckv_cli.models import REGISTRY
+    from ckv_cli.pipeline.compress import CompressOptions, make_plan
+    from ckv_cli.train.ctr import model_config
 
     cls, _ = REGISTRY["sim"]
     ctr_model = cls(model_config("sim", 30, 5, 3, {"d": 8, "max_len": 20}))
     with pytest.raises(CkvError, match="next-item models only"):
-        CTRPlan(ctr_model, CTROptions(codec="evict", params={}))
+        make_plan(ctr_model, CompressOptions(codec="evict", params={}))
 
 
 def test_cli_compress_refuses_evict(tmp_path):

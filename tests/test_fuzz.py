@@ -32,14 +32,13 @@ import torch
 
 from conftest import make_model
 from ckv_cli.artifact import Artifact
-from ckv_cli.checkpoint import load_checkpoint, save_checkpoint
-from ckv_cli.compress import CompressOptions, compress_to_artifact
+from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
+from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact
 from ckv_cli.data.datasets import fetch
 from ckv_cli.data.readers import read_log
 from ckv_cli.data.sequences import build, load
 from ckv_cli.errors import CkvError
-from ckv_cli.inspection import pool_usage, tensor_inventory
-from ckv_cli.models.base import item_layer_kv
+from ckv_cli.evaluate.inspect import pool_usage, tensor_inventory
 
 N_CASES = int(os.environ.get("CKV_FUZZ_CASES", 3000))  # a longer local run: CKV_FUZZ_CASES=50000 CKV_FUZZ_SEED=1
 N_CLI_CASES = int(os.environ.get("CKV_FUZZ_CLI_CASES", 450))  # `ckv inspect` (and a third as many `ckv evaluate`)
@@ -232,16 +231,16 @@ def mutate(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
 def read_everything(path: Path, model) -> str:
     """What `ckv evaluate` and `ckv inspect` do with an artifact: 'ok' or 'error: ...'."""
     try:
-        art = Artifact.open(path)
-        art.check_model(model)
-        users = np.arange(art.n_users)
-        art.read_fields(users[::-1])
-        art.decode(users, lambda i, p: item_layer_kv(model, i, p))
-        if art.n_users:
-            art.decode([art.n_users - 1], lambda i, p: item_layer_kv(model, i, p))
-        pool_usage(art)
-        tensor_inventory(path)
-        art.verify()
+        with Artifact.open(path) as art:  # the file stays mapped until closed
+            art.check_model(model)
+            users = np.arange(art.n_users)
+            art.read_fields(users[::-1])
+            art.decode(users, model)
+            if art.n_users:
+                art.decode([art.n_users - 1], model)
+            pool_usage(art)
+            tensor_inventory(path)
+            art.verify()
         return "ok"
     except CkvError as e:
         msg = str(e)

@@ -12,10 +12,11 @@ ray = pytest.importorskip("ray")  # a guard only: CI installs the ray extra (`ma
 
 from test_shard import OPTS, SHARD, assert_same_users, ds, hstu_ckpt  # noqa: E402,F401  (fixtures)
 
-from ckv_cli.checkpoint import load_checkpoint  # noqa: E402
-from ckv_cli.compress import CompressOptions, compress_to_artifact  # noqa: E402
+from ckv_cli.models.checkpoint import load_checkpoint  # noqa: E402
+from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact  # noqa: E402
 from ckv_cli.data import load  # noqa: E402
-from ckv_cli.shard import Histories, compress_sharded, open_artifact, shard_ranges  # noqa: E402
+from ckv_cli.artifact.sharded import open_artifact, shard_ranges  # noqa: E402
+from ckv_cli.pipeline.shard import Histories, compress_sharded  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,7 +56,7 @@ def test_ray_shards_equal_the_local_engine(ds, hstu_ckpt, tmp_path):
 
 def test_repeated_rows_are_dropped_by_user_id(ds, hstu_ckpt, tmp_path):
     """A reader that delivers some users twice (and shuffled) changes nothing: same shards."""
-    from ckv_cli.engines.ray_engine import stage
+    from ckv_cli.pipeline.ray_engine import stage
 
     model, meta = load_checkpoint(hstu_ckpt)
     opts = CompressOptions(**OPTS)

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import make_model
 from error_cases import CASES, build_workspace
-from ckv_cli.checkpoint import save_checkpoint
+from ckv_cli.models.checkpoint import save_checkpoint
 from ckv_cli.data import load
 
 ROOT = Path(__file__).resolve().parent.parent

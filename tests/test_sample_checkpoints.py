@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ckv_cli.checkpoint import load_checkpoint
-from ckv_cli.compress import CompressOptions, compress
+from ckv_cli.models.checkpoint import load_checkpoint
+from ckv_cli.pipeline.compress import CompressOptions, compress
 from ckv_cli.data import load
-from ckv_cli.evaluate import evaluate_model
+from ckv_cli.tasks.next_item import evaluate_model
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_checkpoints"
 CHECKPOINTS = sorted(ROOT.glob("*-ml1m.safetensors"))

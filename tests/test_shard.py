@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from conftest import untrained_checkpoint
-from ckv_cli.checkpoint import load_checkpoint
-from ckv_cli.compress import CompressOptions, compress_to_artifact
+from ckv_cli.models.checkpoint import load_checkpoint
+from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact
 from ckv_cli.data import load
 from ckv_cli.errors import CkvError
-from ckv_cli.models.base import item_layer_kv
-from ckv_cli.shard import ShardedArtifact, compress_sharded, open_artifact, verify_path
-from ckv_cli.store import CacheStore
+from ckv_cli.artifact.sharded import ShardedArtifact, open_artifact, verify_path
+from ckv_cli.pipeline.shard import compress_sharded
+from ckv_cli.serve.next_item import CacheStore
 
 MAX_LEN = 16
 OPTS = dict(params={"pool_size": 40, "user_dim": 2, "layout": "residual"}, calib_users=150, batch_users=64)
@@ -52,9 +52,8 @@ def assert_same_users(sharded, single, model):
     assert np.array_equal(off_a, off_b) and set(a) == set(b)
     for k in b:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
-    item_kv = lambda i, p: item_layer_kv(model, i, p)  # noqa: E731
     some = np.array([900, 3, 256, 255, 511, 942, 3])  # any order, across shards, repeated
-    x, y = sharded.decode(some, item_kv), single.decode(some, item_kv)
+    x, y = sharded.decode(some, model), single.decode(some, model)
     for name in single.plan.streams:
         assert torch.equal(x.stream(name), y.stream(name)), name
 

@@ -16,15 +16,17 @@ import torch
 from conftest import make_model
 from ckv_cli import CacheStore
 from ckv_cli.artifact import Artifact
-from ckv_cli.checkpoint import load_checkpoint, save_checkpoint
+from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
 from ckv_cli.codecs.bits import pack, unpack
-from ckv_cli.compress import CompressOptions, compress_to_artifact
+from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact
 from ckv_cli.data import load
 from ckv_cli.errors import CkvError
-from ckv_cli.evaluate import scores_after_last_event
-from ckv_cli.kv.extract import CacheBatch, FlatCache, flatten, iter_test_caches, unflatten
-from ckv_cli.models.base import item_layer_kv
-from ckv_cli.store import SafetensorsMap, replay_hidden, rewind, token_index, unpack_at
+from ckv_cli.tasks.next_item import scores_after_last_event
+from ckv_cli.io.safetensors import SafetensorsMap, unpack_at
+from ckv_cli.models.base import flatten, unflatten
+from ckv_cli.serve.next_item import replay_hidden, rewind
+from ckv_cli.spec import FlatCache, token_index
+from ckv_cli.tasks.next_item import CacheBatch, iter_test_caches
 
 MAX_LEN = 16
 OPTS = {  # sasrec: int8 user part (per-user scale); hstu: concat layout, fp16 user part
@@ -52,8 +54,6 @@ class Setup:
     path: Path
     model: torch.nn.Module
 
-    def item_kv(self, items, pos):
-        return item_layer_kv(self.model, items, pos)
 
     def store(self) -> CacheStore:
         return CacheStore.open(self.path, self.ckpt)
@@ -110,11 +110,12 @@ def test_fetch_equals_artifact_decode(setup, ds):
         for k in fields:
             assert fields[k].dtype == ref_fields[k].dtype and fields[k].shape == ref_fields[k].shape, k
             np.testing.assert_array_equal(fields[k], ref_fields[k], err_msg=k)
-        got, ref = store.fetch_flat(ids(ds, users)), art.decode(users, setup.item_kv)
+        got, ref = store.fetch_flat(ids(ds, users)), art.decode(users, setup.model)
         np.testing.assert_array_equal(got.items, ref.items)
         np.testing.assert_array_equal(got.timestamps, ref.timestamps)
-        for a, b in zip(got.keys + got.values, ref.keys + ref.values):
-            assert torch.equal(a, b)
+        assert got.streams.keys() == ref.streams.keys()
+        for n in got.streams:
+            assert torch.equal(got.stream(n), ref.stream(n))
         cache = store.fetch(ids(ds, users))
         assert torch.equal(cache.keys[1], unflatten(ref).keys[1]) and torch.equal(cache.lengths, unflatten(ref).lengths)
         # the compressed form decodes to the same cache (pools gathered, the item layer recomputed)
@@ -131,7 +132,7 @@ def protocol_batch(setup, ds, users):
     that event."""
     teacher = next(iter_test_caches(setup.model, ds, users, len(users)))
     art = Artifact.open(setup.path)
-    decoded = unflatten(art.decode(users, setup.item_kv))
+    decoded = unflatten(art.decode(users, setup.model))
     return CacheBatch(teacher.users, decoded, teacher.last_items, teacher.last_ts, teacher.targets)
 
 
@@ -211,8 +212,7 @@ def test_append_keeps_old_tokens_and_encodes_new_ones(setup, ds):
         new_cache, _ = setup.model.extend(store.fetch([uid]), torch.tensor([items]), torch.tensor([ts]))
         flat = flatten(new_cache)
         n_old = len(before["tokens/items"])
-        new = FlatCache(np.array([0, 1]), [k[n_old:] for k in flat.keys], [v[n_old:] for v in flat.values],
-                        flat.items[n_old:], flat.timestamps[n_old:])
+        new = flat.rows(np.arange(n_old, flat.n_tokens), np.array([0, 1]))
         want = store.plan.encode(new)
         store.append(uid, [str(ds.item_ids[i]) for i in items], ts)
         assert store.appended_users == [uid]
@@ -235,9 +235,9 @@ def test_append_keeps_old_tokens_and_encodes_new_ones(setup, ds):
                 np.testing.assert_array_equal(after[name][n_old:].reshape(want[name].shape), want[name], err_msg=name)
         # the appended token decodes like the plan's encode/decode of its K/V (up to the int8 user rounding)
         got = store.fetch_flat([uid])
-        ref = store.plan.decode(want, new.offsets, setup.item_kv)
-        for a, b in zip(got.keys[1:] + got.values[1:], ref.keys[1:] + ref.values[1:]):  # layer 0: from item ids
-            assert torch.allclose(a[n_old:], b, atol=0.02 if setup.arch == "sasrec" else 1e-6)
+        ref = store.plan.decode(want, new.offsets, setup.model)
+        for n in ("L1.k", "L1.v"):  # layer 0: from item ids
+            assert torch.allclose(got.stream(n)[n_old:], ref.stream(n), atol=0.02 if setup.arch == "sasrec" else 1e-6)
 
 
 def test_appended_tokens_follow_the_teacher(setup, ds):
@@ -295,7 +295,7 @@ def test_int8_user_part_rule(setup, ds):
     with setup.store() as store:
         codec = store.plan.streams["L1.k"]
         old, _ = store.read([uid])
-        x = store.fetch_flat([uid]).keys[1][:2]  # decoded vectors: their user values fit under the scale
+        x = store.fetch_flat([uid]).stream("L1.k")[:2]  # decoded vectors: their user values fit under the scale
         kept = store._merge_int8("L1.k", codec, old, x)
         np.testing.assert_array_equal(kept["L1.k/scale"], old["L1.k/scale"])
         np.testing.assert_array_equal(kept["L1.k/user"][: len(old["L1.k/user"])], old["L1.k/user"])

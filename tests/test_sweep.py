@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from conftest import untrained_checkpoint
-from ckv_cli.checkpoint import load_checkpoint
-from ckv_cli.compress import CompressOptions, Teacher, compress, concat_flat, select_users
+from ckv_cli.models.checkpoint import load_checkpoint
 from ckv_cli.data import load
 from ckv_cli.errors import CkvError
-from ckv_cli.kv.extract import flatten, iter_test_caches
+from ckv_cli.pipeline.compress import CompressOptions, compress
+from ckv_cli.spec import FlatCache
+from ckv_cli.tasks.next_item import Teacher, iter_test_caches
 from ckv_cli.metrics import RANKING_METRICS
-from ckv_cli.sweep import (CSV_COLUMNS, DEFAULT_GRID, collective_verdict, markdown_table, order_rows,
-                           pareto_flags, parse_sweep, run_sweep, verdict_line, write_csv)
+from ckv_cli.evaluate.sweep import (CSV_COLUMNS, DEFAULT_GRID, collective_verdict, markdown_table, order_rows,
+                                    pareto_flags, parse_sweep, run_sweep, verdict_line, write_csv)
 from test_compress import one_line_error, run_ckv
 
 MAX_LEN = 16
@@ -130,16 +131,17 @@ def test_order_rows_and_verdict():
 
 def test_teacher_matches_streamed_caches(model, ds):
     teacher = Teacher.build(model, ds, batch_users=300)
-    streamed = concat_flat([flatten(b.cache) for b in iter_test_caches(model, ds, np.arange(ds.n_users), 300)])
+    streamed = FlatCache.concat([model.flatten(b.cache) for b in iter_test_caches(model, ds, np.arange(ds.n_users), 300)])
     np.testing.assert_array_equal(teacher.flat.offsets, streamed.offsets)
-    assert all(torch.equal(a, b) for a, b in zip(teacher.flat.keys + teacher.flat.values, streamed.keys + streamed.values))
+    assert teacher.flat.streams.keys() == streamed.streams.keys()
+    assert all(torch.equal(teacher.flat.stream(n), streamed.stream(n)) for n in streamed.streams)
     assert [len(tb.users) for tb in teacher.batches] == [300, 300, 300, ds.n_users - 900]
     last = teacher.batches[-1]
-    assert torch.equal(last.flat.keys[1], streamed.keys[1][int(streamed.offsets[900]):])  # a view at the right place
+    assert torch.equal(last.flat.stream("L1.k"), streamed.stream("L1.k")[int(streamed.offsets[900]):])  # a view at the right place
     users = np.array([5, 2, 900])
-    part = select_users(teacher.flat, users)
+    part = teacher.flat.select(users)
     assert list(np.diff(part.offsets)) == list(np.diff(streamed.offsets)[users])
-    assert torch.equal(part.values[0][: part.offsets[1]], streamed.values[0][streamed.offsets[5] : streamed.offsets[6]])
+    assert torch.equal(part.stream("L0.v")[: part.offsets[1]], streamed.stream("L0.v")[streamed.offsets[5] : streamed.offsets[6]])
 
 
 def test_sweep_rows(payload, ds):
@@ -169,7 +171,7 @@ def test_sweep_evict_row(payload, ds):
     of the stored layer, a keep bit per token, item ids and offsets; dropping tokens changes the scores."""
     from ckv_cli.codecs.bits import bits_for, packed_nbytes
     from ckv_cli.codecs.evict import kept_counts
-    from ckv_cli.kv.extract import teacher_cache_lengths
+    from ckv_cli.tasks.next_item import teacher_cache_lengths
 
     row = payload["rows"][1]
     lengths = teacher_cache_lengths(ds, MAX_LEN)
@@ -204,7 +206,7 @@ def test_sweep_outputs(payload, tmp_path):
     assert lines[3]["status"] == "refused" and lines[3]["NDCG@10_delta"] == ""
     assert [p.name for p in tmp_path.iterdir()] == ["s.csv"]  # no temporary left behind
     pytest.importorskip("matplotlib")
-    from ckv_cli.plots import plot_sweep
+    from ckv_cli.evaluate.plots import plot_sweep
 
     png = plot_sweep(payload["rows"], "test", tmp_path / "s.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""`ckv evaluate CTR_CHECKPOINT --sweep` (issue 6, ckv_cli/sweep_ctr.py) on ML-100k with small untrained SIM and SDIM
+"""`ckv evaluate CTR_CHECKPOINT --sweep` (issue 6, ckv_cli/evaluate/sweep.py) on ML-100k with small untrained SIM and SDIM
 models: rows sorted by bytes, refused rows, lossless rows exact, the reference computed once, the test-user
 subsample, CSV/JSON/PNG, and the command line."""
 from __future__ import annotations
@@ -10,19 +10,31 @@ import numpy as np
 import pytest
 import torch
 
-from ckv_cli.checkpoint import load_checkpoint, save_checkpoint
-from ckv_cli.compress_ctr import CTROptions, compress_ctr
-from ckv_cli.ctr import build_model
+from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
 from ckv_cli.data.ctr import SPLITS, load_ctr
 from ckv_cli.errors import CkvError
-from ckv_cli.sweep_ctr import (CSV_COLUMNS, DEFAULT_GRID, ctr_verdict_line, markdown_table, parse_ctr_sweep,
-                               run_ctr_sweep, sweep_users, write_ctr_csv)
+from ckv_cli.evaluate.sweep import GRIDS, csv_columns, markdown_table, parse_task_sweep, run_sweep, verdict_line, write_csv
+from ckv_cli.pipeline.compress import CompressOptions, compress
+from ckv_cli.tasks import CTR
+from ckv_cli.tasks.ctr import sweep_users
+from ckv_cli.train.ctr import build_model
 from conftest import cli_runner
 from test_cli import assert_one_line_error
 
 SMALL = {"d": 16, "d_attn": 32, "n_heads": 4, "top_k": 10, "max_len": 100}
 GRID = "collective:pool_size=16;plain:dtype=float16;eventid;itemid;lowrank:rank=0"  # itemid, rank 0: refused
 USERS = 60
+DEFAULT_GRID = GRIDS[CTR.name]
+CSV_COLUMNS = csv_columns({"task": CTR.name})
+
+
+def parse_ctr_sweep(spec):
+    return parse_task_sweep(spec, CTR)
+
+
+def CTROptions(**kw) -> CompressOptions:
+    """`CompressOptions` with the CTR defaults of `ckv compress` (a pool of 4096 per stream)."""
+    return CompressOptions(**{"params": {"pool_size": 4096, "user_dim": 0, "layout": "residual"}, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +65,7 @@ def sim(ckpts, data):
 @pytest.fixture(scope="module")
 def payload(sim):
     model, ds = sim
-    return run_ctr_sweep(model, ds, parse_ctr_sweep(GRID), calib_users=50, bootstrap=50, users=USERS)
+    return run_sweep(model, ds, parse_ctr_sweep(GRID), calib_users=50, bootstrap=50, users=USERS)
 
 
 def test_parse_ctr_spec():
@@ -81,7 +93,7 @@ def test_rows_sorted_refused_and_lossless(payload):
     assert by["eventid"]["max_abs_prob_change"] == 0.0
     assert by["eventid"]["bytes_per_token"] < by["collective:pool_size=16"]["bytes_per_token"] < by["plain:dtype=float16"]["bytes_per_token"]
     assert by["eventid"]["pareto"]  # the smallest row, lossless
-    assert "eventid" in ctr_verdict_line(payload) and "function of its event" in ctr_verdict_line(payload)
+    assert "eventid" in verdict_line(payload) and "function of its event" in verdict_line(payload)
     text = markdown_table(payload)
     assert "| `eventid` |" in text and "refused:" in text and "test samples of 60 of the" in text
 
@@ -96,29 +108,32 @@ def test_scope_and_shared_reference(payload, sim):
     assert payload["users"] == ds.seq.n_users and payload["teacher_seconds"] > 0
     # a single entry run the plain way on the same users gives the sweep's row (bytes over all users, same deltas)
     row = next(r for r in payload["rows"] if r["spec"] == "plain:dtype=float16")
-    ref: dict = {}
-    alone = compress_ctr(model, ds, CTROptions(codec="plain", params={"dtype": "float16"}, calib_users=50,
-                                               bootstrap=50), users=chosen, reference=ref)
-    assert alone["accounting"]["per_user_bytes"] == row["per_user_bytes"]
-    assert alone["metrics"]["delta"]["AUC"] == row["metrics"]["AUC"]["delta"]
-    assert alone["scope"]["users"] == USERS and len(ref["samples"]) == s["samples"]
-    again = compress_ctr(model, ds, CTROptions(codec="plain", params={"dtype": "float16"}, calib_users=50,
-                                               bootstrap=50), users=chosen, reference=ref)
-    assert again["metrics"]["delta"] == alone["metrics"]["delta"]
+    ref = CTR.teacher(model, ds, 256, users=chosen)  # the reference scores, computed once
+    alone = compress(model, ds, CTROptions(codec="plain", params={"dtype": "float16"}, calib_users=50,
+                                           bootstrap=50), teacher=ref)
+    assert alone.accounting["per_user_bytes"] == row["per_user_bytes"]
+    assert alone.metrics["delta"]["AUC"] == row["metrics"]["AUC"]["delta"]
+    assert ref.n_users == USERS and alone.metrics["samples"] == s["samples"]
+    again = compress(model, ds, CTROptions(codec="plain", params={"dtype": "float16"}, calib_users=50,
+                                           bootstrap=50), teacher=ref)
+    assert again.metrics["delta"] == alone.metrics["delta"]
+    streamed = compress(model, ds, CTROptions(codec="plain", params={"dtype": "float16"}, calib_users=50,
+                                              bootstrap=50), users=chosen)  # no teacher: references scored as it goes
+    assert streamed.metrics["delta"] == alone.metrics["delta"]
 
 
 def test_user_batches_do_not_change_scores(sim):
     """Scored users gathered in batches of 7 (never consecutive) give the scores of batches of 256."""
     model, ds = sim
     chosen = sweep_users(ds, 30, 3)
-    runs = [compress_ctr(model, ds, CTROptions(codec="int8", params={}, calib_users=50, bootstrap=0, batch_users=n),
-                         users=chosen, reference=ref) for n, ref in ((256, {}), (7, {}))]
-    assert runs[0]["metrics"]["delta"] == runs[1]["metrics"]["delta"]
-    assert runs[0]["metrics"]["samples"] == runs[1]["metrics"]["samples"] > 0
+    runs = [compress(model, ds, CTROptions(codec="int8", params={}, calib_users=50, bootstrap=0, batch_users=n),
+                     users=chosen) for n in (256, 7)]
+    assert runs[0].metrics["delta"] == runs[1].metrics["delta"]
+    assert runs[0].metrics["samples"] == runs[1].metrics["samples"] > 0
 
 
 def test_csv_json(payload, tmp_path):
-    write_ctr_csv(tmp_path / "s.csv", payload)
+    write_csv(tmp_path / "s.csv", payload)
     with open(tmp_path / "s.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == CSV_COLUMNS and len(rows) == len(payload["rows"])

@@ -1,14 +1,9 @@
 """Packing unsigned integers at a given bit width (indices at the narrowest width that holds the pool)."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-
-def bits_for(n_values: int) -> int:
-    """Narrowest width holding 0..n_values-1."""
-    return max(1, math.ceil(math.log2(max(n_values, 2))))
+from ckv_cli.spec import bits_for  # noqa: F401  (the narrowest width holding 0..n-1; re-exported)
 
 
 def packed_nbytes(count: int, bits: int) -> int:

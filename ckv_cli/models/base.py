@@ -13,9 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ckv_cli.spec import CacheSpec, FlatCache, Stream, TokenId, bits_for
 
 
 @dataclass
@@ -73,12 +76,73 @@ def merge(cached: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor, new_le
     return out * keep.to(out.dtype) if out.is_floating_point() else out * keep
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How a layer's attention reads its cached K/V: `kind` "softmax" (softmax(scale q.k + bias)) or "silu"
+    (silu(scale q.k + bias) / norm, no softmax), `heads`, `scale`, `norm`, and `bias`, a module called as
+    bias(q_pos, k_pos, q_ts, k_ts) -> (B, T, Lk) or None. Attention over the compressed form reads this."""
+
+    kind: str
+    heads: int
+    scale: float
+    norm: float | None = None
+    bias: object = None
+
+
+def stream_name(layer: int, kind: str) -> str:
+    """A next-item model's cached stream: layer `layer`'s keys ("k") or values ("v"), e.g. "L1.k"."""
+    return f"L{layer}.{kind}"
+
+
+def next_item_spec(n_items: int, n_layers: int, d_k: int, d_v: int, reads_time: bool) -> CacheSpec:
+    """What a next-item model caches per token: its item id (always: the ranking excludes the window's items, an
+    overflow re-prefills from them) and, for a model whose attention reads event times, its timestamp (int32
+    seconds); per layer K and V. The first layer's K/V are an exact function of (item, position): recomputable
+    from the item ids."""
+    ids = [TokenId("items", bits=bits_for(n_items + 1), required=True)]
+    if reads_time:
+        ids.append(TokenId("timestamps", dtype="int32", required=True))
+    streams = [Stream(stream_name(i, kind), d, kind, ("items",) if i == 0 else ())
+               for i in range(n_layers) for kind, d in (("k", d_k), ("v", d_v))]
+    return CacheSpec(tuple(ids), tuple(streams))
+
+
 class SequentialRecommender(nn.Module):
     """Base class of the next-item models: subclasses define `item_emb`, `pos_emb`, `drop` and `layers`, whose
-    layers implement `project(x) -> (q, k, v, extra)`, `attend(...)` and `finish(x, attended, extra)`."""
+    layers implement `project(x) -> (q, k, v, extra)`, `attend(...)`, `finish(x, attended, extra)` and
+    `attention_spec()` (how their attention reads a cache, for attention over the compressed form)."""
 
+    task = "next-item"
+    reads_time = False  # the attention reads event times (HSTU's time-gap bias): timestamps are cached too
     config: object
     layers: nn.ModuleList
+
+    # -- the cache this model declares (ckv_cli.spec) --------------------------------------------------------
+    def cache_spec(self) -> CacheSpec:
+        return next_item_spec(self.config.n_items, len(self.layers), *self.kv_dims, self.reads_time)
+
+    def recompute(self, names: list[str], ids: dict[str, np.ndarray], offsets: np.ndarray):
+        """(streams, side fields) of the tokens: the first layer's streams among `names` from the item ids and
+        positions (flat, (N, d) each); no side fields."""
+        lengths = np.diff(offsets)
+        B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
+        pos = torch.arange(L)[None, :].expand(B, L)
+        valid = pos < torch.from_numpy(lengths)[:, None]
+        padded = torch.zeros(B, L, dtype=torch.long)
+        padded[valid] = torch.from_numpy(np.asarray(ids["items"], np.int64))
+        k, v = item_layer_kv(self, padded, pos)
+        return {n: (k if n.endswith(".k") else v)[valid] for n in names}, {}
+
+    def flatten(self, cache: "KVCache") -> FlatCache:
+        return flatten(cache)
+
+    def first_layer_tables(self) -> dict | None:
+        """Tables that let the first layer be attended from item ids without building its K/V (SASRec's LayerNorm
+        fold, `ckv_cli.serve.next_item`), or None where the layer has no such form."""
+        return None
+
+    def unflatten(self, flat: FlatCache) -> "KVCache":
+        return unflatten(flat)
 
     def embed(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Item embedding scaled by sqrt(d) plus a learned position (counted from the window start)."""
@@ -175,6 +239,37 @@ def last_hidden(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """(B, T, d) hidden states -> (B, d) at each user's last valid position."""
     idx = (lengths - 1).clamp(min=0)
     return h[torch.arange(h.shape[0], device=h.device), idx]
+
+
+def flatten(cache: KVCache) -> FlatCache:
+    """A padded cache -> its tokens back to back (streams "L{i}.k"/"L{i}.v"; ids items, timestamps)."""
+    valid = cache.length_mask()  # (B, L): evicted tokens stay, with their mask
+    offsets = np.zeros(len(cache.lengths) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(cache.lengths.numpy())
+    streams = {}
+    for i in range(cache.n_layers):
+        streams[stream_name(i, "k")] = cache.keys[i][valid]
+        streams[stream_name(i, "v")] = cache.values[i][valid]
+    return FlatCache(offsets, streams, {"items": cache.items[valid].numpy(), "timestamps": cache.timestamps[valid].numpy()},
+                     keep=None if cache.keep is None else cache.keep[valid].numpy())
+
+
+def unflatten(flat: FlatCache) -> KVCache:
+    lengths = torch.from_numpy(np.diff(flat.offsets))
+    B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
+    valid = torch.arange(L)[None, :] < lengths[:, None]  # (B, L)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(B, L, *x.shape[1:], dtype=x.dtype)
+        out[valid] = x
+        return out
+
+    n_layers = sum(1 for n in flat.streams if n.endswith(".k"))
+    return KVCache([pad(flat.streams[stream_name(i, "k")]) for i in range(n_layers)],
+                   [pad(flat.streams[stream_name(i, "v")]) for i in range(n_layers)], lengths,
+                   pad(torch.from_numpy(np.asarray(flat.items, np.int64))),
+                   pad(torch.from_numpy(np.asarray(flat.timestamps, np.int64))),
+                   None if flat.keep is None else pad(torch.from_numpy(np.asarray(flat.keep, dtype=bool))))
 
 
 def item_layer_kv(model: SequentialRecommender, items: torch.Tensor, positions: torch.Tensor):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ckv_cli.models.target_attention import AttentionLongBranch, CTRConfig, top_k_tokens
+from ckv_cli.spec import Side
 
 
 @dataclass
@@ -33,6 +34,20 @@ class ETA(AttentionLongBranch):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         return (x.detach() @ self.planes) > 0  # (..., n_bits) bool
+
+    def side_fields(self):
+        return (Side("codes", self.config.n_bits, 1),)
+
+    def side_values(self, name, values):
+        return values.bool()
+
+    def derive_side(self, streams):
+        """The signatures of the least-squares token embedding behind the decoded long K and V:
+        x = pinv([W_k; W_v]) [K - b_k; V - b_v] (the compression error carries into the search)."""
+        W = torch.cat([self.long.k.weight, self.long.v.weight]).detach().double()  # (2 d_attn, d)
+        pinv = torch.linalg.pinv(W).float()  # (d, 2 d_attn): a millisecond, per batch
+        y = torch.cat([streams["long.k"] - self.long.k.bias, streams["long.v"] - self.long.v.bias], dim=1)
+        return {"codes": self.codes(y.detach() @ pinv.T)}
 
     def select(self, targets, target, items, valid, keys, codes):
         hamming = (codes != self.codes(target)[:, None, :]).sum(-1)  # (B, L)

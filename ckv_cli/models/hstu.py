@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ckv_cli.models.base import SequentialRecommender
+from ckv_cli.models.base import AttentionSpec, SequentialRecommender
 
 
 @dataclass
@@ -79,6 +79,9 @@ class HSTULayer(nn.Module):
         self.bias = RelativeBias(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def attention_spec(self) -> AttentionSpec:
+        return AttentionSpec("silu", self.h, 1.0, float(self.max_len), self.bias)
+
     def project(self, x):
         uvqk = F.silu(self.f1(self.ln_in(x)))  # (B, T, 2 d_v + 2 d_k)
         u, v, q, k = torch.split(uvqk, [self.d_v, self.d_v, self.d_k, self.d_k], dim=-1)
@@ -100,6 +103,7 @@ class HSTULayer(nn.Module):
 
 class HSTU(SequentialRecommender):
     arch = "hstu"
+    reads_time = True  # the time-gap bias: cached tokens keep their timestamps
 
     def __init__(self, cfg: HSTUConfig):
         super().__init__()

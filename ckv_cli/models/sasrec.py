@@ -5,13 +5,14 @@ generative-recommenders recipe for the output (cosine scores against the item ta
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ckv_cli.models.base import SequentialRecommender
+from ckv_cli.models.base import AttentionSpec, SequentialRecommender
 
 
 @dataclass
@@ -40,6 +41,9 @@ class SASRecLayer(nn.Module):
     def project(self, x):
         xn = self.ln1(x)
         return self.q(xn), self.k(xn), self.v(xn), None  # 3 x (B, T, d)
+
+    def attention_spec(self) -> AttentionSpec:
+        return AttentionSpec("softmax", self.h, 1.0 / math.sqrt(self.d_k // self.h))
 
     def heads(self, x):
         B, T, _ = x.shape
@@ -73,3 +77,29 @@ class SASRec(SequentialRecommender):
 
     def final(self, x):
         return self.ln_f(x)
+
+    @torch.no_grad()
+    def first_layer_tables(self) -> dict:
+        """The first layer over cached (item, position) tokens without its K/V: K_j = W_k LN(a_i + p_j) + b_k
+        (a = item embedding x sqrt(d), p = position embedding), so q . K_j = r_j (q~ . a_i + q~ . p_j - mu_j
+        sum(q~)) + q . c with q~ = (W_k diag(gamma))^T q and mu_j, r_j the token's LayerNorm mean and inverse
+        deviation, tabulated for every (item, position) pair from the norms and the item x position Gram matrix in
+        float64 (8 bytes a pair, shared like a pool). Values likewise (`ckv_cli.serve.next_item.ItemLayer`)."""
+        layer = self.layers[0]
+        d, H = self.config.d, layer.h
+        a = (self.item_emb.weight * math.sqrt(d)).detach().float().contiguous()  # what `embed` adds, in float32
+        p = self.pos_emb.weight.detach().float().contiguous()
+        a64, p64 = a.double(), p.double()
+        g, beta = layer.ln1.weight.detach(), layer.ln1.bias.detach()
+
+        def fold(lin):  # W diag(gamma) per head (H, dh, d) and the constant W beta + b per head (H, dh)
+            w = lin.weight.detach()
+            return (w * g[None, :]).view(H, -1, d).contiguous(), (w @ beta + lin.bias.detach()).view(H, -1)
+
+        ak, ck = fold(layer.k)
+        av, cv = fold(layer.v)
+        mu = a64.mean(1)[:, None] + p64.mean(1)[None, :]  # (n + 1, max_len)
+        ex2 = ((a64 * a64).sum(1)[:, None] + 2 * (a64 @ p64.T) + (p64 * p64).sum(1)[None, :]) / d
+        r = 1.0 / torch.sqrt((ex2 - mu * mu).clamp(min=0) + layer.ln1.eps)
+        return {"a": a, "p": p, "max_len": p.shape[0], "stats": torch.stack([mu, r], -1).float().view(-1, 2),
+                "ak": ak, "ck": ck, "av": av, "cv": cv}

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ckv_cli.models.eta import simhash_planes
 from ckv_cli.models.target_attention import BranchKV, CTRConfig, CTRModel
+from ckv_cli.spec import Side
 
 
 @dataclass
@@ -34,6 +35,21 @@ class SDIM(CTRModel):
 
     def long_width(self) -> int:
         return self.config.d
+
+    def long_streams(self):
+        return {"long.v": self.config.d}  # the token embeddings the branch sums; no keys
+
+    def long_token_streams(self, tokens):
+        return {"long.v": tokens}
+
+    def side_fields(self):
+        return (Side("codes", self.config.n_rounds, self.config.round_bits),)
+
+    def token_side(self, tokens):
+        return {"codes": self.signatures(tokens)}
+
+    def derive_side(self, streams):
+        return {"codes": self.signatures(streams["long.v"])}
 
     def signatures(self, x: torch.Tensor) -> torch.Tensor:
         bits = ((x.detach() @ self.planes) > 0).long()  # (..., rounds * bits)

@@ -21,6 +21,7 @@ class SIMConfig(CTRConfig):
 
 class SIM(AttentionLongBranch):
     arch = "sim"
+    reads_items = True  # the category search reads the history's item ids
 
     def select(self, targets, target, items, valid, keys, codes):
         g = self.emb.genres > 0  # (n_items + 1, n_genres)

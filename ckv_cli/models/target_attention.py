@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+import numpy as np
+
 from ckv_cli.data.ctr import N_GAPS, N_RATINGS, CTRBatch
+from ckv_cli.spec import CacheSpec, Side, Stream, TokenId, bits_for
+
+EVENT_IDS = ("items", "ratings", "gaps")  # what a history token's K/V are a function of
 
 
 @dataclass
@@ -144,10 +149,13 @@ def top_k_tokens(key: torch.Tensor, valid: torch.Tensor, k: int, recency_ties: b
 
 
 class CTRModel(nn.Module):
-    """Base class: subclasses set `long_dim` and implement `long_forward`, `long_prefill` and `long_score`."""
+    """Base class: subclasses implement `long_width`, `long_forward`, `long_prefill` and `long_score`, and declare
+    what their long branch caches per token (`long_streams`, `long_token_streams`, `side_fields`, `token_side`,
+    `derive_side`)."""
 
     task = "ctr"
     long_dim = 0
+    reads_items = False  # the long branch's search reads the history's item ids (SIM): they are cached too
     config: CTRConfig
 
     def __init__(self, cfg: CTRConfig):
@@ -166,6 +174,114 @@ class CTRModel(nn.Module):
 
     def long_width(self) -> int:
         return 0
+
+    # -- the cache this model declares (ckv_cli.spec) --------------------------------------------------------
+    def cache_spec(self) -> CacheSpec:
+        """Per history token (one per event of the user, in time order): the short window's K and V (every token:
+        a candidate at any time reads the `short_len` events before it), what the long branch caches, and the
+        event ids (item, rating bucket, gap bucket) every stream is an exact function of (NOTES §3)."""
+        cfg = self.config
+        ids = (TokenId("items", bits=bits_for(cfg.n_items + 1), required=self.reads_items),
+               TokenId("ratings", bits=bits_for(N_RATINGS)), TokenId("gaps", bits=bits_for(N_GAPS)))
+        streams = []
+        if self.short is not None:
+            streams += [Stream("short.k", cfg.d_attn, "k", EVENT_IDS), Stream("short.v", cfg.d_attn, "v", EVENT_IDS)]
+        streams += [Stream(n, d, n[-1], EVENT_IDS) for n, d in self.long_streams().items()]
+        return CacheSpec(ids, tuple(streams), self.side_fields())
+
+    def long_streams(self) -> dict[str, int]:
+        """The long branch's cached streams and widths."""
+        return {}
+
+    def long_token_streams(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def side_fields(self) -> tuple[Side, ...]:
+        return ()
+
+    def token_side(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Side fields (hash signatures) from the exact token embeddings (N, d)."""
+        return {}
+
+    def derive_side(self, streams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Side fields recomputed from decoded streams (what a cache that does not store them reads)."""
+        return {}
+
+    def side_values(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """Stored side values (N, count) int64 -> the form the model reads."""
+        return values
+
+    @torch.no_grad()
+    def token_streams(self, ids: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Every cached stream (N, d) and side field of tokens given by their event ids, as `prefill` computes
+        them (a token's K/V are a function of its event alone)."""
+        t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
+        tok = self.emb.tokens(t(ids["items"]), t(ids["ratings"]), t(ids["gaps"]))  # (N, d)
+        out = {}
+        if self.short is not None:
+            out["short.k"], out["short.v"] = self.short.kv(tok)
+        out.update(self.long_token_streams(tok))
+        return out, self.token_side(tok)
+
+    def recompute(self, names: list[str], ids: dict[str, np.ndarray], offsets: np.ndarray):
+        """(streams among `names`, side fields) of tokens from their event ids: exact."""
+        streams, side = self.token_streams(ids)
+        return {n: streams[n] for n in names}, side
+
+    # -- caches from per-token streams (decoded, or exact) ----------------------------------------------------
+    def history_cache(self, streams: dict[str, torch.Tensor], side: dict[str, torch.Tensor], items: np.ndarray,
+                      start: int, lengths: torch.Tensor) -> CTRCache:
+        """The caches of B samples of one user whose histories all start at token `start` of that user's tokens
+        (streams (N, d), side (N, n), items (N,)) and hold lengths[b] tokens each: the long branch reads a stride-0
+        (B, L, d) view of the user's tokens, the short branch each history's last `short_len` rows."""
+        B, L = len(lengths), int(lengths.max())
+        window = lambda x: x[start : start + L].unsqueeze(0).expand(B, *x[start : start + L].shape)  # noqa: E731
+        valid = torch.arange(L)[None, :] < lengths[:, None]
+        it = torch.from_numpy(np.asarray(items[start : start + L], np.int64)).expand(B, L)
+        codes = side.get("codes")
+        branches = {}
+        if "short.k" in streams:
+            idx, v = last_window(lengths, self.config.short_len)  # (B, w) positions in the history
+            rows = idx + start
+            branches["short"] = BranchKV(streams["short.k"][rows], streams["short.v"][rows], v.sum(1), positions=idx)
+        if "long.v" in streams:
+            branches["long"] = BranchKV(window(streams["long.k"]) if "long.k" in streams else None,
+                                        window(streams["long.v"]), lengths,
+                                        codes=window(codes) if codes is not None else None)
+        return CTRCache(branches, it * valid, lengths)
+
+    def user_caches(self, streams: dict[str, torch.Tensor], side: dict[str, torch.Tensor], items: np.ndarray | None,
+                    offsets: np.ndarray) -> CTRCache:
+        """A batch of users' caches "now" from their per-token streams at `offsets`: each user's last `max_len`
+        tokens right-padded, laid out as `prefill` lays out a history of those events. `items`: the tokens' item
+        ids, or None (zeros: only a search that reads items needs them)."""
+        from ckv_cli.spec import token_index
+
+        offsets = np.asarray(offsets, np.int64)
+        ends = offsets[1:]
+        starts = np.maximum(offsets[:-1], ends - self.config.max_len)
+        lengths_np = ends - starts
+        B, L = len(lengths_np), max(int(lengths_np.max()) if len(lengths_np) else 0, 1)
+        tok = torch.from_numpy(token_index(starts, lengths_np))
+        lengths = torch.from_numpy(lengths_np)
+        slots = (torch.arange(L)[None, :] < lengths[:, None]).view(-1).nonzero().squeeze(1)
+
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            x = x[tok]
+            return x.new_zeros(B * L, *x.shape[1:]).index_copy_(0, slots, x).view(B, L, *x.shape[1:])
+
+        codes = side.get("codes")
+        branches = {}
+        if "short.k" in streams:
+            idx, v = last_window(lengths, self.config.short_len)
+            branches["short"] = BranchKV(gather_tokens(pad(streams["short.k"]), idx),
+                                         gather_tokens(pad(streams["short.v"]), idx), v.sum(1), positions=idx)
+        if "long.v" in streams:
+            branches["long"] = BranchKV(pad(streams["long.k"]) if "long.k" in streams else None, pad(streams["long.v"]),
+                                        lengths, codes=pad(codes) if codes is not None else None)
+        it = (pad(torch.from_numpy(np.asarray(items, np.int64))) if items is not None
+              else torch.zeros(B, L, dtype=torch.long))
+        return CTRCache(branches, it, lengths)
 
     # -- the training path: no cache --------------------------------------------------------------------------
     def forward(self, b: CTRBatch) -> torch.Tensor:
@@ -233,6 +349,17 @@ class AttentionLongBranch(CTRModel):
 
     def long_width(self) -> int:
         return self.config.d
+
+    def long_streams(self) -> dict[str, int]:
+        return {"long.k": self.config.d_attn, "long.v": self.config.d_attn}
+
+    def long_token_streams(self, tokens):
+        k, v = self.long.kv(tokens)  # (N, d_attn) each: any token may be selected by some candidate
+        return {"long.k": k, "long.v": v}
+
+    def token_side(self, tokens):
+        codes = self.codes(tokens)
+        return {} if codes is None else {"codes": codes}
 
     def select(self, targets, target, items, valid, keys, codes) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) candidate ids, (B, d) their embeddings, (B, L) history items and validity, the branch's keys

@@ -1,0 +1,3 @@
+from ckv_cli.cli.app import main
+
+main()

@@ -1,0 +1,2 @@
+"""Evaluation against artifacts: compare with gates (`compare`), codec sweeps (`sweep`), inspection (`inspect`),
+figures (`plots`)."""

@@ -1,0 +1,1 @@
+"""Serving from artifacts: the store base (`store`), next-item and CTR stores, attention over the compressed form."""

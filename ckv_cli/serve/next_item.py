@@ -1,0 +1,512 @@
+"""Serving next-item models from an artifact: `CacheStore` reads a batch of users' caches, ranks next items or scores
+candidates from them (through attention over the compressed form where the model allows), and appends new events
+through the model and the codec (`ckv_cli.serve.store.Store` holds what every store shares).
+
+    from ckv_cli import CacheStore
+    store = CacheStore.open("sasrec.ckv.safetensors", "sasrec.safetensors")   # checkpoint path: sha256 checked
+    store.rank_next(["42", "7"], k=10)              # top 10 next items of two users, seen items excluded
+    store.score_items(["42"], [["Heat (1995)", "Fargo (1996)"]])   # scores of given candidates
+    store.append("42", ["Fargo (1996)"], [978300760])              # the cache follows the user
+    store.save("sasrec.ckv.v2.safetensors")                         # a new artifact with the appends merged
+
+Scoring. The hidden state of the next event comes from `extend` over the cache: with new events, they are
+appended (not stored: `append` stores); without, the last cached event is replayed (the cache minus its last
+token, extended by that token: hidden states are not cached). `attention="compressed"` (the default) attends
+over pooled streams in the compressed domain (`ckv_cli.serve.attention`: one product with the pool or a gather
+per token, K/V never built), how each layer reads its cache coming from the layer itself (`attention_spec()`),
+and over a first layer recomputed from item ids without building its K/V either where the model gives the tables
+for it (`model.first_layer_tables()`, SASRec's LayerNorm fold: `ItemLayer`); otherwise it is recomputed per
+token. `attention="decoded"` decodes the cache and runs the model's own `extend` (the reference; what
+`ckv_cli.tasks.next_item.scores_after_last_event` does). A batch whose new events would overflow a user's window
+(`max_len`) goes through the decoded path for those users (re-prefill from item ids, as `extend` does).
+
+Appending (`append`): the user's current cache is decoded, the new events are run through `model.extend` over it,
+and the new tokens' K/V are encoded by the plan (`Store._merge`). With no overflow the old tokens' fields stay as
+they are (token-local codecs) and the new tokens' fields are `plan.encode` of the new tokens' K/V as `model.extend`
+computes them over the decoded cache; with the first layer recomputed from item ids (the default) and two layers,
+those K/V equal the teacher's (a prefill of the extended history) to float tolerance. On overflow (cached + new >
+max_len) the window slides as in `extend`: the most recent `max_len` events are re-prefilled from their item ids
+and the user is re-encoded whole. A store is not safe to append to from several threads at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ckv_cli.codecs import CachePlan, CollectiveCodec, recomputed
+from ckv_cli.codecs.base import dequantize_per_user
+from ckv_cli.errors import CkvError
+from ckv_cli.models.base import KVCache, item_layer_kv, last_hidden
+from ckv_cli.serve.attention import (SCORES, SOFTMAX, VALUES, CompressedStream, choose_form, compressed_scores,
+                                     compressed_values, pool_and_basis)
+from ckv_cli.serve.store import Store
+from ckv_cli.tasks.next_item import mask_seen
+
+DECODED, COMPRESSED = "decoded", "compressed"
+
+
+@dataclass
+class Ranking:
+    """Top-k next items of a batch of users: item indices (B, k), their raw ids (from the checkpoint's item
+    vocabulary, None without one) and scores (B, k) (cosine; -inf where fewer than k items were rankable)."""
+
+    users: list[str]
+    items: np.ndarray
+    item_ids: list[list[str]] | None
+    scores: np.ndarray
+
+
+@dataclass
+class CompressedCache:
+    """A batch of users' caches as stored, right-padded to L tokens. Per layer, `keys[l]` / `values[l]` is a
+    `CompressedStream` (pool, indices, dequantised user part) for collective streams, a (B, L, d) tensor for
+    streams recomputed from item ids (None when fetched with `recompute_items=False`) or stored by
+    another codec (decoded)."""
+
+    keys: list
+    values: list
+    lengths: torch.Tensor  # (B,)
+    items: torch.Tensor  # (B, L) 0 = padding
+    timestamps: torch.Tensor  # (B, L)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return torch.arange(self.items.shape[1])[None, :] < self.lengths[:, None]  # (B, L)
+
+    def decode(self) -> KVCache:
+        """The materialised cache (needs the recomputed layers)."""
+        valid = self.valid[..., None]
+
+        def dense(x):
+            if x is None:
+                raise CkvError("this compressed cache was fetched without its item-id layers (recompute_items=False)")
+            out = x.decode() if isinstance(x, CompressedStream) else x
+            return out * valid.to(out.dtype)
+
+        return KVCache([dense(k) for k in self.keys], [dense(v) for v in self.values], self.lengths, self.items,
+                       self.timestamps)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    B, L, d = x.shape
+    return x.view(B, L, n_heads, d // n_heads).permute(2, 0, 1, 3)  # (H, B, L, dh)
+
+
+class ItemLayer:
+    """A first layer over cached tokens whose K/V are a function of (item, position), attended without building
+    K/V, from the tables the model gives (`model.first_layer_tables()`: SASRec's K_j = W_k LN(a_i + p_j) + b_k,
+    a = item embedding x sqrt(d), p = position embedding): scores and values go through the item table and the
+    position table as two pools. Exact up to float rounding: each (item, position)'s mu_j and r_j are tabulated
+    once per model."""
+
+    def __init__(self, tables: dict, model, items: torch.Tensor):
+        B, L = items.shape
+        pos = torch.arange(L)[None, :].clamp(max=model.config.max_len - 1).expand(B, L)
+        i64, p64 = items.long(), pos
+        stats = tables["stats"].index_select(0, (i64 * tables["max_len"] + p64).reshape(-1))  # (B*L, 2)
+        self.mu, self.r = stats[:, 0].view(B, L), stats[:, 1].view(B, L)
+        self.items = CompressedStream(tables["a"], i64)
+        self.pos = CompressedStream(tables["p"], p64.contiguous())
+        self.h = model.layers[0].attention_spec().heads
+        self.ak, self.ck, self.av, self.cv = tables["ak"], tables["ck"], tables["av"], tables["cv"]
+
+    def _fold(self, x: torch.Tensor) -> torch.Tensor:  # (H, B, T, ·) -> (1, B, H*T, ·): heads as more queries
+        H, B, T = x.shape[:3]
+        return x.permute(1, 0, 2, 3).reshape(1, B, H * T, x.shape[-1])
+
+    def _unfold(self, x: torch.Tensor, H: int) -> torch.Tensor:
+        _, B, HT, e = x.shape
+        return x.view(B, H, HT // H, e).permute(1, 0, 2, 3)
+
+    def scores(self, qh: torch.Tensor) -> torch.Tensor:
+        """Raw q . K_j (H, B, T, L) for head-split queries qh (H, B, T, dh)."""
+        H, B, T, _ = qh.shape
+        L = self.items.idx.shape[1]
+        qt = torch.einsum("hbtk,hkd->hbtd", qh, self.ak)  # (H, B, T, d)
+        qf = self._fold(qt)
+        s = sum(compressed_scores(qf, st, 1, choose_form(L, st.pool.shape[0], H * T, SCORES, "cpu", B))
+                for st in (self.items, self.pos))  # (1, B, H*T, L)
+        s = self._unfold(s, H)
+        c = torch.einsum("hbtk,hk->hbt", qh, self.ck)
+        return self.r[None, :, None, :] * (s - self.mu[None, :, None, :] * qt.sum(-1)[..., None]) + c[..., None]
+
+    def values(self, w: torch.Tensor) -> torch.Tensor:
+        """Weights (H, B, T, L) -> sum_j w_j V_j (H, B, T, dh)."""
+        H, B, T, L = w.shape
+        wr = w * self.r[None, :, None, :]
+        wf = self._fold(wr)
+        y = sum(compressed_values(wf, st, 1, choose_form(L, st.pool.shape[0], H * T, VALUES, "cpu", B))
+                for st in (self.items, self.pos))  # (1, B, H*T, d)
+        y = self._unfold(y, H) - (wr * self.mu[None, :, None, :]).sum(-1)[..., None]  # (H, B, T, d)
+        return torch.einsum("hbtd,hkd->hbtk", y, self.av) + self.cv[:, None, None, :] * w.sum(-1)[..., None]
+
+
+def _cached_scores(side, qh: torch.Tensor, n_heads: int) -> torch.Tensor:
+    if isinstance(side, ItemLayer):
+        return side.scores(qh)
+    if isinstance(side, CompressedStream):
+        H, B, T, _ = qh.shape
+        return compressed_scores(qh, side, n_heads, choose_form(side.idx.shape[1], side.pool.shape[0], T, SCORES,
+                                                                "cpu", B))
+    return qh @ _heads(side, n_heads).transpose(-1, -2)  # (H, B, T, L)
+
+
+def _cached_values(side, w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    if isinstance(side, ItemLayer):
+        return side.values(w)
+    if isinstance(side, CompressedStream):
+        H, B, T, _ = w.shape
+        return compressed_values(w, side, n_heads, choose_form(side.idx.shape[1], side.pool.shape[0], T, VALUES,
+                                                               "cpu", B))
+    return w @ _heads(side, n_heads)  # (H, B, T, dh)
+
+
+@torch.no_grad()
+def extend_compressed(model, cc: CompressedCache, items: torch.Tensor, timestamps: torch.Tensor,
+                      new_lengths: torch.Tensor, item_tables: dict | None = None) -> torch.Tensor:
+    """`model.extend` over a compressed cache, returning only the hidden states of the new events (B, T, d): the
+    cached side of each layer is attended in its stored form (`CompressedStream`: compressed domain; None for an
+    item-id layer: `ItemLayer` where the model gives its tables, recomputed K/V otherwise; tensors: dense), the new events' own keys
+    apart, so nothing is concatenated to the cache (a dense cache is read once, not copied). The caller makes
+    sure no user overflows its window."""
+    B, T = items.shape
+    t = torch.arange(T)[None, :]
+    new_valid = t < new_lengths[:, None]  # (B, T)
+    positions = cc.lengths[:, None] + t
+    Lc = cc.items.shape[1]
+    key_valid = torch.cat([cc.valid[:, None, :].expand(B, T, Lc),
+                           (t.T >= t)[None].expand(B, T, T) & new_valid[:, None, :]], dim=2)  # (B, T, Lc + T)
+    key_pos = torch.cat([torch.arange(Lc)[None].expand(B, Lc), positions], dim=1)
+    key_ts = torch.cat([cc.timestamps, timestamps], dim=1)
+    x = model.embed(items, positions)
+    d_k, d_v = model.kv_dims
+    for i, layer in enumerate(model.layers):
+        q, k, v, extra = layer.project(x)
+        spec = layer.attention_spec()
+        kind, H, scale, norm, bias = spec.kind, spec.heads, spec.scale, spec.norm, spec.bias
+        kc, vc = cc.keys[i], cc.values[i]
+        if Lc == 0:  # nothing cached: attend over the new events alone
+            kc, vc = k.new_zeros(B, 0, d_k), v.new_zeros(B, 0, d_v)
+        if kc is None or vc is None:  # an item-id layer, not recomputed yet
+            if kc is None and vc is None and i == 0 and kind == SOFTMAX and item_tables is not None:
+                kc = vc = ItemLayer(item_tables, model, cc.items)
+            else:
+                pos = torch.arange(Lc)[None].expand(B, Lc)
+                rk, rv = item_layer_kv(model, cc.items, pos)
+                kc, vc = (rk if kc is None else kc), (rv if vc is None else vc)
+        qh = _heads(q, H)  # (H, B, T, dh): cached keys and new keys scored apart, the cache never copied
+        s = torch.cat([_cached_scores(kc, qh, H), qh @ _heads(k, H).transpose(-1, -2)], dim=-1) * scale
+        if bias is not None:
+            s = s + bias(positions, key_pos, timestamps, key_ts)[None]  # (1, B, T, Lc + T)
+        if kind == SOFTMAX:
+            w = torch.softmax(s.masked_fill(~key_valid[None], float("-inf")), dim=-1).nan_to_num_()
+        else:
+            w = torch.nn.functional.silu(s) * key_valid[None].to(s.dtype) / norm
+        out = _cached_values(vc, w[..., :Lc], H) + w[..., Lc:] @ _heads(v, H)  # (H, B, T, dh)
+        a = out.permute(1, 2, 0, 3).reshape(B, T, -1)
+        x = layer.finish(x, a, extra)
+    return model.final(x)
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+
+def _select_cache(cache: KVCache, idx: torch.Tensor) -> KVCache:
+    return KVCache([k[idx] for k in cache.keys], [v[idx] for v in cache.values], cache.lengths[idx],
+                   cache.items[idx], cache.timestamps[idx])
+
+
+@torch.no_grad()
+def hidden_after(model, cache: KVCache, items: torch.Tensor | None = None, timestamps: torch.Tensor | None = None,
+                 new_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Hidden state (B, d) of each user's next-event query from a decoded cache: the last of its new events
+    appended through `model.extend`, or without new events the last cached event replayed. Users whose new
+    events overflow the window are extended apart from the others (`extend` re-prefills the whole batch it is
+    given when one user overflows)."""
+    if items is None:
+        cache, items, timestamps = rewind(cache)
+        new_lengths = torch.ones(len(items), dtype=torch.long)
+    if new_lengths is None:
+        new_lengths = torch.full((items.shape[0],), items.shape[1], dtype=torch.long)
+    over = cache.lengths + new_lengths > model.config.max_len
+    if over.any() and not over.all():
+        out = None
+        for part in (over.nonzero().squeeze(1), (~over).nonzero().squeeze(1)):
+            h = hidden_after(model, _select_cache(cache, part), items[part], timestamps[part], new_lengths[part])
+            out = h.new_empty(len(over), h.shape[1]) if out is None else out
+            out[part] = h
+        return out
+    _, h = model.extend(cache, items, timestamps, new_lengths)
+    return last_hidden(h, new_lengths)
+
+
+@torch.no_grad()
+def replay_hidden(model, cache, item_tables: dict | None = None) -> torch.Tensor:
+    """Hidden state (B, d) of each user's next-event query, the last cached event replayed, by
+    `extend_compressed` over a `CompressedCache` or a decoded `KVCache` (attended in place, not copied)."""
+    if isinstance(cache, KVCache):
+        cache = CompressedCache(list(cache.keys), list(cache.values), cache.lengths, cache.items, cache.timestamps)
+    cc, items, ts = rewind(cache)
+    ones = torch.ones(len(items), dtype=torch.long)
+    return last_hidden(extend_compressed(model, cc, items, ts, ones, item_tables), ones)
+
+
+def rewind(cache):
+    """A cache (KVCache or CompressedCache) without each user's last token, and that token's item and timestamp
+    (B, 1): extending the one by the other replays the last cached event."""
+    if len(cache.lengths) and int(cache.lengths.min()) < 1:
+        raise CkvError("a user has no cached event and no new events: nothing to score from")
+    last = (cache.lengths - 1).clamp(min=0)[:, None]
+    items, ts = cache.items.gather(1, last), cache.timestamps.gather(1, last)
+    if isinstance(cache, KVCache):
+        return KVCache(cache.keys, cache.values, cache.lengths - 1, cache.items, cache.timestamps), items, ts
+    return CompressedCache(cache.keys, cache.values, cache.lengths - 1, cache.items, cache.timestamps), items, ts
+
+
+def score_candidates(model, h: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Next-item scores (B, C) of candidate items (B, C) from hidden states (B, d): the columns of
+    `model.score_all` without scoring every item."""
+    table = model.item_table()  # (n_items + 1, d)
+    s = torch.einsum("bd,bcd->bc", model.output(h), table[candidates])
+    return s.masked_fill(candidates == 0, float("-inf"))
+
+
+class CacheStore(Store):
+    """Next-item users' caches served from an artifact on disk (module docstring). Open with `CacheStore.open`."""
+
+    task = "next-item"
+
+    def __init__(self, artifact, model, item_vocab, user_vocab=None):
+        super().__init__(artifact, model, item_vocab, user_vocab)
+        self._item_tables = None
+        self._pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _check_model(artifact, model) -> None:
+        Store._check_model(artifact, model)
+        longest = int(np.diff(artifact.offsets).max()) if artifact.n_users else 0
+        if longest > model.config.max_len:
+            raise CkvError(f"{artifact.path}: a user has {longest} cached tokens, the model's window is "
+                           f"{model.config.max_len}")
+
+    def fetch(self, user_ids) -> KVCache:
+        """Decoded caches of a batch of users (raw ids), right-padded, as the model's `extend` takes them."""
+        return self.model.unflatten(self.fetch_flat(user_ids))
+
+    @torch.no_grad()
+    def fetch_compressed(self, user_ids, recompute_items: bool = True) -> CompressedCache:
+        """A batch of users' caches in stored form (`CompressedCache`): collective streams as `CompressedStream`s
+        (for `ckv_cli.serve.attention.compressed_attention`), the item-id layers recomputed (None with
+        `recompute_items=False`), other codecs' streams decoded."""
+        return self._compressed(*self._read(self.index(user_ids)), recompute_items)
+
+    def _compressed(self, fields, offsets, recompute_items: bool) -> CompressedCache:
+        lengths = torch.from_numpy(np.diff(offsets))
+        B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
+        slots = (torch.arange(L)[None, :] < lengths[:, None]).view(-1).nonzero().squeeze(1)  # real tokens in (B*L)
+
+        def pad(flat) -> torch.Tensor:  # (N, ...) -> (B, L, ...), zero padding
+            x = flat if isinstance(flat, torch.Tensor) else torch.from_numpy(np.asarray(flat, np.int64))
+            return x.new_zeros(B * L, *x.shape[1:]).index_copy_(0, slots, x).view(B, L, *x.shape[1:])
+
+        items = pad(fields["tokens/items"])
+        ts = pad(fields["tokens/timestamps"]) if self.plan.timestamps else torch.zeros(B, L, dtype=torch.long)
+        rec = None
+        keys, values = [], []
+        for layer in range(self.plan.n_layers):
+            for kind, dest in (("k", keys), ("v", values)):
+                name = CachePlan.key(layer, kind)
+                codec = self.plan.streams[name]
+                if recomputed(codec):
+                    if recompute_items and rec is None:
+                        rec = item_layer_kv(self.model, items, torch.arange(L)[None].expand(B, L))
+                    dest.append(rec[0 if kind == "k" else 1] if recompute_items else None)
+                elif isinstance(codec, CollectiveCodec):
+                    if name not in self._pools:  # the residual form of the pool (folds `concat` once)
+                        self._pools[name] = pool_and_basis(codec)
+                    pool, basis = self._pools[name]
+                    user = None
+                    if codec.user_dim:
+                        u = (dequantize_per_user(fields[f"{name}/user"], fields[f"{name}/scale"], offsets)
+                             if codec.user_dtype == "int8" else torch.from_numpy(fields[f"{name}/user"].astype(np.float32)))
+                        user = pad(u)
+                    dest.append(CompressedStream(pool, pad(fields[f"{name}/idx"]), user, basis))
+                else:
+                    sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
+                    kw = {"items": np.asarray(fields["tokens/items"], np.int64)} if codec.needs_items else {}
+                    dest.append(pad(codec.decode(sub, offsets, **kw).float()))
+        return CompressedCache(keys, values, lengths, items, ts)
+
+    # -- scoring ----------------------------------------------------------------------------------------
+    def _new_events(self, n_users: int, new_items, new_timestamps):
+        """Per-user new events -> (items (B, T), timestamps (B, T), lengths (B,)), or Nones."""
+        if new_items is None:
+            if new_timestamps is not None:
+                raise CkvError("timestamps were given without new items")
+            return None, None, None
+        if len(new_items) != n_users:
+            raise CkvError(f"new items are given for {len(new_items)} users, the batch has {n_users}")
+        if new_timestamps is None:
+            if self.plan.timestamps:
+                raise CkvError("this model's attention reads event times: give the new events' timestamps")
+            new_timestamps = [np.zeros(len(x), np.int64) for x in new_items]
+        if len(new_timestamps) != n_users:
+            raise CkvError(f"new timestamps are given for {len(new_timestamps)} users, the batch has {n_users}")
+        idx = [self.item_index(x) for x in new_items]
+        ts = [self._timestamps(t, len(i)) for t, i in zip(new_timestamps, idx)]
+        lengths = torch.tensor([len(i) for i in idx], dtype=torch.long)
+        if n_users and int(lengths.min()) < 1:
+            raise CkvError("every user needs at least one new event (pass new_items=None to score from the cache)")
+        T = int(lengths.max()) if n_users else 0
+        items, times = torch.zeros(n_users, T, dtype=torch.long), torch.zeros(n_users, T, dtype=torch.long)
+        for b, (i, t) in enumerate(zip(idx, ts)):
+            items[b, : len(i)], times[b, : len(t)] = torch.from_numpy(i), torch.from_numpy(t)
+        return items, times, lengths
+
+    @staticmethod
+    def _timestamps(ts, n: int) -> np.ndarray:
+        arr = np.asarray(ts)
+        if arr.shape != (n,) or (n and arr.dtype.kind not in "iu"):
+            raise CkvError(f"expected {n} integer timestamps (seconds), got {arr.tolist()!r}"[:200])
+        if n and (int(arr.min()) < -(2**31) or int(arr.max()) >= 2**31):
+            raise CkvError("timestamps must fit in int32 (seconds)")
+        return arr.astype(np.int64)
+
+    @torch.no_grad()
+    def _hidden(self, users: np.ndarray, new_items, new_timestamps, attention: str):
+        """(hidden states (B, d), items each user's ranking excludes (B, L')) for the next event."""
+        if attention not in (COMPRESSED, DECODED):
+            raise CkvError(f"attention must be '{COMPRESSED}' or '{DECODED}', got {attention!r}")
+        items, ts, new_lengths = self._new_events(len(users), new_items, new_timestamps)
+        fields, offsets = self._read(users)
+        if attention == DECODED:
+            cache = self.model.unflatten(self._decode(fields, offsets))
+            h = hidden_after(self.model, cache, items, ts, new_lengths)
+            seen = cache.items
+        else:
+            cc = self._compressed(fields, offsets, recompute_items=False)
+            seen = cc.items
+            if items is None:
+                cc, items, ts = rewind(cc)
+                new_lengths = torch.ones(len(users), dtype=torch.long)
+            over = cc.lengths + new_lengths > self.model.config.max_len
+            h = torch.empty(len(users), self.model.config.d)
+            ok = (~over).nonzero().squeeze(1)
+            if len(ok):
+                sub = cc if len(ok) == len(users) else _select_compressed(cc, ok)
+                hh = extend_compressed(self.model, sub, items[ok], ts[ok], new_lengths[ok], self._tables())
+                h[ok] = last_hidden(hh, new_lengths[ok])
+            if over.any():  # the window slides: re-prefill from item ids (the decoded path does it)
+                part = over.nonzero().squeeze(1)
+                cache = self.model.unflatten(self._decode(*self._read(users[part.numpy()])))
+                h[part] = hidden_after(self.model, cache, items[part], ts[part], new_lengths[part])
+        if items is not None:
+            seen = torch.cat([seen, items], dim=1)
+        return h, seen
+
+    def _tables(self):
+        if not all(recomputed(self.plan.streams[CachePlan.key(0, k)]) for k in "kv"):
+            return None
+        if self._item_tables is None:
+            with torch.no_grad():
+                self._item_tables = self.model.first_layer_tables() or False
+        return self._item_tables or None
+
+    def rank_next(self, user_ids, new_items=None, new_timestamps=None, k: int = 10, exclude_seen: bool = True,
+                  attention: str = COMPRESSED) -> Ranking:
+        """Top-k next items of each user from its cache (module docstring): `new_items` (one sequence per user,
+        raw ids or indices, with `new_timestamps` for models that read event times) are appended first, without
+        being stored. Items of the user's window (cached and new) are excluded as in `ckv_cli.evaluate`
+        (`exclude_seen=False` ranks them too)."""
+        users = self.index(user_ids)
+        n = self.plan.n_items
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+            raise CkvError(f"k must be an integer in 1..{n}, got {k!r}")
+        if len(users) == 0:
+            empty = np.zeros((0, int(k)))
+            return Ranking([], empty.astype(np.int64), self.item_ids_of(empty), empty.astype(np.float32))
+        h, seen = self._hidden(users, new_items, new_timestamps, attention)
+        with torch.no_grad():
+            scores = self.model.score_all(h)
+            if exclude_seen:
+                scores = mask_seen(scores, seen)
+            top = scores.topk(int(k), dim=1)
+        idx = top.indices.numpy()
+        return Ranking([self._user_ids[u] for u in users], idx, self.item_ids_of(idx), top.values.numpy())
+
+    def score_items(self, user_ids, candidate_items, new_items=None, new_timestamps=None,
+                    attention: str = COMPRESSED) -> np.ndarray:
+        """Next-item scores (B, C) of candidate items: one list per user (B lists of C), or one list for all.
+        Candidates are raw ids or indices and are scored even if seen. (CTR artifacts:
+        `ckv_cli.store_ctr.CTRStore.score`.)"""
+        users = self.index(user_ids)
+        per_user = (candidate_items.ndim == 2 if isinstance(candidate_items, (np.ndarray, torch.Tensor))
+                    else len(candidate_items) > 0 and not isinstance(candidate_items[0], (str, int, np.integer)))
+        if per_user:
+            rows = [self.item_index(c) for c in candidate_items] if isinstance(candidate_items, list) else None
+            if rows is not None and len({len(r) for r in rows}) > 1:
+                raise CkvError("candidate_items: give one list of the same length per user, or one list for all")
+            cand = self.item_index(candidate_items) if rows is None else np.stack(rows)
+            if len(cand) != len(users):
+                raise CkvError(f"candidate_items has {len(cand)} rows, the batch has {len(users)} users")
+            cand = torch.from_numpy(cand.reshape(len(users), -1))
+        else:
+            cand = torch.from_numpy(self.item_index(candidate_items))[None].expand(len(users), -1)
+        if len(users) == 0:
+            return np.zeros((0, cand.shape[1]), np.float32)
+        h, _ = self._hidden(users, new_items, new_timestamps, attention)
+        with torch.no_grad():
+            return score_candidates(self.model, h, cand).numpy()
+
+    # -- appending ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def append(self, user_id: str, items, timestamps=None, create: bool = False) -> None:
+        """Append a user's new events (raw item ids or indices, timestamps in seconds) through the model and the
+        codec (module docstring for the exact contract). An unknown user is an error unless `create`, which
+        starts the user from an empty cache."""
+        uid = str(user_id)
+        if isinstance(items, str):
+            items = [items]
+        if uid not in self._lookup:
+            if not create:
+                raise CkvError(f"user '{uid}' is not in {self.artifact.path} (create=True adds a new user)")
+            u = None
+        else:
+            u = self._lookup[uid]
+        new_items, new_ts, _ = self._new_events(1, [items], None if timestamps is None else [timestamps])
+        if u is None:
+            cache = self.model.empty_cache(1)
+            old, old_off = None, np.array([0, 0])
+        else:
+            old, old_off = self._read(np.array([u]))
+            cache = self.model.unflatten(self._decode(old, old_off))
+        n_old, T = int(cache.lengths[0]), new_items.shape[1]
+        new_cache, _ = self.model.extend(cache, new_items, new_ts)
+        flat = self.model.flatten(new_cache)
+        if old is None or n_old + T > self.model.config.max_len:
+            record = self._encode(flat)  # new user, or the window slid: the whole (re-prefilled) user
+        else:
+            n = flat.n_tokens
+            record = self._merge(old, flat.rows(np.arange(n_old, n), np.array([0, n - n_old])), lambda: flat)
+        self._put(uid, u, record)
+
+
+def _select_compressed(cc: CompressedCache, idx: torch.Tensor) -> CompressedCache:
+    def sel(x):
+        if x is None:
+            return None
+        if isinstance(x, CompressedStream):
+            return CompressedStream(x.pool, x.idx[idx], None if x.user is None else x.user[idx], x.basis)
+        return x[idx]
+
+    return CompressedCache([sel(k) for k in cc.keys], [sel(v) for v in cc.values], cc.lengths[idx], cc.items[idx],
+                           cc.timestamps[idx])
+
+
+__all__ = ["CacheStore", "CompressedCache", "ItemLayer", "Ranking", "extend_compressed", "hidden_after", "replay_hidden",
+           "rewind", "score_candidates"]

@@ -1,0 +1,348 @@
+"""What every store shares: an artifact (one file or a sharded one) opened for a model, users found by raw id,
+items by raw id or index, a batch of users' stored fields read with one gather per field, decoded through the
+plan, appends kept in an in-memory overlay (the file on disk is never changed), and `save` into a new artifact.
+
+Subclasses add the task's scoring: `ckv_cli.serve.next_item.CacheStore` (`rank_next`, `score_items`) and
+`ckv_cli.serve.ctr.CTRStore` (`score`). Both `append` new events through the model and the plan: `_merge` keeps
+the old tokens' fields bit for bit for token-local codecs (plain, bf16, lowrank, pq, collective without user
+dims: the router picks each new token's pool entry), which is exactly what `ckv compress` of the extended log
+stores for them; collective's int8 user part keeps the user's scale when the new values fit under it (else the
+user's part is requantised); other per-user or per-group codecs (KIVI keys per channel) re-encode the user's
+whole stream from the decoded old vectors and the new ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ckv_cli.artifact.reader import Artifact, user_indices
+from ckv_cli.codecs import CollectiveCodec
+from ckv_cli.codecs.base import quantize_per_user
+from ckv_cli.codecs.plan import _items, pack_side
+from ckv_cli.errors import CkvError
+from ckv_cli.spec import FlatCache, token_index
+
+WRITTEN_BY_WRITER = ("format", "format_version", "plan", "fields", "ckv_version", "checksums")
+
+
+class Store:
+    """Users' caches served from an artifact on disk (module docstring). Open with `open`."""
+
+    task = ""  # the task of the models this store serves
+
+    def __init__(self, artifact: Artifact, model, item_vocab: list[str] | None, user_vocab: list[str] | None = None):
+        self.artifact, self.model, self.plan = artifact, model.eval(), artifact.plan
+        self.item_vocab, self._item_lookup = item_vocab, None
+        self._user_rows = {str(u): i + 1 for i, u in enumerate(user_vocab or [])}
+        self._user_ids = list(artifact.user_ids)
+        self._lookup = {u: i for i, u in enumerate(self._user_ids)}
+        self._overlay: dict[int, dict[str, np.ndarray]] = {}  # user index -> every field of that user
+
+    # -- opening ----------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, model, checkpoint: str | Path | None = None,
+             item_vocab: Sequence[str] | None = None):
+        """Open an artifact for the given model: a model object (then `checkpoint`, the file it was loaded from,
+        is hashed and checked against the artifact's `checkpoint_sha256` when given, and its vocabularies used),
+        or a checkpoint path (loaded and checked the same way). `path` is one artifact file or the index of a
+        sharded one (a `.json` path). Refuses, with a CkvError, an artifact whose plan does not fit the model."""
+        from ckv_cli.artifact.sharded import open_artifact
+        from ckv_cli.io.files import sha256_file
+        from ckv_cli.models.checkpoint import load_checkpoint, read_metadata
+
+        meta = None
+        if isinstance(model, (str, Path)):
+            checkpoint = Path(model)
+            model, meta = load_checkpoint(checkpoint)
+        elif checkpoint is not None:
+            meta = read_metadata(checkpoint)
+            for key in ("item_vocab", "user_vocab"):
+                if key in meta:
+                    try:
+                        meta[key] = json.loads(meta[key])
+                    except (ValueError, RecursionError):
+                        raise CkvError(f"{checkpoint}: corrupted checkpoint metadata: '{key}' is not valid JSON") from None
+            check_weights(model, checkpoint)
+        cls._check_task(model)
+        model.eval()
+        if next(model.parameters()).device.type != "cpu":
+            raise CkvError("the store runs on the CPU: pass the model moved there (model.cpu())")
+        artifact = open_artifact(path)
+        try:
+            cls._check_model(artifact, model)
+            check_student(artifact, model)
+            if checkpoint is not None:
+                try:
+                    digest = sha256_file(Path(checkpoint))
+                except OSError as e:
+                    raise CkvError(f"cannot read {checkpoint}: {e.strerror or e}") from None
+                artifact.check_source(digest)
+            vocab = list(item_vocab) if item_vocab is not None else (meta or {}).get("item_vocab")
+            if vocab is not None and len(vocab) != model.config.n_items + 1:
+                raise CkvError(f"the item vocabulary has {len(vocab):,} entries, the model has "
+                               f"{model.config.n_items:,} items (+ 1 for padding)")
+        except BaseException:
+            artifact.close()
+            raise
+        return cls(artifact, model, [str(v) for v in vocab] if vocab is not None else None,
+                   (meta or {}).get("user_vocab"))
+
+    @classmethod
+    def _check_task(cls, model) -> None:
+        if getattr(model, "task", None) != cls.task:
+            raise CkvError(f"{cls.__name__} serves {cls.task} models; this is a {getattr(model, 'task', '?')} model")
+
+    @staticmethod
+    def _check_model(artifact: Artifact, model) -> None:
+        arch = artifact.meta.get("arch")
+        if arch is not None and arch != getattr(model, "arch", None):
+            raise CkvError(f"{artifact.path}: made from a {arch} checkpoint, the model is {getattr(model, 'arch', '?')}")
+        artifact.check_model(model)
+
+    def close(self) -> None:
+        self.artifact.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- users and items ----------------------------------------------------------------------------------
+    @property
+    def user_ids(self) -> list[str]:
+        """Raw ids of every user (the file's, then those created by `append`)."""
+        return list(self._user_ids)
+
+    def users(self) -> list[str]:
+        """`user_ids` (kept for callers of the CTR store's first API)."""
+        return self.user_ids
+
+    def __len__(self) -> int:
+        return len(self._user_ids)
+
+    def __contains__(self, user_id) -> bool:
+        return str(user_id) in self._lookup
+
+    @property
+    def appended_users(self) -> list[str]:
+        """Users whose cache differs from the file (appended to since opening)."""
+        return [self._user_ids[u] for u in sorted(self._overlay)]
+
+    def index(self, user_ids) -> np.ndarray:
+        """Raw user ids (a string or a sequence of them) -> user indices; CkvError naming an unknown user."""
+        return user_indices(self._lookup, user_ids, self.artifact.path)
+
+    def item_index(self, items) -> np.ndarray:
+        """Items -> indices 1..n_items (same shape; one id gives shape (1,)): strings are raw ids looked up in the
+        checkpoint's vocabulary, integers are taken as indices. CkvError naming an unknown or out-of-range item."""
+        if isinstance(items, torch.Tensor):
+            items = items.cpu().numpy()
+        if isinstance(items, (str, int, np.integer)):
+            items = [items]
+        n = self.plan.n_items
+        arr = np.asarray(items, dtype=object)
+        has_str = any(isinstance(x, str) for x in arr.ravel())
+        if not has_str:
+            arr = np.asarray(items)
+            if arr.size and arr.dtype.kind not in "iu":
+                raise CkvError(f"items must be raw item ids (strings) or item indices (integers), got {arr.dtype}")
+            arr = arr.astype(np.int64)
+            if arr.size and (int(arr.min()) < 1 or int(arr.max()) > n):
+                raise CkvError(f"item index {int(arr[(arr < 1) | (arr > n)].ravel()[0])} is not in 1..{n}")
+            return arr
+        if self.item_vocab is None:
+            raise CkvError("raw item ids need the checkpoint's item vocabulary: open the store with a checkpoint "
+                           "path or item_vocab, or pass item indices")
+        if self._item_lookup is None:
+            self._item_lookup = {str(v): i for i, v in enumerate(self.item_vocab) if i > 0}
+        out = np.empty(arr.shape, np.int64)
+        for pos, x in np.ndenumerate(arr):
+            if not isinstance(x, str) or x not in self._item_lookup:
+                raise CkvError(f"item {x!r} is not in the checkpoint's item vocabulary")
+            out[pos] = self._item_lookup[x]
+        return out
+
+    def item_ids_of(self, indices: np.ndarray) -> list[list[str]] | None:
+        if self.item_vocab is None:
+            return None
+        return [[self.item_vocab[int(i)] for i in row] for row in np.atleast_2d(indices)]
+
+    def user_rows(self, users: np.ndarray) -> torch.Tensor:
+        """The model's user-embedding row of each user (0 = a user the checkpoint never saw; models that embed
+        users)."""
+        return torch.tensor([self._user_rows.get(self._user_ids[u], 0) for u in users], dtype=torch.long)
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def read(self, user_ids) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The stored fields of a batch of users (token fields concatenated in the order given, per-user fields
+        one row per user; bit-packed fields unpacked to int64) and their offsets (B + 1,): appends included."""
+        return self._read(self.index(user_ids))
+
+    def _read(self, users: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        users = np.asarray(users, np.int64)
+        mine = np.fromiter((int(u) in self._overlay for u in users), bool, len(users)) if self._overlay else None
+        if mine is None or not mine.any():
+            return self.artifact.read_fields(users)
+        disk, disk_off = self.artifact.read_fields(users[~mine])
+        recs = [self._overlay[int(u)] for u in users[mine]]
+        lengths = np.concatenate([np.diff(disk_off), [self._n_tokens(r) for r in recs]]).astype(np.int64)
+        joined = {k: np.concatenate([disk[k]] + [r[k] for r in recs]) for k in disk}
+        order = np.empty(len(users), np.int64)  # requested position -> position in [disk users, overlay users]
+        order[np.flatnonzero(~mine)] = np.arange(int((~mine).sum()))
+        order[np.flatnonzero(mine)] = int((~mine).sum()) + np.arange(len(recs))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[order]
+        tok = token_index(starts, lengths[order])
+        fields = {k: (v[order] if self.artifact.fields[k]["per"] == "user" else v[tok]) for k, v in joined.items()}
+        return fields, np.concatenate([[0], np.cumsum(lengths[order])]).astype(np.int64)
+
+    def _n_tokens(self, record: dict[str, np.ndarray]) -> int:
+        name = next(n for n, fm in self.artifact.fields.items() if fm["per"] == "token")
+        return len(record[name])
+
+    @torch.no_grad()
+    def fetch_flat(self, user_ids) -> FlatCache:
+        """Decoded caches of a batch of users (raw ids), flat (`ckv_cli.spec.FlatCache`)."""
+        return self._decode(*self.read(user_ids))
+
+    def _decode(self, fields, offsets) -> FlatCache:
+        return self.artifact.decode_fields(fields, offsets, self.model)
+
+    # -- appending ----------------------------------------------------------------------------------------
+    def _as_stored(self, name: str, v) -> np.ndarray:
+        """A freshly encoded field in the dtype and shape a read returns (packed fields as int64)."""
+        fm = self.artifact.fields[name]
+        v = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        if fm["bits"]:
+            return v.astype(np.int64).reshape(-1)
+        v = v.astype(fm["dtype"])
+        return v.reshape(-1) if name.startswith("tokens/") else v.reshape(len(v), fm["width"])
+
+    def _encode(self, flat: FlatCache) -> dict[str, np.ndarray]:
+        """A whole user's record."""
+        return {k: self._as_stored(k, v) for k, v in self.plan.encode(flat).items()}
+
+    def _merge(self, old: dict[str, np.ndarray], new: FlatCache, whole) -> dict[str, np.ndarray]:
+        """The user's record `old` with the tokens `new` (exact streams, ids, side) appended (module docstring);
+        `whole()` gives the user's decoded old tokens and the new ones as one flat cache, for codecs that re-encode
+        the whole user."""
+        out = {}
+        for t in self.plan.ids:
+            name = f"tokens/{t.name}"
+            out[name] = np.concatenate([old[name], self._as_stored(name, self.plan.encode_ids(new)[name])])
+        if self.plan.side_stored:
+            for s in self.plan.side:
+                name = f"tokens/{s.name}"
+                out[name] = np.concatenate([old[name], self._as_stored(name, pack_side(new.side[s.name], s.bits))])
+        cache = None
+        for name, codec in self.plan.coded().items():
+            names = [f"{name}/{f.name}" for f in codec.fields()]
+            if not any(f.per == "user" for f in codec.fields()) and getattr(codec, "axis", "token") != "channel":
+                enc = codec.encode(new.stream(name), new.offsets, **_items(codec, new.items))  # token-local
+                for n_ in names:
+                    out[n_] = np.concatenate([old[n_], self._as_stored(n_, enc[n_.split("/", 1)[1]])])
+            elif isinstance(codec, CollectiveCodec) and codec.user_dtype == "int8":
+                out.update(self._merge_int8(name, codec, old, new.stream(name)))
+            else:  # per-user state: re-encode the user's stream from the decoded old vectors and the new ones
+                cache = whole() if cache is None else cache
+                enc = codec.encode(cache.stream(name), cache.offsets, **_items(codec, cache.items))
+                out.update({n_: self._as_stored(n_, enc[n_.split("/", 1)[1]]) for n_ in names})
+        return out
+
+    def _merge_int8(self, name: str, codec: CollectiveCodec, old: dict, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """Collective with an int8 user part: new indices from the router; the new user values at the user's
+        stored scale when they fit under it (old tokens unchanged), else the user's part requantised."""
+        z = codec._coords(x)
+        if codec.layout == "concat":
+            idx = codec._route(z[:, codec.pool_coords])
+            u = z[:, codec.user_coords]
+        else:
+            idx = codec._route(z)
+            u = (z - codec.pool[idx]) @ codec.basis  # (T, r)
+        scale = old[f"{name}/scale"].astype(np.float32)  # (1, 1)
+        q = torch.round(u / float(scale[0, 0]))
+        if float(q.abs().max()) <= 127:
+            user, new_scale = np.concatenate([old[f"{name}/user"], q.to(torch.int8).numpy()]), old[f"{name}/scale"]
+        else:
+            u_all = torch.cat([torch.from_numpy(old[f"{name}/user"].astype(np.float32) * scale[0, 0]), u])
+            user, new_scale = quantize_per_user(u_all, np.array([0, len(u_all)]))
+        return {f"{name}/idx": np.concatenate([old[f"{name}/idx"], idx.numpy().astype(np.int64)]),
+                f"{name}/user": user, f"{name}/scale": np.asarray(new_scale, np.float16).reshape(1, 1)}
+
+    def _put(self, uid: str, u: int | None, record: dict[str, np.ndarray]) -> int:
+        if u is None:
+            u = len(self._user_ids)
+            self._user_ids.append(uid)
+            self._lookup[uid] = u
+        self._overlay[u] = record
+        return u
+
+    # -- saving ----------------------------------------------------------------------------------------
+    def save(self, path: str | Path, force: bool = False, batch_users: int = 1024) -> dict[str, int]:
+        """Write a new artifact: every user (the file's, then those created by `append`) with the appends merged,
+        atomically. The metadata is the source's with the byte accounting redone and an `appended` entry (users,
+        the source file); the metrics stay those measured when the source was compressed. Returns bytes per
+        tensor."""
+        from ckv_cli.artifact.writer import ArtifactWriter
+        from ckv_cli.pipeline.compress import accounting, full_width
+        from ckv_cli.tasks import task_of
+
+        n = len(self._user_ids)
+        lengths = np.diff(self.artifact.offsets).astype(np.int64)
+        lengths = np.concatenate([lengths, np.zeros(n - len(lengths), np.int64)])
+        for u, rec in self._overlay.items():
+            lengths[u] = self._n_tokens(rec)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        meta = {k: v for k, v in self.artifact.meta.items() if k not in WRITTEN_BY_WRITER}
+        acct = accounting(self.plan, offsets, full_width(self.model))
+        meta["accounting"] = {**acct, **task_of(self.model).accounting_extra(acct, self.plan, self.model, lengths)}
+        meta["appended"] = {"users": self.appended_users, "source": str(self.artifact.path),
+                            "source_checksums_sha256": _digest(self.artifact.meta.get("checksums", {}))}
+        writer = ArtifactWriter(path, lengths, list(self._user_ids), force=force)
+        try:
+            writer.start(self.plan)
+            for a in range(0, n, batch_users):
+                fields, offs = self._read(np.arange(a, min(a + batch_users, n)))
+                writer.add(fields, offs)
+            return writer.finish(meta)
+        finally:
+            writer.discard()
+
+
+def check_student(artifact, model) -> None:
+    """Refuse to read an artifact of `ckv compress --finetune` with any model but its fine-tuned student (the
+    teacher's weights read it differently from what was measured): the artifact keeps the student's weights
+    digest."""
+    want = artifact.meta.get("student_weights_sha256")
+    if want is None:
+        return
+    from ckv_cli.pipeline.compress import weights_sha256
+
+    if weights_sha256(model) != want:
+        name = artifact.meta.get("student_checkpoint", "its student checkpoint")
+        raise CkvError(f"{artifact.path} is read by the fine-tuned student {name}: open it with that checkpoint's "
+                       "model, not the teacher's or another")
+
+
+def check_weights(model, checkpoint) -> None:
+    """Refuse a model object whose weights are not the checkpoint file's (the artifact's sha256 names the file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(checkpoint))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CkvError(f"{checkpoint}: cannot load checkpoint ({str(e).splitlines()[0][:120]})") from None
+    mine = model.state_dict()
+    if set(state) != set(mine) or any(state[k].shape != mine[k].shape or not torch.equal(state[k], mine[k].detach().cpu())
+                                       for k in mine):
+        raise CkvError(f"the model's weights are not those of {checkpoint}")
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()

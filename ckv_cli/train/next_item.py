@@ -1,0 +1,162 @@
+"""Training next-item models with the generative-recommenders recipe: sampled softmax over cosine scores.
+
+Every position of each user's training sequence predicts the next item; the loss contrasts it with
+`n_negatives` items drawn uniformly for that position (as generative-recommenders' local negatives; accidental
+hits masked) at temperature 0.05. `shared_negatives=True` draws once per user instead (cheaper, weaker).
+Validation NDCG@10 after each epoch drives early stopping; the best epoch's weights are kept.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ckv_cli.data.batching import history_batch
+from ckv_cli.data.sequences import SequenceData
+from ckv_cli.models import REGISTRY
+from ckv_cli.tasks.next_item import PROTOCOL, evaluate_model
+from ckv_cli.train.common import BestEpoch, seed_everything
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    n_negatives: int = 128
+    temperature: float = 0.05
+    patience: int = 5
+    seed: int = 0
+    threads: int = 0  # 0 = torch default
+    device: str = "cpu"
+    max_seconds: float = 0.0  # > 0: stop after the epoch that passes this wall-clock budget
+    shared_negatives: bool = False
+    model: dict = field(default_factory=dict)  # overrides of the model config
+
+
+def sampled_softmax_loss(model, h, targets, valid, n_neg, temperature, gen, shared=False):
+    """h (B, L, d) hidden states, targets (B, L) next items, valid (B, L) bool -> scalar loss."""
+    table = model.item_table()  # (N + 1, d) normalised
+    h = model.output(h)
+    if n_neg <= 0:  # full softmax over every item
+        logits = (h @ table[1:].T) / temperature  # (B, L, N)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), (targets - 1).clamp(min=0).reshape(-1), reduction="none")
+        return (loss * valid.reshape(-1)).sum() / valid.sum().clamp(min=1)
+    B, L = targets.shape
+    shape = (B, 1, n_neg) if shared else (B, L, n_neg)
+    negs = torch.randint(1, table.shape[0], shape, generator=gen).to(h.device)  # uniform over items
+    pos = (h * table[targets]).sum(-1, keepdim=True)  # (B, L, 1)
+    if shared:
+        neg = h @ table[negs[:, 0]].transpose(1, 2)  # (B, L, n_neg)
+    elif table.shape[0] <= 32 * n_neg:  # small catalogue: score every item once, then pick the sampled columns
+        neg = (h @ table.T).gather(-1, negs)  # (B, L, N + 1) -> (B, L, n_neg)
+    else:
+        neg = (h[..., None, :] * table[negs]).sum(-1)  # (B, L, n_neg)
+    neg = neg.masked_fill(negs == targets[..., None], float("-inf"))
+    logits = torch.cat([pos, neg], dim=-1) / temperature  # (B, L, 1 + n_neg)
+    loss = -F.log_softmax(logits, dim=-1)[..., 0]
+    return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+
+def run_epoch(model, opt, cfg: TrainConfig, train_items, train_times, order, gen, on_step=None) -> list[float]:
+    """One pass over the users in `order`: every position of each user's last `max_len + 1` training events
+    predicts the next one."""
+    model.train()
+    max_len = model.config.max_len
+    losses = []
+    for a in range(0, len(order), cfg.batch_size):
+        batch = order[a : a + cfg.batch_size]
+        seqs = [train_items[u][-(max_len + 1):] for u in batch]
+        times = [train_times[u][-(max_len + 1):] for u in batch]
+        items, ts, lengths = history_batch([s[:-1] for s in seqs], [t[:-1] for t in times], max_len)
+        targets = history_batch([s[1:] for s in seqs], [t[1:] for t in times], max_len)[0]  # (B, L) next items
+        items, ts, lengths, targets = (t.to(cfg.device) for t in (items, ts, lengths, targets))
+        valid = torch.arange(items.shape[1], device=cfg.device)[None] < lengths[:, None]  # (B, L)
+        h = model(items, ts, lengths)  # (B, L, d)
+        loss = sampled_softmax_loss(model, h, targets, valid, cfg.n_negatives, cfg.temperature, gen,
+                                    cfg.shared_negatives)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if on_step:
+            on_step()
+    return losses
+
+
+def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
+                on_epoch: Callable[[int, float, float], None] | None = None,
+                on_step: Callable[[], None] | None = None,
+                on_improve: Callable[[object, list], None] | None = None, init_state: dict | None = None):
+    """Returns (best model, history list of dicts, seconds). `on_improve(model, history)` runs after each
+    epoch that improves validation NDCG@10 (e.g. to save the best checkpoint so far)."""
+    gen = seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_cls, cfg_cls = REGISTRY[arch]
+    model = model_cls(cfg_cls(n_items=data.n_items, **cfg.model))
+    if init_state is not None:  # continue from a checkpoint's weights (same architecture and config)
+        model.load_state_dict(init_state)
+    model.to(cfg.device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_items, train_times, _ = data.split("train")
+    users = np.array([u for u, s in enumerate(train_items) if len(s) >= 2])
+    rng = np.random.default_rng(cfg.seed)
+    keeper, history = BestEpoch(cfg.patience), []
+    if init_state is not None:  # training only replaces the initial weights when it beats them on validation
+        keeper = BestEpoch(cfg.patience, evaluate_model(model, data, "valid")["NDCG@10"], copy.deepcopy(model.state_dict()))
+        history.append({"epoch": 0, "valid_NDCG@10": keeper.score, "init": True})
+    start = time.time()
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            losses = run_epoch(model, opt, cfg, train_items, train_times, rng.permutation(users), gen, on_step)
+            val = evaluate_model(model, data, "valid")["NDCG@10"]
+            history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_NDCG@10": val,
+                            "seconds": round(time.time() - start, 1)})
+            if on_epoch:
+                on_epoch(epoch, float(np.mean(losses)), val)
+            if keeper.update(model, val) and on_improve:
+                on_improve(model, history)
+            if keeper.stop:
+                break
+            if cfg.max_seconds and time.time() - start > cfg.max_seconds:
+                history.append({"time_budget_spent": True, "seconds": round(time.time() - start, 1)})
+                break
+    except KeyboardInterrupt:  # Ctrl-C ends training early and keeps the best epoch so far
+        if keeper.state is None:
+            raise
+        history.append({"interrupted": True, "seconds": round(time.time() - start, 1)})
+    model.load_state_dict(keeper.state)
+    return model.cpu().eval(), history, time.time() - start
+
+
+def train_to_checkpoint(data: SequenceData, arch: str, cfg: TrainConfig, out, command: str = "",
+                        init_state: dict | None = None, on_step=None, on_epoch=None) -> tuple[dict, list]:
+    """Train, save the best epoch after every improvement (an interrupted run keeps it), evaluate on the test
+    split and write the final checkpoint with its metrics. Returns (metrics, history)."""
+    from ckv_cli.models.checkpoint import save_checkpoint
+
+    recipe = {**cfg.__dict__, "command": command}
+
+    def save(model, metrics):
+        save_checkpoint(model, out, dataset=data.name, fingerprint=data.fingerprint, item_vocab=data.item_ids,
+                        metrics=metrics, train=recipe, force=True)
+
+    def save_best(model, history):
+        save(model, {"valid_NDCG@10": history[-1]["valid_NDCG@10"], "epochs": len(history), "partial": True})
+
+    model, history, seconds = train_model(data, arch, cfg, on_epoch=on_epoch, on_step=on_step,
+                                          on_improve=save_best, init_state=init_state)
+    epochs = [h for h in history if "epoch" in h]
+    best = max(epochs, key=lambda h: h["valid_NDCG@10"])
+    metrics = {"test": evaluate_model(model, data, "test"), "test_protocol": PROTOCOL, "valid_NDCG@10": best["valid_NDCG@10"],
+               "epochs": sum(h["epoch"] > 0 for h in epochs), "best_epoch": best["epoch"],
+               "train_seconds": round(seconds, 1), "interrupted": any(h.get("interrupted") for h in history)}
+    save(model, metrics)
+    return metrics, history
