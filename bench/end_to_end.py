@@ -48,7 +48,7 @@ from bench._machine import machine  # noqa: E402
 from ckv_cli.models.checkpoint import load_checkpoint, write_safetensors  # noqa: E402
 from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact  # noqa: E402
 from ckv_cli.data import load  # noqa: E402
-from ckv_cli.data.datasets import sha256_file  # noqa: E402
+from ckv_cli.io.files import sha256_file  # noqa: E402
 from ckv_cli.errors import CkvError  # noqa: E402
 from ckv_cli.io.safetensors import SafetensorsMap  # noqa: E402
 from ckv_cli.models.base import KVCache  # noqa: E402

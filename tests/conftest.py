@@ -121,13 +121,6 @@ class ItemKVModel:
         self.item_kv = item_kv
 
     def recompute(self, names, ids, offsets):
-        import numpy as np
+        from ckv_cli.models.base import recompute_item_layer
 
-        lengths = np.diff(offsets)
-        B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
-        pos = torch.arange(L)[None, :].expand(B, L)
-        valid = pos < torch.from_numpy(lengths)[:, None]
-        padded = torch.zeros(B, L, dtype=torch.long)
-        padded[valid] = torch.from_numpy(np.asarray(ids["items"], np.int64))
-        k, v = self.item_kv(padded, pos)
-        return {n: (k if n.endswith(".k") else v)[valid] for n in names}, {}
+        return recompute_item_layer(self.item_kv, names, ids, offsets), {}

