@@ -22,6 +22,8 @@ def cpu_model() -> str:
 def machine(device: str = "cpu") -> dict:
     out = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__}
+    if hasattr(os, "getloadavg"):
+        out["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine: timings are upper bounds
     if str(device).startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(device)
     return out

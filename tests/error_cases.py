@@ -557,7 +557,7 @@ CASES: list[Case] = [
     Case(OPTIONS, "negative --max-delta", (*EVALUATE_ART, "--max-delta", "NDCG@10=-1%"),
          "ckv: error: bad --max-delta 'NDCG@10=-1%': the allowed drop must be >= 0"),
     Case(OPTIONS, "--max-delta without an artifact to gate", (*EVALUATE, "--max-delta", "NDCG@10=1%"),
-         "ckv: error: --max-delta and --max-ratio gate artifacts: name at least one artifact"),
+         "ckv: error: --max-delta, --max-delta-ci, --max-ratio, --min-overlap and --max-kl gate artifacts: name at least one artifact"),
     Case(OPTIONS, "negative --max-ratio", (*EVALUATE_ART, "--max-ratio", "-0.5"),
          "ckv: error: Invalid value for '--max-ratio': Input should be greater than or equal to 0"),
     Case(OPTIONS, "--speed-batch 0", (*EVALUATE_ART[:-2], "--speed-batch", "0"),

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from ckv_cli.artifact import Artifact, write_artifact
 from ckv_cli.codecs import (RecomputeCodec, Bf16Codec, Int4Codec, Int8Codec, ItemIdCodec, LowRankCodec, PlainCodec, PQCodec,
-                            build_plan, make_codec, plan_from_description)
+                            make_codec, plan_from_description)
 from ckv_cli.codecs.bits import pack
 from ckv_cli.errors import CkvError
 from conftest import ItemKVModel, flat_of

@@ -350,7 +350,6 @@ def test_artifact_decode_equals_plan_decode(built, ds):
     users = np.concatenate([[art.n_users - 1, 0], rng.choice(np.arange(1, art.n_users - 1), 35, replace=False)])
     rng.shuffle(users)
     some = art.decode(users, built.model)
-    off = everyone.offsets
     for j, u in enumerate(users):
         assert_flat_equal(some.users(j, j + 1), everyone.users(u, u + 1), recomputed_atol=1e-6)
 

@@ -25,7 +25,7 @@ from ckv_cli.tasks.next_item import scores_after_last_event
 from ckv_cli.io.safetensors import SafetensorsMap, unpack_at
 from ckv_cli.models.base import flatten, unflatten
 from ckv_cli.serve.next_item import replay_hidden, rewind
-from ckv_cli.spec import FlatCache, token_index
+from ckv_cli.spec import token_index
 from ckv_cli.tasks.next_item import CacheBatch, iter_test_caches
 
 MAX_LEN = 16

@@ -112,6 +112,7 @@ def train(
     dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, callback=_finite, help="Dropout rate [next-item: 0.2, CTR: 0].")] = None,
     negatives: Annotated[int, typer.Option(min=0, max=1 << 20, help="Sampled-softmax negatives per position (0 = full softmax; next-item models).")] = 128,
     shared_negatives: Annotated[bool, typer.Option("--shared-negatives", help="Draw the negatives once per user, not per position (cheaper, weaker; next-item models).")] = False,
+    exclude_seen: Annotated[bool, typer.Option("--exclude-seen/--include-seen", help="Validation (early stopping) and test ranking: without the history window's items (the published protocol) or with them (re-consumption logs; next-item models).")] = True,
     heads: Annotated[Optional[int], typer.Option(min=1, max=1024, help="Attention heads [next-item: 1, CTR: 8].")] = None,
     attn_dim: Annotated[int, typer.Option(min=1, max=65536, help="Target-attention width (CTR models).")] = 256,
     top_k: Annotated[Optional[int], typer.Option(min=1, max=1 << 20, help="Long-history tokens read per candidate (CTR) [50; TWIN 100].")] = None,
@@ -147,11 +148,11 @@ def train(
     _train_next_item(arch, data, out, columns, init, epochs or 100, patience or 5, batch_size or 128, lr,
                      {"d": d, "n_layers": layers, "max_len": max_len or 200, "dropout": 0.2 if dropout is None else dropout,
                       **({"n_heads": heads} if heads else {})},
-                     negatives, shared_negatives, device, max_minutes, threads, seed, json_out)
+                     negatives, shared_negatives, device, max_minutes, threads, seed, json_out, exclude_seen)
 
 
 def _train_next_item(arch, data, out, columns, init, epochs, patience, batch_size, lr, model_cfg, negatives,
-                     shared_negatives, device, max_minutes, threads, seed, json_out) -> None:
+                     shared_negatives, device, max_minutes, threads, seed, json_out, exclude_seen=True) -> None:
     from ckv_cli.cli.render import print_table, progress, write_json
     from ckv_cli.data import load
     from ckv_cli.train.next_item import TrainConfig, train_to_checkpoint
@@ -172,14 +173,15 @@ def _train_next_item(arch, data, out, columns, init, epochs, patience, batch_siz
                        f"this data {ds.fingerprint})")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, n_negatives=negatives, patience=patience,
                       seed=seed, model=model_cfg, device=device, shared_negatives=shared_negatives,
-                      max_seconds=max_minutes * 60, threads=threads)
+                      max_seconds=max_minutes * 60, threads=threads, exclude_seen=exclude_seen)
     steps = -(-int((ds.lengths() >= 4).sum()) // batch_size)  # users with two or more training events
     with progress(f"train {arch}", total=epochs * steps) as advance:
         metrics, history = train_to_checkpoint(
             ds, arch, cfg, out, command=_command(), init_state=init_state, on_step=advance,
             on_epoch=lambda e, loss, val: advance(0, f"epoch {e} loss {loss:.3f} val NDCG@10 {val:.4f}"))
     test, seconds = metrics["test"], metrics["train_seconds"]
-    print_table(f"{arch} on {ds.name}: test (all items ranked)", ["metric", "value"], [[k, v] for k, v in test.items()])
+    print_table(f"{arch} on {ds.name}: test (all items ranked{', seen items too' if not exclude_seen else ''})",
+                ["metric", "value"], [[k, v] for k, v in test.items()])
     print(f"wrote {out} ({metrics['epochs']} epochs, best {metrics['best_epoch']}, {seconds:.0f} s"
           f"{', interrupted' if metrics['interrupted'] else ''})")
     write_json(json_out, {"checkpoint": str(out), "arch": arch, "dataset": ds.name, **metrics, "history": history})
@@ -220,7 +222,10 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(min=0, max=1000000, help="Paired-bootstrap resamples over users for the CI of each delta.")] = 1000,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the bootstrap (with --sweep also of calibration and fitting).")] = 0,
     max_delta: Annotated[Optional[list[str]], typer.Option("--max-delta", help="Gate: METRIC=DROP, absolute (NDCG@10=0.005) or relative (NDCG@10=1%); repeatable; logloss=... gates a rise. Exit 1 when exceeded.")] = None,
+    max_delta_ci: Annotated[Optional[list[str]], typer.Option("--max-delta-ci", help="Gate on the noise: METRIC=DROP; exit 1 unless the 95% CI of the change rules out a drop larger than DROP (its worse end decides; repeatable).")] = None,
     max_ratio: Annotated[Optional[float], typer.Option("--max-ratio", min=0.0, callback=_finite, help="Gate: largest allowed per-user bytes as a fraction of the fp16 full cache (0.02 = 2%).")] = None,
+    min_overlap: Annotated[Optional[float], typer.Option("--min-overlap", min=0.0, max=1.0, callback=_finite, help="Gate: smallest allowed top-10 overlap with the uncompressed model's ranking [0..1] (next-item).")] = None,
+    max_kl: Annotated[Optional[float], typer.Option("--max-kl", min=0.0, callback=_finite, help="Gate: largest allowed mean KL divergence from the uncompressed next-item distribution (next-item).")] = None,
     speed_batch: Annotated[int, typer.Option(min=1, max=1 << 20, help="Users in the batch timed for speed (next-item models).")] = 256,
     repeats: Annotated[int, typer.Option(min=1, max=10000, help="Timed repeats for speed (median reported).")] = 5,
     sweep: Annotated[Optional[str], typer.Option("--sweep", help="Compress and evaluate a grid of codecs on this checkpoint, writing no artifact: 'default' or 'codec[:KEY=VALUE,...];...', e.g. 'collective:pool_size=1024;int4:group_size=64;pq:subvectors=8,bits=8'.")] = None,
@@ -235,7 +240,7 @@ def evaluate(
     """Evaluate a checkpoint, and each artifact against it: metrics, deltas with 95% CI, fidelity, bytes, speed.
     With --sweep: compress and evaluate a grid of codecs and budgets on the checkpoint in one run (no artifact)."""
     from ckv_cli.cli.render import print_table, progress, write_json
-    from ckv_cli.evaluate.compare import check_gates, parse_gate
+    from ckv_cli.evaluate.compare import Gates, check_gates, gate_warnings
     from ckv_cli.io.files import check_output
     from ckv_cli.models.checkpoint import load_checkpoint
     from ckv_cli.tasks import CTR, task_of
@@ -246,7 +251,8 @@ def evaluate(
     set_threads(threads)
     model, meta = load_checkpoint(checkpoint)
     task = task_of(model)
-    gated = bool(max_delta) or max_ratio is not None
+    gates = Gates(max_delta or [], max_delta_ci or [], max_ratio, min_overlap, max_kl)
+    gated = bool(gates)
     artifacts = artifacts or []
     if sweep_users is not None and task is not CTR:
         raise CkvError("--sweep-users goes with --sweep on a CTR model (a next-item sweep scores every user)")
@@ -260,20 +266,24 @@ def evaluate(
         raise CkvError(f"unknown --split '{split}' (choose test or valid)")
     if artifacts and task is CTR and split != "test":
         raise CkvError("artifacts are compared on the test split (drop --split)")
-    if artifacts and task is not CTR and (split != "test" or not exclude_seen):
-        raise CkvError("artifacts are compared on the test split, seen items excluded (drop --split/--include-seen)")
-    for g in max_delta or []:
-        parse_gate(g, list(task.metrics))
+    if artifacts and task is not CTR and split != "test":
+        raise CkvError("artifacts are compared on the test split (drop --split)")
+    gates.check(task)
     if gated and not artifacts:
-        raise CkvError("--max-delta and --max-ratio gate artifacts: name at least one artifact")
+        raise CkvError("--max-delta, --max-delta-ci, --max-ratio, --min-overlap and --max-kl gate artifacts: name at "
+                       "least one artifact")
     check_output(json_out)
     if artifacts:
         comparisons, ds = _compare(model, task, checkpoint, data, columns, meta, artifacts, bootstrap, seed,
-                                   speed_batch, repeats)
-        failures = check_gates(comparisons, max_delta or [], max_ratio)
+                                   speed_batch, repeats, exclude_seen)
+        seen = _seen_note(task, model, ds, exclude_seen)
+        failures = check_gates(comparisons, gates)
+        warnings = gate_warnings(comparisons, gates)
         write_json(json_out, {"checkpoint": str(checkpoint), "arch": meta["arch"], "dataset": ds.name,
-                              "comparisons": [c.as_dict() for c in comparisons],
-                              "gates": {"max_delta": max_delta or [], "max_ratio": max_ratio, "failures": failures}})
+                              "comparisons": [c.as_dict() for c in comparisons], "targets_in_window": seen,
+                              "gates": {**gates.as_dict(), "failures": failures, "warnings": warnings}})
+        for line in warnings:
+            print(f"ckv: {line}", file=sys.stderr)
         for line in failures:
             print(f"ckv: {line}", file=sys.stderr)
         if failures:
@@ -281,6 +291,7 @@ def evaluate(
         return
     ds = task.load(data, parse_columns(columns), meta, model)
     _report_drops(ds)
+    seen = _seen_note(task, model, ds, exclude_seen)
     t = time.time()
     with progress("evaluate", total=task.n_eval(ds, split)) as advance:
         metrics = task.evaluate(model, ds, split, exclude_seen, progress=advance)
@@ -293,12 +304,28 @@ def evaluate(
                  f"{', history window excluded' if exclude_seen else ', seen items ranked too'})")
         payload = {"checkpoint": str(checkpoint), "arch": meta["arch"], "dataset": ds.name, "split": split,
                    "exclude_seen": exclude_seen, "users": ds.n_users, "metrics": metrics,
-                   "seconds": round(time.time() - t, 2)}
+                   "targets_in_window": seen, "seconds": round(time.time() - t, 2)}
     print_table(title, ["metric", "value"], [[k, v] for k, v in metrics.items()])
     write_json(json_out, payload)
 
 
-def _compare(model, task, checkpoint, data, columns, meta, paths, bootstrap, seed, speed_batch, repeats):
+SEEN_NOTE = 0.2  # a share of test targets inside the history window worth a note
+
+
+def _seen_note(task, model, ds, exclude_seen: bool) -> float | None:
+    """The share of test targets that lie in their history window (next-item); a note on stderr when it is large
+    enough that the protocol decides the numbers."""
+    share = task.seen_share(model, ds)
+    if share is not None and share >= SEEN_NOTE:
+        advice = ("they cannot be ranked with the history window excluded: --include-seen ranks them" if exclude_seen
+                  else "--exclude-seen (the published protocol) would leave them unrankable")
+        print(f"note: {share:.0%} of the test targets are items of their own history window (a re-consumption "
+              f"log?); {advice}", file=sys.stderr)
+    return share
+
+
+def _compare(model, task, checkpoint, data, columns, meta, paths, bootstrap, seed, speed_batch, repeats,
+             exclude_seen=True):
     """Each artifact against the checkpoint, refused before any work (and before the data is read) when made from
     another checkpoint or damaged on disk."""
     from ckv_cli.artifact.sharded import open_artifact
@@ -323,7 +350,8 @@ def _compare(model, task, checkpoint, data, columns, meta, paths, bootstrap, see
         for art in opened:
             with progress(f"evaluate {art.path.name}", total=art.n_users) as advance:
                 comparisons.append(compare_artifact(model, ds, art, bootstrap=bootstrap, seed=seed,
-                                                    speed_batch=speed_batch, repeats=repeats, advance=advance))
+                                                    speed_batch=speed_batch, repeats=repeats, advance=advance,
+                                                    exclude_seen=exclude_seen))
     finally:
         for art in opened:
             art.close()
@@ -391,6 +419,7 @@ def compress(
     user_dtype: Annotated[str, typer.Option(help="Storage of the user dims: int8 (per-user scale) or fp16.")] = "int8",
     share: Annotated[str, typer.Option(help="Streams to pool: k, v or k,v (the others stay fp16).")] = "k,v",
     recompute_item_layers: Annotated[bool, typer.Option(help="Recompute first-layer K/V from item ids instead of storing them (next-item models).")] = True,
+    exclude_seen: Annotated[bool, typer.Option("--exclude-seen/--include-seen", help="The report's ranking protocol: without the history window's items (published) or with them (next-item models).")] = True,
     calib_users: Annotated[int, typer.Option(min=1, max=1 << 30, help="Users whose caches fit the pool (seeded sample).")] = 1000,
     batch_users: Annotated[int, typer.Option(min=1, max=1 << 20, help="Users encoded per batch (bounds memory).")] = 256,
     distill_steps: Annotated[int, typer.Option(min=0, max=1 << 30, help="Distillation steps after the gradient-free initialisation (0 = none; next-item models).")] = 0,
@@ -419,7 +448,8 @@ def compress(
     if checkpoint.is_file() and _task_name(checkpoint) == CTR.name:
         given = [k for k, v in {"--engine": engine != "local", "--shard-size": shard_size is not None,
                                 "--address": address is not None, "--distill-steps": distill_steps > 0,
-                                "--finetune": finetune, "--no-recompute-item-layers": not recompute_item_layers}.items() if v]
+                                "--finetune": finetune, "--no-recompute-item-layers": not recompute_item_layers,
+                                "--include-seen": not exclude_seen}.items() if v]
         if given:
             raise CkvError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to next-item models; "
                            f"{checkpoint} is a CTR model")
@@ -459,7 +489,8 @@ def compress(
                 raise CkvError(f"--param {k} must be an integer >= {1 if k == 'calib_tokens' else 0}, got {extra[k]!r}")
     opts = CompressOptions(codec=codec, params=params, share=tuple(s.strip() for s in share.split(",") if s.strip()),
                            recompute_item_layers=recompute_item_layers, calib_users=calib_users,
-                           batch_users=batch_users, distill_steps=distill_steps, finetune=finetune, seed=seed, **extra)
+                           batch_users=batch_users, distill_steps=distill_steps, finetune=finetune, seed=seed,
+                           exclude_seen=exclude_seen, **extra)
     from ckv_cli.pipeline.compress import make_plan
 
     make_plan(model, opts)  # refuse bad options before the data is read

@@ -80,7 +80,8 @@ def teacher_of(artifact: Artifact, model):
 
 
 def compare_artifact(model, ds, artifact: Artifact, *, bootstrap: int = 1000, seed: int = 0, batch_users: int = 256,
-                     speed_batch: int = 256, repeats: int = 5, advance=None, teacher=None) -> Comparison:
+                     speed_batch: int = 256, repeats: int = 5, advance=None, teacher=None,
+                     exclude_seen: bool = True) -> Comparison:
     """`model` reads the decoded caches; the reference is the model whose caches the artifact holds (`model`
     itself, or the teacher of a fine-tuned student: `teacher`, default `teacher_of(artifact, model)`). Every user
     both hold is scored by the task's protocol, batch by batch exactly as `ckv compress` scores them, so the
@@ -94,11 +95,11 @@ def compare_artifact(model, ds, artifact: Artifact, *, bootstrap: int = 1000, se
         if not np.array_equal(counts[data_users], artifact.offsets[art_users + 1] - artifact.offsets[art_users]):
             raise CkvError(f"{artifact.path}: its users' event counts differ from those of --data {ds.name} "
                            "(another dataset or columns?)")
-    opts = CompressOptions(bootstrap=bootstrap, seed=seed)
+    opts = CompressOptions(bootstrap=bootstrap, seed=seed, exclude_seen=exclude_seen)
     scorer = task.scorer(reference_model, ds, opts, len(data_users), keep_per_user=True)
     errors = Errors()
     start = 0
-    for tb in task.batches(reference_model, ds, data_users, batch_users):
+    for tb in task.batches(reference_model, ds, data_users, batch_users, exclude_seen):
         n = len(tb.users)
         decoded = artifact.decode(art_users[start : start + n], model)
         start += n
@@ -181,43 +182,110 @@ def measure_speed(model, ds, artifact: Artifact, data_users, art_users, repeats:
 # ---------------------------------------------------------------------------------------------- gates
 
 
-def parse_gate(spec: str, metrics: list[str]) -> tuple[str, float, bool]:
+def parse_gate(spec: str, metrics: list[str], option: str = "--max-delta") -> tuple[str, float, bool]:
     """'NDCG@10=0.01' (absolute drop) or 'NDCG@10=1%' (relative drop) -> (metric, value, relative)."""
     name, sep, value = spec.partition("=")
     name = name.strip()
     if not sep or name not in metrics:
-        raise CkvError(f"bad --max-delta '{spec}': expected METRIC=VALUE with METRIC one of {', '.join(metrics)}")
+        raise CkvError(f"bad {option} '{spec}': expected METRIC=VALUE with METRIC one of {', '.join(metrics)}")
     relative = value.strip().endswith("%")
     try:
         number = float(value.strip().rstrip("%")) / (100 if relative else 1)
     except ValueError:
-        raise CkvError(f"bad --max-delta '{spec}': '{value}' is not a number") from None
+        raise CkvError(f"bad {option} '{spec}': '{value}' is not a number") from None
     if not np.isfinite(number):
-        raise CkvError(f"bad --max-delta '{spec}': the allowed change must be a finite number")
+        raise CkvError(f"bad {option} '{spec}': the allowed change must be a finite number")
     if number < 0:
-        raise CkvError(f"bad --max-delta '{spec}': the allowed drop must be >= 0")
+        raise CkvError(f"bad {option} '{spec}': the allowed drop must be >= 0")
     return name, number, relative
 
 
-def check_gates(comparisons: list[Comparison], max_delta: list[str], max_ratio: float | None) -> list[str]:
-    """One line per failed gate. A metric gate fails when the metric gets worse by more than allowed (ranking
-    metrics, AUC and gAUC drop; logloss rises: the task knows each direction); the ratio gate fails when per-user
-    bytes exceed `max_ratio` of fp16."""
+@dataclass
+class Gates:
+    """What a CI pipeline gates on (each metric knows its direction from the task):
+    - `max_delta`: the point estimate may not get worse by more than allowed (METRIC=DROP, absolute or `%`);
+    - `max_delta_ci`: the 95% CI must rule out a change worse than allowed: its worse end (the low end of a
+      higher-is-better metric, the high end of logloss) decides, so noise fails the gate instead of passing it;
+    - `max_ratio`: per-user bytes as a fraction of the fp16 cache;
+    - `min_overlap`, `max_kl`: fidelity to the uncompressed model's rankings (next-item models)."""
+
+    max_delta: list[str] = field(default_factory=list)
+    max_delta_ci: list[str] = field(default_factory=list)
+    max_ratio: float | None = None
+    min_overlap: float | None = None
+    max_kl: float | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.max_delta or self.max_delta_ci) or any(
+            v is not None for v in (self.max_ratio, self.min_overlap, self.max_kl))
+
+    def check(self, task: Task) -> None:
+        """Refuse gates on metrics the task does not report, before any work."""
+        for spec in self.max_delta:
+            parse_gate(spec, list(task.metrics))
+        for spec in self.max_delta_ci:
+            parse_gate(spec, list(task.metrics), "--max-delta-ci")
+        if task is not NEXT_ITEM and (self.min_overlap is not None or self.max_kl is not None):
+            raise CkvError("--min-overlap and --max-kl gate next-item rankings; this is a CTR model")
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _worse(task: Task, c: Comparison, name: str, delta: float, relative: bool) -> float:
+    worse = task.worse(name, delta)
+    return worse / abs(c.reference[name]) if relative and c.reference[name] else worse
+
+
+def check_gates(comparisons: list[Comparison], max_delta: list[str] | Gates, max_ratio: float | None = None) -> list[str]:
+    """One line per failed gate (`Gates`; the old call `check_gates(comparisons, max_delta, max_ratio)` still
+    works). A metric gate fails when the metric gets worse by more than allowed (ranking metrics, AUC and gAUC
+    drop; logloss rises: the task knows each direction)."""
     from ckv_cli.tasks import TASKS
 
+    gates = max_delta if isinstance(max_delta, Gates) else Gates(max_delta=list(max_delta), max_ratio=max_ratio)
     failures = []
     for c in comparisons:
         task = TASKS[c.task]
-        for name, allowed, relative in (parse_gate(g, list(c.reference)) for g in max_delta):
-            d = c.delta[name]
-            worse = task.worse(name, d["delta"])
-            amount = worse / abs(c.reference[name]) if relative and c.reference[name] else worse
+        digits = 4 if task is NEXT_ITEM else 6
+        for name, allowed, relative in (parse_gate(g, list(c.reference)) for g in gates.max_delta):
+            amount = _worse(task, c, name, c.delta[name]["delta"], relative)
             if amount > allowed:
                 verb = "rose" if name in task.lower_is_better else "dropped"
-                digits = 4 if task is NEXT_ITEM else 6
                 shown = f"{amount:.2%} > {allowed:.2%}" if relative else f"{amount:.{digits}f} > {allowed:.{digits}f}"
                 failures.append(f"gate failed: {name} {verb} {shown} ({c.artifact})")
+        for name, allowed, relative in (parse_gate(g, list(c.reference), "--max-delta-ci") for g in gates.max_delta_ci):
+            d = c.delta[name]
+            end = d["ci_high"] if name in task.lower_is_better else d["ci_low"]  # the worse end of the CI
+            amount = _worse(task, c, name, end, relative)
+            if not amount <= allowed:  # a NaN CI (no bootstrap) fails too
+                shown = f"{amount:.2%} > {allowed:.2%}" if relative else f"{amount:.{digits}f} > {allowed:.{digits}f}"
+                failures.append(f"gate failed: the 95% CI of {name} does not rule out a change worse than allowed "
+                                f"(worst end {shown}) ({c.artifact})")
         ratio = c.accounting.get("per_user_ratio_fp16")
-        if max_ratio is not None and ratio is not None and ratio > max_ratio:
-            failures.append(f"gate failed: per-user ratio vs fp16 {ratio:.4%} > {max_ratio:.4%} ({c.artifact})")
+        if gates.max_ratio is not None and ratio is not None and ratio > gates.max_ratio:
+            failures.append(f"gate failed: per-user ratio vs fp16 {ratio:.4%} > {gates.max_ratio:.4%} ({c.artifact})")
+        overlap, kl = c.fidelity.get("top10_overlap"), c.fidelity.get("kl_mean")
+        if gates.min_overlap is not None and overlap is not None and overlap < gates.min_overlap:
+            failures.append(f"gate failed: top-10 overlap {overlap:.4f} < {gates.min_overlap:.4f} ({c.artifact})")
+        if gates.max_kl is not None and kl is not None and kl > gates.max_kl:
+            failures.append(f"gate failed: mean KL {kl:.4f} > {gates.max_kl:.4f} ({c.artifact})")
     return failures
+
+
+def gate_warnings(comparisons: list[Comparison], gates: Gates) -> list[str]:
+    """A warning per metric gate whose threshold is finer than the noise: the 95% CI of the delta is wider than the
+    allowed change, so the gate's verdict is decided by which users happened to be evaluated."""
+    out = []
+    for c in comparisons:
+        for option, specs in (("--max-delta", gates.max_delta), ("--max-delta-ci", gates.max_delta_ci)):
+            for name, allowed, relative in (parse_gate(g, list(c.reference), option) for g in specs):
+                d = c.delta[name]
+                half = (d["ci_high"] - d["ci_low"]) / 2
+                if relative and c.reference[name]:
+                    half /= abs(c.reference[name])
+                if np.isfinite(half) and half > allowed:
+                    shown = f"±{half:.2%} against {allowed:.2%}" if relative else f"±{half:.4g} against {allowed:.4g}"
+                    out.append(f"warning: {option} {name}: the 95% CI is wider than the threshold ({shown}); "
+                               f"{c.users:,} users cannot resolve it ({c.artifact}); see docs/protocol.md#gates")
+    return out

@@ -46,6 +46,7 @@ class CompressOptions:
     calib_tokens: int = 32768  # CTR: a seeded sample of the calibration users' training tokens
     codes: str = "derived"  # side fields (ETA / SDIM signatures): derived from the decoded cache, or stored exactly
     bootstrap: int = 200  # CTR: paired-bootstrap resamples of the report's CIs
+    exclude_seen: bool = True  # next-item: the window's items removed from the ranking (the published protocol)
 
 
 class FieldSink(Protocol):
@@ -281,7 +282,7 @@ def compress(model, ds, opts: CompressOptions, plan: CachePlan | None = None,
     if teacher is not None:
         batches, n_users = teacher.batches, teacher.n_users
     else:
-        batches = task.batches(model, ds, users, opts.batch_users)
+        batches = task.batches(model, ds, users, opts.batch_users, opts.exclude_seen)
         n_users = len(users) if users is not None else len(task.user_ids(ds))
     memo = task.memo(model, ds, plan)
     if memo is not None:

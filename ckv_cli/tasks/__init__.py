@@ -75,14 +75,18 @@ class NextItemTask(Task):
         rng = np.random.default_rng(opts.seed)
         return np.sort(rng.choice(data.n_users, size=min(opts.calib_users, data.n_users), replace=False))
 
-    def batches(self, model, data, users, batch_users: int):
-        return next_item_mod.teacher_batches(model, data, range(data.n_users) if users is None else users, batch_users)
+    def batches(self, model, data, users, batch_users: int, exclude_seen: bool = True):
+        return next_item_mod.teacher_batches(model, data, range(data.n_users) if users is None else users, batch_users,
+                                             exclude_seen)
 
-    def teacher(self, model, data, batch_users: int, users=None, advance=None):
-        return next_item_mod.Teacher.build(model, data, batch_users, advance)
+    def teacher(self, model, data, batch_users: int, users=None, advance=None, exclude_seen: bool = True):
+        return next_item_mod.Teacher.build(model, data, batch_users, advance, exclude_seen)
+
+    def seen_share(self, model, data) -> float | None:
+        return next_item_mod.targets_in_window(data, model.config.max_len)
 
     def scorer(self, model, data, opts, n_users: int | None, keep_per_user: bool):
-        return next_item_mod.Scored(n_users, keep_per_user)
+        return next_item_mod.Scored(n_users, keep_per_user, getattr(opts, "exclude_seen", True))
 
     def memo(self, model, data, plan):
         return None
@@ -129,11 +133,14 @@ class CTRTask(Task):
     def calibration_users(self, data, opts):
         return None
 
-    def batches(self, model, data, users, batch_users: int):
+    def batches(self, model, data, users, batch_users: int, exclude_seen: bool = True):
         return ctr_mod.batches(model, data, users, batch_users)
 
-    def teacher(self, model, data, batch_users: int, users=None, advance=None):
+    def teacher(self, model, data, batch_users: int, users=None, advance=None, exclude_seen: bool = True):
         return ctr_mod.Teacher(model, data, users, batch_users, advance)
+
+    def seen_share(self, model, data) -> float | None:
+        return None
 
     def scorer(self, model, data, opts, n_users, keep_per_user):
         return ctr_mod.Scorer(model, data, opts.bootstrap, opts.seed)

@@ -29,6 +29,7 @@ from ckv_cli.spec import FlatCache
 
 NAME = "next-item"
 PROTOCOL = "leave-one-out, all items ranked, the items of the history window removed from the ranking"
+SEEN_PROTOCOL = "leave-one-out, all items ranked, the items of the history window ranked too"
 COMPRESS_PROTOCOL = f"test split, history prefilled and compressed, last event appended via extend; {PROTOCOL}"
 TEMPERATURE = 0.05  # the training temperature: softmax(score / T) is the model's next-item distribution
 METRICS = RANKING_METRICS
@@ -167,7 +168,8 @@ def iter_test_caches(model, data: SequenceData, users: np.ndarray | range, batch
 @dataclass
 class TeacherBatch:
     """One batch of users' teacher caches (flat) and what scoring needs: the last known event, the held-out
-    target, and the scores of the uncompressed model after appending that event (`ref_scores`, (B, n_items + 1))."""
+    target, and the scores of the uncompressed model after appending that event (`ref_scores`, (B, n_items + 1);
+    the window's items masked when `exclude_seen`, the published protocol)."""
 
     users: np.ndarray
     tokens: FlatCache
@@ -175,6 +177,7 @@ class TeacherBatch:
     last_ts: torch.Tensor
     targets: torch.Tensor
     ref_scores: torch.Tensor
+    exclude_seen: bool = True
 
     @property
     def flat(self) -> FlatCache:
@@ -186,12 +189,25 @@ class TeacherBatch:
         return CacheBatch(self.users, cache, self.last_items, self.last_ts, self.targets)
 
 
-def teacher_batches(model, ds: SequenceData, users: np.ndarray | range, batch_users: int) -> Iterator[TeacherBatch]:
+def teacher_batches(model, ds: SequenceData, users: np.ndarray | range, batch_users: int,
+                    exclude_seen: bool = True) -> Iterator[TeacherBatch]:
     """Streamed: each batch's teacher cache is prefilled, flattened and scored, then left to the caller. `users`
     may be a `range` (nothing per user is built for users not yet reached)."""
     for b in iter_test_caches(model, ds, users, batch_users):
         yield TeacherBatch(b.users, model.flatten(b.cache), b.last_items, b.last_ts, b.targets,
-                           scores_after_last_event(model, b.cache, b))
+                           scores_after_last_event(model, b.cache, b, exclude_seen), exclude_seen)
+
+
+def targets_in_window(data: SequenceData, max_len: int) -> float:
+    """Share of users whose held-out (test) item is among the items of its history window: targets the published
+    protocol (`exclude_seen`) cannot rank at all. Large on re-consumption logs (re-purchases, re-plays)."""
+    if not data.n_users:
+        return 0.0
+    hits = 0
+    for u in range(data.n_users):
+        a, b = data.offsets[u], data.offsets[u + 1]
+        hits += bool(np.isin(data.items[b - 1], data.items[max(a, b - 1 - max_len) : b - 1]))
+    return hits / data.n_users
 
 
 @dataclass
@@ -203,9 +219,10 @@ class Teacher:
     batches: list[TeacherBatch]
 
     @classmethod
-    def build(cls, model, ds: SequenceData, batch_users: int = 256, advance: Callable[[int], None] | None = None) -> "Teacher":
+    def build(cls, model, ds: SequenceData, batch_users: int = 256, advance: Callable[[int], None] | None = None,
+              exclude_seen: bool = True) -> "Teacher":
         batches = []
-        for tb in teacher_batches(model, ds, np.arange(ds.n_users), batch_users):
+        for tb in teacher_batches(model, ds, np.arange(ds.n_users), batch_users, exclude_seen):
             batches.append(tb)
             if advance:
                 advance(len(tb.users))
@@ -241,8 +258,9 @@ class Scored:
     `ranking_metrics` and `fidelity_summary` (means of the same per-user values) and differ from them only by
     float rounding: sums per batch in float64 where numpy sums all users pairwise."""
 
-    def __init__(self, n_users: int | None, keep_per_user: bool = True):
+    def __init__(self, n_users: int | None, keep_per_user: bool = True, exclude_seen: bool = True):
         self.n, self.keep, self.done, self.n_tokens = n_users, keep_per_user, 0, 0
+        self.exclude_seen = exclude_seen
         self.offsets = np.zeros((n_users or 0) + 1, dtype=np.int64) if keep_per_user else None
         self._lengths: list[np.ndarray] = []
         self._arrays: dict[str, np.ndarray] = {}
@@ -253,7 +271,7 @@ class Scored:
     def add_batch(self, tb: TeacherBatch, decoded: FlatCache, reader) -> None:
         """One teacher batch scored through its decoded cache by `reader` (the model that reads the artifact)."""
         cache = reader.unflatten(decoded)
-        s_c = scores_after_last_event(reader, cache, tb.cache_batch(cache))
+        s_c = scores_after_last_event(reader, cache, tb.cache_batch(cache), tb.exclude_seen)
         self.add(tb.tokens.offsets, score_fidelity(tb.ref_scores, s_c, tb.targets))
 
     def summary(self) -> dict:
@@ -335,7 +353,7 @@ class Scored:
         """The metrics entry of a report: ranking metrics without and with compression, deltas, fidelity, error."""
         teacher_m, student, fidelity = self.metrics()
         return {
-            "protocol": COMPRESS_PROTOCOL,
+            "protocol": COMPRESS_PROTOCOL if self.exclude_seen else COMPRESS_PROTOCOL.replace(PROTOCOL, SEEN_PROTOCOL),
             "uncompressed": teacher_m, "compressed": student,
             "delta": {k: student[k] - teacher_m[k] for k in teacher_m},
             "relative_delta": {k: (student[k] - teacher_m[k]) / teacher_m[k] if teacher_m[k] else 0.0 for k in teacher_m},

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ckv_cli.data.batching import history_batch
 from ckv_cli.data.sequences import SequenceData
 from ckv_cli.models import REGISTRY
-from ckv_cli.tasks.next_item import PROTOCOL, evaluate_model
+from ckv_cli.tasks.next_item import PROTOCOL, SEEN_PROTOCOL, evaluate_model
 from ckv_cli.train.common import BestEpoch, seed_everything
 
 
@@ -38,6 +38,7 @@ class TrainConfig:
     max_seconds: float = 0.0  # > 0: stop after the epoch that passes this wall-clock budget
     shared_negatives: bool = False
     model: dict = field(default_factory=dict)  # overrides of the model config
+    exclude_seen: bool = True  # validation (early stopping) and test rank without the window's items
 
 
 def sampled_softmax_loss(model, h, targets, valid, n_neg, temperature, gen, shared=False):
@@ -110,13 +111,14 @@ def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
     rng = np.random.default_rng(cfg.seed)
     keeper, history = BestEpoch(cfg.patience), []
     if init_state is not None:  # training only replaces the initial weights when it beats them on validation
-        keeper = BestEpoch(cfg.patience, evaluate_model(model, data, "valid")["NDCG@10"], copy.deepcopy(model.state_dict()))
+        keeper = BestEpoch(cfg.patience, evaluate_model(model, data, "valid", cfg.exclude_seen)["NDCG@10"],
+                           copy.deepcopy(model.state_dict()))
         history.append({"epoch": 0, "valid_NDCG@10": keeper.score, "init": True})
     start = time.time()
     try:
         for epoch in range(1, cfg.epochs + 1):
             losses = run_epoch(model, opt, cfg, train_items, train_times, rng.permutation(users), gen, on_step)
-            val = evaluate_model(model, data, "valid")["NDCG@10"]
+            val = evaluate_model(model, data, "valid", cfg.exclude_seen)["NDCG@10"]
             history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_NDCG@10": val,
                             "seconds": round(time.time() - start, 1)})
             if on_epoch:
@@ -155,7 +157,8 @@ def train_to_checkpoint(data: SequenceData, arch: str, cfg: TrainConfig, out, co
                                           on_improve=save_best, init_state=init_state)
     epochs = [h for h in history if "epoch" in h]
     best = max(epochs, key=lambda h: h["valid_NDCG@10"])
-    metrics = {"test": evaluate_model(model, data, "test"), "test_protocol": PROTOCOL, "valid_NDCG@10": best["valid_NDCG@10"],
+    metrics = {"test": evaluate_model(model, data, "test", cfg.exclude_seen),
+               "test_protocol": PROTOCOL if cfg.exclude_seen else SEEN_PROTOCOL, "valid_NDCG@10": best["valid_NDCG@10"],
                "epochs": sum(h["epoch"] > 0 for h in epochs), "best_epoch": best["epoch"],
                "train_seconds": round(seconds, 1), "interrupted": any(h.get("interrupted") for h in history)}
     save(model, metrics)
