@@ -67,7 +67,7 @@ def test_gather_form_variants(monkeypatch, T, sampled):
     split over several calls."""
     monkeypatch.setattr(attention, "ROW_CHUNK_BYTES", 1)  # every user its own chunk of rows
     monkeypatch.setattr(attention, "ATTN_CHUNK_BYTES", 2 * 2 * T * 40 * 4)  # 2 users per call: 2 heads, pool 40
-    monkeypatch.setattr(attention, "_sampled", lambda device, T, L, m: sampled)
+    monkeypatch.setattr(attention, "_sampled", lambda device, T, L, m, dtype=None: sampled)
     gen = torch.Generator().manual_seed(11)
     k, v = random_stream(gen, 40, 2, LENGTHS), random_stream(gen, 40, 2, LENGTHS)
     valid = valid_mask(LENGTHS)
@@ -92,6 +92,28 @@ def test_int32_indices_and_per_head_bias(kind):
     v32 = CompressedStream(v.pool, v.idx.int(), v.user, v.basis)
     for form in (GATHER, SCATTER):
         assert rel_err(compressed_attention(q, k32, v32, valid, kind=kind, bias=bias, n_heads=2, form=form), ref) <= REL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("form", [GATHER, SCATTER])
+def test_half_types_on_a_cpu(dtype, form):
+    """CPU sampled dot products take no half types: the gather form falls back to gathered rows there."""
+    gen = torch.Generator().manual_seed(3)
+    k, v = random_stream(gen, 64, 0, LENGTHS), random_stream(gen, 64, 0, LENGTHS)
+    q, valid = torch.randn(len(LENGTHS), 1, D, generator=gen), valid_mask(LENGTHS)
+    ref = compressed_attention(q, k, v, valid, form=form)
+    half = [CompressedStream(s.pool.to(dtype), s.idx) for s in (k, v)]
+    out = compressed_attention(q.to(dtype), *half, valid, form=form)
+    assert out.dtype == dtype and rel_err(out.float(), ref) <= 2e-2
+
+
+def test_weights_keep_the_graph():
+    """Softmax weights are differentiable: a fully masked row's NaNs are replaced out of place."""
+    s = torch.randn(1, 2, 1, 5, requires_grad=True)
+    valid = torch.tensor([[True, True, False, False, False], [False] * 5])
+    w = attention.attention_weights(s, valid, SOFTMAX, None)
+    (w * torch.arange(5.0)).sum().backward()
+    assert torch.isfinite(s.grad).all() and w[0, 1].abs().max() == 0
 
 
 def test_choose_form_rule():

@@ -73,11 +73,13 @@ class CompressedStream:
         return x + self.user @ self.basis.T if self.has_user else x
 
 
-def _sampled(device: torch.device | str, n_queries: int, n_keys: int, pool_size: int) -> bool:
+def _sampled(device: torch.device | str, n_queries: int, n_keys: int, pool_size: int,
+             dtype: torch.dtype = torch.float32) -> bool:
     """Scores of the gather form through sampled dot products (CPU, few queries) rather than gathered rows.
-    `sampled_addmm` refuses a row with more entries than columns, hence L <= m."""
+    `sampled_addmm` refuses a row with more entries than columns, hence L <= m, and half types on a CPU."""
     few = n_queries * SDDMM_COST < ROW_COST + n_queries
-    return torch.device(device).type == "cpu" and few and n_keys <= pool_size
+    full = dtype in (torch.float32, torch.float64)
+    return torch.device(device).type == "cpu" and full and few and n_keys <= pool_size
 
 
 def choose_form(n_keys: int, pool_size: int, n_queries: int = 1, side: str = VALUES, device="cpu",
@@ -145,7 +147,7 @@ def attention_weights(s: torch.Tensor, valid: torch.Tensor, kind: str, norm: flo
     key gets all zeros (softmax) like SASRec's nan_to_num. silu divides by `norm` (default L)."""
     mask = valid[None, :, None, :]  # (1, B, 1, L)
     if kind == SOFTMAX:
-        return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num_()  # (H, B, T, L)
+        return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num()  # (H, B, T, L)
     return F.silu(s) * mask.to(s.dtype) / float(norm if norm is not None else s.shape[-1])
 
 
@@ -210,7 +212,7 @@ def compressed_scores(qh: torch.Tensor, k: CompressedStream, n_heads: int, form:
     if form == SCATTER:
         s = _scores_pool(qh, k, n_heads)
     else:
-        sampled = _sampled(qh.device, T, k.idx.shape[1], k.pool.shape[0])
+        sampled = _sampled(qh.device, T, k.idx.shape[1], k.pool.shape[0], qh.dtype)
         s = _scores_sampled(qh, k, n_heads) if sampled else _scores_rows(qh, k, n_heads)
     if k.has_user:
         qb = torch.bmm(qh.reshape(H, B * T, dh), _basis_heads(k.basis, n_heads)).view(H, B, T, -1)  # (H, B, T, r)
