@@ -65,6 +65,12 @@ class SequenceData:
                 hist_items.append(it[: end - 1]); hist_times.append(ts[: end - 1]); targets.append(it[end - 1])
         return hist_items, hist_times, np.asarray(targets, dtype=np.int64)
 
+    def target_times(self, which: str) -> np.ndarray:
+        """(U,) timestamp of each user's held-out event of split 'valid' or 'test' (the request time of a model with
+        next-event query time)."""
+        cut = {"valid": 2, "test": 1}[which]
+        return self.timestamps[self.offsets[1:] - cut]
+
 
 def _fingerprint(user_ids, item_ids, offsets, items, timestamps) -> str:
     h = hashlib.sha256()
