@@ -221,7 +221,8 @@ def print_inspect_artifact(r: dict) -> None:
 def print_inspect_checkpoint(r: dict) -> None:
     meta = r["metadata"]
     rows = [[k, meta[k] if isinstance(meta[k], str) else json.dumps(meta[k])]
-            for k in ("arch", "config", "dataset", "data_fingerprint", "format_version", "ckv_version") if k in meta]
+            for k in ("arch", "config", "dataset", "data_fingerprint", "format_version", "ckv_version", "source")
+            if k in meta]
     print_table(f"{r['path']}: ckv checkpoint ({r['n_items']:,} items)", ["key", "value"], rows)
     an = r.get("analysis")
     if not an:

@@ -18,7 +18,10 @@ and over a first layer recomputed from item ids without building its K/V either 
 for it (`model.first_layer_tables()`, SASRec's LayerNorm fold: `ItemLayer`); otherwise it is recomputed per
 token. `attention="decoded"` decodes the cache and runs the model's own `extend` (the reference; what
 `ckv_cli.tasks.next_item.scores_after_last_event` does). A batch whose new events would overflow a user's window
-(`max_len`) goes through the decoded path for those users (re-prefill from item ids, as `extend` does).
+(`max_len`) goes through the decoded path for those users (re-prefill from item ids, as `extend` does). A model
+with next-event query time (`model.provisional_tokens`: its newest cached token is recomputed by every `extend`,
+`ckv_cli.models.base`) is always served through the decoded path, asked at `query_timestamps` (the request time;
+default the newest event's own time).
 
 Appending (`append`): the user's current cache is decoded, the new events are run through `model.extend` over it,
 and the new tokens' K/V are encoded by the plan (`Store._merge`). With no overflow the old tokens' fields stay as
@@ -26,7 +29,8 @@ they are (token-local codecs) and the new tokens' fields are `plan.encode` of th
 computes them over the decoded cache; with the first layer recomputed from item ids (the default) and two layers,
 those K/V equal the teacher's (a prefill of the extended history) to float tolerance. On overflow (cached + new >
 max_len) the window slides as in `extend`: the most recent `max_len` events are re-prefilled from their item ids
-and the user is re-encoded whole. A store is not safe to append to from several threads at once.
+and the user is re-encoded whole; so is a user of a model with a provisional newest token (re-opened and recomputed
+by `extend`). A store is not safe to append to from several threads at once.
 """
 from __future__ import annotations
 
@@ -223,11 +227,11 @@ def _select_cache(cache: KVCache, idx: torch.Tensor) -> KVCache:
 
 @torch.no_grad()
 def hidden_after(model, cache: KVCache, items: torch.Tensor | None = None, timestamps: torch.Tensor | None = None,
-                 new_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                 new_lengths: torch.Tensor | None = None, query_ts: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden state (B, d) of each user's next-event query from a decoded cache: the last of its new events
     appended through `model.extend`, or without new events the last cached event replayed. Users whose new
     events overflow the window are extended apart from the others (`extend` re-prefills the whole batch it is
-    given when one user overflows)."""
+    given when one user overflows). `query_ts` (B,): the request time of a model with next-event query time."""
     if items is None:
         cache, items, timestamps = rewind(cache)
         new_lengths = torch.ones(len(items), dtype=torch.long)
@@ -237,11 +241,15 @@ def hidden_after(model, cache: KVCache, items: torch.Tensor | None = None, times
     if over.any() and not over.all():
         out = None
         for part in (over.nonzero().squeeze(1), (~over).nonzero().squeeze(1)):
-            h = hidden_after(model, _select_cache(cache, part), items[part], timestamps[part], new_lengths[part])
+            h = hidden_after(model, _select_cache(cache, part), items[part], timestamps[part], new_lengths[part],
+                             None if query_ts is None else query_ts[part])
             out = h.new_empty(len(over), h.shape[1]) if out is None else out
             out[part] = h
         return out
-    _, h = model.extend(cache, items, timestamps, new_lengths)
+    if query_ts is None:
+        _, h = model.extend(cache, items, timestamps, new_lengths)
+    else:
+        _, h = model.extend(cache, items, timestamps, new_lengths, query_ts=query_ts)
     return last_hidden(h, new_lengths)
 
 
@@ -378,15 +386,18 @@ class CacheStore(Store):
         return arr.astype(np.int64)
 
     @torch.no_grad()
-    def _hidden(self, users: np.ndarray, new_items, new_timestamps, attention: str):
-        """(hidden states (B, d), items each user's ranking excludes (B, L')) for the next event."""
+    def _hidden(self, users: np.ndarray, new_items, new_timestamps, attention: str, query_ts=None):
+        """(hidden states (B, d), items each user's ranking excludes (B, L')) for the next event. `query_ts` (B,):
+        the request time, read by models with next-event query time (`ckv_cli.models.base`), which are always
+        served through the decoded path (their newest cached token is recomputed)."""
         if attention not in (COMPRESSED, DECODED):
             raise CkvError(f"attention must be '{COMPRESSED}' or '{DECODED}', got {attention!r}")
         items, ts, new_lengths = self._new_events(len(users), new_items, new_timestamps)
+        query_ts = self._query_times(len(users), query_ts)
         fields, offsets = self._read(users)
-        if attention == DECODED:
+        if attention == DECODED or getattr(self.model, "provisional_tokens", 0):
             cache = self.model.unflatten(self._decode(fields, offsets))
-            h = hidden_after(self.model, cache, items, ts, new_lengths)
+            h = hidden_after(self.model, cache, items, ts, new_lengths, query_ts)
             seen = cache.items
         else:
             cc = self._compressed(fields, offsets, recompute_items=False)
@@ -409,6 +420,15 @@ class CacheStore(Store):
             seen = torch.cat([seen, items], dim=1)
         return h, seen
 
+    def _query_times(self, n_users: int, query_ts) -> torch.Tensor | None:
+        """Request times (one per user, seconds) -> (B,) int64, or None."""
+        if query_ts is None:
+            return None
+        arr = np.asarray(query_ts.cpu() if isinstance(query_ts, torch.Tensor) else query_ts).reshape(-1)
+        if len(arr) != n_users:
+            raise CkvError(f"query_timestamps has {len(arr)} entries, the batch has {n_users} users")
+        return torch.from_numpy(self._timestamps(arr, n_users))
+
     def _tables(self):
         if not all(recomputed(self.plan.streams[CachePlan.key(0, k)]) for k in "kv"):
             return None
@@ -418,11 +438,12 @@ class CacheStore(Store):
         return self._item_tables or None
 
     def rank_next(self, user_ids, new_items=None, new_timestamps=None, k: int = 10, exclude_seen: bool = True,
-                  attention: str = COMPRESSED) -> Ranking:
+                  attention: str = COMPRESSED, query_timestamps=None) -> Ranking:
         """Top-k next items of each user from its cache (module docstring): `new_items` (one sequence per user,
         raw ids or indices, with `new_timestamps` for models that read event times) are appended first, without
         being stored. Items of the user's window (cached and new) are excluded as in `ckv_cli.evaluate`
-        (`exclude_seen=False` ranks them too)."""
+        (`exclude_seen=False` ranks them too). `query_timestamps` (one per user): the request time, for models
+        with next-event query time (generative-recommenders' HSTU); default the newest event's own time."""
         users = self.index(user_ids)
         n = self.plan.n_items
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
@@ -430,7 +451,7 @@ class CacheStore(Store):
         if len(users) == 0:
             empty = np.zeros((0, int(k)))
             return Ranking([], empty.astype(np.int64), self.item_ids_of(empty), empty.astype(np.float32))
-        h, seen = self._hidden(users, new_items, new_timestamps, attention)
+        h, seen = self._hidden(users, new_items, new_timestamps, attention, query_timestamps)
         with torch.no_grad():
             scores = self.model.score_all(h)
             if exclude_seen:
@@ -440,10 +461,10 @@ class CacheStore(Store):
         return Ranking([self._user_ids[u] for u in users], idx, self.item_ids_of(idx), top.values.numpy())
 
     def score_items(self, user_ids, candidate_items, new_items=None, new_timestamps=None,
-                    attention: str = COMPRESSED) -> np.ndarray:
+                    attention: str = COMPRESSED, query_timestamps=None) -> np.ndarray:
         """Next-item scores (B, C) of candidate items: one list per user (B lists of C), or one list for all.
-        Candidates are raw ids or indices and are scored even if seen. (CTR artifacts:
-        `ckv_cli.store_ctr.CTRStore.score`.)"""
+        Candidates are raw ids or indices and are scored even if seen. `query_timestamps`: `rank_next`. (CTR
+        artifacts: `ckv_cli.serve.ctr.CTRStore.score`.)"""
         users = self.index(user_ids)
         per_user = (candidate_items.ndim == 2 if isinstance(candidate_items, (np.ndarray, torch.Tensor))
                     else len(candidate_items) > 0 and not isinstance(candidate_items[0], (str, int, np.integer)))
@@ -459,7 +480,7 @@ class CacheStore(Store):
             cand = torch.from_numpy(self.item_index(candidate_items))[None].expand(len(users), -1)
         if len(users) == 0:
             return np.zeros((0, cand.shape[1]), np.float32)
-        h, _ = self._hidden(users, new_items, new_timestamps, attention)
+        h, _ = self._hidden(users, new_items, new_timestamps, attention, query_timestamps)
         with torch.no_grad():
             return score_candidates(self.model, h, cand).numpy()
 
@@ -488,8 +509,8 @@ class CacheStore(Store):
         n_old, T = int(cache.lengths[0]), new_items.shape[1]
         new_cache, _ = self.model.extend(cache, new_items, new_ts)
         flat = self.model.flatten(new_cache)
-        if old is None or n_old + T > self.model.config.max_len:
-            record = self._encode(flat)  # new user, or the window slid: the whole (re-prefilled) user
+        if old is None or n_old + T > self.model.config.max_len or getattr(self.model, "provisional_tokens", 0):
+            record = self._encode(flat)  # new user, the window slid, or a provisional newest token recomputed
         else:
             n = flat.n_tokens
             record = self._merge(old, flat.rows(np.arange(n_old, n), np.array([0, n - n_old])), lambda: flat)
