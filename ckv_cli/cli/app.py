@@ -661,6 +661,43 @@ def _inspect_checkpoint(path, data, users, seed, target_error, plot, columns, js
     write_json(json_out, report)
 
 
+# ---------------------------------------------------------------------------------------------- import
+
+
+@app.command("import")
+def import_(
+    framework: Annotated[str, typer.Argument(help="Where the checkpoint comes from: recbole (RecBole 1.2 SASRec) or gr (generative-recommenders HSTU / SASRec).")],
+    src: Annotated[Path, typer.Argument(help="The framework's checkpoint file (RecBole's saved/*.pth; generative-recommenders' ckpts/*).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="ckv checkpoint to write (.safetensors).")],
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="The interaction log the model was trained on (named dataset or file). recbole: rebuilds RecBole's item numbering from it and the filters in the checkpoint's config.")] = None,
+    item_vocab: Annotated[Optional[Path], typer.Option("--item-vocab", help="Raw item id of each embedding row: a JSON list (RecBole's field2id_token['item_id'], '[PAD]' first) or one id per line. gr default: row i is id i.")] = None,
+    gin: Annotated[Optional[Path], typer.Option("--gin", help="gr: the run's .gin file (the checkpoint holds no config).")] = None,
+    bind: Annotated[Optional[list[str]], typer.Option("--bind", help="gr: a gin binding NAME=VALUE, repeatable, on top of --gin or instead of it (e.g. hstu_encoder.num_blocks=2).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    json_out: JsonOpt = None,
+):
+    """Convert another framework's checkpoint into a ckv checkpoint (read without executing anything from it);
+    evaluate, compress, inspect and CacheStore then work on it as on any ckv checkpoint."""
+    from ckv_cli.cli.render import write_json
+    from ckv_cli.importers import import_checkpoint
+    from ckv_cli.io.files import check_output
+
+    check_output(out, force)
+    check_output(json_out)
+    options = {"data": data, "item_vocab": None if item_vocab is None else str(item_vocab)}
+    if framework == "gr":
+        options.update(gin=None if gin is None else str(gin), binds=bind)
+    elif gin is not None or bind:
+        raise CkvError("--gin and --bind are options of 'ckv import gr' (a RecBole checkpoint carries its config)")
+    imported = import_checkpoint(framework, src, out, force=force, **options)
+    cfg = imported.model.config
+    print(f"wrote {out}: {imported.model.arch} from {imported.source['framework']} {imported.source['model']} "
+          f"({cfg.n_items:,} items, d={cfg.d}, {cfg.n_layers} layers, window {cfg.max_len}; "
+          f"item vocabulary {imported.notes.get('item_vocab')}); source sha256 {imported.source['sha256'][:16]}")
+    write_json(json_out, {"checkpoint": str(out), "arch": imported.model.arch, "source": imported.source,
+                          "dataset": imported.dataset, "notes": imported.notes})
+
+
 def _peak_rss_mb() -> float:
     import resource
 
