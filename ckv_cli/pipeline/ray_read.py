@@ -117,7 +117,8 @@ class _GroupShard:
         calib = Histories.of_users(ds, cand, self.max_len).to_arrow(shard)
         write_staged(calib.append_column("key", pa.array(keys[cand], pa.uint64())), calib_path(self.staging, shard))
         readers = np.unique(table.column("reader").to_numpy()).tolist() if table.num_rows else []
-        summary = {"shard": shard, "node": node_tag(), "readers": readers, "users": ds.n_users, "events": int(len(ds.items)), "rows": int(len(log)),
+        summary = {"shard": shard, "node": node_tag(), "readers": readers, "users": ds.n_users,
+                   "events": int(len(ds.items)), "rows": int(len(log)),
                    "dropped_users": ds.dropped_users, "dropped_events": ds.dropped_events,
                    "fingerprint": ds.fingerprint,
                    "candidates": [[int(keys[i]), str(ds.user_ids[i])] for i in cand]}
@@ -220,7 +221,8 @@ def compress_distributed(model, meta: dict, checkpoint_path, spec: str, columns:
             plan, distilled, _ = fit_and_distill(model, calib, opts, on_stream, calib_users=np.arange(calib.n_users))
             del calib
             nodes = {n for s in summaries for n in s["readers"] + [s["node"]] if n is not None}
-            read = {"files": len(files), "row_groups": len(pieces), "nodes": len(nodes), "rows": sum(s["rows"] for s in summaries),
+            read = {"files": len(files), "row_groups": len(pieces), "nodes": len(nodes),
+                    "rows": sum(s["rows"] for s in summaries),
                     "events": sum(s["events"] for s in summaries), "users": n_users,
                     "dropped_users": sum(s["dropped_users"] for s in summaries),
                     "dropped_events": sum(s["dropped_events"] for s in summaries)}
