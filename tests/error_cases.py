@@ -368,6 +368,33 @@ RB = ("import", "recbole", "bad.pth", "--item-vocab", "vocab.json", "-o", "new.s
 GR = ("import", "gr", "gr.pt", "--gin", "bad.gin", "-o", "new.safetensors")
 RB_VOCAB = fixture("recbole/item_vocab.json", "vocab.json")
 
+def later_events(ws: Path):
+    """later.csv: two workspace users' new events, after everything in events.csv."""
+    write("later.csv", "user,item,timestamp\nu0,i3,5000\nu1,i4,5000\nu1,i5,5010\n")(ws)
+
+
+def hstu_workspace(ws: Path):
+    """hstu.safetensors (an untrained HSTU over i1..i20: its artifacts keep event times), hart.safetensors
+    compressed from it on events.csv, and early.csv: an event of u0 older than its cached history."""
+    import torch
+
+    from ckv_cli.data import load
+    from ckv_cli.models import HSTU, HSTUConfig
+    from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
+    from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact
+
+    torch.manual_seed(3)
+    save_checkpoint(HSTU(HSTUConfig(n_items=20, d=8, n_layers=2, d_qk=8, d_v=8, max_len=8)).eval(),
+                    ws / "hstu.safetensors", dataset="events.csv", fingerprint="0" * 16, item_vocab=VOCAB, metrics={},
+                    train={})
+    with chdir(ws):
+        model, meta = load_checkpoint("hstu.safetensors")
+        ds = load("events.csv", item_vocab=meta["item_vocab"])
+        opts = CompressOptions(params={"pool_size": 12, "user_dim": 0, "layout": "residual"}, calib_users=20)
+        compress_to_artifact(model, meta, "hstu.safetensors", ds, opts, "hart.safetensors", command="ckv compress")
+    write("early.csv", "user,item,timestamp\nu0,i3,1000\n")(ws)
+
+
 # ---------------------------------------------------------------- the cases
 
 CHECKPOINTS = "input files: checkpoints"
@@ -376,6 +403,8 @@ ARTIFACTS = "input files: artifacts"
 MISMATCH = "an artifact and a checkpoint that do not belong together"
 OUTPUTS = "outputs"
 OPTIONS = "options"
+UPDATES = "ckv compress --update"
+UPDATE = ("compress", "ckpt.safetensors", "--update", "art.safetensors", "--data", "later.csv")
 
 CASES: list[Case] = [
     # -- checkpoints
@@ -448,6 +477,8 @@ CASES: list[Case] = [
          "ckv: error: data file not found: missing.csv"),
     Case(DATA, "data path is a directory", ("evaluate", "ckpt.safetensors", "--data", "logs.csv"),
          "ckv: error: expected a file, got a directory: logs.csv", setup=mkdir("logs.csv")),
+    Case(DATA, "a glob that matches no Parquet file", ("evaluate", "ckpt.safetensors", "--data", "logs/*.parquet"),
+         "ckv: error: no Parquet files match logs/*.parquet", setup=mkdir("logs")),
     Case(DATA, "empty data file", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
          "ckv: error: data file is empty: bad.csv", setup=write("bad.csv", "")),
     Case(DATA, "unreadable data file (chmod 000)", EVALUATE, "ckv: error: data file is not readable: events.csv",
@@ -719,6 +750,35 @@ CASES: list[Case] = [
     Case(IMPORTS, "an existing output without --force", ("import", "gr", "gr.pt", "--gin", "gr.gin", "-o", "out.safetensors"),
          "ckv: error: out.safetensors exists; pass --force to overwrite it",
          setup=chain(fixture("gr/hstu.pt", "gr.pt"), fixture("gr/hstu.gin", "gr.gin")), intact=("out.safetensors",)),
+    Case(OPTIONS, "compress without -o", ("compress", "ckpt.safetensors", "--data", "events.csv"),
+         "ckv: error: Missing option '--out' / '-o'."),
+    Case(OPTIONS, "--shards with --shard-size", (*NEW[:-2], "-o", "new.index.json", "--shards", "2", "--shard-size", "8"),
+         "ckv: error: --shards (users by hash) and --shard-size (users by range) both choose the shard assignment: "
+         "give one"),
+    Case(OPTIONS, "--shards with --distill-steps", (*NEW[:-2], "-o", "new.index.json", "--shards", "2",
+                                                   "--distill-steps", "2"),
+         "ckv: error: --distill-steps does not go with --shards yet (distillation samples users from the whole log)"),
+    # -- updates
+    Case(UPDATES, "another checkpoint than the artifact's", ("compress", "other.safetensors", *UPDATE[2:]),
+         "ckv: error: art.safetensors was made from another checkpoint (sha256 <...>..., this checkpoint <...>...)",
+         setup=later_events, intact=("art.safetensors",)),
+    Case(UPDATES, "a plan option that is not the artifact's", (*UPDATE, "--pool-size", "16"),
+         "ckv: error: art.safetensors was compressed with pool_size 12; --update encodes with the artifact's plan and "
+         "cannot change it: --pool-size 16 differs (drop it, or compress anew)",
+         setup=later_events, intact=("art.safetensors",)),
+    Case(UPDATES, "new events older than the user's cached history",
+         ("compress", "hstu.safetensors", "--update", "hart.safetensors", "--data", "early.csv"),
+         "ckv: error: user 'u0': a new event at 1000 is older than its cached history (last cached event at <t>); "
+         "--update appends newer events only", setup=hstu_workspace),
+    Case(UPDATES, "--update with -o", (*UPDATE, "-o", "new.safetensors"),
+         "ckv: error: --update rewrites the artifact in place, in this process, with its own plan: drop -o",
+         setup=later_events),
+    Case(UPDATES, "--update of an artifact that does not exist",
+         ("compress", "ckpt.safetensors", "--update", "nope.safetensors", "--data", "later.csv"),
+         "ckv: error: artifact not found: nope.safetensors", setup=later_events),
+    Case(UPDATES, "--update of an index that does not exist",
+         ("compress", "ckpt.safetensors", "--update", "nope.index.json", "--data", "later.csv"),
+         "ckv: error: index not found: nope.index.json", setup=later_events),
 ]
 
 

@@ -486,35 +486,92 @@ class CacheStore(Store):
 
     # -- appending ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def append(self, user_id: str, items, timestamps=None, create: bool = False) -> None:
+    def append(self, user_id: str, items, timestamps=None, create: bool = False, window: int | None = None,
+               ordered: bool = False) -> None:
         """Append a user's new events (raw item ids or indices, timestamps in seconds) through the model and the
         codec (module docstring for the exact contract). An unknown user is an error unless `create`, which
-        starts the user from an empty cache."""
-        uid = str(user_id)
+        starts the user from an empty cache. `window` and `ordered`: as `append_many`."""
         if isinstance(items, str):
             items = [items]
-        if uid not in self._lookup:
-            if not create:
-                raise CkvError(f"user '{uid}' is not in {self.artifact.path} (create=True adds a new user)")
-            u = None
-        else:
-            u = self._lookup[uid]
-        new_items, new_ts, _ = self._new_events(1, [items], None if timestamps is None else [timestamps])
-        if u is None:
-            cache = self.model.empty_cache(1)
-            old, old_off = None, np.array([0, 0])
-        else:
-            old, old_off = self._read(np.array([u]))
-            cache = self.model.unflatten(self._decode(old, old_off))
-        n_old, T = int(cache.lengths[0]), new_items.shape[1]
-        new_cache, _ = self.model.extend(cache, new_items, new_ts)
-        flat = self.model.flatten(new_cache)
-        if old is None or n_old + T > self.model.config.max_len or getattr(self.model, "provisional_tokens", 0):
-            record = self._encode(flat)  # new user, the window slid, or a provisional newest token recomputed
-        else:
-            n = flat.n_tokens
-            record = self._merge(old, flat.rows(np.arange(n_old, n), np.array([0, n - n_old])), lambda: flat)
-        self._put(uid, u, record)
+        self.append_many([user_id], [items], None if timestamps is None else [timestamps], create, window, ordered)
+
+    @torch.no_grad()
+    def append_many(self, user_ids, items, timestamps=None, create: bool = False, window: int | None = None,
+                    ordered: bool = False) -> None:
+        """`append` for a batch of users at once (one read, one decode, one `extend` and one prefill for the
+        batch): user b gets the events `items[b]` at `timestamps[b]`. `window` (at most the model's `max_len`,
+        the default): the most tokens a cache keeps; cached + new > window re-encodes the user from a prefill of
+        its last `window` events (`ckv compress --update` passes `max_len - 1`, the cache `ckv compress` keeps:
+        the next event is appended at scoring time). `ordered`: refuse new events older than the user's last
+        cached one (checked where the artifact keeps event times)."""
+        uids = [str(u) for u in user_ids]
+        if len(set(uids)) != len(uids):
+            raise CkvError("a user appears twice in one append_many: give each user's new events once")
+        max_len = self.model.config.max_len
+        W = max_len if window is None else window
+        if isinstance(W, bool) or not isinstance(W, (int, np.integer)) or not 1 <= W <= max_len:
+            raise CkvError(f"window must be an integer in 1..{max_len} (the model's max_len), got {window!r}")
+        known = [self._lookup.get(uid) for uid in uids]
+        missing = next((uid for uid, u in zip(uids, known) if u is None), None)
+        if missing is not None and not create:
+            raise CkvError(f"user '{missing}' is not in {self.artifact.path} (create=True adds a new user)")
+        new_items, new_ts, new_len = self._new_events(len(uids), list(items), timestamps)
+        old = [b for b, u in enumerate(known) if u is not None]
+        records: dict[int, dict[str, np.ndarray]] = {}
+        windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # user b -> (items, timestamps) to prefill
+        for b in range(len(uids)):
+            if known[b] is None:
+                T = int(new_len[b])
+                windows[b] = (new_items[b, :T][-W:], new_ts[b, :T][-W:])
+        if old:
+            fields, offsets = self._read(np.array([known[b] for b in old]))
+            cache = self.model.unflatten(self._decode(fields, offsets))
+            n_old = cache.lengths.tolist()
+            if ordered and self.plan.timestamps:
+                for j, b in enumerate(old):
+                    if not n_old[j]:
+                        continue
+                    last, first = int(cache.timestamps[j, n_old[j] - 1]), int(new_ts[b, : int(new_len[b])].min())
+                    if first < last:
+                        raise CkvError(f"user '{uids[b]}': a new event at {first} is older than its cached history "
+                                       f"(last cached event at {last}); --update appends newer events only")
+            grow = [j for j, b in enumerate(old) if n_old[j] + int(new_len[b]) <= W]
+            provisional = bool(getattr(self.model, "provisional_tokens", 0))
+            for j in sorted(set(range(len(old))) - set(grow)):
+                b, T = old[j], int(new_len[old[j]])
+                windows[b] = (torch.cat([cache.items[j, : n_old[j]], new_items[b, :T]])[-W:],
+                              torch.cat([cache.timestamps[j, : n_old[j]], new_ts[b, :T]])[-W:])
+            if grow:
+                sel = torch.tensor(grow)
+                rows = [old[j] for j in grow]
+                ext, _ = self.model.extend(_select_kv(cache, sel), new_items[rows], new_ts[rows], new_len[rows])
+                flat = self.model.flatten(ext)
+                for i, j in enumerate(grow):
+                    whole = flat.users(i, i + 1)
+                    n = whole.n_tokens
+                    new = whole.rows(np.arange(n_old[j], n), np.array([0, n - n_old[j]]))
+                    if provisional:  # the old newest token was recomputed by extend: re-encode the whole user
+                        records[old[j]] = self._encode(whole)
+                    else:
+                        records[old[j]] = self._merge(self.record(fields, offsets, j), new, lambda w=whole: w)
+        if windows:
+            order = sorted(windows)
+            lengths = torch.tensor([len(windows[b][0]) for b in order], dtype=torch.long)
+            L = int(lengths.max())
+            items_w, ts_w = torch.zeros(len(order), L, dtype=torch.long), torch.zeros(len(order), L, dtype=torch.long)
+            for i, b in enumerate(order):
+                items_w[i, : lengths[i]], ts_w[i, : lengths[i]] = windows[b]
+            flat = self.model.flatten(self.model.prefill(items_w, ts_w, lengths)[0])
+            for i, b in enumerate(order):  # a new user, or the window slid: the whole (re-prefilled) user
+                records[b] = self._encode(flat.users(i, i + 1))
+        for b, uid in enumerate(uids):
+            self._put(uid, known[b], records[b])
+
+
+def _select_kv(cache: KVCache, idx: torch.Tensor) -> KVCache:
+    """Users `idx` of a batch of caches."""
+    return KVCache([k[idx] for k in cache.keys], [v[idx] for v in cache.values], cache.lengths[idx],
+                   cache.items[idx], cache.timestamps[idx], None if cache.keep is None else cache.keep[idx])
 
 
 def _select_compressed(cc: CompressedCache, idx: torch.Tensor) -> CompressedCache:
