@@ -1,5 +1,5 @@
-"""`ckv_cli.io`: the guarded writer's claims and writes, transactions, file sets, deferred signals; and the CLI's progress
-lines, on real files (tmp_path)."""
+"""`ckv_cli.io`: the guarded writer's claims and writes, transactions, file sets, deferred signals; and the CLI's
+progress lines (`ckv_cli.cli.render.LogLines`), on real files (tmp_path)."""
 from __future__ import annotations
 
 import io
