@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from ckv_cli import __version__
-from ckv_cli.artifact.sharded import (DEFAULT_SHARD_USERS, is_index, sha256_of, shard_paths, shard_ranges,
-                                      shared_path, stem_of, write_index, write_shared)
+from ckv_cli.artifact.sharded import (DEFAULT_SHARD_USERS, is_index, set_names, sha256_of, shard_ranges, stem_of,
+                                      write_index, write_shared)
 from ckv_cli.artifact.writer import ArtifactWriter
 from ckv_cli.codecs import CachePlan
 from ckv_cli.errors import CkvError
-from ckv_cli.io.files import check_output
+from ckv_cli.io.fileset import FileSet
+from ckv_cli.io.guarded import where
 from ckv_cli.spec import token_index
 from ckv_cli.tasks import NEXT_ITEM, task_of
 
@@ -133,7 +134,8 @@ def write_shard(model, plan: CachePlan, hist: Histories, job: ShardJob, shard: i
     finally:
         writer.discard()
     seconds = time.perf_counter() - t0
-    return {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size, "users": [a, b],
+    written = where(path)  # (inside a transaction: the staged file)
+    return {"file": path.name, "sha256": sha256_of(written), "bytes": written.stat().st_size, "users": [a, b],
             "first_user_id": str(hist.user_ids[0]) if b > a else None,
             "last_user_id": str(hist.user_ids[-1]) if b > a else None, "tokens": scored.n_tokens,
             "per_user_bytes": acct["per_user_bytes"], "per_user_breakdown": acct["per_user_breakdown"],
@@ -164,7 +166,9 @@ def compress_sharded(model, meta: dict, checkpoint_path, ds, opts, out, shard_si
     """`ckv compress --shard-size N [--engine ray]`: fit the plan once here (calibration sample, distillation),
     write the shared tensors, encode the shards (in this process, or on Ray: `ckv_cli.engines.ray_engine`),
     then the index. Returns the report (as `compress_to_artifact`'s, plus the engine's timings). Every output
-    (index, shared file, shards) is checked before any work; on failure the files this run wrote are removed."""
+    (index, shared file, shards) is checked before any work; the set is replaced as a unit (`ckv_cli.io.fileset`:
+    with `force` the new files are written beside the old set under free names and the index is swapped last);
+    on failure or an interrupt the files this run wrote are removed and an old set is left as it was."""
     from ckv_cli.codecs.evict import refuse_artifact
     from ckv_cli.io.files import sha256_file
     from ckv_cli.pipeline.compress import fit_and_distill, run_metadata
@@ -183,12 +187,10 @@ def compress_sharded(model, meta: dict, checkpoint_path, ds, opts, out, shard_si
 
         require_ray()
     ranges = shard_ranges(ds.n_users, shard_size, opts.batch_users)
-    files, shared = shard_paths(out, len(ranges)), shared_path(out)
-    for p in [out, shared, *files]:
-        check_output(p, force)
-    written = [p for p in [shared, *files] if not p.exists()]
+    fileset = FileSet(out, force, lambda g: set_names(out, len(ranges), g))  # every output checked up front
+    shared, files = fileset.paths[0], fileset.paths[1:]
     t0 = time.perf_counter()
-    try:
+    with fileset:  # an interrupted or failed run removes the new files; the old set stays valid until the swap
         base = run_metadata(meta, checkpoint_path, sha256_file(Path(checkpoint_path)), ds, opts, model)
         base["command"] = command
         plan, distilled, _ = fit_and_distill(model, ds, opts, on_stream)
@@ -220,11 +222,7 @@ def compress_sharded(model, meta: dict, checkpoint_path, ds, opts, out, shard_si
                        "tokens_per_second": tokens / (t2 - t1) if t2 > t1 else 0.0}
         metadata = {**base, "plan": plan.describe(), "accounting": acct, "metrics": metrics, "engine": engine_info,
                     "ckv_version": __version__}
-        index = write_index(out, json.loads(json.dumps(metadata)), shared_entry, entries, force)
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
+        index = fileset.commit(lambda: write_index(out, json.loads(json.dumps(metadata)), shared_entry, entries, force))
     report = {"artifact": str(out), **{k: v for k, v in metadata.items() if k != "command"}}
     report["stored_tensor_bytes"] = acct["per_user_bytes"] + acct["shared_bytes"]
     report["file_bytes"] = index["totals"]["file_bytes"]
