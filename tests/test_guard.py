@@ -175,3 +175,35 @@ def test_a_device_is_never_replaced(tmp_path):
     if stat.S_ISCHR(os.stat("/dev/null").st_mode):  # (on a shared machine someone may have replaced it already)
         with pytest.raises(CkvError, match="is a character device"):
             check_target("/dev/null", force=True)
+
+
+def test_training_that_diverges_stops_with_one_line_and_writes_nothing(tmp_path):
+    """A learning rate the CLI refuses (--lr is at most 10) makes the loss NaN: the library stops with one line
+    and writes no checkpoint (before: a checkpoint of NaN weights, HR@10 = NDCG@10 = 1.0000)."""
+    import numpy as np
+
+    from ckv_cli.data import load
+    from ckv_cli.train.next_item import TrainConfig, train_to_checkpoint
+
+    rng = np.random.default_rng(0)
+    rows = [f"u{u},i{rng.integers(1, 21)},{1000 + 10 * t}" for u in range(40) for t in range(int(rng.integers(4, 10)))]
+    (tmp_path / "events.csv").write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+    ds = load(str(tmp_path / "events.csv"))
+    cfg = TrainConfig(epochs=2, lr=1e6, model={"d": 8, "max_len": 8})
+    with pytest.raises(CkvError, match=r"training diverged: the loss is nan at epoch \d+, batch \d+; nothing written "
+                                       r"\(try a smaller --lr than 1e\+06\)"):
+        train_to_checkpoint(ds, "sasrec", cfg, tmp_path / "m.safetensors")
+    assert files(tmp_path) == ["events.csv"]
+
+
+def test_a_failed_allocation_is_one_line():
+    """What the CLI prints for an allocation the machine cannot make (a real one: 2**62 bytes)."""
+    import torch
+
+    from ckv_cli.cli.app import _out_of_memory
+
+    with pytest.raises(RuntimeError) as e:
+        torch.empty(1 << 62, dtype=torch.uint8)
+    assert _out_of_memory(e.value) == ("out of memory (an allocation of 4,611,686,018,427,387,904 bytes failed): use "
+                                       "smaller sizes (--d, --max-len, --batch-size, --negatives, --batch-users)")
+    assert _out_of_memory(RuntimeError("shape mismatch")) is None

@@ -24,6 +24,11 @@ class SASRecConfig:
     max_len: int = 200
     dropout: float = 0.2
 
+    def __post_init__(self):
+        if self.n_heads < 1 or self.d % self.n_heads:
+            raise ValueError(f"width {self.d} is not a multiple of the {self.n_heads} heads (SASRec splits its width "
+                             "across the heads)")
+
 
 class SASRecLayer(nn.Module):
     """One pre-LN block; K and V are what the cache holds."""

@@ -14,6 +14,7 @@ bases, tables. Model weights are needed by the full and the compressed cache ali
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,8 @@ def parse_params(specs: list[str], what: str = "--param") -> dict:
                 break
             except ValueError:
                 pass
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CkvError(f"bad {what} '{spec}': {value} is not a finite number")
         out[key.strip()] = value
     return out
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ckv_cli.data.batching import history_batch
 from ckv_cli.data.sequences import SequenceData
+from ckv_cli.errors import CkvError
 from ckv_cli.io.signals import pause
 from ckv_cli.models import REGISTRY
 from ckv_cli.tasks.next_item import PROTOCOL, SEEN_PROTOCOL, evaluate_model
@@ -41,6 +42,15 @@ class TrainConfig:
     shared_negatives: bool = False
     model: dict = field(default_factory=dict)  # overrides of the model config
     exclude_seen: bool = True  # validation (early stopping) and test rank without the window's items
+
+
+def model_config(arch: str, n_items: int, overrides: dict):
+    """The architecture's config, checked (a one-line CkvError on a bad value, e.g. a width the heads do not
+    divide)."""
+    try:
+        return REGISTRY[arch][1](n_items=n_items, **overrides)
+    except (TypeError, ValueError) as e:
+        raise CkvError(f"invalid {arch} config: {e}") from None
 
 
 def sampled_softmax_loss(model, h, targets, valid, n_neg, temperature, gen, shared=False):
@@ -104,8 +114,7 @@ def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
     gen = seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model_cls, cfg_cls = REGISTRY[arch]
-    model = model_cls(cfg_cls(n_items=data.n_items, **cfg.model))
+    model = REGISTRY[arch][0](model_config(arch, data.n_items, cfg.model))
     if init_state is not None:  # continue from a checkpoint's weights (same architecture and config)
         model.load_state_dict(init_state)
     model.to(cfg.device)
