@@ -38,7 +38,7 @@ def ckv(*args, cwd, env):
 NOTE = "note: log.csv: columns recognised by name: user=userId, item=movieId (--columns overrides)"
 
 
-SLOW = pytest.mark.slow  # ~30 s each here (three processes: train, compress, evaluate); sim keeps the fast tier's
+SLOW = pytest.mark.slow  # 21-38 s each here (three processes: train, compress, evaluate); sim stays in the fast tier
 
 
 @pytest.mark.parametrize("arch", ["sim", pytest.param("eta", marks=SLOW), pytest.param("sdim", marks=SLOW),
