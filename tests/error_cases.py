@@ -255,6 +255,13 @@ def link(src: str, dst: str, symbolic: bool = False):
     return setup
 
 
+def cached_dataset(ws: Path):
+    """cache/ml-100k/...: a stand-in for the cached ML-100k (never verified: the command stops before reading)."""
+    inter = ws / "cache/ml-100k/recbole/dataset_example/ml-100k/ml-100k.inter"
+    inter.parent.mkdir(parents=True)
+    shutil.copy(ws / "events.csv", inter)
+
+
 def unterminated_quote(ws: Path):
     """bad.csv: good rows, then a row whose quote never closes (200,000 characters follow)."""
     rows = "".join(r + "\n" for r in good_rows())
@@ -565,6 +572,20 @@ CASES: list[Case] = [
          ("inspect", "ckpt.safetensors", "--data", "events.csv", "--json", "events.csv", "--force"),
          "ckv: error: --json events.csv is the --data file this command reads; write the output elsewhere (--force "
          "never overwrites an input)", intact=("events.csv",)),
+    Case(OUTPUTS, "inspect --json onto the checkpoint the artifact's metadata names (read with --data)",
+         ("inspect", "art.safetensors", "--data", "events.csv", "--json", "ckpt.safetensors", "--force"),
+         "ckv: error: --json ckpt.safetensors is the artifact's checkpoint this command reads; write the output elsewhere "
+         "(--force never overwrites an input)", intact=("ckpt.safetensors",)),
+    Case(OUTPUTS, "--json onto the cached file of the named dataset --data reads",
+         ("evaluate", "ckpt.safetensors", "--data", "ml-100k", "--json", "cache/ml-100k/recbole/dataset_example/ml-100k/"
+          "ml-100k.inter", "--force"),
+         "ckv: error: --json cache/ml-100k/recbole/dataset_example/ml-100k/ml-100k.inter is the --data file this command "
+         "reads; write the output elsewhere (--force never overwrites an input)", env=(("CKV_CACHE", "cache"),),
+         setup=cached_dataset),
+    Case(OUTPUTS, "--json onto the genres file read beside a ratings.dat",
+         ("evaluate", "ckpt.safetensors", "--data", "ratings.dat", "--json", "movies.dat", "--force"),
+         "ckv: error: --json movies.dat is the --data file this command reads; write the output elsewhere (--force never "
+         "overwrites an input)", setup=chain(write("ratings.dat", "1::i1::5::100\n"), write("movies.dat", "1::x::Drama\n"))),
     Case(OUTPUTS, "--json over an existing file without --force", ("inspect", "art.safetensors", "--json", "events.csv"),
          "ckv: error: events.csv exists; pass --force to overwrite it", intact=("events.csv",)),
     Case(OUTPUTS, "--json and -o the same path", (*NEW, "--json", "new.safetensors"),

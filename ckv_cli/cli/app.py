@@ -77,11 +77,26 @@ def _inputs(*pairs) -> None:
     if guard is None:
         return
     for what, path in pairs:
-        if isinstance(path, (list, tuple)):
+        if isinstance(path, (list, tuple)):  # (several artifacts: each named; the --data file and its side files)
             for p in path:
-                guard.add_input(p, f"{what} {p}")
+                guard.add_input(p, what if what == "the --data file" else f"{what} {p}")
         elif path is not None:
             guard.add_input(path, what)
+
+
+def _data_files(data: str | None) -> list[Path]:
+    """The files `--data` reads: a named dataset's cached files, or the log file and the side files its reader
+    also reads (a RecBole `.item` beside an `.inter`, `movies.dat` beside a `.dat`)."""
+    from ckv_cli.data.datasets import DATASETS, cache_dir
+
+    if not data:
+        return []
+    base = data[: -len("-ctr")] if data.endswith("-ctr") and not Path(data).exists() else data
+    if base in DATASETS:
+        return [cache_dir() / base / member for member in DATASETS[base].files]
+    path = Path(base)
+    side = {".inter": path.with_suffix(".item"), ".dat": path.with_name("movies.dat")}.get(path.suffix.lower())
+    return [path] + ([side] if side is not None else [])
 
 
 def _claim(path, force: bool, option: str) -> None:
@@ -191,7 +206,7 @@ def train(
 
     if arch not in REGISTRY:
         raise CkvError(f"unknown --arch '{arch}' (choose from: {', '.join(REGISTRY)})")
-    _inputs(("the --data file", data), ("the --init checkpoint", init))
+    _inputs(("the --data file", _data_files(data)), ("the --init checkpoint", init))
     partial = out.with_name((out.stem if out.suffix else out.name) + ".partial.safetensors") if out.exists() else None
     _claim(out, force, "-o")
     _claim(json_out, force, "--json")
@@ -320,7 +335,7 @@ def evaluate(
 
     if not data:
         raise CkvError("missing option '--data'")
-    _inputs(("the checkpoint", checkpoint), ("the --data file", data), ("the artifact", artifacts or []))
+    _inputs(("the checkpoint", checkpoint), ("the --data file", _data_files(data)), ("the artifact", artifacts or []))
     _claim(json_out, force, "--json")
     if sweep is not None:
         _claim(csv_out, force, "--csv")
@@ -510,7 +525,7 @@ def compress(
     from ckv_cli.tasks import CTR, task_of
     from ckv_cli.threads import set_threads
 
-    _inputs(("the checkpoint", checkpoint), ("the --data file", data))
+    _inputs(("the checkpoint", checkpoint), ("the --data file", _data_files(data)))
     set_threads(threads)
     sharded = engine != "local" or shard_size is not None
     if checkpoint.is_file() and _task_name(checkpoint) == CTR.name:
@@ -601,13 +616,15 @@ def inspect(
     """Explain an artifact (tensors, bytes, pool use, integrity) or analyse a checkpoint's caches."""
     from ckv_cli.threads import set_threads
 
-    _inputs(("the inspected file", path), ("the --checkpoint", checkpoint), ("the --data file", data))
-    _claim(json_out, force, "--json")
+    _inputs(("the inspected file", path), ("the --checkpoint", checkpoint), ("the --data file", _data_files(data)))
     _check_plot_dir(plot)
     set_threads(threads)
     if not path.exists():
         raise CkvError(f"not found: {path}")
     kind = _file_kind(path)
+    if kind == "artifact" and data and checkpoint is None:  # the checkpoint its metadata names is read too
+        _inputs(("the artifact's checkpoint", _artifact_checkpoint(path)))
+    _claim(json_out, force, "--json")
     _claim_plot(plot, path.stem + (".pool_usage.png" if kind == "artifact" else ".spectrum.png"), force)
     if kind == "artifact":
         ok = _inspect_artifact(path, data, checkpoint, users, seed, plot, columns, json_out)
@@ -650,6 +667,20 @@ def _task_name(checkpoint: Path) -> str:
     from ckv_cli.models.checkpoint import read_metadata
 
     return TASKS.get(read_metadata(checkpoint).get("arch"), "next-item")
+
+
+def _artifact_checkpoint(path: Path) -> Path | None:
+    """The checkpoint an artifact's metadata names (what `inspect --data` reads without --checkpoint)."""
+    from ckv_cli.artifact.format import decode_meta
+    from ckv_cli.artifact.sharded import is_index, read_index
+    from ckv_cli.io.safetensors import read_header
+
+    try:
+        ckpt = read_index(path)["metadata"].get("checkpoint") if is_index(path) else decode_meta(
+            read_header(path)[1].get("checkpoint") or "")
+    except (CkvError, ValueError):
+        return None  # the reader says what is wrong with the artifact later
+    return Path(str(ckpt)) if ckpt else None
 
 
 def _file_kind(path: Path) -> str:
