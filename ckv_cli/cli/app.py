@@ -421,6 +421,7 @@ def compress(
     recompute_item_layers: Annotated[bool, typer.Option(help="Recompute first-layer K/V from item ids instead of storing them (next-item models).")] = True,
     exclude_seen: Annotated[bool, typer.Option("--exclude-seen/--include-seen", help="The report's ranking protocol: without the history window's items (published) or with them (next-item models).")] = True,
     calib_users: Annotated[int, typer.Option(min=1, max=1 << 30, help="Users whose caches fit the pool (seeded sample).")] = 1000,
+    calib_holdout: Annotated[bool, typer.Option("--calib-holdout", help="Calibrate on at most half the users (min(--calib-users, users // 2)), so that the report's held-out metrics and reconstruction error cover at least half of them (next-item models).")] = False,
     batch_users: Annotated[int, typer.Option(min=1, max=1 << 20, help="Users encoded per batch (bounds memory).")] = 256,
     distill_steps: Annotated[int, typer.Option(min=0, max=1 << 30, help="Distillation steps after the gradient-free initialisation (0 = none; next-item models).")] = 0,
     finetune: Annotated[bool, typer.Option("--finetune", help="With --distill-steps: fine-tune a copy of the model too; it reads the artifact and is written beside it as OUT.student.safetensors (evaluate the artifact with that checkpoint).")] = False,
@@ -452,7 +453,7 @@ def compress(
                                 "--shards": shards is not None, "--update": update is not None,
                                 "--address": address is not None, "--distill-steps": distill_steps > 0,
                                 "--finetune": finetune, "--no-recompute-item-layers": not recompute_item_layers,
-                                "--include-seen": not exclude_seen}.items() if v]
+                                "--include-seen": not exclude_seen, "--calib-holdout": calib_holdout}.items() if v]
         if given:
             raise CkvError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to next-item models; "
                            f"{checkpoint} is a CTR model")
@@ -476,6 +477,8 @@ def compress(
         raise CkvError("--shards (users by hash) and --shard-size (users by range) both choose the shard assignment: give one")
     if finetune and distill_steps <= 0:
         raise CkvError("--finetune needs --distill-steps > 0 (the model trains during distillation)")
+    if calib_holdout and sharded:
+        raise CkvError("--calib-holdout writes one artifact: sharded output (--engine ray, --shard-size, --shards) draws its own calibration sample")
     if finetune and sharded:
         raise CkvError("--finetune writes one artifact: it does not go with --engine ray or --shard-size yet")
     if engine not in ("local", "ray"):
@@ -511,7 +514,7 @@ def compress(
     opts = CompressOptions(codec=codec, params=params, share=tuple(s.strip() for s in share.split(",") if s.strip()),
                            recompute_item_layers=recompute_item_layers, calib_users=calib_users,
                            batch_users=batch_users, distill_steps=distill_steps, finetune=finetune, seed=seed,
-                           exclude_seen=exclude_seen, **extra)
+                           exclude_seen=exclude_seen, calib_holdout=calib_holdout, **extra)
     from ckv_cli.pipeline.compress import make_plan
 
     make_plan(model, opts)  # refuse bad options before the data is read

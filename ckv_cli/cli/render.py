@@ -101,6 +101,28 @@ def print_update(report: dict) -> None:
     print_table(f"ckv compress --update: {report['artifact']}", ["", "value"], rows)
 
 
+def _calibration_rows(cal: dict | None) -> list[list[str]]:
+    """Rows on calibration: in-sample or not, and the held-out users' metrics and reconstruction error."""
+    if not cal:
+        return []
+    rows = [["calibration users / scored users", f"{cal['users']:,} / {cal['scored_users']:,}"
+             + (" (in-sample: every scored user calibrated)" if cal["in_sample"] else "")]]
+    held = cal.get("held_out")
+    if held:
+        rows.append([f"held out of calibration ({held['users']:,} users): NDCG@10, HR@10",
+                     f"{held['relative_delta']['NDCG@10']:+.2%}, {held['relative_delta']['HR@10']:+.2%}; top-10 overlap "
+                     f"{held['fidelity']['top10_overlap']:.3f}"])
+        err = held["reconstruction_rel_mse"]
+    else:
+        err = {}
+    coded = {k: v for k, v in err.items() if v > 0}
+    if coded:
+        rows.append(["reconstruction error, held-out (rel. MSE)", ", ".join(f"{k} {v:.4f}" for k, v in coded.items())])
+    elif cal["in_sample"]:
+        rows.append(["reconstruction error", "in-sample only (no user held out: --calib-holdout)"])
+    return rows
+
+
 def print_compress(report: dict) -> None:
     """The table `ckv compress` ends with: bytes (both denominators) and accuracy before/after."""
     a, m = report["accounting"], report["metrics"]
@@ -135,6 +157,7 @@ def print_compress(report: dict) -> None:
                          f"{m['uncompressed'][k]:.4f} -> {m['compressed'][k]:.4f} ({m['delta'][k]:+.4f}, {m['relative_delta'][k]:+.2%})"])
         rows.append(["top-10 overlap with uncompressed", f"{m['fidelity']['top10_overlap']:.3f}"])
         rows.append(["users whose hit@10 flips", f"{m['fidelity']['hit10_flips']:,}"])
+        rows += _calibration_rows(m.get("calibration"))
     if "engine" in report:
         e = report["engine"]
         size = f"of {e['shard_size']:,} users" if "shard_size" in e else "by user-id hash"
