@@ -123,6 +123,22 @@ def _calibration_rows(cal: dict | None) -> list[list[str]]:
     return rows
 
 
+def print_target_search(search: dict) -> None:
+    """`ckv compress --target`: every setting tried (bytes, the measured value, met) and the one kept."""
+    t = search["target"]
+    goal = f"{t['metric']}={t['value'] * 100:g}%" if t["relative"] else f"{t['metric']}={t['value']:g}"
+    rows = []
+    for r in search["tried"]:
+        if r.get("status") == "ok":
+            rows.append([r["setting"], f"{r['per_user_ratio_fp16']:.2%}", f"{r['total_ratio_fp16']:.2%}",
+                         f"{r['measured']:.4f}", "yes" if r["met"] else "no"])
+        else:
+            rows.append([r["setting"], "", "", "", r["status"]])
+    print_table(f"--target {goal} on {search['validation_users']:,} held-out calibration users (fitted on "
+                f"{search['fit_users']:,}); kept: {search['chosen']}",
+                ["setting", "per-user / fp16", "total / fp16", "measured", "met"], rows)
+
+
 def print_compress(report: dict) -> None:
     """The table `ckv compress` ends with: bytes (both denominators) and accuracy before/after."""
     a, m = report["accounting"], report["metrics"]
@@ -168,6 +184,13 @@ def print_compress(report: dict) -> None:
             r = report["read"]
             rows.append(["read on the workers", f"{r['events']:,} events of {r['users']:,} users from {r['files']:,} "
                                                 f"file(s), {e.get('read_seconds', 0):.0f} s"])
+    sizing = report.get("pool_sizing")
+    if sizing:
+        chosen = ", ".join(f"{n} {c['pool_size']}{'' if c['met'] else ' (target not met)'}"
+                           for n, c in sizing["streams"].items())
+        rows.append([f"pool size auto (held-out error <= {sizing['target_error']:g})", chosen])
+    for w in report.get("warnings", []):
+        rows.append(["warning", w])
     if report.get("student_checkpoint"):
         rows.append(["fine-tuned student (evaluate with it)", report["student_checkpoint"]])
     if "seconds" in report:

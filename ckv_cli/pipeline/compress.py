@@ -93,16 +93,35 @@ def parse_params(specs: list[str], what: str = "--param") -> dict:
     return out
 
 
-def make_plan(model, opts: CompressOptions) -> CachePlan:
+def make_plan(model, opts: CompressOptions, pool_size: int | None = None) -> CachePlan:
+    """The unfitted plan of `opts`. With `params['pool_size']` 'auto' (`ckv_cli.pipeline.sizing`) every pool gets
+    `pool_size` (default: the smallest candidate); `fit` chooses the size of each stream."""
+    from ckv_cli.pipeline.sizing import AUTO, CANDIDATES
+
     task = task_of(model)
     task.check_codec(opts.codec)
     if opts.codes not in SIDE_MODES:
         raise CkvError(f"codes must be one of {', '.join(SIDE_MODES)}, got {opts.codes!r}")
     ctr = task is CTR
-    return build_plan(model.cache_spec(), opts.codec, dict(opts.params), n_items=model.config.n_items,
+    params = dict(opts.params)
+    if params.get("pool_size") == AUTO:
+        if ctr:
+            raise CkvError("--pool-size auto is for next-item models (a CTR model calibrates on sampled tokens)")
+        params["pool_size"] = pool_size or CANDIDATES[0]
+    tables = getattr(model, "time_bias_tables", None)
+    weights = tables() if opts.params.get("time_bits") and tables is not None else None
+    return build_plan(model.cache_spec(), opts.codec, params, n_items=model.config.n_items,
                       share=tuple(opts.share), recompute_free=opts.recompute_item_layers,
                       side_stored=opts.codes == "stored", layout=CTR_LAYOUT if ctr else NEXT_ITEM_LAYOUT,
-                      arch=getattr(model, "arch", None) if ctr else None)
+                      arch=getattr(model, "arch", None) if ctr else None, time_weights=weights)
+
+
+def refuse_time_bits_artifact(opts: CompressOptions) -> None:
+    """Event times at a few bits are measured in memory only: artifacts (and the stores appending to them) keep
+    int32 timestamps for now."""
+    if opts.params.get("time_bits"):
+        raise CkvError("time_bits is measured in memory only for now (bench/fidelity.py, ckv sweep): artifacts keep "
+                       "int32 timestamps; drop --param time_bits to write one")
 
 
 def fit_plan(model, ds, opts: CompressOptions, on_stream: Callable[[str], None] | None = None,
@@ -114,11 +133,18 @@ def fit_plan(model, ds, opts: CompressOptions, on_stream: Callable[[str], None] 
 def fit(model, ds, opts: CompressOptions, on_stream=None, teacher=None,
         calib_users: np.ndarray | None = None) -> tuple[CachePlan, dict]:
     """`calib_users` (increasing user indices) replaces the task's seeded sample (a sharded read draws its own:
-    `ckv_cli.data.partition`)."""
+    `ckv_cli.data.partition`). With `pool_size` 'auto' the pool of each stream is sized on the calibration caches
+    first (`ckv_cli.pipeline.sizing`; `info['pool_sizing']` says what was chosen and why)."""
+    from ckv_cli.pipeline.sizing import AUTO, auto_plan
+
     plan = make_plan(model, opts)
     task = task_of(model)
     users = task.calibration_users(ds, opts) if calib_users is None else calib_users
     flat, info = task.calibration(model, ds, opts, users, teacher=teacher)
+    if opts.params.get("pool_size") == AUTO:
+        n_tokens = int(np.sum(task.token_counts(model, ds)(0, len(task.user_ids(ds)))))
+        plan, sizing = auto_plan(model, lambda m: make_plan(model, opts, m), flat, n_tokens, opts.seed)
+        info = {**info, "pool_sizing": sizing}
     torch.manual_seed(opts.seed)
     plan.fit(flat, opts.seed, on_stream)
     return plan, info
@@ -404,6 +430,7 @@ def compress_to_artifact(model, meta: dict, checkpoint_path, ds, opts: CompressO
 
     task = task_of(model)
     refuse_artifact(opts.codec)
+    refuse_time_bits_artifact(opts)
     student_out = student_path(out) if opts.finetune else None
     if student_out is not None:
         check_output(student_out, force)  # before any work
@@ -416,9 +443,16 @@ def compress_to_artifact(model, meta: dict, checkpoint_path, ds, opts: CompressO
         report = {"artifact": str(out), **run_metadata(meta, checkpoint_path, checkpoint_sha256, ds, opts, model)}
         if result.calibration and task is CTR:
             report["calibration"] = result.calibration
+        if "pool_sizing" in result.calibration:
+            report["pool_sizing"] = result.calibration["pool_sizing"]
         if task is CTR:
             report["codes"] = result.plan.side_mode
         report.update({"plan": result.plan.describe(), "accounting": acct, "metrics": result.metrics})
+        from ckv_cli.pipeline.sizing import shared_warning
+
+        warning = shared_warning(acct)
+        if warning:
+            report["warnings"] = [warning]
         if student_out is not None:  # the model that reads this artifact (what the metrics measured)
             save_checkpoint(result.student, student_out, dataset=meta.get("dataset", ds.name),
                             fingerprint=meta.get("data_fingerprint", ds.fingerprint), item_vocab=meta["item_vocab"],
