@@ -398,6 +398,7 @@ def test_target_search_keeps_the_smallest_setting_that_meets_it(teachers):
     assert never.chosen is None and never.tried[0]["met"] is False
 
 
+@pytest.mark.slow  # ~30 s: every setting of the default grid is fitted (twice)
 def test_target_options_on_a_calibration_teacher(teachers, ds):
     """What `ckv compress --target` runs: the search on the calibration users' teacher only, bytes over the log."""
     from ckv_cli.pipeline.target import target_options
@@ -409,3 +410,34 @@ def test_target_options_on_a_calibration_teacher(teachers, ds):
     assert not any("time_bits" in r["setting"] for r in searched["tried"])
     with pytest.raises(CkvError, match="no setting"):
         target_options(model, ds, CompressOptions(calib_users=50), parse_target("kl=0"))
+
+
+@pytest.mark.slow  # about a minute: the target search fits every setting of its grid
+def test_cli_target_and_pool_size_auto(ds, tmp_path, subprocess_env):
+    """`ckv compress --target` prints the settings tried and records the search; `--pool-size auto` records the
+    size chosen per stream; `--calib-holdout` prints the held-out rows. One process each, ML-100K, tiny model."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import untrained_checkpoint
+
+    ckpt = untrained_checkpoint("sasrec", ds, tmp_path / "m.safetensors", 16)
+
+    def ckv(*args):
+        return subprocess.run([sys.executable, "-m", "ckv_cli.cli", *map(str, args)], capture_output=True, text=True,
+                              env=subprocess_env, cwd=tmp_path, timeout=600)
+
+    p = ckv("compress", ckpt, "--data", "ml-100k", "-o", "t.safetensors", "--target", "overlap=0.01",
+            "--calib-users", "100", "--calib-holdout", "--json", "t.json")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads((tmp_path / "t.json").read_text())
+    assert rep["target_search"]["chosen"] in p.stdout and "--target overlap=0.01" in p.stdout
+    assert rep["metrics"]["calibration"]["held_out_users"] == ds.n_users - 100 and "held out of calibration" in p.stdout
+    p = ckv("compress", ckpt, "--data", "ml-100k", "-o", "a.safetensors", "--codec", "predictive", "--pool-size",
+            "auto", "--param", "predictor=item", "--calib-users", "200", "--json", "a.json")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads((tmp_path / "a.json").read_text())
+    sizes = {n: c["pool_size"] for n, c in rep["pool_sizing"]["streams"].items()}
+    assert sizes == {n: rep["plan"]["streams"][n]["params"]["pool_size"] for n in sizes} and "pool size auto" in p.stdout
+    assert "in-sample" not in p.stdout  # 200 of 943 users calibrate: the others are held out
