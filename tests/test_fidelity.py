@@ -441,3 +441,19 @@ def test_cli_target_and_pool_size_auto(ds, tmp_path, subprocess_env):
     sizes = {n: c["pool_size"] for n, c in rep["pool_sizing"]["streams"].items()}
     assert sizes == {n: rep["plan"]["streams"][n]["params"]["pool_size"] for n in sizes} and "pool size auto" in p.stdout
     assert "in-sample" not in p.stdout  # 200 of 943 users calibrate: the others are held out
+
+
+def test_distillation_keeps_fp16_pools(teachers, ds):
+    """A distilled collective pool is rounded back to fp16 when frozen (what the artifact holds); a predictive plan
+    has nothing to distil (refused in one line)."""
+    from ckv_cli.pipeline.compress import fit_and_distill
+
+    model, teacher = teachers["sasrec"]
+    opts = CompressOptions(params={"pool_size": 64, "user_dim": 0, "layout": "residual", "pool_dtype": "fp16"},
+                           calib_users=100, distill_steps=2, batch_users=32)
+    plan, history, _ = fit_and_distill(model, ds, opts, teacher=teacher)
+    pool = plan.streams["L1.k"].pool
+    assert len(history) == 2 and torch.equal(pool, pool.half().float())
+    opts = CompressOptions(codec="predictive", params={"pool_size": 64}, calib_users=100, distill_steps=1, batch_users=32)
+    with pytest.raises(CkvError, match="collective"):
+        fit_and_distill(model, ds, opts, teacher=teacher)

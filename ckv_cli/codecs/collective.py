@@ -108,6 +108,7 @@ class CollectiveCodec(StreamCodec):
     def freeze(self) -> None:
         for name in ("pool", "router_w", "router_b"):
             setattr(self, name, getattr(self, name).detach())
+        self.pool = self._stored(self.pool)  # a trained pool goes back to what the artifact holds (fp16)
         self.router_tied = False
 
     def gated_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
