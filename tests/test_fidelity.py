@@ -457,3 +457,35 @@ def test_distillation_keeps_fp16_pools(teachers, ds):
     opts = CompressOptions(codec="predictive", params={"pool_size": 64}, calib_users=100, distill_steps=1, batch_users=32)
     with pytest.raises(CkvError, match="collective"):
         fit_and_distill(model, ds, opts, teacher=teacher)
+
+
+def test_store_serves_and_appends_to_a_predictive_artifact(teachers, ds, tmp_path):
+    """`CacheStore` over a predictive artifact: compressed-domain and decoded attention agree, and an appended event
+    is encoded with its first-layer context, as compressing the longer history would."""
+    from ckv_cli.models.checkpoint import save_checkpoint
+    from ckv_cli.pipeline.compress import compress_to_artifact
+    from ckv_cli.serve.next_item import CacheStore
+
+    model, _ = teachers["sasrec"]
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(model, ckpt, dataset=ds.name, fingerprint=ds.fingerprint, item_vocab=list(ds.item_ids),
+                    metrics={}, train={})
+    opts = CompressOptions(codec="predictive", params={"pool_size": 64, "predictor": "linear+item"}, calib_users=200)
+    compress_to_artifact(model, {"arch": "sasrec", "item_vocab": list(ds.item_ids)}, ckpt, ds, opts,
+                         tmp_path / "p.safetensors")
+    users = [str(u) for u in ds.user_ids[:5]]
+    with CacheStore.open(tmp_path / "p.safetensors", model) as store:
+        fast = store.rank_next(users, k=10)
+        exact = store.rank_next(users, k=10, attention="decoded")
+        assert np.array_equal(fast.items, exact.items)
+        before = store.fetch_flat(users[:1])
+        n = before.n_tokens
+        assert n < model.config.max_len  # room for one more: the new token is merged, old ones kept
+        store.append(users[0], [1])
+        after = store.fetch_flat(users[:1])
+        assert after.n_tokens == n + 1
+        for name in ("L1.k", "L1.v"):
+            assert torch.allclose(after.stream(name)[:n], before.stream(name), atol=1e-5)
+        # the new token as the plan codes it with its first layer: re-encoding the user gives the same record
+        again = store.plan.decode(store.plan.encode(after), after.offsets, model)
+        assert torch.allclose(again.stream("L1.k"), after.stream("L1.k"), atol=1e-5)
