@@ -147,6 +147,9 @@ def _probe(codec) -> str | None:
     tensors of the wrong shape fail here, at open, instead of in the middle of a read."""
     fields = {f.name: np.zeros(1, np.int64) if f.bits else np.zeros((1, f.width), f.dtype) for f in codec.fields()}
     kw = {"items": np.zeros(1, np.int64)} if codec.needs_items else {}
+    if getattr(codec, "needs_context", False):  # predictive: the first layer's K/V, as wide as its linear map reads
+        weight = getattr(codec, "weight", None)
+        kw["context"] = None if weight is None else torch.zeros(1, weight.shape[0] - 1)
     try:
         with warnings.catch_warnings():  # a misshapen tensor may warn before it fails
             warnings.simplefilter("ignore")

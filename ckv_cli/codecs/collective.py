@@ -7,7 +7,9 @@ Layouts:
   the user part the r coordinates the pool approximates worst: x ~ mu + R [P[idx] ; u].
 Initialisation needs no gradients: k-means for the pool; the router `argmax(W x + b)` with W = 2P, b = -|P|^2 is
 exactly nearest-entry assignment. Per token it stores the index (packed at ceil(log2 m) bits) and r values
-(int8 with one fp16 scale per user, or fp16).
+(int8 with one fp16 scale per user, or fp16). `pool_dtype` fp16 stores the pool (and the router derived from
+it) at half the shared bytes; the pool is rounded to fp16 right after k-means, so the encoder routes to exactly
+the entries the reader holds.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ class CollectiveCodec(StreamCodec):
     name = "collective"
 
     def __init__(self, d: int, pool_size: int = 8192, user_dim: int = 0, layout: str = "residual",
-                 user_dtype: str = "int8", iters: int = 20):
+                 user_dtype: str = "int8", iters: int = 20, pool_dtype: str = "fp32"):
         self.d = check_positive_int("d", d)
         self.pool_size = check_positive_int("pool size", pool_size, 2)
         self.user_dim = check_positive_int("user dim", user_dim, 0)
@@ -34,14 +36,23 @@ class CollectiveCodec(StreamCodec):
             raise CkvError(f"user dtype must be 'int8' or 'fp16', got {user_dtype!r}")
         if self.user_dim >= d:
             raise CkvError(f"user dim ({user_dim}) must be smaller than the vector width ({d})")
-        self.layout, self.user_dtype, self.iters = layout, user_dtype, iters
+        if pool_dtype not in ("fp32", "fp16"):
+            raise CkvError(f"pool dtype must be 'fp32' or 'fp16', got {pool_dtype!r}")
+        self.layout, self.user_dtype, self.iters, self.pool_dtype = layout, user_dtype, iters, pool_dtype
         self.bits = bits_for(self.pool_size)
         self.pool = self.router_w = self.router_b = self.basis = self.mean = None
         self.user_coords = self.pool_coords = None
 
     def params(self) -> dict:
-        return {"d": self.d, "pool_size": self.pool_size, "user_dim": self.user_dim, "layout": self.layout,
-                "user_dtype": self.user_dtype}
+        out = {"d": self.d, "pool_size": self.pool_size, "user_dim": self.user_dim, "layout": self.layout,
+               "user_dtype": self.user_dtype}
+        if self.pool_dtype != "fp32":  # absent from artifacts written before the option existed
+            out["pool_dtype"] = self.pool_dtype
+        return out
+
+    def _stored(self, pool: torch.Tensor) -> torch.Tensor:
+        """The pool as the artifact will hold it (rounded to fp16 with `pool_dtype` fp16), in fp32."""
+        return pool.half().float() if self.pool_dtype == "fp16" else pool
 
     # -- fitting -------------------------------------------------------------------------------------------
     def fit(self, x: torch.Tensor, seed: int) -> None:
@@ -51,7 +62,7 @@ class CollectiveCodec(StreamCodec):
                            f"{x.shape[0]} (use more calibration users or a smaller pool)")
         r = self.user_dim
         if self.layout == "residual":
-            self._set_pool(kmeans(x, self.pool_size, seed=seed, iters=self.iters))
+            self._set_pool(self._stored(kmeans(x, self.pool_size, seed=seed, iters=self.iters)))
             res = x - self.pool[self._route(x)]  # (N, d)
             self.basis = torch.linalg.svd(res, full_matrices=False).Vh[:r].T.contiguous() if r else torch.zeros(self.d, 0)
             self.mean = torch.zeros(self.d)
@@ -69,7 +80,7 @@ class CollectiveCodec(StreamCodec):
             keep = torch.ones(self.d, dtype=torch.bool)
             keep[user] = False
             self.user_coords, self.pool_coords = user, keep.nonzero().squeeze(1)
-            self._set_pool(kmeans(z[:, self.pool_coords], self.pool_size, seed=seed, iters=self.iters))
+            self._set_pool(self._stored(kmeans(z[:, self.pool_coords], self.pool_size, seed=seed, iters=self.iters)))
 
     def _set_pool(self, pool: torch.Tensor) -> None:
         self.pool = pool.contiguous()  # (m, d) or (m, d - r)
@@ -97,6 +108,7 @@ class CollectiveCodec(StreamCodec):
     def freeze(self) -> None:
         for name in ("pool", "router_w", "router_b"):
             setattr(self, name, getattr(self, name).detach())
+        self.pool = self._stored(self.pool)  # a trained pool goes back to what the artifact holds (fp16)
         self.router_tied = False
 
     def gated_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +177,7 @@ class CollectiveCodec(StreamCodec):
         return z @ self.basis.T + self.mean  # back from the SVD basis
 
     def shared(self) -> dict[str, torch.Tensor]:
-        out = {"pool": self.pool, "basis": self.basis, "mean": self.mean}
+        out = {"pool": self.pool.half() if self.pool_dtype == "fp16" else self.pool, "basis": self.basis, "mean": self.mean}
         if not self.router_tied:  # a tied router (W = 2P, b = -|P|^2) is derived from the pool on load
             out.update(router_w=self.router_w, router_b=self.router_b)
         if self.layout == "concat":

@@ -347,6 +347,11 @@ class CacheStore(Store):
                 else:
                     sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
                     kw = {"items": np.asarray(fields["tokens/items"], np.int64)} if codec.needs_items else {}
+                    if getattr(codec, "needs_context", False):  # predictive: the first layer's K/V per token
+                        first = rec if rec is not None else item_layer_kv(self.model, items,
+                                                                          torch.arange(L)[None].expand(B, L))
+                        kw["context"] = (torch.cat([first[0], first[1]], -1).reshape(B * L, -1)[slots]
+                                         if recomputed(self.plan.streams.get(CachePlan.key(0, "k"))) else None)
                     dest.append(pad(codec.decode(sub, offsets, **kw).float()))
         return CompressedCache(keys, values, lengths, items, ts)
 

@@ -23,7 +23,7 @@ import torch
 from ckv_cli.artifact.reader import Artifact, user_indices
 from ckv_cli.codecs import CollectiveCodec
 from ckv_cli.codecs.base import quantize_per_user
-from ckv_cli.codecs.plan import _items, pack_side
+from ckv_cli.codecs.plan import _context, _items, pack_side
 from ckv_cli.errors import CkvError
 from ckv_cli.spec import FlatCache, token_index
 
@@ -242,7 +242,8 @@ class Store:
         cache = None
         for name, codec in self.plan.coded().items():
             names = [f"{name}/{f.name}" for f in codec.fields()]
-            if not any(f.per == "user" for f in codec.fields()) and getattr(codec, "axis", "token") != "channel":
+            if (not any(f.per == "user" for f in codec.fields()) and getattr(codec, "axis", "token") != "channel"
+                    and not getattr(codec, "needs_context", False)):
                 enc = codec.encode(new.stream(name), new.offsets, **_items(codec, new.items))  # token-local
                 for n_ in names:
                     out[n_] = np.concatenate([old[n_], self._as_stored(n_, enc[n_.split("/", 1)[1]])])
@@ -250,7 +251,8 @@ class Store:
                 out.update(self._merge_int8(name, codec, old, new.stream(name)))
             else:  # per-user state: re-encode the user's stream from the decoded old vectors and the new ones
                 cache = whole() if cache is None else cache
-                enc = codec.encode(cache.stream(name), cache.offsets, **_items(codec, cache.items))
+                enc = codec.encode(cache.stream(name), cache.offsets, **_items(codec, cache.items),
+                                   **_context(codec, self.plan.context(cache.streams)))  # predictive: first layer
                 out.update({n_: self._as_stored(n_, enc[n_.split("/", 1)[1]]) for n_ in names})
         return out
 
