@@ -1046,8 +1046,7 @@ def harness(name: str):
         import fnmatch
 
         import ckv_cli.io.guarded
-        import ckv_cli.train.ctr
-        import ckv_cli.train.next_item
+        import ckv_cli.train.common
 
         signum, pattern = SIGNAL_AT[name]
         sent = []
@@ -1057,7 +1056,7 @@ def harness(name: str):
                 sent.append(label)
                 os.kill(os.getpid(), signum)
 
-        for module in (ckv_cli.io.guarded, ckv_cli.train.next_item, ckv_cli.train.ctr):
+        for module in (ckv_cli.io.guarded, ckv_cli.train.common):
             patch(module, "pause", pause)
     elif name in ("full", "rofs"):
         with mounted_tmpfs({"full": "full", "rofs": "ro"}[name]):
