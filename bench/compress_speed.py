@@ -3,9 +3,9 @@
 
 Both sides run the same command, `ckv compress CHECKPOINT --data DATA` (defaults: collective, pool 8192, k and v
 of the pooled layer), in fresh processes with the same thread count (OMP_NUM_THREADS / MKL_NUM_THREADS and
-torch.set_num_threads), same venv: the baseline from `git archive BASELINE` unpacked into a temporary folder and
-put first on PYTHONPATH (the script checks that the process imported it from there), the current side from this
-tree. The sides alternate (baseline, current, baseline, current, ...) for --repeats rounds, so load from other
+torch.set_num_threads), same venv: the baseline from a checkout of it (--baseline-tree, default
+/tmp/ckv-0652c50 where it exists; else `git archive BASELINE` unpacked into a temporary folder) put first on
+PYTHONPATH (the script checks that the process imported it from there), the current side from this tree. The sides alternate (baseline, current, baseline, current, ...) for --repeats rounds, so load from other
 processes on a shared machine falls on both alike. Reported per side: wall seconds, CPU seconds of the process
 (user + system, from wait4: less sensitive to other processes than wall time), peak RSS; the ratio of medians
 (baseline / current) of both; the metrics each run reported (NDCG@10 and HR@10 without and with compression,
@@ -14,7 +14,9 @@ With --evaluate, `ckv evaluate` runs on both artifacts for the paired-bootstrap 
 
     python bench/compress_speed.py                                   # SASRec sample, ML-1M, 1 thread, 1 round
     python bench/compress_speed.py --repeats 3 --json docs/bench/compress-speed-cpu.json
-Runs from the repository root (needs git and the baseline commit in this repository's history).
+Runs from the repository root (needs the baseline checkout, or git and the baseline commit in this repository's
+history). The machine's load average is recorded before and after (other processes slow both sides alike, but
+they make wall times upper bounds).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench._machine import machine  # noqa: E402
 
+DEFAULT_TREE = Path("/tmp/ckv-0652c50")
+
 RUNNER = """
 import sys, torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -49,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=ROOT / "sample_checkpoints" / "sasrec-ml1m.safetensors")
     p.add_argument("--data", default="ml-1m")
     p.add_argument("--baseline", default="0652c50", help="commit to compare against (default 0652c50)")
+    p.add_argument("--baseline-tree", type=Path, default=DEFAULT_TREE if DEFAULT_TREE.is_dir() else None,
+                   help="a checkout of the baseline commit (default /tmp/ckv-0652c50 where it exists; else git archive)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="rounds (each runs both sides); medians reported")
     p.add_argument("--out-dir", type=Path, help="where artifacts go (default: a temporary folder)")
@@ -121,8 +127,12 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         out_dir = args.out_dir or tmp
         out_dir.mkdir(parents=True, exist_ok=True)
-        (tmp / "baseline").mkdir()
-        base = baseline_tree(args.baseline, (tmp / "baseline").resolve())
+        if args.baseline_tree is not None:
+            base = args.baseline_tree.resolve()
+        else:
+            (tmp / "baseline").mkdir()
+            base = baseline_tree(args.baseline, (tmp / "baseline").resolve())
+        load_before = os.getloadavg()
         runs = []
         for r in range(args.repeats):
             for name, tree in (("baseline", base), ("current", ROOT)):
@@ -136,7 +146,8 @@ def main(argv=None) -> dict:
         reruns_identical = (same_tensors(out_dir / "current-0.safetensors", out_dir / "current-1.safetensors")[0]
                             if args.repeats > 1 else None)
         summary = {
-            "machine": machine(), "threads": args.threads, "checkpoint": str(args.checkpoint), "data": args.data,
+            "machine": machine(), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+            "baseline_tree": str(base), "threads": args.threads, "checkpoint": str(args.checkpoint), "data": args.data,
             "baseline_commit": args.baseline, "repeats": args.repeats,
             "command": f"ckv compress {args.checkpoint.name} --data {args.data} (defaults)",
             "median": med, "ratio_wall": med["baseline"]["wall_s"] / med["current"]["wall_s"],
@@ -152,6 +163,7 @@ def main(argv=None) -> dict:
     print(f"baseline {args.baseline}: wall {med['baseline']['wall_s']:.1f} s, cpu {med['baseline']['cpu_s']:.1f} s | "
           f"current: wall {med['current']['wall_s']:.1f} s, cpu {med['current']['cpu_s']:.1f} s | "
           f"ratio wall {summary['ratio_wall']:.2f}x, cpu {summary['ratio_cpu']:.2f}x ({args.threads} thread(s))")
+    print(f"load average (1, 5, 15 min) before {summary['load_avg_before']}, after {summary['load_avg_after']}")
     print(f"artifacts hold identical tensors: {identical}" + (f" (differ: {differing})" if differing else ""))
     for k in summary["metrics"]["baseline"]:
         print(f"  {k}: baseline {summary['metrics']['baseline'][k]:.4f}  current {summary['metrics']['current'][k]:.4f}")

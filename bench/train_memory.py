@@ -3,14 +3,14 @@
 
 For each --arch (with --data, or --ctr-data for the CTR models) both sides run
 `ckv train --arch A --data D -o OUT --epochs E --threads T` in fresh processes (same venv; the baseline from
-`git archive`, as bench/compress_speed.py does), alternating. Reported per run: peak RSS (ru_maxrss from wait4),
-CPU seconds (user + system) and wall seconds; per arch, whether the two checkpoints hold identical tensors and
-identical metadata once the timing fields (train_seconds, per-epoch seconds, the command) are set aside: same
-seed, same results.
+the checkout at --baseline-tree or `git archive`, as bench/compress_speed.py does), alternating. Reported per
+run: peak RSS (ru_maxrss from wait4), CPU seconds (user + system) and wall seconds; per arch, whether the two
+checkpoints hold identical tensors and identical metadata once the timing fields (train_seconds, per-epoch
+seconds, the command) are set aside: same seed, same results.
 
     python bench/train_memory.py                      # sasrec, hstu on ml-100k; sim on ml-100k-ctr; 2 epochs, 1 thread
     python bench/train_memory.py --json docs/bench/train-memory-cpu.json
-Runs from the repository root (needs git and the baseline commit).
+Runs from the repository root (needs the baseline checkout, or git and the baseline commit).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._machine import machine  # noqa: E402
-from bench.compress_speed import RUNNER, baseline_tree  # noqa: E402
+from bench.compress_speed import DEFAULT_TREE, RUNNER, baseline_tree  # noqa: E402
 
 CTR_ARCHS = {"sim", "eta", "sdim", "twin", "nohistory"}
 TIMING = {"train_seconds", "seconds", "command"}
@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--baseline", default="0652c50")
+    p.add_argument("--baseline-tree", type=Path, default=DEFAULT_TREE if DEFAULT_TREE.is_dir() else None,
+                   help="a checkout of the baseline commit (default /tmp/ckv-0652c50 where it exists; else git archive)")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
@@ -98,8 +100,12 @@ def main(argv=None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ckv-train-memory-") as tmp:
         tmp = Path(tmp)
-        (tmp / "baseline").mkdir()
-        base = baseline_tree(args.baseline, (tmp / "baseline").resolve())
+        if args.baseline_tree is not None:
+            base = args.baseline_tree.resolve()
+        else:
+            (tmp / "baseline").mkdir()
+            base = baseline_tree(args.baseline, (tmp / "baseline").resolve())
+        load_before = os.getloadavg()
         for arch in args.archs:
             sides = {name: run(tree, args, arch, tmp / f"{arch}-{name}.safetensors")
                      for name, tree in (("baseline", base), ("current", ROOT))}
@@ -110,7 +116,7 @@ def main(argv=None) -> dict:
             print(f"{arch} ({row['data']}): peak RSS {row['baseline_peak_rss_mb']:.0f} -> {row['current_peak_rss_mb']:.0f} MB, "
                   f"cpu {row['baseline_cpu_s']:.1f} -> {row['current_cpu_s']:.1f} s, identical tensors "
                   f"{row['identical_tensors']}, metadata equal but timing {row['metadata_equal_but_timing']}", flush=True)
-    out = {"machine": machine(), "threads": args.threads, "epochs": args.epochs, "baseline_commit": args.baseline,
+    out = {"machine": machine(), "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "threads": args.threads, "epochs": args.epochs, "baseline_commit": args.baseline,
            "rows": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
