@@ -204,9 +204,9 @@ def extend_compressed(model, cc: CompressedCache, items: torch.Tensor, timestamp
                       new_lengths: torch.Tensor, item_tables: dict | None = None) -> torch.Tensor:
     """`model.extend` over a compressed cache, returning only the hidden states of the new events (B, T, d): the
     cached side of each layer is attended in its stored form (`CompressedStream`: compressed domain; None for an
-    item-id layer: `ItemLayer` where the model gives its tables, recomputed K/V otherwise; tensors: dense), the new events' own keys
-    apart, so nothing is concatenated to the cache (a dense cache is read once, not copied). The caller makes
-    sure no user overflows its window."""
+    item-id layer: `ItemLayer` where the model gives its fold tables, K/V from its "kv" tables (`tabled_kv`),
+    recomputed K/V otherwise; tensors: dense), the new events' own keys apart, so nothing is concatenated to the
+    cache (a dense cache is read once, not copied). The caller makes sure no user overflows its window."""
     B, T = items.shape
     t = torch.arange(T)[None, :]
     new_valid = t < new_lengths[:, None]  # (B, T)
