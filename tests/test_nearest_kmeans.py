@@ -171,3 +171,15 @@ def test_sasrec_sample_vectors_equal_the_reference():
         ref = ref_kmeans(x, 1000, seed=1, iters=5)
         assert torch.equal(c, ref), name
         assert torch.equal(assign, ref_nearest(x, ref)), name
+
+
+@pytest.mark.parametrize("pool_dtype", ["fp32", "fp16"])
+def test_residual_basis_uses_the_stored_pools_assignment(pool_dtype):
+    """The fit reuses k-means' assignment for the residual basis only where the stored pool is k-means' own
+    (fp32); an fp16 pool is rounded, so its tokens are routed again (what encode will pick)."""
+    x = clustered(4000, 8, 30, seed=11)
+    codec = CollectiveCodec(8, pool_size=300, user_dim=2, iters=4, pool_dtype=pool_dtype)
+    codec.fit(x, seed=0)
+    res = x - codec.pool[ref_nearest(x, codec.pool)]
+    basis = torch.linalg.svd(res, full_matrices=False).Vh[:2].T
+    assert torch.allclose(basis.abs(), codec.basis.abs(), atol=1e-5)
