@@ -11,7 +11,10 @@ concatenated), and the candidates are scored against the output (`score_candidat
 - ckv decoded: `CacheStore.fetch` (the artifact read and decoded: pools gathered, the first layer recomputed
   from item ids), attended densely;
 - ckv compressed: `CacheStore.score_items` (the artifact read and attended in the compressed domain: pooled
-  layers through the pool, SASRec's first layer through the item and position tables; K/V never built).
+  layers through the pool, SASRec's first layer through the item and position tables; K/V never built; HSTU's
+  first-layer K/V built from its item and position tables, `ckv_cli.serve.next_item.tabled_kv`);
+- ckv compressed, no tables: the same with the first layer recomputed by the model from the item ids (what
+  `score_items` did for HSTU before the tables).
 "read" columns time the read alone: full = gather + cast + pad into the model's layout; ckv = gather + unpack
 + the padded index tensors (`CompressedCache`).
 
@@ -234,8 +237,16 @@ def run(args) -> dict:
         def decoded():
             return score_candidates(model, replay_hidden(model, store.fetch(uid)), cand).numpy()
 
+        def compressed_no_tables():  # the first layer recomputed by the model itself (no item/position tables)
+            store._tables = lambda: None
+            try:
+                return store.score_items(uid, cand_np)
+            finally:
+                del store._tables
+
         fns = {"full": lambda: full.score(users, cand), "full_read": lambda: full.read(users),
                "ckv_decoded": decoded, "ckv_compressed": lambda: store.score_items(uid, cand_np),
+               "ckv_compressed_no_tables": compressed_no_tables,
                "ckv_read": lambda: store._compressed(*store._read(users), recompute_items=False)}
         maps = {"full": full.map, "full_read": full.map}
         for mode in args.modes:
@@ -255,6 +266,7 @@ def run(args) -> dict:
                     row[f"{name}_resident_after_drop"] = resident(m)
             row["ratio_compressed"] = row["full_ms"] / row["ckv_compressed_ms"]
             row["ratio_decoded"] = row["full_ms"] / row["ckv_decoded_ms"]
+            row["ratio_compressed_no_tables"] = row["full_ms"] / row["ckv_compressed_no_tables_ms"]
             rows.append(row)
             print(f"  B={len(users)} {mode}: full {row['full_ms']:.2f} ms, ckv {row['ckv_compressed_ms']:.2f} ms "
                   f"({row['ratio_compressed']:.1f}x, paired {row['paired_ratio_compressed']:.1f}x)", file=sys.stderr)
@@ -266,9 +278,10 @@ def run(args) -> dict:
 
 COLUMNS = [("batch", "B"), ("mode", "page cache"), ("tokens", "tokens"), ("full_ms", "full ms"),
            ("full_read_ms", "full read ms"), ("ckv_decoded_ms", "ckv decoded ms"),
-           ("ckv_compressed_ms", "ckv compressed ms"), ("ckv_read_ms", "ckv read ms"),
+           ("ckv_compressed_ms", "ckv compressed ms"), ("ckv_compressed_no_tables_ms", "no tables ms"),
+           ("ckv_read_ms", "ckv read ms"),
            ("ratio_decoded", "full / decoded"), ("ratio_compressed", "full / compressed"),
-           ("paired_ratio_compressed", "paired"),
+           ("paired_ratio_compressed", "paired"), ("ratio_compressed_no_tables", "full / no tables"),
            ("full_bytes", "full MB"), ("ckv_bytes", "ckv MB")]
 
 

@@ -36,7 +36,7 @@ def _positive(value: float | None) -> float | None:
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Named dataset (ml-1m, ml-100k; ml-1m-ctr for the CTR task) or a log file (.csv, .tsv, .inter, ratings.dat, .parquet).")]
 ColumnsOpt = Annotated[Optional[str], typer.Option("--columns", help="Column mapping for CSV/TSV logs, e.g. 'user=uid,item=movie,timestamp=ts,rating=stars'.")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this path ('-' for stdout).")]
-ThreadsOpt = Annotated[int, typer.Option(min=0, max=4096, help="CPU threads (0 = torch's default: every core, or OMP_NUM_THREADS) [0..4096].")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, max=4096, help="CPU threads [1..4096; default: every core this process may use, or OMP_NUM_THREADS where set].")]
 SeedOpt = Annotated[int, typer.Option(min=0, max=MAX_SEED, help=f"Seed for every random choice [0..{MAX_SEED}].")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files (never an input of the command).")]
 
@@ -192,7 +192,7 @@ def train(
     train_samples: Annotated[int, typer.Option(min=0, help="CTR: train on this many training events, a seeded random subset (0 = all).")] = 0,
     device: Annotated[str, typer.Option(help="Torch device to train on: cpu, cuda, cuda:1, ...")] = "cpu",
     max_minutes: Annotated[float, typer.Option(min=0.0, callback=_finite, help="Wall-clock budget: stop after the epoch that passes it (0 = none).")] = 0.0,
-    threads: ThreadsOpt = 0,
+    threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (same arch and config; next-item models).")] = None,
     columns: ColumnsOpt = None,
@@ -203,6 +203,7 @@ def train(
     training ends; an interrupt (Ctrl-C, SIGTERM, SIGHUP) after an epoch saves the best epoch so far, marked
     partial, and exits 128 + the signal; a loss that turns NaN stops with one line and writes nothing."""
     from ckv_cli.models import REGISTRY, TASKS
+    from ckv_cli.threads import set_threads
 
     if arch not in REGISTRY:
         raise CkvError(f"unknown --arch '{arch}' (choose from: {', '.join(REGISTRY)})")
@@ -213,6 +214,7 @@ def train(
     if partial is not None:  # an interrupt keeps the old checkpoint and writes the best epoch so far beside it
         _claim(partial, True, "-o (partial)")
     _check_device(device)
+    threads = set_threads(threads)  # the number in use, passed on to the training loop
     if TASKS[arch] == "ctr":
         if init is not None:
             raise CkvError("--init continues next-item models only")
@@ -320,7 +322,7 @@ def evaluate(
     sweep_users: Annotated[Optional[int], typer.Option("--sweep-users", min=0, max=1 << 30, help="With --sweep on a CTR model: score the test samples of this many seeded test users (default 1500; 0 = all).")] = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="With --sweep: also write the table as CSV to this path.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --sweep: write a PNG of the Pareto metric's delta against bytes per token into this directory (needs ckv-cli[plot]).")] = None,
-    threads: ThreadsOpt = 0,
+    threads: ThreadsOpt = None,
     columns: ColumnsOpt = None,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
@@ -529,7 +531,7 @@ def compress(
     address: Annotated[Optional[str], typer.Option(help="With --engine ray: the Ray cluster to join (e.g. auto, ray://head:10001); default: start a local Ray.")] = None,
     workers: Annotated[int, typer.Option(min=1, max=1 << 16, help="With --engine ray: encoding actors (one CPU, one model and plan each).")] = 2,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="Codec parameter KEY=VALUE for any codec, repeatable (e.g. --codec pq --param subvectors=16 --param bits=8; CTR models also codes=stored|derived, calib_tokens=N, bootstrap=N).")] = None,
-    threads: ThreadsOpt = 0,
+    threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
     columns: ColumnsOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing artifact (and --json file; a sharded one is replaced as a unit).")] = False,
@@ -706,7 +708,7 @@ def inspect(
     seed: SeedOpt = 0,
     target_error: Annotated[float, typer.Option(callback=_positive, help="Held-out relative error (> 0) the recommended pool size and user dim must reach (a rule of thumb: on the sample checkpoints, pools of 4096-8192 at ~0.2 kept NDCG@10 within 0.4-1.6%).")] = 0.25,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG figures into this directory (needs ckv-cli[plot]).")] = None,
-    threads: ThreadsOpt = 0,
+    threads: ThreadsOpt = None,
     columns: ColumnsOpt = None,
     json_out: JsonOpt = None,
     force: ForceOpt = False,

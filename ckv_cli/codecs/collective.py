@@ -18,7 +18,8 @@ import torch
 
 from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int, dequantize_per_user, quantize_per_user
 from ckv_cli.codecs.bits import bits_for
-from ckv_cli.codecs.kmeans import kmeans, nearest
+from ckv_cli.codecs.kmeans import kmeans
+from ckv_cli.codecs.nearest import linear_argmax
 from ckv_cli.errors import CkvError
 
 
@@ -62,8 +63,11 @@ class CollectiveCodec(StreamCodec):
                            f"{x.shape[0]} (use more calibration users or a smaller pool)")
         r = self.user_dim
         if self.layout == "residual":
-            self._set_pool(self._stored(kmeans(x, self.pool_size, seed=seed, iters=self.iters)))
-            res = x - self.pool[self._route(x)]  # (N, d)
+            pool, assign = kmeans(x, self.pool_size, seed=seed, iters=self.iters, return_assign=True)
+            self._set_pool(self._stored(pool))
+            if self.pool_dtype != "fp32":  # the rounded pool's nearest entries are the tied router's choice
+                assign = self._route(x)
+            res = x - self.pool[assign]  # (N, d); assign is what the tied router picks
             self.basis = torch.linalg.svd(res, full_matrices=False).Vh[:r].T.contiguous() if r else torch.zeros(self.d, 0)
             self.mean = torch.zeros(self.d)
         else:
@@ -72,8 +76,8 @@ class CollectiveCodec(StreamCodec):
             self.basis = torch.linalg.svd(x - self.mean, full_matrices=x.shape[0] < self.d).Vh.T.contiguous()
             z = (x - self.mean) @ self.basis  # (N, d)
             if r:
-                full = kmeans(z, self.pool_size, seed=seed, iters=max(3, self.iters // 4))
-                err = ((z - full[nearest(z, full)]) ** 2).mean(0)  # (d,) error per coordinate
+                full, assign = kmeans(z, self.pool_size, seed=seed, iters=max(3, self.iters // 4), return_assign=True)
+                err = ((z - full[assign]) ** 2).mean(0)  # (d,) error per coordinate
                 user = err.topk(r).indices.sort().values
             else:
                 user = torch.zeros(0, dtype=torch.long)
@@ -89,11 +93,8 @@ class CollectiveCodec(StreamCodec):
         self.router_tied = True  # until distillation trains the router apart from the pool
 
     def _route(self, x: torch.Tensor) -> torch.Tensor:
-        chunk = max(1, (1 << 22) // self.pool_size)  # (chunk, m) logits stay at 16 MB: no mmap churn
-        out = torch.empty(x.shape[0], dtype=torch.long)
-        for a in range(0, x.shape[0], chunk):
-            out[a : a + chunk] = (x[a : a + chunk] @ self.router_w.T + self.router_b).argmax(1)  # (chunk, m)
-        return out
+        """argmax of the router logits x @ W^T + b (chunked, blocked argmax: `ckv_cli.codecs.nearest`)."""
+        return linear_argmax(x, self.router_w, self.router_b)
 
     def _coords(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean) @ self.basis if self.layout == "concat" else x.float()

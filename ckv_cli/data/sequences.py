@@ -109,7 +109,7 @@ def build(log: Log, name: str, min_events: int = 3, item_vocab: list[str] | None
     dropped_events = 0
     if item_vocab is not None:
         lookup = item_lookup if item_lookup is not None else vocab_lookup(item_vocab)
-        idx = np.fromiter((lookup.get(x, -1) for x in items), dtype=np.int64, count=len(items))
+        idx = np.array([lookup.get(x, -1) for x in items.tolist()], dtype=np.int64).reshape(len(items))
         known = idx > 0
         dropped_events = int((~known).sum())
         if len(idx) and not known.any() and not allow_empty:

@@ -12,6 +12,7 @@ the *next* event's time (`query_time="next"`: the newest cached token is provisi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -166,3 +167,38 @@ class HSTU(SequentialRecommender):
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.n_layers))
         nn.init.normal_(self.item_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
+
+    @torch.no_grad()
+    def first_layer_tables(self) -> dict | None:
+        """K/V tables of the first layer (`form` "kv": K/V built from them by `ckv_cli.serve.next_item.tabled_kv`
+        without running the layer). A cached token's first-layer input is x = a_i + p_j (item embedding x scale
+        plus position embedding; HSTU has no embedding LayerNorm), so its K and V are silu(W LN(x) + b) over the
+        K and V rows of f1, and with G = W diag(gamma):
+
+            W (gamma (x - mu) r + beta) + b = r (G a_i + G p_j - mu G 1) + (W beta + b)
+
+        with mu, r the LayerNorm mean and inverse deviation of a_i + p_j, tabulated for every (item, position)
+        pair in float64 from the norms and the item x position Gram matrix (as SASRec's fold). Tables: items
+        (n + 1, d_k + d_v) = a G^T, pos (max_len, d_k + d_v) = p G^T, g1 = G 1, c = W beta + b, stats
+        ((n + 1) max_len, 2). A LayerNorm without affine folds with gamma = 1, beta = 0; a projection without
+        bias with b = 0. Exact up to float rounding (the SiLU keeps K/V from folding into the attention, so they
+        are built, but for the real tokens only and without a LayerNorm or a d x 4d projection per token)."""
+        cfg, layer = self.config, self.layers[0]
+        d, dk, dv = cfg.d, layer.d_k, layer.d_v
+        f64 = torch.float64
+        scale = math.sqrt(d) if getattr(cfg, "emb_scale", True) else 1.0  # what `embed` multiplies by
+        a = (self.item_emb.weight * scale).detach().double()  # (n + 1, d)
+        p = self.pos_emb.weight[: cfg.max_len].detach().double()  # (max_len, d): `embed` clamps to max_len - 1
+        rows = torch.cat([torch.arange(2 * dv + dk, 2 * dv + 2 * dk), torch.arange(dv, 2 * dv)])  # f1: [u v q k]
+        w = layer.f1.weight.detach().double()[rows]  # (d_k + d_v, d): the K rows, then the V rows
+        b = layer.f1.bias.detach().double()[rows] if layer.f1.bias is not None else torch.zeros(len(rows), dtype=f64)
+        ln = layer.ln_in
+        gamma = ln.weight.detach().double() if ln.weight is not None else torch.ones(d, dtype=f64)
+        beta = ln.bias.detach().double() if ln.bias is not None else torch.zeros(d, dtype=f64)
+        g = w * gamma[None, :]  # (d_out, d)
+        mu = a.mean(1)[:, None] + p.mean(1)[None, :]  # (n + 1, max_len)
+        ex2 = ((a * a).sum(1)[:, None] + 2 * (a @ p.T) + (p * p).sum(1)[None, :]) / d
+        r = 1.0 / torch.sqrt((ex2 - mu * mu).clamp(min=0) + ln.eps)
+        return {"form": "kv", "act": "silu", "max_len": cfg.max_len, "d_k": dk,
+                "items": (a @ g.T).float(), "pos": (p @ g.T).float(), "g1": g.sum(1).float(),
+                "c": (w @ beta + b).float(), "stats": torch.stack([mu, r], -1).float().view(-1, 2)}

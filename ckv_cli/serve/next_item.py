@@ -15,13 +15,14 @@ token, extended by that token: hidden states are not cached). `attention="compre
 over pooled streams in the compressed domain (`ckv_cli.serve.attention`: one product with the pool or a gather
 per token, K/V never built), how each layer reads its cache coming from the layer itself (`attention_spec()`),
 and over a first layer recomputed from item ids without building its K/V either where the model gives the tables
-for it (`model.first_layer_tables()`, SASRec's LayerNorm fold: `ItemLayer`); otherwise it is recomputed per
-token. `attention="decoded"` decodes the cache and runs the model's own `extend` (the reference; what
-`ckv_cli.tasks.next_item.scores_after_last_event` does). A batch whose new events would overflow a user's window
-(`max_len`) goes through the decoded path for those users (re-prefill from item ids, as `extend` does). A model
-with next-event query time (`model.provisional_tokens`: its newest cached token is recomputed by every `extend`,
-`ckv_cli.models.base`) is always served through the decoded path, asked at `query_timestamps` (the request time;
-default the newest event's own time).
+for it (`model.first_layer_tables()`, SASRec's LayerNorm fold: `ItemLayer`); from K/V tables where the model gives
+those instead (`form` "kv", HSTU's: `tabled_kv`, real tokens only, no LayerNorm or projection per token);
+otherwise it is recomputed per token by the layer. `attention="decoded"` decodes the cache and runs the model's
+own `extend` (the reference; what `ckv_cli.tasks.next_item.scores_after_last_event` does). A batch whose new
+events would overflow a user's window (`max_len`) goes through the decoded path for those users (re-prefill from
+item ids, as `extend` does). A model with next-event query time (`model.provisional_tokens`: its newest cached
+token is recomputed by every `extend`, `ckv_cli.models.base`) is always served through the decoded path, asked
+at `query_timestamps` (the request time; default the newest event's own time).
 
 Appending (`append`): the user's current cache is decoded, the new events are run through `model.extend` over it,
 and the new tokens' K/V are encoded by the plan (`Store._merge`). With no overflow the old tokens' fields stay as
@@ -150,6 +151,34 @@ class ItemLayer:
         return torch.einsum("hbtd,hkd->hbtk", y, self.av) + self.cv[:, None, None, :] * w.sum(-1)[..., None]
 
 
+@torch.no_grad()
+def tabled_kv(tables: dict, items: torch.Tensor, positions: torch.Tensor,
+              valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-layer K, V of tokens (B, L) from a model's K/V tables (`first_layer_tables()` with `form` "kv":
+    K/V = act(r (items[i] + pos[j] - mu g1) + c), mu and r the token's LayerNorm statistics; HSTU's), without
+    running the layer: ((B, L, d_k), (B, L, d_v)). With `valid` (B, L) bool only those tokens are computed (the
+    others are zero)."""
+    B, L = items.shape
+    n_pos = tables["max_len"]
+    i, j = items.long(), positions.long().clamp(max=n_pos - 1)
+    if valid is not None:
+        i, j = i[valid], j[valid]  # (N,)
+    st = tables["stats"].index_select(0, (i * n_pos + j).reshape(-1))  # (N, 2)
+    pre = tables["items"].index_select(0, i.reshape(-1)).add_(tables["pos"].index_select(0, j.reshape(-1)))
+    pre.addcmul_(st[:, :1], tables["g1"][None, :], value=-1.0).mul_(st[:, 1:]).add_(tables["c"])  # (N, d_out)
+    if tables.get("act", "silu") != "silu":
+        raise CkvError(f"first-layer tables with activation {tables['act']!r} are not supported")
+    kv = torch.nn.functional.silu(pre, inplace=True)  # (N, d_k + d_v)
+    if valid is None:
+        kv = kv.view(B, L, -1)
+    else:
+        full = kv.new_zeros(B, L, kv.shape[-1])
+        full[valid] = kv
+        kv = full
+    d_k = tables["d_k"]
+    return kv[..., :d_k], kv[..., d_k:]  # (B, L, d_k), (B, L, d_v)
+
+
 def _cached_scores(side, qh: torch.Tensor, n_heads: int) -> torch.Tensor:
     if isinstance(side, ItemLayer):
         return side.scores(qh)
@@ -175,9 +204,9 @@ def extend_compressed(model, cc: CompressedCache, items: torch.Tensor, timestamp
                       new_lengths: torch.Tensor, item_tables: dict | None = None) -> torch.Tensor:
     """`model.extend` over a compressed cache, returning only the hidden states of the new events (B, T, d): the
     cached side of each layer is attended in its stored form (`CompressedStream`: compressed domain; None for an
-    item-id layer: `ItemLayer` where the model gives its tables, recomputed K/V otherwise; tensors: dense), the new events' own keys
-    apart, so nothing is concatenated to the cache (a dense cache is read once, not copied). The caller makes
-    sure no user overflows its window."""
+    item-id layer: `ItemLayer` where the model gives its fold tables, K/V from its "kv" tables (`tabled_kv`),
+    recomputed K/V otherwise; tensors: dense), the new events' own keys apart, so nothing is concatenated to the
+    cache (a dense cache is read once, not copied). The caller makes sure no user overflows its window."""
     B, T = items.shape
     t = torch.arange(T)[None, :]
     new_valid = t < new_lengths[:, None]  # (B, T)
@@ -197,11 +226,16 @@ def extend_compressed(model, cc: CompressedCache, items: torch.Tensor, timestamp
         if Lc == 0:  # nothing cached: attend over the new events alone
             kc, vc = k.new_zeros(B, 0, d_k), v.new_zeros(B, 0, d_v)
         if kc is None or vc is None:  # an item-id layer, not recomputed yet
-            if kc is None and vc is None and i == 0 and kind == SOFTMAX and item_tables is not None:
-                kc = vc = ItemLayer(item_tables, model, cc.items)
+            tables = item_tables if kc is None and vc is None and i == 0 else None
+            form = None if tables is None else tables.get("form", "fold")
+            if form == "fold" and kind == SOFTMAX:  # attended through the tables, K/V never built
+                kc = vc = ItemLayer(tables, model, cc.items)
             else:
                 pos = torch.arange(Lc)[None].expand(B, Lc)
-                rk, rv = item_layer_kv(model, cc.items, pos)
+                if form == "kv":  # K/V from the tables, real tokens only
+                    rk, rv = tabled_kv(tables, cc.items, pos, cc.valid)
+                else:
+                    rk, rv = item_layer_kv(model, cc.items, pos)
                 kc, vc = (rk if kc is None else kc), (rv if vc is None else vc)
         qh = _heads(q, H)  # (H, B, T, dh): cached keys and new keys scored apart, the cache never copied
         s = torch.cat([_cached_scores(kc, qh, H), qh @ _heads(k, H).transpose(-1, -2)], dim=-1) * scale
@@ -592,4 +626,4 @@ def _select_compressed(cc: CompressedCache, idx: torch.Tensor) -> CompressedCach
 
 
 __all__ = ["CacheStore", "CompressedCache", "ItemLayer", "Ranking", "extend_compressed", "hidden_after", "replay_hidden",
-           "rewind", "score_candidates"]
+           "rewind", "score_candidates", "tabled_kv"]

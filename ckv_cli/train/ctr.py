@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 from ckv_cli.data.ctr import CTRData
 from ckv_cli.errors import CkvError
+from ckv_cli.memory import release_large_blocks
 from ckv_cli.models import REGISTRY
 from ckv_cli.tasks.ctr import PROTOCOL, evaluate_ctr
+from ckv_cli.threads import set_threads
 from ckv_cli.train.common import BestEpoch, check_loss, check_weights, interrupted_history, stop_after_interrupt
 
 
@@ -29,7 +31,7 @@ class CTRTrainConfig:
     lr: float = 1e-3
     patience: int = 1
     seed: int = 0
-    threads: int = 0
+    threads: int = 0  # 0 = the default (ckv_cli.threads.default_threads: every core, or OMP_NUM_THREADS)
     device: str = "cpu"
     max_seconds: float = 0.0
     train_samples: int = 0  # 0 = every training event
@@ -67,8 +69,8 @@ def build_model(data: CTRData, arch: str, overrides: dict):
 def train_ctr(data: CTRData, arch: str, cfg: CTRTrainConfig, on_step=None, on_epoch=None, on_improve=None):
     """Returns (best model on CPU in eval mode, history, seconds)."""
     torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads or None)
+    release_large_blocks()  # RSS near the live tensors (ckv_cli.memory); results unchanged
     rng = np.random.default_rng(cfg.seed)
     model = build_model(data, arch, cfg.model).to(cfg.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from ckv_cli.data.batching import history_batch
 from ckv_cli.data.sequences import SequenceData
 from ckv_cli.errors import CkvError
+from ckv_cli.memory import release_large_blocks
 from ckv_cli.models import REGISTRY
 from ckv_cli.tasks.next_item import PROTOCOL, SEEN_PROTOCOL, evaluate_model
+from ckv_cli.threads import set_threads
 from ckv_cli.train.common import (BestEpoch, check_loss, check_weights, interrupted_history, seed_everything,
                                   stop_after_interrupt)
 
@@ -35,7 +37,7 @@ class TrainConfig:
     temperature: float = 0.05
     patience: int = 5
     seed: int = 0
-    threads: int = 0  # 0 = torch default
+    threads: int = 0  # 0 = the default (ckv_cli.threads.default_threads: every core, or OMP_NUM_THREADS)
     device: str = "cpu"
     max_seconds: float = 0.0  # > 0: stop after the epoch that passes this wall-clock budget
     shared_negatives: bool = False
@@ -50,6 +52,46 @@ def model_config(arch: str, n_items: int, overrides: dict):
         return REGISTRY[arch][1](n_items=n_items, **overrides)
     except (TypeError, ValueError) as e:
         raise CkvError(f"invalid {arch} config: {e}") from None
+
+
+class SampledDot(torch.autograd.Function):
+    """`(h[..., None, :] * table[negs]).sum(-1)` for h (B, L, d), table (N, d), negs (B, L, n): the same float
+    operations on a few users at a time, and a backward that gathers the rows again instead of keeping them:
+    the (B, L, n, d) gathered rows, their product with h and the gradients of both (the one-shot expression
+    holds several at once, ~0.8 GB each at B 128, L 200, n 128, d 64) never exist for the whole batch. Values
+    and gradients are the one-shot expression's: each slice runs the same elementwise products and reductions,
+    and the table's gradient is accumulated in the same order (`index_put_`, serial on the CPU;
+    tests/test_train_memory.py checks both bit for bit)."""
+
+    CHUNK_BYTES = 64 << 20
+
+    @staticmethod
+    def forward(ctx, h, table, negs):
+        ctx.save_for_backward(h, table, negs)
+        out = h.new_empty(negs.shape)  # (B, L, n)
+        rows = SampledDot._rows(negs, h.shape[-1], h.element_size())
+        for a in range(0, len(h), rows):
+            out[a : a + rows] = (h[a : a + rows, ..., None, :] * table[negs[a : a + rows]]).sum(-1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, table, negs = ctx.saved_tensors
+        gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        gt = torch.zeros_like(table) if ctx.needs_input_grad[1] else None
+        rows = SampledDot._rows(negs, h.shape[-1], h.element_size())
+        for a in range(0, len(h), rows):
+            g = grad[a : a + rows, ..., None]  # (b, L, n, 1)
+            if gh is not None:
+                gh[a : a + rows] = (g * table[negs[a : a + rows]]).sum(-2)
+            if gt is not None:
+                gt.index_put_((negs[a : a + rows],), g * h[a : a + rows, ..., None, :], accumulate=True)
+        return gh, gt, None
+
+    @staticmethod
+    def _rows(negs: torch.Tensor, d: int, size: int) -> int:
+        per_user = max(1, negs[0].numel() * d * size)  # bytes of one user's gathered rows
+        return max(1, SampledDot.CHUNK_BYTES // per_user)
 
 
 def sampled_softmax_loss(model, h, targets, valid, n_neg, temperature, gen, shared=False):
@@ -68,8 +110,8 @@ def sampled_softmax_loss(model, h, targets, valid, n_neg, temperature, gen, shar
         neg = h @ table[negs[:, 0]].transpose(1, 2)  # (B, L, n_neg)
     elif table.shape[0] <= 32 * n_neg:  # small catalogue: score every item once, then pick the sampled columns
         neg = (h @ table.T).gather(-1, negs)  # (B, L, N + 1) -> (B, L, n_neg)
-    else:
-        neg = (h[..., None, :] * table[negs]).sum(-1)  # (B, L, n_neg)
+    else:  # (h[..., None, :] * table[negs]).sum(-1), a few users at a time
+        neg = SampledDot.apply(h, table, negs)  # (B, L, n_neg)
     neg = neg.masked_fill(negs == targets[..., None], float("-inf"))
     logits = torch.cat([pos, neg], dim=-1) / temperature  # (B, L, 1 + n_neg)
     loss = -F.log_softmax(logits, dim=-1)[..., 0]
@@ -111,8 +153,8 @@ def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
     """Returns (best model, history list of dicts, seconds). `on_improve(model, history)` runs after each
     epoch that improves validation NDCG@10 (e.g. to save the best checkpoint so far)."""
     gen = seed_everything(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads or None)
+    release_large_blocks()  # RSS near the live tensors (ckv_cli.memory); results unchanged
     model = REGISTRY[arch][0](model_config(arch, data.n_items, cfg.model))
     if init_state is not None:  # continue from a checkpoint's weights (same architecture and config)
         model.load_state_dict(init_state)
