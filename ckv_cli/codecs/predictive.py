@@ -1,0 +1,192 @@
+"""Predictive residual coding (ckv, beyond CollectiveKV, Li et al., ICLR 2026, arXiv 2601.19178): code each token
+as a prediction computed from what every cache stores anyway (its item id, its position, and the first layer's
+K/V, which the reader recomputes from the item ids) plus one entry of a global pool fitted on the residuals.
+
+    x ~ predict(token) + P[idx],  idx = argmin_j |x - predict(token) - P_j|   (one index per token, as collective)
+
+Predictors (`predictor`), all fitted on the calibration tokens:
+- `linear`: [c, 1] @ W, c the token's first-layer K and V concatenated (`context`, (N, c)), W ((c + 1), d) by
+  least squares; needs the first layer recomputed from item ids (the plan refuses it otherwise).
+- `item`: a per-item mean, shrunk toward the global mean by `shrink` pseudo-tokens.
+- `item+pos`: `item`, plus the mean residual of each position in the user's window.
+- `linear+item`: `linear`, plus each item's mean residual shrunk toward 0 by `shrink` pseudo-tokens.
+Items without a row in the table (unseen in calibration, or seen fewer than `min_count` times) fall back to
+the global mean (`item`, `item+pos`) or to no correction (`linear+item`): the table keeps only rows with at
+least `min_count` calibration tokens, stored as (row ids int32, rows) so an unseen item costs nothing.
+
+Every shared tensor (W, tables, pool) is stored at `dtype` (fp16 or fp32) and rounded to it before the pool is
+fitted and before any token is encoded, so the encoder sees exactly what the reader will.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int
+from ckv_cli.codecs.bits import bits_for
+from ckv_cli.codecs.kmeans import kmeans, nearest
+from ckv_cli.errors import CkvError
+
+PREDICTORS = ("linear", "item", "item+pos", "linear+item")
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+RIDGE = 1e-6  # relative ridge on the least-squares normal equations (rank-deficient contexts stay solvable)
+
+
+def positions(user_offsets: np.ndarray) -> torch.Tensor:
+    """(N,) position of each token inside its user's cached window, from the users' offsets (U + 1,)."""
+    starts = np.asarray(user_offsets[:-1]) - user_offsets[0]
+    n = int(user_offsets[-1] - user_offsets[0])
+    return torch.from_numpy(np.arange(n) - np.repeat(starts, np.diff(user_offsets)))
+
+
+class PredictiveCodec(StreamCodec):
+    """Prediction from stored ids (and the recomputed first layer) + a k-means pool on the residual."""
+
+    name = "predictive"
+    needs_items = True
+    needs_context = True  # the plan passes `context=` (the first layer's K and V of each token), None if absent
+
+    def __init__(self, d: int, pool_size: int = 1024, predictor: str = "linear", dtype: str = "fp16",
+                 shrink: float = 5.0, min_count: int = 1, iters: int = 20):
+        self.d = check_positive_int("d", d)
+        self.pool_size = check_positive_int("pool size", pool_size, 2)
+        if predictor not in PREDICTORS:
+            raise CkvError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
+        if dtype not in DTYPES:
+            raise CkvError(f"dtype must be fp16 or fp32, got {dtype!r}")
+        if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not shrink >= 0:
+            raise CkvError(f"shrink must be a number >= 0, got {shrink!r}")
+        self.predictor, self.dtype, self.shrink = predictor, dtype, float(shrink)
+        self.min_count = check_positive_int("min count", min_count, 1)
+        self.iters = check_positive_int("iters", iters, 1)
+        self.bits = bits_for(self.pool_size)
+        self.pool = self.weight = self.rows = self.table = self.pos_table = self.base = None
+
+    @property
+    def uses_context(self) -> bool:
+        return self.predictor.startswith("linear")
+
+    @property
+    def uses_items(self) -> bool:
+        return "item" in self.predictor
+
+    def params(self) -> dict:
+        return {"d": self.d, "pool_size": self.pool_size, "predictor": self.predictor, "dtype": self.dtype,
+                "shrink": self.shrink, "min_count": self.min_count}
+
+    def _stored(self, t: torch.Tensor) -> torch.Tensor:
+        """Rounded to the storage dtype, kept as fp32 for arithmetic."""
+        return t.to(DTYPES[self.dtype]).float().contiguous()
+
+    def _check_context(self, context, n: int) -> None:
+        if self.uses_context and (context is None or context.shape[0] != n):
+            raise CkvError(f"predictor '{self.predictor}' needs the first layer's K/V of every token (recompute the "
+                           "first layer from item ids, and use it on a deeper layer), or use predictor item / item+pos")
+
+    # -- fitting -------------------------------------------------------------------------------------------
+    def fit(self, x: torch.Tensor, seed: int, items: np.ndarray, context: torch.Tensor | None = None,
+            user_offsets: np.ndarray | None = None) -> None:
+        x = x.float()
+        if x.shape[0] < self.pool_size:
+            raise CkvError(f"a pool of {self.pool_size} entries needs at least as many calibration vectors, got "
+                           f"{x.shape[0]} (use more calibration users or a smaller pool)")
+        self._check_context(context, x.shape[0])
+        ids = torch.from_numpy(np.asarray(items, dtype=np.int64))
+        pred = torch.zeros_like(x)  # (N, d)
+        if self.uses_context:
+            a = torch.cat([context.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)  # (N, c + 1)
+            gram = a.T @ a
+            gram += RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
+            self.weight = self._stored(torch.linalg.solve(gram, a.T @ x.double()).float())  # (c + 1, d)
+            pred = self._linear(context)
+            self.base = self._stored(torch.zeros(self.d))
+        else:
+            self.weight = None
+            self.base = self._stored(x.mean(0))
+            pred = self.base.expand_as(x).clone()
+        if self.uses_items:
+            res = x - pred
+            counts = torch.bincount(ids)  # (n_rows,)
+            sums = torch.zeros(len(counts), self.d).index_add_(0, ids, res)
+            keep = (counts >= self.min_count).nonzero().squeeze(1)
+            self.rows = keep.to(torch.int32)
+            self.table = self._stored(sums[keep] / (counts[keep].float() + self.shrink)[:, None])  # (R, d)
+            pred = pred + self._item_rows(ids)
+        if self.predictor == "item+pos":
+            if user_offsets is None:
+                raise CkvError("internal: predictor item+pos needs the users' offsets in fit")
+            pos = positions(user_offsets)
+            res = x - pred
+            n_pos = int(pos.max()) + 1 if len(pos) else 1
+            sums = torch.zeros(n_pos, self.d).index_add_(0, pos, res)
+            self.pos_table = self._stored(sums / torch.bincount(pos, minlength=n_pos).clamp(min=1).float()[:, None])
+            pred = pred + self._pos_rows(pos)
+        torch.manual_seed(seed)
+        self.pool = self._stored(kmeans(x - pred, self.pool_size, seed=seed, iters=self.iters))  # (m, d)
+
+    def _linear(self, context: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return context.float() @ w[:-1] + w[-1]  # (N, d)
+
+    def _item_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(N,) item ids -> (N, d) table correction, zeros for items without a row."""
+        out = torch.zeros(len(ids), self.d)
+        if len(self.rows):
+            rows = self.rows.long()
+            slot = torch.searchsorted(rows, ids).clamp(max=len(rows) - 1)
+            hit = rows[slot] == ids
+            out[hit] = self.table[slot[hit]]
+        return out
+
+    def _pos_rows(self, pos: torch.Tensor) -> torch.Tensor:
+        return self.pos_table[pos.clamp(max=len(self.pos_table) - 1)]  # positions past calibration: the last row
+
+    def predict(self, items: np.ndarray, user_offsets: np.ndarray, context: torch.Tensor | None) -> torch.Tensor:
+        """(N, d) prediction of each token from its item id, position and first-layer K/V."""
+        if self.pool is None:
+            raise CkvError("codec used before fit or load")
+        ids = torch.from_numpy(np.asarray(items, dtype=np.int64))
+        self._check_context(context, len(ids))
+        pred = self._linear(context) if self.uses_context else self.base.expand(len(ids), self.d).clone()
+        if self.uses_items:
+            pred = pred + self._item_rows(ids)
+        if self.predictor == "item+pos":
+            pred = pred + self._pos_rows(positions(user_offsets))
+        return pred
+
+    # -- storage -------------------------------------------------------------------------------------------
+    def fields(self) -> list[Field]:
+        return [Field("idx", "token", bits=self.bits)]
+
+    def encode(self, x: torch.Tensor, user_offsets: np.ndarray, items: np.ndarray,
+               context: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        res = x.float() - self.predict(items, user_offsets, context)  # (N, d)
+        return {"idx": nearest(res, self.pool).numpy().astype(np.uint32)}
+
+    def decode(self, fields: dict[str, np.ndarray], user_offsets: np.ndarray, items: np.ndarray,
+               context: torch.Tensor | None = None) -> torch.Tensor:
+        idx = torch.from_numpy(np.asarray(fields["idx"], dtype=np.int64))
+        return self.predict(items, user_offsets, context) + self.pool[idx]
+
+    def shared(self) -> dict[str, torch.Tensor]:
+        dt = DTYPES[self.dtype]
+        out = {"pool": self.pool.to(dt), "base": self.base.to(dt)}
+        if self.weight is not None:
+            out["weight"] = self.weight.to(dt)
+        if self.uses_items:
+            out.update(rows=self.rows, table=self.table.to(dt))
+        if self.pos_table is not None:
+            out["pos_table"] = self.pos_table.to(dt)
+        return out
+
+    def load_shared(self, shared: dict[str, torch.Tensor]) -> None:
+        self.pool, self.base = shared["pool"].float(), shared["base"].float()
+        self.weight = shared["weight"].float() if "weight" in shared else None
+        if self.uses_context and self.weight is None:
+            raise CkvError("predictive: the artifact lacks the linear predictor's weights")
+        if self.uses_items:
+            self.rows, self.table = shared["rows"].to(torch.int32), shared["table"].float()
+        if self.predictor == "item+pos":
+            self.pos_table = shared["pos_table"].float()
+        if self.pool.shape != (self.pool_size, self.d):
+            raise CkvError(f"pool has shape {tuple(self.pool.shape)}, the metadata says ({self.pool_size}, {self.d})")
