@@ -20,7 +20,7 @@ reads both, checking every value (a file is never trusted).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -163,8 +163,8 @@ class CachePlan:
         if ev is not None and ev[1].stores_flags:
             out["tokens/keep"] = Field("keep", "token", bits=1)
         for name, codec in self.coded().items():
-            for f in codec.fields():
-                out[f"{name}/{f.name}"] = f
+            for f in codec.fields():  # a ragged field's counts field by its artifact name
+                out[f"{name}/{f.name}"] = replace(f, counts=f"{name}/{f.counts}") if f.counts else f
         return out
 
     # -- fitting, encoding, decoding
@@ -339,6 +339,9 @@ def build_plan(spec: CacheSpec, name: str, params: dict, *, n_items: int, share:
             streams[s.name] = make_codec(name, s.width, params, s.kind)
         else:
             streams[s.name] = PlainCodec(d=s.width, dtype="float16")
+    if layout == CTR and any(getattr(c, "index", None) is not None for c in streams.values()):
+        raise CkvError("index=item codes pool indices given the tokens' item ids, which CTR artifacts do not read "
+                       "back with them: use it on next-item models")
     needed = required | {i for s in spec.streams if recomputed(streams[s.name]) for i in s.from_ids}
     ids = tuple(t for t in spec.ids if t.name in needed)
     if side_stored and not spec.side:

@@ -12,7 +12,8 @@ def registry() -> dict[str, type[StreamCodec]]:
     from ckv_cli.codecs.lowrank import LowRankCodec
     from ckv_cli.codecs.plain import Bf16Codec, PlainCodec
     from ckv_cli.codecs.pq import PQCodec
+    from ckv_cli.codecs.predictive import PredictiveCodec
     from ckv_cli.codecs.recompute import RecomputeCodec
 
     return {c.name: c for c in (CollectiveCodec, PlainCodec, Bf16Codec, Int8Codec, Int4Codec, LowRankCodec, PQCodec,
-                                ItemIdCodec, EvictCodec, RecomputeCodec)}
+                                ItemIdCodec, EvictCodec, RecomputeCodec, PredictiveCodec)}

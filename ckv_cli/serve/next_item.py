@@ -301,7 +301,8 @@ class CacheStore(Store):
     @torch.no_grad()
     def fetch_compressed(self, user_ids, recompute_items: bool = True) -> CompressedCache:
         """A batch of users' caches in stored form (`CompressedCache`): collective streams as `CompressedStream`s
-        (for `ckv_cli.serve.attention.compressed_attention`), the item-id layers recomputed (None with
+        (for `ckv_cli.serve.attention.compressed_attention`; item-coded indices decoded to pool indices through
+        their item's list and the user's escapes), the item-id layers recomputed (None with
         `recompute_items=False`), other codecs' streams decoded."""
         return self._compressed(*self._read(self.index(user_ids)), recompute_items)
 
@@ -335,7 +336,9 @@ class CacheStore(Store):
                         u = (dequantize_per_user(fields[f"{name}/user"], fields[f"{name}/scale"], offsets)
                              if codec.user_dtype == "int8" else torch.from_numpy(fields[f"{name}/user"].astype(np.float32)))
                         user = pad(u)
-                    dest.append(CompressedStream(pool, pad(fields[f"{name}/idx"]), user, basis))
+                    sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.index_fields()}
+                    idx = codec.indices(sub, offsets, np.asarray(fields["tokens/items"], np.int64))  # list or escape
+                    dest.append(CompressedStream(pool, pad(idx), user, basis))
                 else:
                     sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
                     kw = {"items": np.asarray(fields["tokens/items"], np.int64)} if codec.needs_items else {}
