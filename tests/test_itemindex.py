@@ -550,3 +550,98 @@ def test_shards_equal_the_single_file(real, ds, tmp_path):
     finally:
         one.close()
         many.close()
+
+
+# ---------------------------------------------------------------- one index for K and V (joint=kv)
+
+
+def test_joint_plan_pairs_each_layer():
+    from ckv_cli.codecs.joint import JointCodec, JointPart
+
+    plan = next_item_plan("collective", {"pool_size": 64, "joint": "kv", "index": "item", "index_bits": 2, "iters": 2},
+                          n_layers=3,
+                          d_k=D, d_v=6, n_items=N_ITEMS, timestamps=False)
+    assert [type(plan.streams[f"L{i}.{k}"]).__name__ for i in (1, 2) for k in "kv"] == ["JointCodec", "JointPart"] * 2
+    lead, part = plan.streams["L1.k"], plan.streams["L1.v"]
+    assert isinstance(lead, JointCodec) and lead.inner.d == D + 6 and lead.partner == "L1.v"
+    assert isinstance(part, JointPart) and part.leader == "L1.k" and part.d == 6
+    assert not any(k.startswith("L1.v/") for k in plan.fields())  # one index, stored under K
+    assert plan.fields()["L1.k/pos"].per == "token"
+    with pytest.raises(CkvError, match="joint takes kv"):
+        next_item_plan("collective", {"joint": "qk"}, n_layers=2, d_k=D, d_v=D, n_items=N_ITEMS, timestamps=False)
+    with pytest.raises(CkvError, match="--share k,v"):
+        next_item_plan("collective", {"joint": "kv"}, n_layers=2, d_k=D, d_v=D, n_items=N_ITEMS, timestamps=False,
+                       share=("k",))
+    with pytest.raises(CkvError, match="no layer"):
+        next_item_plan("collective", {"joint": "kv"}, n_layers=1, d_k=D, d_v=D, n_items=N_ITEMS, timestamps=False)
+
+
+def test_joint_round_trip_through_an_artifact(tmp_path):
+    """Fit, encode, write, open: K and V decode from one index, equal to the plan's own decode; the description
+    round-trips; a description whose pair does not match is refused."""
+    plan = next_item_plan("collective", {"pool_size": 128, "joint": "kv", "index": "item", "escape_tol": 0.2,
+                                         "iters": 3}, n_layers=2, d_k=D, d_v=D, n_items=N_ITEMS, timestamps=True)
+    _, calib = synthetic_plan_and_flat([300] * 10, seed=0)
+    plan.fit(calib, seed=0)
+    _, flat = synthetic_plan_and_flat([40, 0, 1, 77, 120], seed=1)
+    fields = plan.encode(flat)
+    model = ItemKVModel(fake_item_kv)
+    dec = plan.decode(fields, flat.offsets, model)
+    for name in ("L1.k", "L1.v"):
+        x = flat.stream(name)
+        assert float(((dec.stream(name) - x) ** 2).sum() / (x**2).sum()) < 0.2
+    path = tmp_path / "j.safetensors"
+    write_artifact(path, plan, fields, flat.offsets, [f"u{i}" for i in range(5)], {})
+    with Artifact.open(path) as art:
+        got = art.decode(np.array([4, 0, 3]), model)
+        ref = plan.decode(plan.encode(flat.select(np.array([4, 0, 3]))), got.offsets, model)
+        for name in ("L1.k", "L1.v"):
+            assert torch.equal(got.stream(name), ref.stream(name))
+    desc = json.loads(json.dumps(plan.describe()))
+    assert plan_from_description(desc).fields() == plan.fields()
+    bad = json.loads(json.dumps(desc))
+    bad["streams"]["L1.v"]["params"]["leader"] = "L0.k"
+    with pytest.raises(CkvError, match="partner L1.v is not a joined stream"):
+        plan_from_description(bad)
+    bad = json.loads(json.dumps(desc))
+    bad["streams"]["L1.k"]["params"]["d_with"] = 5
+    with pytest.raises(CkvError, match="not a joined stream of width 5"):
+        plan_from_description(bad)
+
+
+@pytest.fixture(scope="module")
+def joint_real(ds, tmp_path_factory):
+    d = tmp_path_factory.mktemp("joint-store")
+    ckpt = d / "hstu.safetensors"  # HSTU: K and V of different scales (the joint scale matters)
+    save_checkpoint(make_model("hstu", n_items=ds.n_items, max_len=MAX_LEN), ckpt, dataset=ds.name,
+                    fingerprint=ds.fingerprint, item_vocab=list(ds.item_ids), metrics={}, train={"epochs": 0})
+    model, meta = load_checkpoint(ckpt)
+    opts = CompressOptions(params={**PARAMS, "joint": "kv", "user_dim": 2, "user_dtype": "fp16", "layout": "concat"},
+                           calib_users=150)
+    path = d / "a.safetensors"
+    report = compress_to_artifact(model, meta, ckpt, ds, opts, path)
+    return ckpt, path, model, meta, report, opts
+
+
+def test_joint_store_and_evaluate(joint_real, ds, tmp_path):
+    from ckv_cli.evaluate.compare import compare_artifact
+
+    ckpt, path, model, meta, report, opts = joint_real
+    assert "L1.v/pos" not in report["accounting"]["per_user_breakdown"]
+    assert report["accounting"]["shared_breakdown"]["shared/L1.k/joint_scale"] == 8
+    uids = [str(ds.user_ids[u]) for u in (2, 40, 41, 600)]
+    with CacheStore.open(path, ckpt) as store:
+        a = store.rank_next(uids, k=10, attention="compressed")
+        b = store.rank_next(uids, k=10, attention="decoded")
+        np.testing.assert_allclose(a.scores, b.scores, atol=2e-5)
+        store.append(uids[0], [int(ds.sequence(2)[0][-1])], [int(ds.sequence(2)[1][-1]) + 60])
+        c = store.rank_next(uids[:1], k=10, attention="compressed")
+        d = store.rank_next(uids[:1], k=10, attention="decoded")
+        np.testing.assert_allclose(c.scores, d.scores, atol=2e-5)
+        out = tmp_path / "saved.safetensors"
+        store.save(out)
+    with Artifact.open(out) as art:
+        assert art.n_users == ds.n_users
+    with Artifact.open(path) as art:
+        c = compare_artifact(model, ds, art, bootstrap=20, speed_batch=8, repeats=1)
+    assert c.equals_compress_report

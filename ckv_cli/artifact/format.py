@@ -26,6 +26,7 @@ import torch
 
 from ckv_cli.codecs import Field
 from ckv_cli.codecs.bits import packed_nbytes
+from ckv_cli.codecs.joint import JointCodec
 from ckv_cli.codecs.plan import DECODE_ERRORS, MAX_BITS, MAX_WIDTH
 from ckv_cli.errors import CkvError
 from ckv_cli.io import formats
@@ -202,8 +203,9 @@ def _probe(codec) -> str | None:
         return None  # a refusal the codec explains itself when the token is really read
     except DECODE_ERRORS as e:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-    if tuple(out.shape) != (1, codec.d):
-        return f"decodes to shape {tuple(out.shape)}, not (1, {codec.d})"
+    width = codec.width if isinstance(codec, JointCodec) else codec.d  # a joint codec decodes K and V side by side
+    if tuple(out.shape) != (1, width):
+        return f"decodes to shape {tuple(out.shape)}, not (1, {width})"
     return None
 
 

@@ -74,9 +74,11 @@ class CollectiveCodec(IndexCoding, StreamCodec):
             keep[user] = False
             self.user_coords, self.pool_coords = user, keep.nonzero().squeeze(1)
             self._set_pool(kmeans(z[:, self.pool_coords], self.pool_size, seed=seed, iters=self.iters))
-        if self.index is not None:  # the item lists, from the calibration tokens' entries
-            zp = self._pool_part(x)
-            self.index_fit(self._route(zp), items, self._error(zp))
+        self.fit_index(x, items)  # item-coded: the item lists, from the calibration tokens' entries
+
+    def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None):
+        zp = self._pool_part(x)
+        return self._route(zp), self._error(zp)
 
     def _pool_part(self, x: torch.Tensor) -> torch.Tensor:
         """The coordinates the pool approximates: (N, d) or (N, d - r)."""

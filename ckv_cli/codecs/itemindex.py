@@ -322,8 +322,23 @@ class IndexCoding:
         if index == "flat" and (index_bits != AUTO or escape_tol):
             raise CkvError("index_bits and escape_tol go with index=item")
         self.index = ItemIndex(pool_size, index_bits, escape_tol) if index == "item" else None
+        self.needs_items = self.index is not None or type(self).needs_items
+
+    def set_index(self, index: str = "item", index_bits=AUTO, escape_tol: float = 0.0) -> None:
+        """Another index coding over the same fitted pool (then `fit_index` on calibration tokens): how a sweep
+        of index parameters reuses one pool."""
+        self._init_index(self.pool_size, index, index_bits, escape_tol)
+
+    def fit_index(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None) -> None:
+        """Fit the index coding alone on calibration vectors (N, d) and their items, over the fitted pool: the
+        codec's `index_inputs` gives each vector's pool entry and the error function of the tolerance."""
         if self.index is not None:
-            self.needs_items = True
+            idx, error = self.index_inputs(x, items, user_offsets)
+            self.index_fit(idx, items, error)
+
+    def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None):
+        """(pool index (N,) of each vector, error function over (tokens, entries)): what the codec routes."""
+        raise NotImplementedError
 
     def index_params(self) -> dict:
         return self.index.params() if self.index is not None else {}

@@ -126,7 +126,11 @@ class PredictiveCodec(IndexCoding, StreamCodec):
             pred = pred + self._pos_rows(pos)
         torch.manual_seed(seed)
         self.pool = self._stored(kmeans(x - pred, self.pool_size, seed=seed, iters=self.iters))  # (m, d)
-        self.index_fit(nearest(x - pred, self.pool), items, squared_error(x - pred, self.pool))
+        self.fit_index(x, items, user_offsets)
+
+    def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None):
+        res = x.float() - self.predict(items, user_offsets, None)  # the first layer is not handed to fit here
+        return nearest(res, self.pool), squared_error(res, self.pool)
 
     def _linear(self, context: torch.Tensor) -> torch.Tensor:
         w = self.weight

@@ -252,7 +252,7 @@ class Store:
         for name, codec in self.plan.coded().items():
             names = [f"{name}/{f.name}" for f in codec.fields()]
             if self._appendable(codec):
-                enc = codec.encode(new.stream(name), new.offsets, **_items(codec, new.items))  # token-local
+                enc = codec.encode(self.plan.codec_input(new, name), new.offsets, **_items(codec, new.items))  # token-local
                 for f, n_ in zip(codec.fields(), names):
                     add = self._as_stored(n_, enc[f.name])
                     out[n_] = old[n_] + add if f.per == "user" else np.concatenate([old[n_], add])  # counts add up
@@ -260,7 +260,7 @@ class Store:
                 out.update(self._merge_int8(name, codec, old, new.stream(name), new.items))
             else:  # per-user state: re-encode the user's stream from the decoded old vectors and the new ones
                 cache = whole() if cache is None else cache
-                enc = codec.encode(cache.stream(name), cache.offsets, **_items(codec, cache.items))
+                enc = codec.encode(self.plan.codec_input(cache, name), cache.offsets, **_items(codec, cache.items))
                 out.update({n_: self._as_stored(n_, enc[n_.split("/", 1)[1]]) for n_ in names})
         return out
 
