@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from _machine import machine  # noqa: E402
 from ckv_cli.errors import CkvError  # noqa: E402
-from ckv_cli.evaluate.sweep import parse_sweep  # noqa: E402
+from ckv_cli.evaluate.sweep import parse_task_sweep  # noqa: E402
 from ckv_cli.metrics import paired_bootstrap, per_user_ranking, ranking_metrics  # noqa: E402
 from ckv_cli.models.checkpoint import load_checkpoint  # noqa: E402
 from ckv_cli.pipeline.compress import CompressOptions, compress  # noqa: E402
@@ -60,7 +60,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-users", type=int, default=256)
+    p.add_argument("--cache", type=Path, default=None,
+                   help="directory keeping fitted pools between runs (keyed by checkpoint, spec, calibration, seed)")
     return p.parse_args(argv)
+
+
+def cached_plan(args, key: str):
+    """A plan fitted by an earlier run with the same checkpoint, pool parameters, calibration and seed, or None."""
+    path = plan_path(args, key)
+    return torch.load(path, weights_only=False) if path is not None and path.exists() else None
+
+
+def plan_path(args, key: str) -> Path | None:
+    if args.cache is None:
+        return None
+    import hashlib
+
+    tag = json.dumps([str(args.checkpoint.resolve()), args.data, key, args.calib_users, args.seed], sort_keys=True)
+    return args.cache / f"plan-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.pt"
 
 
 def pool_key(codec: str, params: dict) -> str:
@@ -128,6 +145,7 @@ def run(args) -> dict:
     model, meta = load_checkpoint(args.checkpoint)
     task = task_of(model)
     ds = task.load(args.data, None, meta, model)
+    specs = parse_task_sweep(args.specs, task)  # refused before the teacher pass
     t0 = time.perf_counter()
     teacher = task.teacher(model, ds, args.batch_users)
     print(f"teacher caches: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -138,13 +156,16 @@ def run(args) -> dict:
     calib = None
     fitted: dict[str, object] = {}
     rows = []
-    for spec in parse_sweep(args.specs):
+    for spec in specs:
         params = dict(spec.params)
         opts = replace(base_opts, codec=spec.codec, params=params)
         t = time.perf_counter()
         print(f"{spec.label} ...", flush=True)
         try:
             key = pool_key(spec.codec, params)
+            if key not in fitted and cached_plan(args, key) is not None:
+                fitted[key] = cached_plan(args, key)
+                print("  (pool from --cache)", flush=True)
             if key in fitted:
                 if calib is None:
                     calib = task.calibration(model, ds, opts, calib_users, teacher=teacher)[0]
@@ -153,6 +174,9 @@ def run(args) -> dict:
             else:
                 result = compress(model, ds, opts, teacher=teacher)
                 fitted[key] = result.plan
+                if plan_path(args, key) is not None:
+                    args.cache.mkdir(parents=True, exist_ok=True)
+                    torch.save(result.plan, plan_path(args, key))
         except CkvError as e:
             print(f"  refused: {e}", flush=True)
             rows.append({"spec": spec.label, "refused": str(e)})

@@ -645,3 +645,61 @@ def test_joint_store_and_evaluate(joint_real, ds, tmp_path):
     with Artifact.open(path) as art:
         c = compare_artifact(model, ds, art, bootstrap=20, speed_batch=8, repeats=1)
     assert c.equals_compress_report
+
+
+def test_index_auto_codes_by_item_only_where_it_pays():
+    """index=auto: item-coded where the held-out half says lists beat the full index, flat where the item does not
+    predict the entry (vectors independent of the item); the artifact's params record the choice."""
+    x, items = item_data(3000, 0)
+    coded = CollectiveCodec(d=D, pool_size=128, iters=3, index="auto")
+    assert coded.params()["index"] == "auto"
+    coded.fit(x, 0, items=items)
+    assert coded.index is not None and coded.params()["index"] == "item" and coded.needs_items
+    shuffled = np.random.default_rng(1).permutation(items)  # items that say nothing about the vectors
+    flat = CollectiveCodec(d=D, pool_size=128, iters=3, index="auto")
+    flat.fit(x, 0, items=shuffled)
+    assert flat.index is None and "index" not in flat.params() and not flat.needs_items
+    assert flat.index_selection["chosen"] == "flat"
+    assert [f.name for f in flat.fields()] == ["idx"]
+    with pytest.raises(CkvError, match="index=auto chooses the width"):
+        CollectiveCodec(d=D, pool_size=128, index="auto", index_bits=3)
+
+
+def test_joint_follows_its_inner_codec_on_items():
+    """A joint codec reads item ids exactly when its inner codec does, also after the inner codec changed its
+    index coding over a fitted pool (`set_index`, as the index sweep does) or index=auto chose flat."""
+    from ckv_cli.codecs.joint import JointCodec
+
+    xk, items = item_data(3000, 0)
+    xv, _ = item_data(3000, 0)
+    x = torch.cat([xk, 2 * xv], 1)
+    joint = JointCodec(D, D, "L1.v", "collective", {"pool_size": 128, "iters": 3})
+    joint.fit(x, 0)
+    assert not joint.needs_items
+    joint.set_index("item", 4)
+    joint.fit_index(x, items)
+    assert joint.needs_items and [f.name for f in joint.fields()] == ["pos", "esc", "esc_n"]
+    out = joint.decode(joint.encode(x[:300], offsets_of([300]), items=items[:300]), offsets_of([300]), items=items[:300])
+    assert out.shape == (300, 2 * D)
+    shuffled = np.random.default_rng(1).permutation(items)
+    auto = JointCodec(D, D, "L1.v", "collective", {"pool_size": 128, "iters": 3, "index": "auto"})
+    auto.fit(x, 0, items=shuffled)
+    assert auto.index is None and not auto.needs_items
+
+
+def test_joint_auto_index_same_seed_same_bytes(ds, tmp_path):
+    """index=auto under joint=kv (width and the flat/item choice made on held-out calibration tokens): the same
+    inputs and seed write the same bytes; the plan records the choice."""
+    ckpt = tmp_path / "sasrec.safetensors"
+    save_checkpoint(make_model("sasrec", n_items=ds.n_items, max_len=MAX_LEN), ckpt, dataset=ds.name,
+                    fingerprint=ds.fingerprint, item_vocab=list(ds.item_ids), metrics={}, train={"epochs": 0})
+    model, meta = load_checkpoint(ckpt)
+    opts = CompressOptions(params={"pool_size": 48, "joint": "kv", "index": "auto", "escape_tol": 1.0},
+                           calib_users=150)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    report = compress_to_artifact(model, meta, ckpt, ds, opts, a)
+    compress_to_artifact(model, meta, ckpt, ds, opts, b)
+    assert a.read_bytes() == b.read_bytes()
+    with Artifact.open(a) as art:
+        inner = art.plan.streams["L1.k"].inner.params()
+    assert inner.get("index", "flat") in ("flat", "item") and report["accounting"]["bytes_per_token"] > 0

@@ -36,7 +36,7 @@ from ckv_cli.codecs.bits import bits_for, pack, unpack
 from ckv_cli.errors import CkvError
 
 AUTO = "auto"
-INDEXES = ("flat", "item")
+INDEXES = ("flat", "item", "auto")
 COUNT_DTYPE = "uint16"  # escapes per user: a user caches at most 65,535 tokens here (max_len is 200)
 PAIR_CHUNK = 1 << 16  # (token, entry) pairs per call of the error function: memory stays bounded
 ErrorFn = Callable[[np.ndarray, np.ndarray], torch.Tensor]  # (tokens (P,), entries (P,)) -> squared errors (P,)
@@ -312,16 +312,23 @@ class IndexCoding:
     and `escape_tol` through `_init_index`, and routes its fields, fit, encode, decode and shared tensors through
     the `index_*` methods below. `flat` stores `idx` at ceil(log2 m) bits as before (and its params are those of
     artifacts written before the option existed); `item` codes it given the token's item (`ItemIndex`), which
-    makes the codec read item ids (`needs_items`)."""
+    makes the codec read item ids (`needs_items`); `auto` is `item` with the width chosen by fit, or `flat` where
+    no width beats the full index on the held-out half of the calibration tokens (a pool on residuals whose
+    entries the item does not predict). The choice is in the artifact's plan (the params after fit)."""
 
     index: ItemIndex | None = None
+    index_auto = False
+    index_selection: dict | None = None  # index=auto that chose flat: the width table it compared
 
     def _init_index(self, pool_size: int, index: str, index_bits, escape_tol) -> None:
         if index not in INDEXES:
             raise CkvError(f"index must be one of {', '.join(INDEXES)}, got {index!r}")
         if index == "flat" and (index_bits != AUTO or escape_tol):
             raise CkvError("index_bits and escape_tol go with index=item")
-        self.index = ItemIndex(pool_size, index_bits, escape_tol) if index == "item" else None
+        if index == "auto" and index_bits != AUTO:
+            raise CkvError("index=auto chooses the width too: leave index_bits out (or use index=item)")
+        self.index_auto = index == "auto"  # item-coded where that is cheaper on held-out calibration, else flat
+        self.index = ItemIndex(pool_size, index_bits, escape_tol) if index != "flat" else None
         self.needs_items = self.index is not None or type(self).needs_items
 
     def set_index(self, index: str = "item", index_bits=AUTO, escape_tol: float = 0.0) -> None:
@@ -341,14 +348,23 @@ class IndexCoding:
         raise NotImplementedError
 
     def index_params(self) -> dict:
+        if self.index is not None and self.index_auto and self.index.bits == AUTO:
+            return {"index": "auto", "escape_tol": self.index.tol}  # not fitted yet
         return self.index.params() if self.index is not None else {}
 
     def index_fields(self) -> list[Field]:
         return self.index.fields() if self.index is not None else [Field("idx", "token", bits=self.bits)]
 
     def index_fit(self, idx, items, error: ErrorFn | None = None) -> None:
-        if self.index is not None:
-            self.index.fit(np.asarray(idx), items, error)
+        if self.index is None:
+            return
+        self.index.fit(np.asarray(idx), items, error)
+        if self.index_auto:  # flat where the lists do not pay on the held-out half (positions + escapes >= full)
+            best = min((r["bits_per_token"] for r in self.index.selection.get("widths", [])), default=float("inf"))
+            if best >= self.index.full_bits:
+                self.index_selection = dict(self.index.selection, chosen="flat")
+                self.index = None
+                self.needs_items = type(self).needs_items
 
     def index_encode(self, idx, items, user_offsets, error: ErrorFn | None = None) -> tuple[dict, np.ndarray]:
         """(fields, pool indices they decode to) of pool indices (N,) (a tensor or an array)."""

@@ -41,8 +41,12 @@ class JointCodec(StreamCodec):
         params.pop("d", None)
         self.partner = partner
         self.inner = make_codec(inner, self.d + self.d_with, params)
-        self.needs_items = self.inner.needs_items
         self.scale = None  # (2,) RMS of K and of V on the calibration tokens
+
+    @property
+    def needs_items(self) -> bool:
+        """As the inner codec, which may change its mind: index=auto that chose flat, `set_index` over a pool."""
+        return self.inner.needs_items
 
     @property
     def width(self) -> int:
