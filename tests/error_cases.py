@@ -287,6 +287,114 @@ def vocab_edit(tensors, meta):
     meta["item_vocab"] = json.dumps(VOCAB[:-1])
 
 
+# ---------------------------------------------------------------- foreign checkpoints (ckv import)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def fixture(src: str, dst: str):
+    """dst = a committed fixture (tests/fixtures/...)."""
+    def setup(ws: Path):
+        shutil.copyfile(FIXTURES / src, ws / dst)
+    return setup
+
+
+def recbole_like(dst: str, edit_state=None, edit_cfg=None):
+    """dst = the RecBole fixture re-saved with torch.save after `edit_state(state_dict)` / `edit_cfg(config dict)`:
+    its config object pickled under RecBole's class name (`recbole.config.configurator.Config`), as RecBole saves it."""
+    def setup(ws: Path):
+        import types
+
+        import torch
+
+        from ckv_cli.importers.safe_pickle import load_torch_zip
+
+        obj = load_torch_zip(FIXTURES / "recbole" / "sasrec.pth")
+        cfg = {k: (v if isinstance(v, (int, float, str, bool, list, dict, type(None))) else str(v))
+               for k, v in obj["config"].state["final_config_dict"].items()}
+        state = dict(obj["state_dict"])
+        if edit_state:
+            edit_state(state)
+        if edit_cfg:
+            edit_cfg(cfg)
+        module = types.ModuleType("recbole.config.configurator")
+
+        class Config:
+            pass
+
+        Config.__module__, Config.__qualname__ = "recbole.config.configurator", "Config"
+        module.Config = Config
+        config = Config()
+        config.final_config_dict = cfg
+        saved = {m: sys.modules.get(m) for m in ("recbole", "recbole.config", "recbole.config.configurator")}
+        for m in saved:
+            sys.modules[m] = module
+        try:
+            torch.save({"config": config, "epoch": 1, "state_dict": state, "other_parameter": {}, "optimizer": {}},
+                       ws / dst, pickle_protocol=4)
+        finally:
+            for m, old in saved.items():
+                if old is None:
+                    sys.modules.pop(m, None)
+                else:
+                    sys.modules[m] = old
+    return setup
+
+
+def evil_pickle(dst: str):
+    """dst = a torch.save-shaped zip whose pickle calls os.system when unpickled by anything that resolves globals."""
+    def setup(ws: Path):
+        import zipfile
+
+        class Run:
+            def __reduce__(self):
+                return os.system, ("touch pwned",)
+
+        with zipfile.ZipFile(ws / dst, "w", zipfile.ZIP_STORED) as z:
+            z.writestr("archive/data.pkl", __import__("pickle").dumps(Run(), protocol=4))
+            z.writestr("archive/byteorder", "little")
+            z.writestr("archive/version", "3\n")
+    return setup
+
+
+def gin_with(dst: str, *extra: str, base: str = "gr/hstu.gin"):
+    def setup(ws: Path):
+        (ws / dst).write_text((FIXTURES / base).read_text() + "".join(line + "\n" for line in extra))
+    return setup
+
+
+IMPORTS = "ckv import: checkpoints from other frameworks"
+RB = ("import", "recbole", "bad.pth", "--item-vocab", "vocab.json", "-o", "new.safetensors")
+GR = ("import", "gr", "gr.pt", "--gin", "bad.gin", "-o", "new.safetensors")
+RB_VOCAB = fixture("recbole/item_vocab.json", "vocab.json")
+
+def later_events(ws: Path):
+    """later.csv: two workspace users' new events, after everything in events.csv."""
+    write("later.csv", "user,item,timestamp\nu0,i3,5000\nu1,i4,5000\nu1,i5,5010\n")(ws)
+
+
+def hstu_workspace(ws: Path):
+    """hstu.safetensors (an untrained HSTU over i1..i20: its artifacts keep event times), hart.safetensors
+    compressed from it on events.csv, and early.csv: an event of u0 older than its cached history."""
+    import torch
+
+    from ckv_cli.data import load
+    from ckv_cli.models import HSTU, HSTUConfig
+    from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
+    from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact
+
+    torch.manual_seed(3)
+    save_checkpoint(HSTU(HSTUConfig(n_items=20, d=8, n_layers=2, d_qk=8, d_v=8, max_len=8)).eval(),
+                    ws / "hstu.safetensors", dataset="events.csv", fingerprint="0" * 16, item_vocab=VOCAB, metrics={},
+                    train={})
+    with chdir(ws):
+        model, meta = load_checkpoint("hstu.safetensors")
+        ds = load("events.csv", item_vocab=meta["item_vocab"])
+        opts = CompressOptions(params={"pool_size": 12, "user_dim": 0, "layout": "residual"}, calib_users=20)
+        compress_to_artifact(model, meta, "hstu.safetensors", ds, opts, "hart.safetensors", command="ckv compress")
+    write("early.csv", "user,item,timestamp\nu0,i3,1000\n")(ws)
+
+
 # ---------------------------------------------------------------- the cases
 
 CHECKPOINTS = "input files: checkpoints"
@@ -295,6 +403,8 @@ ARTIFACTS = "input files: artifacts"
 MISMATCH = "an artifact and a checkpoint that do not belong together"
 OUTPUTS = "outputs"
 OPTIONS = "options"
+UPDATES = "ckv compress --update"
+UPDATE = ("compress", "ckpt.safetensors", "--update", "art.safetensors", "--data", "later.csv")
 
 CASES: list[Case] = [
     # -- checkpoints
@@ -367,6 +477,8 @@ CASES: list[Case] = [
          "ckv: error: data file not found: missing.csv"),
     Case(DATA, "data path is a directory", ("evaluate", "ckpt.safetensors", "--data", "logs.csv"),
          "ckv: error: expected a file, got a directory: logs.csv", setup=mkdir("logs.csv")),
+    Case(DATA, "a glob that matches no Parquet file", ("evaluate", "ckpt.safetensors", "--data", "logs/*.parquet"),
+         "ckv: error: no Parquet files match logs/*.parquet", setup=mkdir("logs")),
     Case(DATA, "empty data file", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
          "ckv: error: data file is empty: bad.csv", setup=write("bad.csv", "")),
     Case(DATA, "unreadable data file (chmod 000)", EVALUATE, "ckv: error: data file is not readable: events.csv",
@@ -586,6 +698,87 @@ CASES: list[Case] = [
          "'evict:keep=0.5,policy=recent'` only"),
     Case(OPTIONS, "--sweep-users on a next-item model", (*EVALUATE, "--sweep-users", "10"),
          "ckv: error: --sweep-users goes with --sweep on a CTR model (a next-item sweep scores every user)"),
+    # -- ckv import
+    Case(IMPORTS, "unknown framework key", ("import", "tensorflow", "model.pt", "-o", "new.safetensors"),
+         "ckv: error: unknown framework 'tensorflow' (known: recbole, gr)"),
+    Case(IMPORTS, "crafted pickle that would run a command (nothing runs)", RB,
+         "ckv: error: bad.pth: not a RecBole checkpoint (expected a dict with 'config' and 'state_dict', got posix.system)",
+         setup=chain(evil_pickle("bad.pth"), RB_VOCAB)),
+    Case(IMPORTS, "crafted pickle given as a generative-recommenders checkpoint", ("import", "gr", "bad.pth", "--gin", "gr.gin", "-o", "new.safetensors"),
+         "ckv: error: bad.pth: refused by torch.load(weights_only=True), nothing executed (its pickle: Unsupported operand 149)",
+         setup=chain(evil_pickle("bad.pth"), fixture("gr/hstu.gin", "gr.gin"))),
+    Case(IMPORTS, "not a torch.save file", RB, "ckv: error: bad.pth: not a torch.save zip file",
+         setup=chain(write("bad.pth", "user,item\n"), RB_VOCAB)),
+    Case(IMPORTS, "RecBole checkpoint missing a tensor", RB,
+         "ckv: error: bad.pth: tensor 'trm_encoder.layer.1.feed_forward.LayerNorm.bias' is missing (RecBole SASRec with this config)",
+         setup=chain(recbole_like("bad.pth", edit_state=lambda s: s.pop("trm_encoder.layer.1.feed_forward.LayerNorm.bias")), RB_VOCAB)),
+    Case(IMPORTS, "RecBole checkpoint with an extra tensor", RB,
+         "ckv: error: bad.pth: unexpected tensor 'extra.weight': not part of the RecBole SASRec with this config",
+         setup=chain(recbole_like("bad.pth", edit_state=lambda s: s.update({"extra.weight": s["LayerNorm.bias"]})), RB_VOCAB)),
+    Case(IMPORTS, "RecBole tensor shape does not match its config", RB,
+         "ckv: error: bad.pth: tensor 'trm_encoder.layer.0.feed_forward.dense_1.weight' has shape (16, 8), the architecture implies (32, 8)",
+         setup=chain(recbole_like("bad.pth", edit_cfg=lambda c: c.update(inner_size=32)), RB_VOCAB)),
+    Case(IMPORTS, "RecBole hyperparameter ckv cannot represent (hidden_act)", RB,
+         "ckv: error: bad.pth: RecBole hidden_act='leaky_relu' cannot be represented (ckv has: gelu, relu, swish, tanh, sigmoid)",
+         setup=chain(recbole_like("bad.pth", edit_cfg=lambda c: c.update(hidden_act="leaky_relu")), RB_VOCAB)),
+    Case(IMPORTS, "RecBole model other than SASRec", RB,
+         "ckv: error: bad.pth: RecBole model 'BERT4Rec' is not supported (ckv imports RecBole's SASRec)",
+         setup=chain(recbole_like("bad.pth", edit_cfg=lambda c: c.update(model="BERT4Rec")), RB_VOCAB)),
+    Case(IMPORTS, "item vocabulary of the wrong size", RB,
+         "ckv: error: bad.pth: the item vocabulary (file vocab.json) has 3 items, the embedding table 1,682 (+ 1 padding row): not the data this model was trained on",
+         setup=chain(fixture("recbole/sasrec.pth", "bad.pth"), write("vocab.json", '["[PAD]", "a", "b", "c"]'))),
+    Case(IMPORTS, "RecBole item numbering that cannot be rebuilt (rm_dup_inter)", ("import", "recbole", "bad.pth", "--data", "events.csv", "-o", "new.safetensors"),
+         "ckv: error: bad.pth: cannot rebuild RecBole's item vocabulary: its config sets rm_dup_inter='first'; pass --item-vocab (RecBole's dataset.field2id_token['item_id'])",
+         setup=recbole_like("bad.pth", edit_cfg=lambda c: c.update(rm_dup_inter="first"))),
+    Case(IMPORTS, "RecBole import with neither --data nor --item-vocab", ("import", "recbole", "bad.pth", "-o", "new.safetensors"),
+         "ckv: error: recbole import needs --data LOG (to rebuild RecBole's item numbering) or --item-vocab FILE",
+         setup=fixture("recbole/sasrec.pth", "bad.pth")),
+    Case(IMPORTS, "gin file that does not match the weights", GR,
+         "ckv: error: gr.pt: the gin file does not match the weights: hstu_encoder.num_blocks says 3, the weights have 2 layers",
+         setup=chain(fixture("gr/hstu.pt", "gr.pt"), gin_with("bad.gin", "hstu_encoder.num_blocks = 3"))),
+    Case(IMPORTS, "gin binding ckv cannot represent", GR,
+         "ckv: error: generative-recommenders train_fn.interaction_module_type = 'MoL' cannot be represented in ckv (supported: 'DotProduct')",
+         setup=chain(fixture("gr/hstu.pt", "gr.pt"), gin_with("bad.gin", 'train_fn.interaction_module_type = "MoL"'))),
+    Case(IMPORTS, "gr import without a gin file or bindings", ("import", "gr", "gr.pt", "-o", "new.safetensors"),
+         "ckv: error: gr import needs the run's --gin FILE or --bind NAME=VALUE flags (the checkpoint holds no config)",
+         setup=fixture("gr/hstu.pt", "gr.pt")),
+    Case(IMPORTS, "gr item vocabulary of the wrong size", (*GR, "--item-vocab", "vocab.json"),
+         "ckv: error: gr.pt: the item vocabulary has 3 items, the embedding table 1,682 (+ 1 padding row)",
+         setup=chain(fixture("gr/hstu.pt", "gr.pt"), fixture("gr/hstu.gin", "bad.gin"), write("vocab.json", '["a", "b", "c"]'))),
+    Case(IMPORTS, "--gin given to a RecBole import", ("import", "recbole", "bad.pth", "--gin", "x.gin", "-o", "new.safetensors"),
+         "ckv: error: --gin and --bind are options of 'ckv import gr' (a RecBole checkpoint carries its config)"),
+    Case(IMPORTS, "an existing output without --force", ("import", "gr", "gr.pt", "--gin", "gr.gin", "-o", "out.safetensors"),
+         "ckv: error: out.safetensors exists; pass --force to overwrite it",
+         setup=chain(fixture("gr/hstu.pt", "gr.pt"), fixture("gr/hstu.gin", "gr.gin")), intact=("out.safetensors",)),
+    Case(OPTIONS, "compress without -o", ("compress", "ckpt.safetensors", "--data", "events.csv"),
+         "ckv: error: Missing option '--out' / '-o'."),
+    Case(OPTIONS, "--shards with --shard-size", (*NEW[:-2], "-o", "new.index.json", "--shards", "2", "--shard-size", "8"),
+         "ckv: error: --shards (users by hash) and --shard-size (users by range) both choose the shard assignment: "
+         "give one"),
+    Case(OPTIONS, "--shards with --distill-steps", (*NEW[:-2], "-o", "new.index.json", "--shards", "2",
+                                                   "--distill-steps", "2"),
+         "ckv: error: --distill-steps does not go with --shards yet (distillation samples users from the whole log)"),
+    # -- updates
+    Case(UPDATES, "another checkpoint than the artifact's", ("compress", "other.safetensors", *UPDATE[2:]),
+         "ckv: error: art.safetensors was made from another checkpoint (sha256 <...>..., this checkpoint <...>...)",
+         setup=later_events, intact=("art.safetensors",)),
+    Case(UPDATES, "a plan option that is not the artifact's", (*UPDATE, "--pool-size", "16"),
+         "ckv: error: art.safetensors was compressed with pool_size 12; --update encodes with the artifact's plan and "
+         "cannot change it: --pool-size 16 differs (drop it, or compress anew)",
+         setup=later_events, intact=("art.safetensors",)),
+    Case(UPDATES, "new events older than the user's cached history",
+         ("compress", "hstu.safetensors", "--update", "hart.safetensors", "--data", "early.csv"),
+         "ckv: error: user 'u0': a new event at 1000 is older than its cached history (last cached event at <t>); "
+         "--update appends newer events only", setup=hstu_workspace),
+    Case(UPDATES, "--update with -o", (*UPDATE, "-o", "new.safetensors"),
+         "ckv: error: --update rewrites the artifact in place, in this process, with its own plan: drop -o",
+         setup=later_events),
+    Case(UPDATES, "--update of an artifact that does not exist",
+         ("compress", "ckpt.safetensors", "--update", "nope.safetensors", "--data", "later.csv"),
+         "ckv: error: artifact not found: nope.safetensors", setup=later_events),
+    Case(UPDATES, "--update of an index that does not exist",
+         ("compress", "ckpt.safetensors", "--update", "nope.index.json", "--data", "later.csv"),
+         "ckv: error: index not found: nope.index.json", setup=later_events),
 ]
 
 

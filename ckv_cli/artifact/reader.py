@@ -113,24 +113,8 @@ class Artifact:
             raise CkvError(f"{self.path}: {why}")
 
     def check_source(self, checkpoint_sha256: str) -> None:
-        """Refuse an artifact made from another checkpoint (its metadata keeps the checkpoint's sha256). An artifact
-        of `ckv compress --finetune` is read by its fine-tuned student (`student_sha256`): the student is
-        accepted, the teacher it was compressed from is refused (reading it with the teacher's weights is not what
-        was measured)."""
-        made_from = self.meta.get("checkpoint_sha256")
-        student = self.meta.get("student_sha256")
-        if student is not None:
-            if checkpoint_sha256 == student:
-                return
-            name = self.meta.get("student_checkpoint", "its student checkpoint")
-            if checkpoint_sha256 == made_from:
-                raise CkvError(f"{self.path} is read by the fine-tuned student {name}, not by the teacher checkpoint "
-                               f"it was compressed from: use {name}")
-            raise CkvError(f"{self.path} is read by the fine-tuned student {name} (sha256 {str(student)[:12]}...), "
-                           f"not by this checkpoint ({checkpoint_sha256[:12]}...)")
-        if made_from != checkpoint_sha256:
-            raise CkvError(f"{self.path} was made from another checkpoint (sha256 {str(made_from)[:12]}..., "
-                           f"this checkpoint {checkpoint_sha256[:12]}...)")
+        """Refuse an artifact made from another checkpoint (`check_source`)."""
+        check_source(self.meta, self.path, checkpoint_sha256)
 
     def checked_users(self, users) -> np.ndarray:
         """User indices as int64 (1-D), or a CkvError for non-integers or indices out of range."""
@@ -203,6 +187,28 @@ class Artifact:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_source(meta: dict, path, checkpoint_sha256: str) -> None:
+    """Refuse an artifact (`meta`: its metadata, or an index's; `path`: what the message names) made from another
+    checkpoint (its metadata keeps the checkpoint's sha256). An artifact
+    of `ckv compress --finetune` is read by its fine-tuned student (`student_sha256`): the student is
+    accepted, the teacher it was compressed from is refused (reading it with the teacher's weights is not what
+    was measured)."""
+    made_from = meta.get("checkpoint_sha256")
+    student = meta.get("student_sha256")
+    if student is not None:
+        if checkpoint_sha256 == student:
+            return
+        name = meta.get("student_checkpoint", "its student checkpoint")
+        if checkpoint_sha256 == made_from:
+            raise CkvError(f"{path} is read by the fine-tuned student {name}, not by the teacher checkpoint "
+                           f"it was compressed from: use {name}")
+        raise CkvError(f"{path} is read by the fine-tuned student {name} (sha256 {str(student)[:12]}...), "
+                       f"not by this checkpoint ({checkpoint_sha256[:12]}...)")
+    if made_from != checkpoint_sha256:
+        raise CkvError(f"{path} was made from another checkpoint (sha256 {str(made_from)[:12]}..., "
+                       f"this checkpoint {checkpoint_sha256[:12]}...)")
 
 
 def gather_fields(t: dict[str, np.ndarray], fields: dict[str, dict], offsets: np.ndarray, users: np.ndarray,

@@ -1,22 +1,26 @@
-"""Sharded artifacts: one artifact split into safetensors shards of contiguous users, a shared-tensor file and a
-JSON index, in the style of Hugging Face's `*.safetensors.index.json`.
+"""Sharded artifacts: one artifact split into safetensors shards of users, a shared-tensor file and a JSON index,
+in the style of Hugging Face's `*.safetensors.index.json`.
 
-Layout, for `ckv compress ... --shard-size N -o DIR/NAME.index.json`:
+Layout, for `ckv compress ... --shard-size N | --shards S -o DIR/NAME.index.json`:
 - `NAME.shared.safetensors`: the shared tensors (`shared/<stream>/<name>`: pools, bases, routers), metadata
   `format` = ckv-artifact-shared, the plan, the ckv version and a sha256 per tensor;
-- `NAME-00000-of-00003.safetensors`, ...: shard s holds the users [s*N, (s+1)*N) of the dataset's user order
-  (sorted by raw id), in that order: the per-user tensors of an artifact (`ckv_cli.artifact.format`) and no
-  shared tensor, metadata `format` = ckv-artifact-shard with the plan, the fields, the checksums, the run's
-  metadata and `shard` (number, count, user range, the shared file and its sha256);
+- `NAME-00000-of-00003.safetensors`, ...: each shard holds its users (`assignment_of`: contiguous ranges of the
+  dataset's user order under the range rule, the users whose id hashes to it, in raw-id order, under the hash
+  rule): the per-user tensors of an artifact (`ckv_cli.artifact.format`) and no shared tensor, metadata
+  `format` = ckv-artifact-shard with the plan, the fields, the checksums, the run's metadata and `shard`
+  (number, count, the shared file and its sha256; the user range, or under the hash rule the user count);
+  a shard rewritten by update number g (`ckv compress --update`) is `NAME-0000s-of-0000n.u0000g.safetensors`;
 - `NAME.index.json`: `format` = ckv-artifact-index, `metadata` (the run: checkpoint and its sha256, data
   fingerprint, plan, byte accounting of all shards, metrics, command, engine), `shared` (file, sha256, bytes),
-  `shards` (per shard: file, sha256, bytes, user range, first and last user id, tokens, per-user bytes) and
-  `totals`. Paths are relative to the index.
+  `shards` (per shard: file, sha256, bytes, users as positions [a, b) in the artifact's user order, which is
+  shard after shard; first and last user id, tokens, per-user bytes), `totals`, `assignment` (the rule; absent
+  in indexes written before it was recorded: range) and `updates` (one entry per `--update`). Paths are relative
+  to the index.
 
 Reading: `open_artifact(path)` takes one artifact file, an index (a `.json` path) or one shard and returns an
 `Artifact` or a `ShardedArtifact` (same interface: users, offsets, plan, `read_fields`, `decode`, `verify`), so
 that `ckv evaluate`, `ckv inspect` and the stores read every form. `verify_path` is `ckv verify`. Writing the
-shards is `ckv_cli.pipeline.shard`.
+shards is `ckv_cli.pipeline.shard`; updating them `ckv_cli.serve.update`.
 """
 from __future__ import annotations
 
@@ -58,6 +62,12 @@ def shared_path(index: Path) -> Path:
 
 def shard_paths(index: Path, n_shards: int) -> list[Path]:
     return [index.parent / f"{stem_of(index)}-{s:05d}-of-{n_shards:05d}.safetensors" for s in range(n_shards)]
+
+
+def updated_shard_path(index: Path, shard: int, n_shards: int, generation: int) -> Path:
+    """Shard `shard` as rewritten (or added) by update number `generation` (`ckv compress --update`): a new name
+    beside the old file, which stays valid until the new index replaces the old one."""
+    return index.parent / f"{stem_of(index)}-{shard:05d}-of-{n_shards:05d}.u{generation:05d}.safetensors"
 
 
 def shard_ranges(n_users: int, shard_size: int, batch_users: int) -> list[tuple[int, int]]:
@@ -108,18 +118,63 @@ def read_shared(path: Path) -> tuple[CachePlan, dict, dict[str, np.ndarray]]:
     return plan, meta, shared
 
 
-def write_index(path: Path, metadata: dict, shared: dict, entries: list[dict], force: bool) -> dict:
-    shards = [{k: e[k] for k in ("file", "sha256", "bytes", "users", "first_user_id", "last_user_id", "tokens",
-                                  "per_user_bytes")} for e in entries]
+INDEX_SHARD_KEYS = ("file", "sha256", "bytes", "users", "first_user_id", "last_user_id", "tokens", "per_user_bytes")
+
+
+def index_document(metadata: dict, shared: dict, entries: list[dict], assignment: dict | None = None,
+                   updates: list[dict] | None = None) -> dict:
+    """The index of a sharded artifact (module docstring): `assignment` says which shard holds a user
+    (`assignment_of`), `updates` lists the `ckv compress --update` runs applied since it was compressed."""
+    shards = [{k: e[k] for k in INDEX_SHARD_KEYS} for e in entries]
     acct = metadata["accounting"]
     totals = {"shards": len(shards), "users": acct["users"], "tokens": acct["tokens"],
               "per_user_bytes": acct["per_user_bytes"], "shared_bytes": acct["shared_bytes"],
               "file_bytes": shared["bytes"] + sum(s["bytes"] for s in shards)}
     index = {"format": INDEX_FORMAT, "format_version": FORMAT_VERSION, "metadata": metadata,
              "shared": {k: shared[k] for k in ("file", "sha256", "bytes")}, "shards": shards, "totals": totals}
-    text = json.dumps(index, indent=1, sort_keys=True) + "\n"
+    if assignment is not None:
+        index["assignment"] = assignment
+    if updates:
+        index["updates"] = updates
+    return index
+
+
+def index_text(index: dict) -> str:
+    return json.dumps(index, indent=1, sort_keys=True) + "\n"
+
+
+def write_index(path: Path, metadata: dict, shared: dict, entries: list[dict], force: bool,
+                assignment: dict | None = None) -> dict:
+    index = index_document(metadata, shared, entries, assignment)
+    text = index_text(index)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text), force=force)
     return index
+
+
+RANGE, HASH = "range", "hash"
+
+
+def assignment_of(index: dict) -> dict:
+    """Which shard holds a user: `{"rule": "range", "shard_size": N}` (shard s holds users [sN, (s+1)N) of the
+    dataset's user order; an index written before the rule was recorded has no entry and is read as range;
+    users added by `--update` are in shards appended at the end) or `{"rule": "hash", "shards": S}` (shard
+    `ckv_cli.data.partition.shard_of(user id, S)`, users in raw-id order within it)."""
+    a = index.get("assignment")
+    if a is None:
+        first = index["shards"][0]["users"] if index["shards"] else [0, 0]
+        return {"rule": RANGE, "shard_size": first[1] - first[0]}
+    return a
+
+
+def _check_assignment(path: Path, index: dict) -> None:
+    a = index.get("assignment")
+    if a is None:
+        return
+    ok = isinstance(a, dict) and (
+        (a.get("rule") == RANGE and type(a.get("shard_size")) is int and a["shard_size"] > 0)
+        or (a.get("rule") == HASH and type(a.get("shards")) is int and a["shards"] == len(index["shards"])))
+    if not ok:
+        raise CkvError(f"{path}: corrupted index (its 'assignment' is not a range or hash rule over its shards)")
 
 
 def read_index(path: Path) -> dict:
@@ -141,6 +196,7 @@ def read_index(path: Path) -> dict:
     for s in [shared] + shards:
         if Path(s["file"]).name != s["file"]:
             raise CkvError(f"{path}: corrupted index (file '{s['file']}' is not a name beside the index)")
+    _check_assignment(path, index)
     return index
 
 

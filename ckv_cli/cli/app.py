@@ -411,7 +411,7 @@ def _sweep(model, meta, task, checkpoint, data, columns, spec, artifacts, split,
 def compress(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `ckv train`.")],
     data: DataOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact to write (.safetensors).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact to write (.safetensors; an index .json with --shard-size, --shards or --engine ray).")] = None,
     codec: Annotated[str, typer.Option(help="Compression method (see docs/codecs.md for the list); recompute (eventid) stores the ids a stream is a function of.")] = "collective",
     pool_size: Annotated[Optional[int], typer.Option(min=2, max=1 << 24, help="Global pool entries per stream (collective) [next-item models 8192, CTR models 4096].")] = None,
     user_dim: Annotated[int, typer.Option(min=0, max=65535, help="User-specific dims per token per stream (collective).")] = 0,
@@ -425,7 +425,9 @@ def compress(
     distill_steps: Annotated[int, typer.Option(min=0, max=1 << 30, help="Distillation steps after the gradient-free initialisation (0 = none; next-item models).")] = 0,
     finetune: Annotated[bool, typer.Option("--finetune", help="With --distill-steps: fine-tune a copy of the model too; it reads the artifact and is written beside it as OUT.student.safetensors (evaluate the artifact with that checkpoint).")] = False,
     engine: Annotated[str, typer.Option(help="Where users are encoded: local (this process) or ray (a Ray Data job; needs ckv-cli[ray]). ray writes shards, like --shard-size.")] = "local",
-    shard_size: Annotated[Optional[int], typer.Option(min=1, help="Write shards of this many users (a multiple of --batch-users) and an index: -o NAME.index.json. Default with --engine ray: 65536.")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(min=1, help="Write shards of this many users (a multiple of --batch-users; contiguous ranges of the user order) and an index: -o NAME.index.json. Default with --engine ray: 65536.")] = None,
+    shards: Annotated[Optional[int], typer.Option(min=1, max=1 << 20, help="Write this many shards, users assigned by a hash of their id (docs/scale-out.md), and an index: -o NAME.index.json. With --engine ray and a Parquet dataset (a directory or glob of .parquet files) the log is read on the workers.")] = None,
+    update: Annotated[Optional[Path], typer.Option(help="Append the new events in --data to this artifact (an index .json or one file) through its own plan, rewriting only what holds touched users (docs/scale-out.md).")] = None,
     address: Annotated[Optional[str], typer.Option(help="With --engine ray: the Ray cluster to join (e.g. auto, ray://head:10001); default: start a local Ray.")] = None,
     workers: Annotated[int, typer.Option(min=1, max=1 << 16, help="With --engine ray: encoding actors (one CPU, one model and plan each).")] = 2,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="Codec parameter KEY=VALUE for any codec, repeatable (e.g. --codec pq --param subvectors=16 --param bits=8; CTR models also codes=stored|derived, calib_tokens=N, bootstrap=N).")] = None,
@@ -444,15 +446,34 @@ def compress(
     from ckv_cli.threads import set_threads
 
     set_threads(threads)
-    sharded = engine != "local" or shard_size is not None
+    sharded = engine != "local" or shard_size is not None or shards is not None
     if checkpoint.is_file() and _task_name(checkpoint) == CTR.name:
         given = [k for k, v in {"--engine": engine != "local", "--shard-size": shard_size is not None,
+                                "--shards": shards is not None, "--update": update is not None,
                                 "--address": address is not None, "--distill-steps": distill_steps > 0,
                                 "--finetune": finetune, "--no-recompute-item-layers": not recompute_item_layers,
                                 "--include-seen": not exclude_seen}.items() if v]
         if given:
             raise CkvError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to next-item models; "
                            f"{checkpoint} is a CTR model")
+    if update is not None:
+        plan_given = {k: v for k, v in {"codec": codec if codec != "collective" else None, "pool_size": pool_size,
+                                        "user_dim": user_dim or None, "layout": layout if layout != "residual" else None,
+                                        "user_dtype": user_dtype if user_dtype != "int8" else None,
+                                        "share": [x.strip() for x in share.split(",") if x.strip()] if share != "k,v" else None,
+                                        "recompute_item_layers": False if not recompute_item_layers else None}.items()
+                      if v is not None}
+        plan_given.update(parse_params(param or []))
+        others = [k for k, v in {"-o": out is not None, "--engine": engine != "local", "--shard-size": shard_size is not None,
+                                 "--shards": shards is not None, "--address": address is not None,
+                                 "--distill-steps": distill_steps > 0, "--finetune": finetune}.items() if v]
+        if others:
+            raise CkvError(f"--update rewrites the artifact in place, in this process, with its own plan: drop {', '.join(others)}")
+        return _compress_update(checkpoint, update, data, columns, plan_given, batch_users, json_out)
+    if out is None:
+        raise CkvError("Missing option '--out' / '-o'.")
+    if shards is not None and shard_size is not None:
+        raise CkvError("--shards (users by hash) and --shard-size (users by range) both choose the shard assignment: give one")
     if finetune and distill_steps <= 0:
         raise CkvError("--finetune needs --distill-steps > 0 (the model trains during distillation)")
     if finetune and sharded:
@@ -468,7 +489,7 @@ def compress(
     if sharded:
         from ckv_cli.artifact.sharded import DEFAULT_SHARD_USERS, is_index
 
-        shard_size = shard_size or DEFAULT_SHARD_USERS
+        shard_size = None if shards is not None else shard_size or DEFAULT_SHARD_USERS
         if not is_index(out):
             raise CkvError(f"sharded output is an index: -o must end with .json (e.g. NAME.index.json), got {out}")
     check_output(out, force)
@@ -494,6 +515,26 @@ def compress(
     from ckv_cli.pipeline.compress import make_plan
 
     make_plan(model, opts)  # refuse bad options before the data is read
+    if engine == "ray" and shards is not None and task is not CTR:
+        from ckv_cli.pipeline.ray_read import compress_distributed, dataset_files
+
+        if dataset_files(data) is not None:  # read on the workers: the driver never holds the log
+            t = time.time()
+            with progress("compress", total=None) as advance:
+                report = compress_distributed(model, meta, checkpoint, data, parse_columns(columns), opts, out, shards,
+                                              workers=workers, address=address, force=force, advance=advance,
+                                              command=_command(),
+                                              on_stream=lambda name: advance(0, f"fitting {name}"))
+            r = report["read"]
+            if r["dropped_users"] or r["dropped_events"]:
+                print(f"note: dropped {r['dropped_users']:,} users with fewer than 3 events"
+                      + (f" and {r['dropped_events']:,} events of items the checkpoint does not know"
+                         if r["dropped_events"] else ""), file=sys.stderr)
+            report["seconds"] = round(time.time() - t, 1)
+            report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+            print_compress(report)
+            write_json(json_out, report)
+            return
     ds = task.load(data, parse_columns(columns), meta, model)
     _report_drops(ds)
     t = time.time()
@@ -501,8 +542,8 @@ def compress(
         if sharded:
             from ckv_cli.pipeline.shard import compress_sharded
 
-            report = compress_sharded(model, meta, checkpoint, ds, opts, out, shard_size, engine=engine,
-                                      workers=workers, address=address, force=force, advance=advance,
+            report = compress_sharded(model, meta, checkpoint, ds, opts, out, shard_size or DEFAULT_SHARD_USERS, engine=engine,
+                                      workers=workers, address=address, force=force, advance=advance, n_shards=shards,
                                       command=_command(), on_stream=lambda name: advance(0, f"fitting {name}"))
         else:
             report = compress_to_artifact(model, meta, checkpoint, ds, opts, out, force=force, advance=advance,
@@ -510,6 +551,25 @@ def compress(
     report["seconds"] = round(time.time() - t, 1)
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     print_compress(report)
+    write_json(json_out, report)
+
+
+def _compress_update(checkpoint: Path, artifact: Path, data: str, columns: str | None, plan_given: dict,
+                     batch_users: int, json_out: Path | None) -> None:
+    """`ckv compress --update`: the new events appended through the artifact's plan (`ckv_cli.serve.update`)."""
+    from ckv_cli.cli.render import print_update, write_json
+    from ckv_cli.io.files import check_output
+    from ckv_cli.models.checkpoint import load_checkpoint
+    from ckv_cli.serve.update import load_new_events, update_artifact
+
+    check_output(json_out)
+    model, meta = load_checkpoint(checkpoint)
+    new = load_new_events(data, parse_columns(columns), meta.get("item_vocab"))
+    if new.dropped_events:
+        print(f"note: dropped {new.dropped_events:,} new events of items the checkpoint does not know", file=sys.stderr)
+    report = update_artifact(model, checkpoint, artifact, new, plan_given, batch_users, command=_command(),
+                             data_name=data)
+    print_update(report)
     write_json(json_out, report)
 
 
@@ -659,6 +719,43 @@ def _inspect_checkpoint(path, data, users, seed, target_error, plot, columns, js
         title = f"{meta['arch']} on {data}: spectrum of the cached K/V ({users} users)"
         print(f"wrote {plot_spectrum(report['analysis'], title, plot / (path.stem + '.spectrum.png'))}")
     write_json(json_out, report)
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+
+@app.command("import")
+def import_(
+    framework: Annotated[str, typer.Argument(help="Where the checkpoint comes from: recbole (RecBole 1.2 SASRec) or gr (generative-recommenders HSTU / SASRec).")],
+    src: Annotated[Path, typer.Argument(help="The framework's checkpoint file (RecBole's saved/*.pth; generative-recommenders' ckpts/*).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="ckv checkpoint to write (.safetensors).")],
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="The interaction log the model was trained on (named dataset or file). recbole: rebuilds RecBole's item numbering from it and the filters in the checkpoint's config.")] = None,
+    item_vocab: Annotated[Optional[Path], typer.Option("--item-vocab", help="Raw item id of each embedding row: a JSON list (RecBole's field2id_token['item_id'], '[PAD]' first) or one id per line. gr default: row i is id i.")] = None,
+    gin: Annotated[Optional[Path], typer.Option("--gin", help="gr: the run's .gin file (the checkpoint holds no config).")] = None,
+    bind: Annotated[Optional[list[str]], typer.Option("--bind", help="gr: a gin binding NAME=VALUE, repeatable, on top of --gin or instead of it (e.g. hstu_encoder.num_blocks=2).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    json_out: JsonOpt = None,
+):
+    """Convert another framework's checkpoint into a ckv checkpoint (read without executing anything from it);
+    evaluate, compress, inspect and CacheStore then work on it as on any ckv checkpoint."""
+    from ckv_cli.cli.render import write_json
+    from ckv_cli.importers import import_checkpoint
+    from ckv_cli.io.files import check_output
+
+    check_output(out, force)
+    check_output(json_out)
+    options = {"data": data, "item_vocab": None if item_vocab is None else str(item_vocab)}
+    if framework == "gr":
+        options.update(gin=None if gin is None else str(gin), binds=bind)
+    elif gin is not None or bind:
+        raise CkvError("--gin and --bind are options of 'ckv import gr' (a RecBole checkpoint carries its config)")
+    imported = import_checkpoint(framework, src, out, force=force, **options)
+    cfg = imported.model.config
+    print(f"wrote {out}: {imported.model.arch} from {imported.source['framework']} {imported.source['model']} "
+          f"({cfg.n_items:,} items, d={cfg.d}, {cfg.n_layers} layers, window {cfg.max_len}; "
+          f"item vocabulary {imported.notes.get('item_vocab')}); source sha256 {imported.source['sha256'][:16]}")
+    write_json(json_out, {"checkpoint": str(out), "arch": imported.model.arch, "source": imported.source,
+                          "dataset": imported.dataset, "notes": imported.notes})
 
 
 def _peak_rss_mb() -> float:

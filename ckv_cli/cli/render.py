@@ -85,6 +85,22 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def print_update(report: dict) -> None:
+    """What `ckv compress --update` changed."""
+    u = report["update"]
+    rows = [["users appended to / created", f"{u['users_appended']:,} / {u['users_created']:,}"],
+            ["events appended", f"{u['events']:,}" + (f" ({u['dropped_events']:,} of unknown items dropped)"
+                                                       if u["dropped_events"] else "")]]
+    if "shards" in report:
+        rows += [["shards rewritten / added / total", f"{len(report['shards_rewritten']):,} / "
+                                                       f"{len(report['shards_added']):,} / {report['shards']:,}"],
+                 ["update number", f"{report['generation']}"]]
+    rows += [["files written", ", ".join(report["files_written"]) or "none"],
+             ["files removed", ", ".join(report["files_removed"]) or "none"],
+             ["seconds", f"{report['seconds']:.1f}"]]
+    print_table(f"ckv compress --update: {report['artifact']}", ["", "value"], rows)
+
+
 def print_compress(report: dict) -> None:
     """The table `ckv compress` ends with: bytes (both denominators) and accuracy before/after."""
     a, m = report["accounting"], report["metrics"]
@@ -121,9 +137,14 @@ def print_compress(report: dict) -> None:
         rows.append(["users whose hit@10 flips", f"{m['fidelity']['hit10_flips']:,}"])
     if "engine" in report:
         e = report["engine"]
+        size = f"of {e['shard_size']:,} users" if "shard_size" in e else "by user-id hash"
         rows.append([f"shards ({e['name']}, {e['workers']} worker(s))",
-                     f"{e['shards']:,} of {e['shard_size']:,} users; encode {e['encode_seconds']:.0f} s, "
+                     f"{e['shards']:,} {size}; encode {e['encode_seconds']:.0f} s, "
                      f"{e['tokens_per_second_per_worker']:,.0f} tokens/s per worker"])
+        if "read" in report:
+            r = report["read"]
+            rows.append(["read on the workers", f"{r['events']:,} events of {r['users']:,} users from {r['files']:,} "
+                                                f"file(s), {e.get('read_seconds', 0):.0f} s"])
     if report.get("student_checkpoint"):
         rows.append(["fine-tuned student (evaluate with it)", report["student_checkpoint"]])
     if "seconds" in report:
@@ -225,7 +246,8 @@ def print_inspect_artifact(r: dict) -> None:
 def print_inspect_checkpoint(r: dict) -> None:
     meta = r["metadata"]
     rows = [[k, meta[k] if isinstance(meta[k], str) else json.dumps(meta[k])]
-            for k in ("arch", "config", "dataset", "data_fingerprint", "format_version", "ckv_version") if k in meta]
+            for k in ("arch", "config", "dataset", "data_fingerprint", "format_version", "ckv_version", "source")
+            if k in meta]
     print_table(f"{r['path']}: ckv checkpoint ({r['n_items']:,} items)", ["key", "value"], rows)
     an = r.get("analysis")
     if not an:

@@ -118,25 +118,146 @@ def read_delimited(path: str | Path, columns: dict[str, str] | None = None, deli
     return _from_columns(cols, mapping, path, header)
 
 
+def _pyarrow():
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CkvError("reading Parquet needs pyarrow: pip install 'ckv-cli[parquet]'") from None
+    return pq
+
+
+def log_of_table(table, mapping: dict[str, str], path, first_row: int = 0) -> Log:
+    """A `Log` of a pyarrow table read from `path` (rows `first_row`...: a row group of it): ids as str() of each
+    value, timestamps and ratings checked as every reader checks them; CkvError naming the first empty id. Every
+    Parquet reader of ckv (one file, a dataset in one process, a dataset read by Ray's workers) reads rows here, so
+    the same file gives the same log however it is read. Values go through Python (`to_pylist`), as they always
+    have here: pyarrow's numpy conversions import pandas (~1 s)."""
+    path = Path(path)
+    header = list(table.column_names)
+    missing = [mapping[k] for k in ("user", "item", "timestamp") if mapping[k] not in header]
+    if missing:
+        raise CkvError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(header)}); map them with --columns")
+    ids = {}
+    for what in ("user", "item"):
+        values = table.column(mapping[what]).to_pylist()
+        empty = next((i for i, v in enumerate(values) if v is None or not str(v).strip()), None)
+        if empty is not None:
+            raise CkvError(f"{path}: empty {what} id in row {first_row + empty + 1}")
+        ids[what] = np.asarray(values, dtype=str)
+    rating_col = mapping.get("rating")
+    ratings = (_to_float(table.column(rating_col).to_pylist(), rating_col, path)
+               if rating_col and rating_col in header else None)
+    ts = _to_int64(table.column(mapping["timestamp"]).to_pylist(), mapping["timestamp"], path)
+    return Log(users=ids["user"], items=ids["item"], timestamps=ts, ratings=ratings, source=str(path))
+
+
 def read_parquet(path: str | Path, columns: dict[str, str] | None = None) -> Log:
     """Parquet via pyarrow (optional dependency)."""
     path = Path(path)
     _check_file(path)
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise CkvError("reading Parquet needs pyarrow: pip install 'ckv-cli[parquet]'") from None
+    pq = _pyarrow()
     mapping = {**DEFAULT_COLUMNS, **(columns or {})}
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path).read()  # not pq.read_table, which imports pyarrow.dataset (and pandas): ~1 s
     except Exception as e:  # pyarrow raises many types for bad files
         raise CkvError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
-    cols = {name: table.column(name).to_pylist() for name in table.column_names}
-    for what in ("user", "item"):
-        empty = next((i for i, v in enumerate(cols.get(mapping[what], [])) if v is None or not str(v).strip()), None)
-        if empty is not None:
-            raise CkvError(f"{path}: empty {what} id in row {empty + 1}")
-    return _from_columns(cols, mapping, path, list(table.column_names))
+    log = log_of_table(table, mapping, path)
+    if len(log) == 0:
+        raise CkvError(f"{path}: no rows after the header")
+    return log
+
+
+# ---------------------------------------------------------------------------------------------- Parquet datasets
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def parquet_dataset(spec: str) -> list[Path] | None:
+    """The files of the Parquet dataset `spec` names: a glob pattern (`logs/day-*.parquet`, `**` recursive), or
+    a directory holding .parquet files (at any depth; names starting with '.' or '_' skipped, as Spark's
+    `_SUCCESS`). Sorted by path: the log's order is file by file, rows in file order. None when `spec` is
+    neither a pattern nor such a directory (a directory without Parquet files is refused as a file would be)."""
+    import glob
+
+    if Path(spec).is_file():
+        return None
+    if any(c in spec for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True)
+                       if p.lower().endswith(PARQUET_SUFFIXES) and Path(p).is_file())
+        if not files:
+            raise CkvError(f"no Parquet files match {spec}")
+        return files
+    root = Path(spec)
+    if not root.is_dir():
+        return None
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(PARQUET_SUFFIXES)
+                   and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
+    return files or None
+
+
+def dataset_name(spec: str) -> str:
+    """What a report calls the log `spec` names: a file's or directory's name, or the pattern itself."""
+    return spec if any(c in spec for c in "*?[") else Path(spec).name
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One row group of one file of a Parquet dataset: what one read task reads. `seq` numbers its rows in the
+    log's order (`file << 40 | row in the file`)."""
+
+    file: int
+    path: str
+    row_group: int
+    first_row: int
+    rows: int
+
+    @property
+    def seq0(self) -> int:
+        return (self.file << SEQ_FILE_SHIFT) | self.first_row
+
+
+SEQ_FILE_SHIFT = 40  # rows per file below 2^40
+
+
+def parquet_pieces(files: list[Path]) -> list[Piece]:
+    """Every row group of every file (footers only are read), in the log's order."""
+    pq = _pyarrow()
+    out = []
+    for i, path in enumerate(files):
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except Exception as e:
+            raise CkvError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
+        row = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            out.append(Piece(i, str(path), g, row, n))
+            row += n
+    return out
+
+
+def read_piece(piece: Piece, columns: dict[str, str] | None = None) -> Log:
+    """One row group as a `Log` (checked as `read_parquet` checks a file)."""
+    pq = _pyarrow()
+    mapping = {**DEFAULT_COLUMNS, **(columns or {})}
+    try:
+        table = pq.ParquetFile(piece.path).read_row_group(piece.row_group)
+    except Exception as e:
+        raise CkvError(f"{piece.path}: not a readable Parquet file ({type(e).__name__})") from None
+    return log_of_table(table, mapping, piece.path, piece.first_row)
+
+
+def read_parquet_dataset(files: list[Path], columns: dict[str, str] | None = None) -> Log:
+    """A Parquet dataset read in this process: every file's rows, file by file (the order `parquet_dataset`
+    gives), as one `Log`."""
+    logs = [read_piece(p, columns) for p in parquet_pieces(files)]
+    if not logs or sum(len(x) for x in logs) == 0:
+        raise CkvError(f"{files[0].parent if files else 'the dataset'}: no rows in its {len(files)} Parquet file(s)")
+    ratings = None if any(x.ratings is None for x in logs) else np.concatenate([x.ratings for x in logs])
+    return Log(users=np.concatenate([x.users for x in logs]), items=np.concatenate([x.items for x in logs]),
+               timestamps=np.concatenate([x.timestamps for x in logs]), ratings=ratings,
+               source=str(files[0].parent))
 
 
 def read_recbole_inter(path: str | Path) -> Log:
@@ -208,7 +329,11 @@ def read_movielens_dat(path: str | Path) -> Log:
 
 
 def read_log(path: str | Path, columns: dict[str, str] | None = None) -> Log:
-    """Pick a reader from the file name: `.inter`, `ratings.dat`/`.dat`, `.parquet`, else CSV/TSV."""
+    """Pick a reader from the file name: `.inter`, `ratings.dat`/`.dat`, `.parquet`, else CSV/TSV; a directory
+    of Parquet files or a glob pattern is a Parquet dataset (`parquet_dataset`)."""
+    files = parquet_dataset(str(path))
+    if files is not None:
+        return read_parquet_dataset(files, columns)
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".inter"):

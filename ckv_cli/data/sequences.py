@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ckv_cli.data.datasets import DATASETS, fetch
-from ckv_cli.data.readers import Log, read_log
+from ckv_cli.data.readers import Log, dataset_name, read_log
 from ckv_cli.errors import CkvError
 
 
@@ -65,6 +65,12 @@ class SequenceData:
                 hist_items.append(it[: end - 1]); hist_times.append(ts[: end - 1]); targets.append(it[end - 1])
         return hist_items, hist_times, np.asarray(targets, dtype=np.int64)
 
+    def target_times(self, which: str) -> np.ndarray:
+        """(U,) timestamp of each user's held-out event of split 'valid' or 'test' (the request time of a model with
+        next-event query time)."""
+        cut = {"valid": 2, "test": 1}[which]
+        return self.timestamps[self.offsets[1:] - cut]
+
 
 def _fingerprint(user_ids, item_ids, offsets, items, timestamps) -> str:
     h = hashlib.sha256()
@@ -75,16 +81,37 @@ def _fingerprint(user_ids, item_ids, offsets, items, timestamps) -> str:
     return h.hexdigest()[:16]
 
 
-def build(log: Log, name: str, min_events: int = 3, item_vocab: list[str] | None = None) -> SequenceData:
-    """Sort, index and filter a raw log (see the module docstring)."""
+def subset_fingerprint(ds: SequenceData, users: np.ndarray) -> str:
+    """The fingerprint `build` gives the log of users `users` (indices, increasing) alone: what a worker that
+    builds one shard computes (`ckv_cli.data.partition.combined_fingerprint`)."""
+    from ckv_cli.spec import token_index
+
+    users = np.asarray(users, dtype=np.int64)
+    starts, lengths = ds.offsets[users], ds.offsets[users + 1] - ds.offsets[users]
+    tok = token_index(starts, lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return _fingerprint(ds.user_ids[users], ds.item_ids, offsets, ds.items[tok], ds.timestamps[tok])
+
+
+def empty_fingerprint(item_vocab) -> str:
+    """The fingerprint `build` gives a log of no users (a shard no event reached)."""
+    return _fingerprint(np.zeros(0, dtype=str), np.asarray(item_vocab, dtype=object), np.zeros(1, np.int64),
+                        np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def build(log: Log, name: str, min_events: int = 3, item_vocab: list[str] | None = None,
+          item_lookup: dict | None = None, allow_empty: bool = False) -> SequenceData:
+    """Sort, index and filter a raw log (see the module docstring). `item_lookup` ({raw id: index} of
+    `item_vocab`) saves building it again (a worker builds one shard after another); `allow_empty` returns a
+    dataset of no users where the log keeps none (one shard of many) instead of refusing it."""
     users, items, times, ratings = log.users, log.items, log.timestamps, log.ratings
     dropped_events = 0
     if item_vocab is not None:
-        lookup = {raw: i for i, raw in enumerate(item_vocab)}
+        lookup = item_lookup if item_lookup is not None else vocab_lookup(item_vocab)
         idx = np.fromiter((lookup.get(x, -1) for x in items), dtype=np.int64, count=len(items))
         known = idx > 0
         dropped_events = int((~known).sum())
-        if len(idx) and not known.any():
+        if len(idx) and not known.any() and not allow_empty:
             raise CkvError(f"{name}: none of its {len(np.unique(items)):,} items is in the checkpoint's vocabulary "
                            f"({len(item_vocab) - 1:,} items, e.g. {str(item_vocab[1]) if len(item_vocab) > 1 else ''!r}; "
                            f"this data has e.g. {str(items[0])!r}): was the checkpoint trained on other data?")
@@ -105,7 +132,7 @@ def build(log: Log, name: str, min_events: int = 3, item_vocab: list[str] | None
     dropped_users = int((~keep_user).sum())
     user_inv, idx, times = user_inv[keep_event], idx[keep_event], times[keep_event]
     ratings = ratings[keep_event] if ratings is not None else None
-    if len(idx) == 0:
+    if len(idx) == 0 and not allow_empty:
         unknown = f" of items the checkpoint knows ({dropped_events:,} events of other items dropped)" if dropped_events else ""
         raise CkvError(f"{name}: no user has at least {min_events} events{unknown}; "
                        f"{len(user_uniq):,} users, each with fewer")
@@ -128,13 +155,18 @@ def build(log: Log, name: str, min_events: int = 3, item_vocab: list[str] | None
     )
 
 
+def vocab_lookup(item_vocab) -> dict:
+    """{raw item id: index} of a vocabulary (index 0, the padding, included: callers keep indices > 0)."""
+    return {raw: i for i, raw in enumerate(item_vocab)}
+
+
 def load(spec: str, columns: dict[str, str] | None = None, min_events: int = 3,
          item_vocab: list[str] | None = None) -> SequenceData:
     """A named dataset (`ml-1m`, `ml-100k`) or a path to a log file."""
     if spec in DATASETS:
         path, name = fetch(spec), spec
-    elif Path(spec).exists() or any(c in spec for c in "/\\.") :
-        path, name = Path(spec), Path(spec).name
+    elif Path(spec).exists() or any(c in spec for c in "/\\.*?["):
+        path, name = spec, dataset_name(spec)
     else:
         raise CkvError(f"unknown dataset '{spec}'; named datasets: {', '.join(DATASETS)} (or give a file path)")
     return build(read_log(path, columns), name, min_events=min_events, item_vocab=item_vocab)

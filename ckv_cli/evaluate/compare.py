@@ -171,7 +171,8 @@ def measure_speed(model, ds, artifact: Artifact, data_users, art_users, repeats:
 
     with CacheStore.open(artifact.path, model) as store:  # the file stays mapped until closed
         def compressed():
-            store.rank_next(user_ids, new_items=batch.last_items, new_timestamps=batch.last_ts, k=10)
+            store.rank_next(user_ids, new_items=batch.last_items, new_timestamps=batch.last_ts, k=10,
+                            query_timestamps=batch.target_ts)
 
         t_full, t_comp, t_dec = (_median_seconds(fn, repeats) for fn in (from_full, compressed, decoded))
     return {"users": len(data_users), "repeats": repeats, "full_fp16_in_memory_s": t_full,

@@ -7,6 +7,15 @@ empty cache, so the training path, the prefill path and the decoding path run th
 Positions count from the first token of the cached window, so appending never renumbers a cached token.
 A cache holds at most `max_len` tokens: an `extend` that would overflow it re-prefills the most recent
 `max_len` events from the item ids and timestamps kept in the cache (a sliding window, as in LLM serving).
+
+Query time. A model whose attention biases each query by the gap to the *next* event's time (HSTU with
+`query_time="next"`, as generative-recommenders trains it) cannot finish its newest token until the next event
+arrives: the newest cached token is provisional (`provisional_tokens == 1`). Its first layer's K/V are exact
+(a function of item and position), its deeper layers' K/V were computed with the request time given as
+`query_ts` (or its own time when none is given). `extend` re-opens it: the cache minus that token is extended
+by [that token, new events], so it is recomputed with its true next time and prefill + extend equals a full
+forward. The cache stores the provisional token like any other (its K/V, item id and timestamp: what the byte
+accounting counts); its deeper K/V are never read, since every extend recomputes them.
 """
 from __future__ import annotations
 
@@ -94,15 +103,16 @@ def stream_name(layer: int, kind: str) -> str:
     return f"L{layer}.{kind}"
 
 
-def next_item_spec(n_items: int, n_layers: int, d_k: int, d_v: int, reads_time: bool) -> CacheSpec:
+def next_item_spec(n_items: int, n_layers: int, d_k: int, d_v: int, reads_time: bool,
+                   item_layer: bool = True) -> CacheSpec:
     """What a next-item model caches per token: its item id (always: the ranking excludes the window's items, an
     overflow re-prefills from them) and, for a model whose attention reads event times, its timestamp (int32
-    seconds); per layer K and V. The first layer's K/V are an exact function of (item, position): recomputable
-    from the item ids."""
+    seconds); per layer K and V. With `item_layer` (the model's `first_layer_item_function()`) the first layer's
+    K/V are an exact function of (item, position): recomputable from the item ids."""
     ids = [TokenId("items", bits=bits_for(n_items + 1), required=True)]
     if reads_time:
         ids.append(TokenId("timestamps", dtype="int32", required=True))
-    streams = [Stream(stream_name(i, kind), d, kind, ("items",) if i == 0 else ())
+    streams = [Stream(stream_name(i, kind), d, kind, ("items",) if i == 0 and item_layer else ())
                for i in range(n_layers) for kind, d in (("k", d_k), ("v", d_v))]
     return CacheSpec(tuple(ids), tuple(streams))
 
@@ -119,7 +129,8 @@ class SequentialRecommender(nn.Module):
 
     # -- the cache this model declares (ckv_cli.spec) --------------------------------------------------------
     def cache_spec(self) -> CacheSpec:
-        return next_item_spec(self.config.n_items, len(self.layers), *self.kv_dims, self.reads_time)
+        return next_item_spec(self.config.n_items, len(self.layers), *self.kv_dims, self.reads_time,
+                              self.first_layer_item_function())
 
     def recompute(self, names: list[str], ids: dict[str, np.ndarray], offsets: np.ndarray):
         """(streams, side fields) of the tokens: the first layer's streams among `names` from the item ids and
@@ -138,16 +149,47 @@ class SequentialRecommender(nn.Module):
         return unflatten(flat)
 
     def embed(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Item embedding scaled by sqrt(d) plus a learned position (counted from the window start)."""
-        x = self.item_emb(items) * math.sqrt(self.config.d) + self.pos_emb(positions.clamp(max=self.config.max_len - 1))
+        """Item embedding scaled by sqrt(d) (unless `config.emb_scale` is False) plus a learned position (counted
+        from the window start), then the embedding LayerNorm where the model has one (`emb_ln`)."""
+        cfg = self.config
+        item = self.item_emb(items)
+        if getattr(cfg, "emb_scale", True):
+            item = item * math.sqrt(cfg.d)
+        x = item + self.pos_emb(positions.clamp(max=cfg.max_len - 1))
+        if getattr(self, "emb_ln", None) is not None:
+            x = self.emb_ln(x)
         return self.drop(x)  # (B, T, d)
 
+    @property
+    def cosine(self) -> bool:
+        """Scores are cosines (`config.score == "cosine"`, ckv's recipe) rather than raw dot products."""
+        return getattr(self.config, "score", "cosine") == "cosine"
+
+    @property
+    def temperature(self) -> float:
+        """softmax(score / temperature) is the model's next-item distribution (`config.temperature`: 0.05 for
+        cosine scores, 1 for RecBole's raw dot products)."""
+        return float(getattr(self.config, "temperature", 0.05))
+
     def output(self, h: torch.Tensor) -> torch.Tensor:
-        return F.normalize(h, dim=-1)
+        return F.normalize(h, dim=-1) if self.cosine else h
 
     def item_table(self) -> torch.Tensor:
-        """(n_items + 1, d) normalised output embeddings; row 0 is padding."""
-        return F.normalize(self.item_emb.weight, dim=-1)
+        """(n_items + 1, d) output embeddings (normalised for cosine scores); row 0 is padding."""
+        return F.normalize(self.item_emb.weight, dim=-1) if self.cosine else self.item_emb.weight
+
+    @property
+    def provisional_tokens(self) -> int:
+        """How many of the newest cached tokens `extend` recomputes (module docstring): 1 with next-event query
+        time, else 0."""
+        return 1 if getattr(self.config, "query_time", "own") == "next" else 0
+
+    def first_layer_item_function(self) -> bool:
+        """Whether the first layer's K/V are an exact function of (item, position) (`item_layer_kv`), so a cache
+        may recompute them from item ids instead of storing them (`cache_spec` marks them recomputable). True for
+        every SASRec and HSTU variant: time (HSTU's relative bias, own or next-event) enters the attention scores,
+        never the K/V."""
+        return True
 
     @property
     def kv_dims(self) -> tuple[int, int]:
@@ -158,16 +200,54 @@ class SequentialRecommender(nn.Module):
         return KVCache.empty(batch, len(self.layers), d_k, d_v, device=self.item_emb.weight.device)
 
     def extend(self, cache: KVCache, items: torch.Tensor, timestamps: torch.Tensor,
-               new_lengths: torch.Tensor | None = None, layer_inputs: list | None = None):
+               new_lengths: torch.Tensor | None = None, layer_inputs: list | None = None,
+               query_ts: torch.Tensor | None = None):
         """New events (B, T) attend over the cache and themselves (causally) and are appended.
 
         Returns (new cache, hidden states of the new events (B, T, d)). With `layer_inputs` a list, each layer's
-        input for the new tokens is appended to it (what a codec's router reads)."""
+        input for the new tokens is appended to it (what a codec's router reads; with a provisional token, that
+        token re-opened comes first). `query_ts` (B,): the request time, the next-event time of each user's
+        newest event (read only with next-event query time; default: that event's own time)."""
         B, T = items.shape
         if new_lengths is None:
             new_lengths = torch.full((B,), T, dtype=torch.long, device=items.device)
+        if self.provisional_tokens and B and bool((cache.lengths > 0).any()):
+            return self._extend_reopened(cache, items, timestamps, new_lengths, layer_inputs, query_ts)
+        return self._extend(cache, items, timestamps, new_lengths, layer_inputs, query_ts)
+
+    def _extend_reopened(self, cache, items, timestamps, new_lengths, layer_inputs, query_ts):
+        """`extend` with each user's provisional newest token taken out of the cache and put before the new events."""
+        B, T = items.shape
+        has = (cache.lengths > 0).long()  # (B,) users with a token to re-open
+        last = (cache.lengths - 1).clamp(min=0)[:, None]
+        tail_item, tail_ts = cache.items.gather(1, last), cache.timestamps.gather(1, last)  # (B, 1)
+        src = (torch.arange(T + 1, device=items.device)[None, :] - has[:, None]).clamp(min=0, max=max(T - 1, 0))
+        first = (torch.arange(T + 1, device=items.device)[None, :] == 0) & (has[:, None] > 0)  # (B, T + 1)
+        both_items = torch.where(first, tail_item, items.gather(1, src) if T else tail_item.expand(B, 1))
+        both_ts = torch.where(first, tail_ts, timestamps.gather(1, src) if T else tail_ts.expand(B, 1))
+        opened = KVCache(cache.keys, cache.values, cache.lengths - has, cache.items, cache.timestamps, cache.keep)
+        new_cache, h = self._extend(opened, both_items, both_ts, new_lengths + has, layer_inputs, query_ts)
+        idx = (has[:, None] + torch.arange(T, device=items.device)[None, :]).clamp(max=h.shape[1] - 1)  # (B, T)
+        return new_cache, torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))
+
+    def query_times(self, timestamps: torch.Tensor, new_lengths: torch.Tensor,
+                    query_ts: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) the time each new event's query is asked at: its own time, or with next-event query time the next
+        new event's time, and for each user's newest event `query_ts` (default: its own time)."""
+        if not self.provisional_tokens:
+            return timestamps
+        B, T = timestamps.shape
+        nxt = torch.cat([timestamps[:, 1:], timestamps[:, -1:]], dim=1)  # (B, T)
+        newest = torch.arange(T, device=timestamps.device)[None, :] >= (new_lengths[:, None] - 1)
+        req = timestamps.gather(1, (new_lengths - 1).clamp(min=0)[:, None]) if query_ts is None \
+            else query_ts.reshape(B, 1).to(timestamps.dtype)
+        return torch.where(newest, req.expand(B, T), nxt)
+
+    def _extend(self, cache, items, timestamps, new_lengths, layer_inputs=None, query_ts=None):
+        """`extend` without re-opening a provisional token (query times from `query_times`)."""
+        B, T = items.shape
         if B and int((cache.lengths + new_lengths).max()) > self.config.max_len:
-            return self._reprefill(cache, items, timestamps, new_lengths, layer_inputs)
+            return self._reprefill(cache, items, timestamps, new_lengths, layer_inputs, query_ts)
         t = torch.arange(T, device=items.device)[None, :]
         new_valid = t < new_lengths[:, None]  # (B, T)
         positions = cache.lengths[:, None] + t  # (B, T) counted from the window start
@@ -176,6 +256,7 @@ class SequentialRecommender(nn.Module):
                                (t.T >= t)[None].expand(B, T, T) & new_valid[:, None, :]], dim=2)  # (B, T, Lc+T)
         key_pos = torch.cat([torch.arange(Lc, device=items.device)[None].expand(B, Lc), positions], dim=1)
         key_ts = torch.cat([cache.timestamps, timestamps], dim=1)
+        q_ts = self.query_times(timestamps, new_lengths, query_ts)  # (B, T)
         x = self.embed(items, positions)  # (B, T, d)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
@@ -184,7 +265,7 @@ class SequentialRecommender(nn.Module):
             q, k, v, extra = layer.project(x)
             K = torch.cat([cache.keys[i], k], dim=1)  # (B, Lc+T, d_k)
             V = torch.cat([cache.values[i], v], dim=1)
-            a = layer.attend(q, K, V, key_valid, positions, key_pos, timestamps, key_ts)
+            a = layer.attend(q, K, V, key_valid, positions, key_pos, q_ts, key_ts)
             x = layer.finish(x, a, extra)
             keys.append(merge(cache.keys[i], k, cache.lengths, new_lengths))
             values.append(merge(cache.values[i], v, cache.lengths, new_lengths))
@@ -194,7 +275,7 @@ class SequentialRecommender(nn.Module):
                             merge(cache.timestamps, timestamps * new_valid, cache.lengths, new_lengths), keep)
         return new_cache, self.final(x)
 
-    def _reprefill(self, cache, items, timestamps, new_lengths, layer_inputs):
+    def _reprefill(self, cache, items, timestamps, new_lengths, layer_inputs, query_ts=None):
         all_items = merge(cache.items, items, cache.lengths, new_lengths)
         all_ts = merge(cache.timestamps, timestamps, cache.lengths, new_lengths)
         total = cache.lengths + new_lengths
@@ -203,16 +284,16 @@ class SequentialRecommender(nn.Module):
         idx = (start[:, None] + torch.arange(int(keep.max()), device=items.device)[None]).clamp(max=all_items.shape[1] - 1)
         win_items = torch.gather(all_items, 1, idx)
         win_ts = torch.gather(all_ts, 1, idx)
-        new_cache, h = self.prefill(win_items, win_ts, keep, layer_inputs)
+        new_cache, h = self.prefill(win_items, win_ts, keep, layer_inputs, query_ts)
         # hidden states of the new events are the last new_lengths[b] positions of the window
         T = items.shape[1]
         pos = (keep[:, None] - new_lengths[:, None] + torch.arange(T, device=items.device)[None]).clamp(min=0, max=h.shape[1] - 1)
         return new_cache, torch.gather(h, 1, pos[..., None].expand(-1, -1, h.shape[-1]))
 
     def prefill(self, items: torch.Tensor, timestamps: torch.Tensor, lengths: torch.Tensor | None = None,
-                layer_inputs: list | None = None):
-        """Right-padded histories (B, L) -> (cache of all L tokens, hidden states (B, L, d))."""
-        return self.extend(self.empty_cache(items.shape[0]), items, timestamps, lengths, layer_inputs)
+                layer_inputs: list | None = None, query_ts: torch.Tensor | None = None):
+        """Right-padded histories (B, L) -> (cache of all L tokens, hidden states (B, L, d)). `query_ts`: `extend`."""
+        return self.extend(self.empty_cache(items.shape[0]), items, timestamps, lengths, layer_inputs, query_ts)
 
     def forward(self, items, timestamps, lengths):
         """Training path: hidden states (B, L, d) of every position (the cache is built and dropped)."""
@@ -222,7 +303,8 @@ class SequentialRecommender(nn.Module):
         return x
 
     def score_all(self, h: torch.Tensor) -> torch.Tensor:
-        """Last hidden state (B, d) -> cosine scores against every item (B, n_items + 1); column 0 is -inf."""
+        """Last hidden state (B, d) -> scores (cosine, or dot products with `config.score="dot"`) against every
+        item (B, n_items + 1); column 0 is -inf."""
         s = self.output(h) @ self.item_table().T  # (B, n_items + 1)
         s[:, 0] = float("-inf")
         return s

@@ -26,8 +26,9 @@ SIZES = ("n_items", "d", "n_layers", "n_heads", "d_qk", "d_v", "max_len", "time_
 
 
 def save_checkpoint(model, path: str | Path, *, dataset: str, fingerprint: str, item_vocab, metrics: dict,
-                    train: dict, force: bool = True, user_vocab=None) -> None:
-    """`user_vocab`: raw user ids in the order of the model's user rows (CTR models, which embed users)."""
+                    train: dict, force: bool = True, user_vocab=None, source: dict | None = None) -> None:
+    """`user_vocab`: raw user ids in the order of the model's user rows (CTR models, which embed users).
+    `source`: where an imported checkpoint came from (`ckv_cli.importers`)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -43,6 +44,8 @@ def save_checkpoint(model, path: str | Path, *, dataset: str, fingerprint: str, 
     }
     if user_vocab is not None:
         meta["user_vocab"] = json.dumps([str(x) for x in user_vocab])
+    if source is not None:
+        meta["source"] = json.dumps(source, sort_keys=True)
     write_safetensors(Path(path), save_file, tensors, meta, force=force)
 
 
@@ -74,8 +77,8 @@ def load_checkpoint(path: str | Path):
     meta = read_metadata(path)
     if meta["arch"] not in REGISTRY:
         raise CkvError(f"{path}: unknown architecture '{meta['arch']}' (known: {', '.join(REGISTRY)})")
-    for key in ("config", "item_vocab", "metrics", "train", "user_vocab"):
-        if key == "user_vocab" and key not in meta:
+    for key in ("config", "item_vocab", "metrics", "train", "user_vocab", "source"):
+        if key in ("user_vocab", "source") and key not in meta:
             continue
         try:
             meta[key] = json.loads(meta.get(key, "{}"))

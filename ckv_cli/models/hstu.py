@@ -1,9 +1,14 @@
 """HSTU: Hierarchical Sequential Transduction Units (Zhai et al., "Actions Speak Louder than Words", ICML 2024).
 
-Pointwise SiLU attention (no softmax) normalised by the window length, a learned relative bias over position
-distance and bucketed time gap, and U-gating: `Y = f2(LN(A V) * U)`. Each query's time bias uses the gap
-between its own event and the cached event (the official code uses the *next* event's time, which would make
-cached keys depend on the future and break `extend`).
+Pointwise SiLU attention (no softmax) normalised by a fixed length N, a learned relative bias over position
+distance and bucketed time gap, and U-gating: `Y = f2(LN(A V) * U)`.
+
+ckv's own recipe (the defaults): N = max_len, the position bias `w[i - j]` over max_len entries, time buckets
+floor(log1p(|gap|) / 0.301), and each query's gap measured from its own event (`query_time="own"`), so cached
+keys never depend on the future. generative-recommenders' HSTU is configuration: LayerNorm without affine at eps
+1e-6, no bias on the UVQK projection, N = max_len + 11, the position bias `w[N - 1 + j - i]` over 2N - 1 entries
+(`rel_pos="toeplitz"`), buckets floor(log(max(|gap|, 1)) / 0.301) (`time_bucket="log_clamp1"`) and the gap from
+the *next* event's time (`query_time="next"`: the newest cached token is provisional, `ckv_cli.models.base`).
 """
 from __future__ import annotations
 
@@ -14,6 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ckv_cli.models.base import AttentionSpec, SequentialRecommender
+
+REL_POS = ("causal", "toeplitz")
+TIME_BUCKETS = ("log1p", "log_clamp1")
+QUERY_TIMES = ("own", "next")
 
 
 @dataclass
@@ -27,6 +36,29 @@ class HSTUConfig:
     max_len: int = 200
     dropout: float = 0.2
     time_buckets: int = 128
+    ln_eps: float = 1e-5
+    ln_affine: bool = True
+    uvqk_bias: bool = True
+    attn_norm: int | None = None  # N, the attention normaliser; None = max_len
+    rel_pos: str = "causal"  # causal: w[i - j], max_len entries | toeplitz: w[N - 1 + j - i], 2N - 1 entries
+    time_bucket: str = "log1p"  # log1p: floor(log1p(|dt|) / 0.301) | log_clamp1: floor(log(max(|dt|, 1)) / 0.301)
+    query_time: str = "own"  # own: a query's gap from its own event | next: from the next event (the request)
+    emb_scale: bool = True
+    score: str = "cosine"
+    temperature: float = 0.05
+    n_positions: int | None = None  # rows of the position table; None = max_len
+
+    def __post_init__(self):
+        for name, allowed in (("rel_pos", REL_POS), ("time_bucket", TIME_BUCKETS), ("query_time", QUERY_TIMES),
+                              ("score", ("cosine", "dot"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.attn_norm is not None and self.attn_norm < self.max_len:
+            raise ValueError(f"attn_norm={self.attn_norm} is smaller than max_len={self.max_len}")
+        if self.n_positions is not None and self.n_positions < self.max_len:
+            raise ValueError(f"n_positions={self.n_positions} is smaller than max_len={self.max_len}")
+        if not (self.ln_eps > 0 and self.temperature > 0):
+            raise ValueError("ln_eps and temperature must be positive")
 
 
 class _SmallTableLookup(torch.autograd.Function):
@@ -51,19 +83,29 @@ def small_table_lookup(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class RelativeBias(nn.Module):
-    """rab(i, j) = w_pos[i - j] + w_time[bucket(|t_i - t_j|)], bucket = floor(log(gap + 1) / 0.301)."""
+    """rab(i, j) = w_pos[i - j] (causal) or w_pos[N - 1 + j - i] (toeplitz) + w_time[bucket(|t_i - t_j|)], with
+    t_i the query's time (own or next event: `SequentialRecommender.query_times`) and t_j the key event's time."""
 
     def __init__(self, cfg: HSTUConfig):
         super().__init__()
         self.max_len, self.buckets = cfg.max_len, cfg.time_buckets
-        self.pos = nn.Parameter(torch.zeros(cfg.max_len))
+        self.layout, self.bucket_fn = cfg.rel_pos, cfg.time_bucket
+        self.n = cfg.attn_norm or cfg.max_len
+        self.pos = nn.Parameter(torch.zeros(cfg.max_len if cfg.rel_pos == "causal" else 2 * self.n - 1))
         self.time = nn.Parameter(torch.zeros(cfg.time_buckets + 1))
 
     def forward(self, q_pos, k_pos, q_ts, k_ts):
-        dist = (q_pos[:, :, None] - k_pos[:, None, :]).clamp(0, self.max_len - 1)  # (B, T, Lk)
+        if self.layout == "causal":
+            idx = (q_pos[:, :, None] - k_pos[:, None, :]).clamp(0, self.max_len - 1)  # (B, T, Lk)
+        else:
+            idx = (self.n - 1 + k_pos[:, None, :] - q_pos[:, :, None]).clamp(0, 2 * self.n - 2)
         gap = (q_ts[:, :, None] - k_ts[:, None, :]).abs().float()
-        bucket = (torch.log1p(gap) / 0.301).floor().long().clamp(0, self.buckets)
-        return small_table_lookup(self.pos, dist) + small_table_lookup(self.time, bucket)  # (B, T, Lk)
+        if self.bucket_fn == "log1p":
+            bucket = (torch.log1p(gap) / 0.301).floor().long()
+        else:
+            bucket = (torch.log(gap.clamp(min=1)) / 0.301).long()
+        bucket = bucket.clamp(0, self.buckets)
+        return small_table_lookup(self.pos, idx) + small_table_lookup(self.time, bucket)  # (B, T, Lk)
 
 
 class HSTULayer(nn.Module):
@@ -72,15 +114,16 @@ class HSTULayer(nn.Module):
         self.h, self.dqk, self.dv = cfg.n_heads, cfg.d_qk, cfg.d_v
         self.d_k, self.d_v = cfg.n_heads * cfg.d_qk, cfg.n_heads * cfg.d_v
         self.max_len = cfg.max_len
-        self.ln_in = nn.LayerNorm(cfg.d)
-        self.f1 = nn.Linear(cfg.d, 2 * self.d_k + 2 * self.d_v)
-        self.ln_attn = nn.LayerNorm(self.d_v)
+        self.attn_norm = cfg.attn_norm or cfg.max_len  # N: the attention weights are silu(s) / N
+        self.ln_in = nn.LayerNorm(cfg.d, eps=cfg.ln_eps, elementwise_affine=cfg.ln_affine)
+        self.f1 = nn.Linear(cfg.d, 2 * self.d_k + 2 * self.d_v, bias=cfg.uvqk_bias)
+        self.ln_attn = nn.LayerNorm(self.d_v, eps=cfg.ln_eps, elementwise_affine=cfg.ln_affine)
         self.f2 = nn.Linear(self.d_v, cfg.d)
         self.bias = RelativeBias(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def attention_spec(self) -> AttentionSpec:
-        return AttentionSpec("silu", self.h, 1.0, float(self.max_len), self.bias)
+        return AttentionSpec("silu", self.h, 1.0, float(self.attn_norm), self.bias)
 
     def project(self, x):
         uvqk = F.silu(self.f1(self.ln_in(x)))  # (B, T, 2 d_v + 2 d_k)
@@ -94,7 +137,7 @@ class HSTULayer(nn.Module):
         kh = K.view(B, Lk, self.h, self.dqk).transpose(1, 2)
         vh = V.view(B, Lk, self.h, self.dv).transpose(1, 2)
         s = qh @ kh.transpose(-1, -2) + self.bias(q_pos, k_pos, q_ts, k_ts)[:, None]  # (B, h, T, Lk)
-        w = F.silu(s) * key_valid[:, None].to(s.dtype) / self.max_len
+        w = F.silu(s) * key_valid[:, None].to(s.dtype) / self.attn_norm
         return (w @ vh).transpose(1, 2).reshape(B, T, self.d_v)  # (B, T, d_v)
 
     def finish(self, x, a, u):
@@ -109,9 +152,8 @@ class HSTU(SequentialRecommender):
         super().__init__()
         self.config = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
-        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
+        self.pos_emb = nn.Embedding(cfg.n_positions or cfg.max_len, cfg.d)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.n_layers))
         nn.init.normal_(self.item_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
-

@@ -110,25 +110,29 @@ def fit_plan(model, ds, opts: CompressOptions, on_stream: Callable[[str], None] 
     return fit(model, ds, opts, on_stream, teacher)[0]
 
 
-def fit(model, ds, opts: CompressOptions, on_stream=None, teacher=None) -> tuple[CachePlan, dict]:
+def fit(model, ds, opts: CompressOptions, on_stream=None, teacher=None,
+        calib_users: np.ndarray | None = None) -> tuple[CachePlan, dict]:
+    """`calib_users` (increasing user indices) replaces the task's seeded sample (a sharded read draws its own:
+    `ckv_cli.data.partition`)."""
     plan = make_plan(model, opts)
     task = task_of(model)
-    users = task.calibration_users(ds, opts)
+    users = task.calibration_users(ds, opts) if calib_users is None else calib_users
     flat, info = task.calibration(model, ds, opts, users, teacher=teacher)
     torch.manual_seed(opts.seed)
     plan.fit(flat, opts.seed, on_stream)
     return plan, info
 
 
-def fit_and_distill(model, ds, opts: CompressOptions, on_stream=None, teacher=None, student=None):
-    """(fitted plan, distillation history or None, calibration info): calibration (`fit`), then
-    `opts.distill_steps` steps. With `opts.finetune`, `student` (`ckv_cli.pipeline.distill.make_student(model)`)
-    is fine-tuned in place too."""
+def fit_and_distill(model, ds, opts: CompressOptions, on_stream=None, teacher=None, student=None,
+                    calib_users: np.ndarray | None = None):
+    """(fitted plan, distillation history or None, calibration info): calibration (`fit`, on `calib_users` when
+    given), then `opts.distill_steps` steps. With `opts.finetune`, `student`
+    (`ckv_cli.pipeline.distill.make_student(model)`) is fine-tuned in place too."""
     if opts.finetune and (not opts.distill_steps or student is None):
         raise CkvError("--finetune needs --distill-steps > 0" if not opts.distill_steps
                        else "internal: fine-tuning needs a student model")
     torch.manual_seed(opts.seed)
-    plan, info = fit(model, ds, opts, on_stream, teacher=teacher)
+    plan, info = fit(model, ds, opts, on_stream, teacher=teacher, calib_users=calib_users)
     if not opts.distill_steps:
         return plan, None, info
     from ckv_cli.pipeline.distill import DistillOptions, distill

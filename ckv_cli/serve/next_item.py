@@ -18,7 +18,10 @@ and over a first layer recomputed from item ids without building its K/V either 
 for it (`model.first_layer_tables()`, SASRec's LayerNorm fold: `ItemLayer`); otherwise it is recomputed per
 token. `attention="decoded"` decodes the cache and runs the model's own `extend` (the reference; what
 `ckv_cli.tasks.next_item.scores_after_last_event` does). A batch whose new events would overflow a user's window
-(`max_len`) goes through the decoded path for those users (re-prefill from item ids, as `extend` does).
+(`max_len`) goes through the decoded path for those users (re-prefill from item ids, as `extend` does). A model
+with next-event query time (`model.provisional_tokens`: its newest cached token is recomputed by every `extend`,
+`ckv_cli.models.base`) is always served through the decoded path, asked at `query_timestamps` (the request time;
+default the newest event's own time).
 
 Appending (`append`): the user's current cache is decoded, the new events are run through `model.extend` over it,
 and the new tokens' K/V are encoded by the plan (`Store._merge`). With no overflow the old tokens' fields stay as
@@ -26,7 +29,8 @@ they are (token-local codecs) and the new tokens' fields are `plan.encode` of th
 computes them over the decoded cache; with the first layer recomputed from item ids (the default) and two layers,
 those K/V equal the teacher's (a prefill of the extended history) to float tolerance. On overflow (cached + new >
 max_len) the window slides as in `extend`: the most recent `max_len` events are re-prefilled from their item ids
-and the user is re-encoded whole. A store is not safe to append to from several threads at once.
+and the user is re-encoded whole; so is a user of a model with a provisional newest token (re-opened and recomputed
+by `extend`). A store is not safe to append to from several threads at once.
 """
 from __future__ import annotations
 
@@ -224,11 +228,11 @@ def _select_cache(cache: KVCache, idx: torch.Tensor) -> KVCache:
 
 @torch.no_grad()
 def hidden_after(model, cache: KVCache, items: torch.Tensor | None = None, timestamps: torch.Tensor | None = None,
-                 new_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                 new_lengths: torch.Tensor | None = None, query_ts: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden state (B, d) of each user's next-event query from a decoded cache: the last of its new events
     appended through `model.extend`, or without new events the last cached event replayed. Users whose new
     events overflow the window are extended apart from the others (`extend` re-prefills the whole batch it is
-    given when one user overflows)."""
+    given when one user overflows). `query_ts` (B,): the request time of a model with next-event query time."""
     if items is None:
         cache, items, timestamps = rewind(cache)
         new_lengths = torch.ones(len(items), dtype=torch.long)
@@ -238,11 +242,15 @@ def hidden_after(model, cache: KVCache, items: torch.Tensor | None = None, times
     if over.any() and not over.all():
         out = None
         for part in (over.nonzero().squeeze(1), (~over).nonzero().squeeze(1)):
-            h = hidden_after(model, _select_cache(cache, part), items[part], timestamps[part], new_lengths[part])
+            h = hidden_after(model, _select_cache(cache, part), items[part], timestamps[part], new_lengths[part],
+                             None if query_ts is None else query_ts[part])
             out = h.new_empty(len(over), h.shape[1]) if out is None else out
             out[part] = h
         return out
-    _, h = model.extend(cache, items, timestamps, new_lengths)
+    if query_ts is None:
+        _, h = model.extend(cache, items, timestamps, new_lengths)
+    else:
+        _, h = model.extend(cache, items, timestamps, new_lengths, query_ts=query_ts)
     return last_hidden(h, new_lengths)
 
 
@@ -404,15 +412,18 @@ class CacheStore(Store):
         return arr.astype(np.int64)
 
     @torch.no_grad()
-    def _hidden(self, users: np.ndarray, new_items, new_timestamps, attention: str):
-        """(hidden states (B, d), items each user's ranking excludes (B, L')) for the next event."""
+    def _hidden(self, users: np.ndarray, new_items, new_timestamps, attention: str, query_ts=None):
+        """(hidden states (B, d), items each user's ranking excludes (B, L')) for the next event. `query_ts` (B,):
+        the request time, read by models with next-event query time (`ckv_cli.models.base`), which are always
+        served through the decoded path (their newest cached token is recomputed)."""
         if attention not in (COMPRESSED, DECODED):
             raise CkvError(f"attention must be '{COMPRESSED}' or '{DECODED}', got {attention!r}")
         items, ts, new_lengths = self._new_events(len(users), new_items, new_timestamps)
+        query_ts = self._query_times(len(users), query_ts)
         fields, offsets = self._read(users)
-        if attention == DECODED:
+        if attention == DECODED or getattr(self.model, "provisional_tokens", 0):
             cache = self.model.unflatten(self._decode(fields, offsets))
-            h = hidden_after(self.model, cache, items, ts, new_lengths)
+            h = hidden_after(self.model, cache, items, ts, new_lengths, query_ts)
             seen = cache.items
         else:
             cc = self._compressed(fields, offsets, recompute_items=False)
@@ -435,6 +446,15 @@ class CacheStore(Store):
             seen = torch.cat([seen, items], dim=1)
         return h, seen
 
+    def _query_times(self, n_users: int, query_ts) -> torch.Tensor | None:
+        """Request times (one per user, seconds) -> (B,) int64, or None."""
+        if query_ts is None:
+            return None
+        arr = np.asarray(query_ts.cpu() if isinstance(query_ts, torch.Tensor) else query_ts).reshape(-1)
+        if len(arr) != n_users:
+            raise CkvError(f"query_timestamps has {len(arr)} entries, the batch has {n_users} users")
+        return torch.from_numpy(self._timestamps(arr, n_users))
+
     def _tables(self):
         if not all(recomputed(self.plan.streams[CachePlan.key(0, k)]) for k in "kv"):
             return None
@@ -444,11 +464,12 @@ class CacheStore(Store):
         return self._item_tables or None
 
     def rank_next(self, user_ids, new_items=None, new_timestamps=None, k: int = 10, exclude_seen: bool = True,
-                  attention: str = COMPRESSED) -> Ranking:
+                  attention: str = COMPRESSED, query_timestamps=None) -> Ranking:
         """Top-k next items of each user from its cache (module docstring): `new_items` (one sequence per user,
         raw ids or indices, with `new_timestamps` for models that read event times) are appended first, without
         being stored. Items of the user's window (cached and new) are excluded as in `ckv_cli.evaluate`
-        (`exclude_seen=False` ranks them too)."""
+        (`exclude_seen=False` ranks them too). `query_timestamps` (one per user): the request time, for models
+        with next-event query time (generative-recommenders' HSTU); default the newest event's own time."""
         users = self.index(user_ids)
         n = self.plan.n_items
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
@@ -456,7 +477,7 @@ class CacheStore(Store):
         if len(users) == 0:
             empty = np.zeros((0, int(k)))
             return Ranking([], empty.astype(np.int64), self.item_ids_of(empty), empty.astype(np.float32))
-        h, seen = self._hidden(users, new_items, new_timestamps, attention)
+        h, seen = self._hidden(users, new_items, new_timestamps, attention, query_timestamps)
         with torch.no_grad():
             scores = self.model.score_all(h)
             if exclude_seen:
@@ -466,10 +487,10 @@ class CacheStore(Store):
         return Ranking([self._user_ids[u] for u in users], idx, self.item_ids_of(idx), top.values.numpy())
 
     def score_items(self, user_ids, candidate_items, new_items=None, new_timestamps=None,
-                    attention: str = COMPRESSED) -> np.ndarray:
+                    attention: str = COMPRESSED, query_timestamps=None) -> np.ndarray:
         """Next-item scores (B, C) of candidate items: one list per user (B lists of C), or one list for all.
-        Candidates are raw ids or indices and are scored even if seen. (CTR artifacts:
-        `ckv_cli.store_ctr.CTRStore.score`.)"""
+        Candidates are raw ids or indices and are scored even if seen. `query_timestamps`: `rank_next`. (CTR
+        artifacts: `ckv_cli.serve.ctr.CTRStore.score`.)"""
         users = self.index(user_ids)
         per_user = (candidate_items.ndim == 2 if isinstance(candidate_items, (np.ndarray, torch.Tensor))
                     else len(candidate_items) > 0 and not isinstance(candidate_items[0], (str, int, np.integer)))
@@ -485,41 +506,98 @@ class CacheStore(Store):
             cand = torch.from_numpy(self.item_index(candidate_items))[None].expand(len(users), -1)
         if len(users) == 0:
             return np.zeros((0, cand.shape[1]), np.float32)
-        h, _ = self._hidden(users, new_items, new_timestamps, attention)
+        h, _ = self._hidden(users, new_items, new_timestamps, attention, query_timestamps)
         with torch.no_grad():
             return score_candidates(self.model, h, cand).numpy()
 
     # -- appending ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def append(self, user_id: str, items, timestamps=None, create: bool = False) -> None:
+    def append(self, user_id: str, items, timestamps=None, create: bool = False, window: int | None = None,
+               ordered: bool = False) -> None:
         """Append a user's new events (raw item ids or indices, timestamps in seconds) through the model and the
         codec (module docstring for the exact contract). An unknown user is an error unless `create`, which
-        starts the user from an empty cache."""
-        uid = str(user_id)
+        starts the user from an empty cache. `window` and `ordered`: as `append_many`."""
         if isinstance(items, str):
             items = [items]
-        if uid not in self._lookup:
-            if not create:
-                raise CkvError(f"user '{uid}' is not in {self.artifact.path} (create=True adds a new user)")
-            u = None
-        else:
-            u = self._lookup[uid]
-        new_items, new_ts, _ = self._new_events(1, [items], None if timestamps is None else [timestamps])
-        if u is None:
-            cache = self.model.empty_cache(1)
-            old, old_off = None, np.array([0, 0])
-        else:
-            old, old_off = self._read(np.array([u]))
-            cache = self.model.unflatten(self._decode(old, old_off))
-        n_old, T = int(cache.lengths[0]), new_items.shape[1]
-        new_cache, _ = self.model.extend(cache, new_items, new_ts)
-        flat = self.model.flatten(new_cache)
-        if old is None or n_old + T > self.model.config.max_len:
-            record = self._encode(flat)  # new user, or the window slid: the whole (re-prefilled) user
-        else:
-            n = flat.n_tokens
-            record = self._merge(old, flat.rows(np.arange(n_old, n), np.array([0, n - n_old])), lambda: flat)
-        self._put(uid, u, record)
+        self.append_many([user_id], [items], None if timestamps is None else [timestamps], create, window, ordered)
+
+    @torch.no_grad()
+    def append_many(self, user_ids, items, timestamps=None, create: bool = False, window: int | None = None,
+                    ordered: bool = False) -> None:
+        """`append` for a batch of users at once (one read, one decode, one `extend` and one prefill for the
+        batch): user b gets the events `items[b]` at `timestamps[b]`. `window` (at most the model's `max_len`,
+        the default): the most tokens a cache keeps; cached + new > window re-encodes the user from a prefill of
+        its last `window` events (`ckv compress --update` passes `max_len - 1`, the cache `ckv compress` keeps:
+        the next event is appended at scoring time). `ordered`: refuse new events older than the user's last
+        cached one (checked where the artifact keeps event times)."""
+        uids = [str(u) for u in user_ids]
+        if len(set(uids)) != len(uids):
+            raise CkvError("a user appears twice in one append_many: give each user's new events once")
+        max_len = self.model.config.max_len
+        W = max_len if window is None else window
+        if isinstance(W, bool) or not isinstance(W, (int, np.integer)) or not 1 <= W <= max_len:
+            raise CkvError(f"window must be an integer in 1..{max_len} (the model's max_len), got {window!r}")
+        known = [self._lookup.get(uid) for uid in uids]
+        missing = next((uid for uid, u in zip(uids, known) if u is None), None)
+        if missing is not None and not create:
+            raise CkvError(f"user '{missing}' is not in {self.artifact.path} (create=True adds a new user)")
+        new_items, new_ts, new_len = self._new_events(len(uids), list(items), timestamps)
+        old = [b for b, u in enumerate(known) if u is not None]
+        records: dict[int, dict[str, np.ndarray]] = {}
+        windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # user b -> (items, timestamps) to prefill
+        for b in range(len(uids)):
+            if known[b] is None:
+                T = int(new_len[b])
+                windows[b] = (new_items[b, :T][-W:], new_ts[b, :T][-W:])
+        if old:
+            fields, offsets = self._read(np.array([known[b] for b in old]))
+            cache = self.model.unflatten(self._decode(fields, offsets))
+            n_old = cache.lengths.tolist()
+            if ordered and self.plan.timestamps:
+                for j, b in enumerate(old):
+                    if not n_old[j]:
+                        continue
+                    last, first = int(cache.timestamps[j, n_old[j] - 1]), int(new_ts[b, : int(new_len[b])].min())
+                    if first < last:
+                        raise CkvError(f"user '{uids[b]}': a new event at {first} is older than its cached history "
+                                       f"(last cached event at {last}); --update appends newer events only")
+            grow = [j for j, b in enumerate(old) if n_old[j] + int(new_len[b]) <= W]
+            provisional = bool(getattr(self.model, "provisional_tokens", 0))
+            for j in sorted(set(range(len(old))) - set(grow)):
+                b, T = old[j], int(new_len[old[j]])
+                windows[b] = (torch.cat([cache.items[j, : n_old[j]], new_items[b, :T]])[-W:],
+                              torch.cat([cache.timestamps[j, : n_old[j]], new_ts[b, :T]])[-W:])
+            if grow:
+                sel = torch.tensor(grow)
+                rows = [old[j] for j in grow]
+                ext, _ = self.model.extend(_select_kv(cache, sel), new_items[rows], new_ts[rows], new_len[rows])
+                flat = self.model.flatten(ext)
+                for i, j in enumerate(grow):
+                    whole = flat.users(i, i + 1)
+                    n = whole.n_tokens
+                    new = whole.rows(np.arange(n_old[j], n), np.array([0, n - n_old[j]]))
+                    if provisional:  # the old newest token was recomputed by extend: re-encode the whole user
+                        records[old[j]] = self._encode(whole)
+                    else:
+                        records[old[j]] = self._merge(self.record(fields, offsets, j), new, lambda w=whole: w)
+        if windows:
+            order = sorted(windows)
+            lengths = torch.tensor([len(windows[b][0]) for b in order], dtype=torch.long)
+            L = int(lengths.max())
+            items_w, ts_w = torch.zeros(len(order), L, dtype=torch.long), torch.zeros(len(order), L, dtype=torch.long)
+            for i, b in enumerate(order):
+                items_w[i, : lengths[i]], ts_w[i, : lengths[i]] = windows[b]
+            flat = self.model.flatten(self.model.prefill(items_w, ts_w, lengths)[0])
+            for i, b in enumerate(order):  # a new user, or the window slid: the whole (re-prefilled) user
+                records[b] = self._encode(flat.users(i, i + 1))
+        for b, uid in enumerate(uids):
+            self._put(uid, known[b], records[b])
+
+
+def _select_kv(cache: KVCache, idx: torch.Tensor) -> KVCache:
+    """Users `idx` of a batch of caches."""
+    return KVCache([k[idx] for k in cache.keys], [v[idx] for v in cache.values], cache.lengths[idx],
+                   cache.items[idx], cache.timestamps[idx], None if cache.keep is None else cache.keep[idx])
 
 
 def _select_compressed(cc: CompressedCache, idx: torch.Tensor) -> CompressedCache:

@@ -292,38 +292,85 @@ class Store:
         return u
 
     # -- saving ----------------------------------------------------------------------------------------
-    def save(self, path: str | Path, force: bool = False, batch_users: int = 1024) -> dict[str, int]:
+    def save(self, path: str | Path, force: bool = False, batch_users: int = 1024,
+             metadata: dict | None = None) -> dict[str, int]:
         """Write a new artifact: every user (the file's, then those created by `append`) with the appends merged,
         atomically. The metadata is the source's with the byte accounting redone and an `appended` entry (users,
-        the source file); the metrics stay those measured when the source was compressed. Returns bytes per
-        tensor."""
-        from ckv_cli.artifact.writer import ArtifactWriter
+        the source file), updated by `metadata`; the metrics stay those measured when the source was compressed.
+        Returns bytes per tensor."""
         from ckv_cli.pipeline.compress import accounting, full_width
         from ckv_cli.tasks import task_of
 
-        n = len(self._user_ids)
-        lengths = np.diff(self.artifact.offsets).astype(np.int64)
-        lengths = np.concatenate([lengths, np.zeros(n - len(lengths), np.int64)])
-        for u, rec in self._overlay.items():
-            lengths[u] = self._n_tokens(rec)
+        users = np.arange(len(self._user_ids))
+        lengths = self.token_counts(users)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         meta = {k: v for k, v in self.artifact.meta.items() if k not in WRITTEN_BY_WRITER}
-        ragged = {k: 0 for k, fm in self.artifact.fields.items() if fm["per"] == "ragged"}
-        writer = ArtifactWriter(path, lengths, list(self._user_ids), force=force)
+        acct = accounting(self.plan, offsets, full_width(self.model), ragged=self.ragged_rows(users, batch_users))
+        meta["accounting"] = {**acct, **task_of(self.model).accounting_extra(acct, self.plan, self.model, lengths)}
+        meta["appended"] = {"users": self.appended_users, "source": str(self.artifact.path),
+                            "source_checksums_sha256": _digest(self.artifact.meta.get("checksums", {}))}
+        meta.update(metadata or {})
+        return self.write_users(path, users, meta, force=force, batch_users=batch_users)
+
+    def token_counts(self, users: np.ndarray) -> np.ndarray:
+        """(B,) cached tokens of each user (indices; appends included)."""
+        stored = np.diff(self.artifact.offsets).astype(np.int64)
+        return np.array([self._n_tokens(self._overlay[u]) if u in self._overlay else int(stored[u])
+                         for u in np.asarray(users, np.int64).tolist()], dtype=np.int64)
+
+    def ragged_rows(self, users: np.ndarray, batch_users: int = 1024) -> dict[str, int]:
+        """Rows of each ragged field (item-coded escapes) that `users` (indices; appends included) hold, as the byte
+        accounting counts them: one read pass over the users where the plan has ragged fields, {} otherwise."""
+        counts = {k: fm["counts"] for k, fm in self.artifact.fields.items() if fm["per"] == "ragged"}
+        out = dict.fromkeys(counts, 0)
+        users = np.asarray(users, np.int64)
+        for a in range(0, len(users) if counts else 0, batch_users):
+            fields, _ = self._read(users[a : a + batch_users])
+            for k, c in counts.items():
+                out[k] += int(np.asarray(fields[c], np.int64).sum())
+        return out
+
+    def write_users(self, path: str | Path, users: np.ndarray, metadata: dict, force: bool = False,
+                    shared: bool = True, batch_users: int = 1024) -> dict[str, int]:
+        """Write the users `users` (indices, in that order; appends merged) as an artifact, or with
+        `shared=False` as a shard of a sharded one (`ckv_cli.artifact.sharded`), atomically, with `metadata`;
+        returns bytes per tensor."""
+        from ckv_cli.artifact.writer import ArtifactWriter
+
+        users = np.asarray(users, np.int64)
+        names = self._user_ids
+        writer = ArtifactWriter(path, self.token_counts(users), [names[u] for u in users], force=force, shared=shared)
         try:
             writer.start(self.plan)
-            for a in range(0, n, batch_users):
-                fields, offs = self._read(np.arange(a, min(a + batch_users, n)))
+            for a in range(0, len(users), batch_users):
+                fields, offs = self._read(users[a : a + batch_users])
                 writer.add(fields, offs)
-                for k in ragged:  # escaped indices: their bytes follow the rows written
-                    ragged[k] += len(fields[k])
-            acct = accounting(self.plan, offsets, full_width(self.model), ragged=ragged)
-            meta["accounting"] = {**acct, **task_of(self.model).accounting_extra(acct, self.plan, self.model, lengths)}
-            meta["appended"] = {"users": self.appended_users, "source": str(self.artifact.path),
-                                "source_checksums_sha256": _digest(self.artifact.meta.get("checksums", {}))}
-            return writer.finish(meta)
+            return writer.finish(metadata)
         finally:
             writer.discard()
+
+    def forget(self, users) -> None:
+        """Drop the appends of `users` (indices) from memory (written elsewhere already: `ckv_cli.serve.update`);
+        reads of them return the file's records again."""
+        for u in np.asarray(users, np.int64).tolist():
+            self._overlay.pop(u, None)
+
+    def record(self, fields: dict[str, np.ndarray], offsets: np.ndarray, b: int) -> dict[str, np.ndarray]:
+        """User `b`'s record (every field) out of a batch read (`_read`): its tokens' rows, its per-user row, and
+        its rows of each ragged field (after the earlier users' rows, as their counts say)."""
+        a, e = int(offsets[b]), int(offsets[b + 1])
+        out = {}
+        for k, v in fields.items():
+            fm = self.artifact.fields[k]
+            if fm["per"] == "user":
+                out[k] = v[b : b + 1]
+            elif fm["per"] == "ragged":
+                n = np.asarray(fields[fm["counts"]], np.int64).reshape(-1)
+                r = int(n[:b].sum())
+                out[k] = v[r : r + int(n[b])]
+            else:
+                out[k] = v[a:e]
+        return out
 
 
 def check_student(artifact, model) -> None:

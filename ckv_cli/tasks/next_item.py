@@ -11,6 +11,9 @@ known event (the most recent `max_len` events) is prefilled by the full model (t
 the last known event is appended with `extend` through the decoded cache and its output ranks the items. The
 reference appends through the exact cache, so the delta isolates the compression. Per user: the target's rank
 under each, the top-10 overlap, KL of the two next-item distributions (`score_fidelity`).
+
+A model with next-event query time (`model.provisional_tokens`, `ckv_cli.models.base`) is asked at the held-out
+event's time: `rank_targets` and `scores_after_last_event` pass it as the request time (`query_ts`).
 """
 from __future__ import annotations
 
@@ -31,13 +34,24 @@ NAME = "next-item"
 PROTOCOL = "leave-one-out, all items ranked, the items of the history window removed from the ranking"
 SEEN_PROTOCOL = "leave-one-out, all items ranked, the items of the history window ranked too"
 COMPRESS_PROTOCOL = f"test split, history prefilled and compressed, last event appended via extend; {PROTOCOL}"
-TEMPERATURE = 0.05  # the training temperature: softmax(score / T) is the model's next-item distribution
+TEMPERATURE = 0.05  # the default training temperature (a model's own: `temperature_of`)
 METRICS = RANKING_METRICS
 LOWER_IS_BETTER: tuple[str, ...] = ()
 PARETO_METRIC = "NDCG@10"
 
 
 # ---------------------------------------------------------------------------------------------- ranking
+
+
+def temperature_of(model) -> float:
+    """softmax(score / T) is the model's next-item distribution: its `temperature` (0.05 for cosine scores, 1 for
+    RecBole's raw dot products), `TEMPERATURE` for a model that does not say."""
+    return float(getattr(model, "temperature", TEMPERATURE))
+
+
+def provisional(model) -> bool:
+    """The model's newest cached token waits for the next event's time (next-event query time)."""
+    return bool(getattr(model, "provisional_tokens", 0))
 
 
 def mask_seen(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -56,12 +70,15 @@ def rank_targets(model, data: SequenceData, split: str = "test", exclude_seen: b
     """0-based rank of each user's held-out item among all items (one number per user)."""
     model.eval()
     hist_items, hist_times, targets = data.split(split)
+    query = data.target_times(split) if provisional(model) else None  # next-event query time: the target's
     ranks = np.empty(len(targets), dtype=np.int64)
     device = model.item_emb.weight.device
     for a in range(0, len(targets), batch_size):
         b = min(a + batch_size, len(targets))
         items, times, lengths = history_batch(hist_items[a:b], hist_times[a:b], model.config.max_len)
-        _, h = model.prefill(items.to(device), times.to(device), lengths.to(device))
+        args = items.to(device), times.to(device), lengths.to(device)
+        _, h = (model.prefill(*args) if query is None
+                else model.prefill(*args, query_ts=torch.from_numpy(query[a:b]).to(device)))
         scores = model.score_all(last_hidden(h, lengths.to(device))).cpu()  # (B, n_items + 1)
         if exclude_seen:
             scores = mask_seen(scores, items)
@@ -78,21 +95,26 @@ def evaluate_model(model, data, split="test", exclude_seen=True, progress=None) 
 @torch.no_grad()
 def scores_after_last_event(model, cache, batch, exclude_seen: bool = True) -> torch.Tensor:
     """Append each user's last event (a `CacheBatch`) through `cache` and score every item: (B, n_items + 1),
-    the window's items (cached ones and the last event) masked unless `exclude_seen=False`."""
-    _, h = model.extend(cache, batch.last_items, batch.last_ts)
+    the window's items (cached ones and the last event) masked unless `exclude_seen=False`. A model with
+    next-event query time is asked at the held-out event's time (`batch.target_ts`)."""
+    query = getattr(batch, "target_ts", None)
+    _, h = (model.extend(cache, batch.last_items, batch.last_ts, query_ts=query) if provisional(model)
+            else model.extend(cache, batch.last_items, batch.last_ts))
     scores = model.score_all(last_hidden(h, torch.ones(len(batch.users), dtype=torch.long)))
     if exclude_seen:
         scores = mask_seen(mask_seen(scores, batch.cache.items), batch.last_items)
     return scores
 
 
-def score_fidelity(s_ref: torch.Tensor, s_new: torch.Tensor, targets: torch.Tensor) -> dict[str, np.ndarray]:
+def score_fidelity(s_ref: torch.Tensor, s_new: torch.Tensor, targets: torch.Tensor,
+                   temperature: float = TEMPERATURE) -> dict[str, np.ndarray]:
     """Per-user comparison of two score matrices (B, n_items + 1; -inf = not ranked): the target's rank under
     each, overlap of the top-10 lists, and KL(reference || new) of the softmax distributions at the training
-    temperature over the ranked items."""
+    temperature (the model's: `temperature_of`; 0.05 for cosine scores, 1 for RecBole's raw dot products) over
+    the ranked items."""
     top_r, top_n = s_ref.topk(10).indices, s_new.topk(10).indices  # (B, 10)
-    logp_r = torch.log_softmax(s_ref / TEMPERATURE, dim=1)  # -inf columns get probability 0
-    logp_n = torch.log_softmax(s_new / TEMPERATURE, dim=1)
+    logp_r = torch.log_softmax(s_ref / temperature, dim=1)  # -inf columns get probability 0
+    logp_n = torch.log_softmax(s_new / temperature, dim=1)
     ranked = torch.isfinite(s_ref)
     kl = torch.where(ranked, logp_r.exp() * (logp_r - logp_n), torch.zeros_like(logp_r)).sum(1).clamp(min=0)
     return {"rank_ref": target_ranks(s_ref, targets), "rank_new": target_ranks(s_new, targets),
@@ -117,6 +139,7 @@ class CacheBatch:
     last_items: torch.Tensor  # (B, 1) the last known event, appended with `extend`
     last_ts: torch.Tensor  # (B, 1)
     targets: torch.Tensor  # (B,) held-out item
+    target_ts: torch.Tensor | None = None  # (B,) its time: the request time of a next-event-time model
 
 
 def last_event_batch(hist_items: list[np.ndarray], hist_times: list[np.ndarray], users: np.ndarray, max_len: int):
@@ -160,9 +183,10 @@ def iter_test_caches(model, data: SequenceData, users: np.ndarray | range, batch
         batch = np.asarray(users[a : a + batch_size])  # users may be a range: one batch's indices at a time
         items, times, lengths, last_items, last_ts = last_event_batch(hist_items, hist_times, batch, model.config.max_len)
         cache, _ = model.prefill(items, times, lengths)
-        targets = data.items[data.offsets[batch.astype(np.int64) + 1] - 1]  # the held-out (last) events
+        held = data.offsets[batch.astype(np.int64) + 1] - 1  # the held-out (last) events
         yield CacheBatch(users=batch, cache=cache, last_items=last_items, last_ts=last_ts,
-                         targets=torch.from_numpy(np.asarray(targets, dtype=np.int64)))
+                         targets=torch.from_numpy(np.asarray(data.items[held], dtype=np.int64)),
+                         target_ts=torch.from_numpy(np.asarray(data.timestamps[held], dtype=np.int64)))
 
 
 @dataclass
@@ -178,6 +202,7 @@ class TeacherBatch:
     targets: torch.Tensor
     ref_scores: torch.Tensor
     exclude_seen: bool = True
+    target_ts: torch.Tensor | None = None  # (B,) the held-out event's time (next-event query time)
 
     @property
     def flat(self) -> FlatCache:
@@ -186,7 +211,7 @@ class TeacherBatch:
     def cache_batch(self, cache) -> CacheBatch:
         """A `CacheBatch` over `cache` (the decoded cache: its item ids are the teacher's, so the same window
         items are masked)."""
-        return CacheBatch(self.users, cache, self.last_items, self.last_ts, self.targets)
+        return CacheBatch(self.users, cache, self.last_items, self.last_ts, self.targets, self.target_ts)
 
 
 def teacher_batches(model, ds: SequenceData, users: np.ndarray | range, batch_users: int,
@@ -195,7 +220,7 @@ def teacher_batches(model, ds: SequenceData, users: np.ndarray | range, batch_us
     may be a `range` (nothing per user is built for users not yet reached)."""
     for b in iter_test_caches(model, ds, users, batch_users):
         yield TeacherBatch(b.users, model.flatten(b.cache), b.last_items, b.last_ts, b.targets,
-                           scores_after_last_event(model, b.cache, b, exclude_seen), exclude_seen)
+                           scores_after_last_event(model, b.cache, b, exclude_seen), exclude_seen, b.target_ts)
 
 
 def targets_in_window(data: SequenceData, max_len: int) -> float:
@@ -272,7 +297,7 @@ class Scored:
         """One teacher batch scored through its decoded cache by `reader` (the model that reads the artifact)."""
         cache = reader.unflatten(decoded)
         s_c = scores_after_last_event(reader, cache, tb.cache_batch(cache), tb.exclude_seen)
-        self.add(tb.tokens.offsets, score_fidelity(tb.ref_scores, s_c, tb.targets))
+        self.add(tb.tokens.offsets, score_fidelity(tb.ref_scores, s_c, tb.targets, temperature_of(reader)))
 
     def summary(self) -> dict:
         """The running sums (plain numbers: JSON-able), for `merged` (shards scored apart; not kept per user)."""
