@@ -76,11 +76,12 @@ def untrained_checkpoint(arch: str, ds, path, max_len: int):
 
 
 def cli_runner(cwd):
-    """`run(*args)`: `python -m ckv_cli.cli ARGS` in `cwd`, one thread, a wide terminal, output captured."""
+    """`run(*args)`: `python -m ckv_cli.cli ARGS` in `cwd`, one thread, a wide terminal, output captured, no
+    progress lines on stderr (a non-terminal stderr gets them otherwise: `ckv_cli.cli.render.LogLines`)."""
     import subprocess
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "CKV_NO_PROGRESS": "1"}
 
     def run(*args):
         return subprocess.run([sys.executable, "-m", "ckv_cli.cli", *map(str, args)], capture_output=True, text=True,

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
 from dataclasses import dataclass
@@ -41,9 +42,11 @@ class Case:
     message: str  # exact stderr, one line; <...> matches anything
     exit: int = 2
     setup: Callable[[Path], object] | None = None
-    harness: str = ""  # "", "enospc", "interrupt", "interrupt-write"
-    intact: tuple[str, ...] = ()
+    harness: str = ""  # a key of HARNESSES: the condition the command runs under
+    intact: tuple[str, ...] = ()  # files byte-identical afterwards ('full/x' is compared with the workspace's 'x')
     needs_non_root: bool = False  # permissions do not stop root: skipped there
+    env: tuple[tuple[str, str], ...] = ()  # environment variables set for the command ("" unsets one)
+    absent: tuple[str, ...] = ()  # glob patterns no file may match afterwards (nothing left behind)
 
     @property
     def id(self) -> str:
@@ -61,7 +64,7 @@ def build_workspace(root: Path) -> None:
     """ckpt.safetensors: a tiny untrained SASRec (2 layers, d 8, window 8) over items i1..i20; other.safetensors:
     the same model with other weights; events.csv: 40 users with 4-9 events each over those items;
     art.safetensors: `ckpt` compressed on `events` (collective, pool 12, 1 user dim); out.safetensors: a copy of
-    it (an existing output)."""
+    it (an existing output); set.index.json: the same, sharded (16 users a shard: 3 shards and a shared file)."""
     import numpy as np
     import torch
 
@@ -87,7 +90,19 @@ def build_workspace(root: Path) -> None:
         ds = load("events.csv", item_vocab=meta["item_vocab"])
         opts = CompressOptions(params={"pool_size": 12, "user_dim": 1, "layout": "residual"}, calib_users=20)
         compress_to_artifact(model, meta, "ckpt.safetensors", ds, opts, "art.safetensors", command="ckv compress")
+        from ckv_cli.pipeline.shard import compress_sharded
+
+        opts = CompressOptions(params={"pool_size": 12, "user_dim": 1, "layout": "residual"}, calib_users=20,
+                               batch_users=8)
+        compress_sharded(model, meta, "ckpt.safetensors", ds, opts, "set.index.json", shard_size=16,
+                         command="ckv compress")
     shutil.copy(root / "art.safetensors", root / "out.safetensors")
+
+
+SET = ("set.index.json", "set.shared.safetensors", "set-00000-of-00003.safetensors", "set-00001-of-00003.safetensors",
+       "set-00002-of-00003.safetensors")  # the workspace's sharded artifact
+SHARDED = (*COMPRESS, "--batch-users", "8", "--shard-size", "16")
+TRAIN = ("train", "--arch", "sasrec", "--data", "events.csv", "--d", "8", "--max-len", "8", "--epochs", "2")
 
 
 @contextlib.contextmanager
@@ -232,6 +247,25 @@ def wide_checkpoint(ws: Path):
     torch.manual_seed(2)
     save_checkpoint(SASRec(SASRecConfig(n_items=20, d=16, n_layers=2, max_len=8)).eval(), ws / "wide.safetensors",
                     dataset="x", fingerprint="0" * 16, item_vocab=VOCAB, metrics={}, train={})
+
+
+def link(src: str, dst: str, symbolic: bool = False):
+    def setup(ws: Path):
+        (os.symlink if symbolic else os.link)(src if symbolic else ws / src, ws / dst)
+    return setup
+
+
+def cached_dataset(ws: Path):
+    """cache/ml-100k/...: a stand-in for the cached ML-100k (never verified: the command stops before reading)."""
+    inter = ws / "cache/ml-100k/recbole/dataset_example/ml-100k/ml-100k.inter"
+    inter.parent.mkdir(parents=True)
+    shutil.copy(ws / "events.csv", inter)
+
+
+def unterminated_quote(ws: Path):
+    """bad.csv: good rows, then a row whose quote never closes (200,000 characters follow)."""
+    rows = "".join(r + "\n" for r in good_rows())
+    (ws / "bad.csv").write_text("user,item,timestamp,rating\n" + rows + 'g9,"i1,5,4\n' + ("x" * 99 + "\n") * 2000)
 
 
 def chain(*setups):
@@ -402,6 +436,7 @@ DATA = "input files: interaction logs"
 ARTIFACTS = "input files: artifacts"
 MISMATCH = "an artifact and a checkpoint that do not belong together"
 OUTPUTS = "outputs"
+TRAINING = "training"
 OPTIONS = "options"
 UPDATES = "ckv compress --update"
 UPDATE = ("compress", "ckpt.safetensors", "--update", "art.safetensors", "--data", "later.csv")
@@ -488,8 +523,8 @@ CASES: list[Case] = [
     Case(DATA, "header only, no events", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
          "ckv: error: bad.csv: no rows after the header", setup=csv_rows([])),
     Case(DATA, "required columns missing", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
-         "ckv: error: bad.csv: missing column(s) item, timestamp (found: user, movie, ts); map them with --columns",
-         setup=csv_rows(["u1,i1,5"], header="user,movie,ts")),
+         "ckv: error: bad.csv: missing column(s) item, timestamp (found: user, thing, when); map them with --columns",
+         setup=csv_rows(["u1,i1,5"], header="user,thing,when")),
     Case(DATA, "a column named twice in the header", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
          "ckv: error: bad.csv: column 'item' appears twice in the header",
          setup=csv_rows(["u1,i1,5,i2"], header="user,item,timestamp,item")),
@@ -528,6 +563,16 @@ CASES: list[Case] = [
          setup=write("ratings.dat", "1::i1::5::100\n1::i2::5\n")),
     Case(DATA, "bad --columns mapping", ("evaluate", "ckpt.safetensors", "--data", "events.csv", "--columns", "user=uid,movie=iid"),
          "ckv: error: bad --columns entry 'movie=iid': expected user=..., item=..., timestamp=..., rating=..."),
+    Case(DATA, "CSV with an unterminated quote", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: bad.csv:22: not valid CSV: a field runs past 131,072 characters (an unterminated quote?)",
+         setup=unterminated_quote),
+    Case(DATA, "common column names (user_id, movieId, ts) recognised without --columns (with a note)",
+         ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "note: bad.csv: columns recognised by name: user=user_id, item=movieId, timestamp=ts (--columns overrides)",
+         exit=0, setup=csv_rows(good_rows(), header="user_id,movieId,ts,rating")),
+    Case(DATA, "two columns that could each be the item", ("evaluate", "ckpt.safetensors", "--data", "bad.csv"),
+         "ckv: error: bad.csv: columns movieId, product_id could each be the item; name one with --columns item=NAME",
+         setup=csv_rows([r + ",p" for r in good_rows()], header="user,movieId,timestamp,rating,product_id")),
     # -- artifacts
     Case(ARTIFACTS, "artifact path does not exist", ("inspect", "missing.safetensors"), "ckv: error: not found: missing.safetensors"),
     Case(ARTIFACTS, "unreadable artifact (chmod 000)", ("inspect", "art.safetensors"),
@@ -631,6 +676,107 @@ CASES: list[Case] = [
     Case(OUTPUTS, "interrupt while the artifact is being written (old output kept, no temporary left)",
          (*COMPRESS, "-o", "out.safetensors", "--force"),
          "ckv: interrupted", exit=130, harness="interrupt-write", intact=("out.safetensors",)),
+    Case(OUTPUTS, "--json is the checkpoint the command reads (even with --force)",
+         (*EVALUATE, "--json", "ckpt.safetensors", "--force"),
+         "ckv: error: --json ckpt.safetensors is the checkpoint this command reads; write the output elsewhere (--force "
+         "never overwrites an input)", intact=("ckpt.safetensors",)),
+    Case(OUTPUTS, "--json is the data file the command reads (even with --force)",
+         ("inspect", "ckpt.safetensors", "--data", "events.csv", "--json", "events.csv", "--force"),
+         "ckv: error: --json events.csv is the --data file this command reads; write the output elsewhere (--force "
+         "never overwrites an input)", intact=("events.csv",)),
+    Case(OUTPUTS, "inspect --json onto the checkpoint the artifact's metadata names (read with --data)",
+         ("inspect", "art.safetensors", "--data", "events.csv", "--json", "ckpt.safetensors", "--force"),
+         "ckv: error: --json ckpt.safetensors is the artifact's checkpoint this command reads; write the output elsewhere "
+         "(--force never overwrites an input)", intact=("ckpt.safetensors",)),
+    Case(OUTPUTS, "--json onto the cached file of the named dataset --data reads",
+         ("evaluate", "ckpt.safetensors", "--data", "ml-100k", "--json", "cache/ml-100k/recbole/dataset_example/ml-100k/"
+          "ml-100k.inter", "--force"),
+         "ckv: error: --json cache/ml-100k/recbole/dataset_example/ml-100k/ml-100k.inter is the --data file this command "
+         "reads; write the output elsewhere (--force never overwrites an input)", env=(("CKV_CACHE", "cache"),),
+         setup=cached_dataset),
+    Case(OUTPUTS, "--json onto the genres file read beside a ratings.dat",
+         ("evaluate", "ckpt.safetensors", "--data", "ratings.dat", "--json", "movies.dat", "--force"),
+         "ckv: error: --json movies.dat is the --data file this command reads; write the output elsewhere (--force never "
+         "overwrites an input)", setup=chain(write("ratings.dat", "1::i1::5::100\n"), write("movies.dat", "1::x::Drama\n"))),
+    Case(OUTPUTS, "--json over an existing file without --force", ("inspect", "art.safetensors", "--json", "events.csv"),
+         "ckv: error: events.csv exists; pass --force to overwrite it", intact=("events.csv",)),
+    Case(OUTPUTS, "--json and -o the same path", (*NEW, "--json", "new.safetensors"),
+         "ckv: error: --json new.safetensors is also the -o output of this command; give each output its own path"),
+    Case(OUTPUTS, "-o a hard link to the checkpoint (same inode), with --force",
+         (*COMPRESS, "-o", "hard.safetensors", "--force"),
+         "ckv: error: -o hard.safetensors is the checkpoint this command reads; write the output elsewhere (--force "
+         "never overwrites an input)", setup=link("ckpt.safetensors", "hard.safetensors"), intact=("ckpt.safetensors",)),
+    Case(OUTPUTS, "-o a symlink to the data file, with --force", ("train", "--arch", "sasrec", "--data", "events.csv",
+                                                                   "-o", "sym.safetensors", "--force"),
+         "ckv: error: -o sym.safetensors is the --data file this command reads; write the output elsewhere (--force "
+         "never overwrites an input)", setup=link("events.csv", "sym.safetensors", symbolic=True), intact=("events.csv",)),
+    Case(OUTPUTS, "verify --json onto the artifact it verifies", ("verify", "set.index.json", "--json",
+                                                                   "set-00001-of-00003.safetensors", "--force"),
+         "ckv: error: --json set-00001-of-00003.safetensors is a file of the verified artifact this command reads; write "
+         "the output elsewhere (--force never overwrites an input)", intact=SET),
+    Case(OUTPUTS, "--json onto a FIFO (a device such as /dev/null would have been replaced by a file)",
+         (*EVALUATE, "--json", "pipe", "--force"),
+         "ckv: error: --json pipe is a FIFO, not a regular file: ckv writes a file and renames it into place, which "
+         "would replace it (use '-' for stdout where the option takes it)", setup=lambda ws: os.mkfifo(ws / "pipe")),
+    Case(OUTPUTS, "a file where the output directory should be", (*EVALUATE, "--json", "events.csv/r.json"),
+         "ckv: error: --json events.csv/r.json: events.csv is a file, not a directory"),
+    Case(OUTPUTS, "output file name too long (300 bytes)", (*NEW[:-1], "a" * 284 + ".safetensors"),
+         "ckv: error: output file name too long: aaaaaaaaaaaaaaaaaaaaaaaa... (296 bytes, the file system takes 255)"),
+    Case(OUTPUTS, "--plot names a file, not a directory", (*EVALUATE, "--sweep", "int8", "--plot", "events.csv"),
+         "ckv: error: --plot events.csv exists and is not a directory"),
+    Case(OUTPUTS, "output on a read-only file system", (*COMPRESS, "-o", "ro/out.safetensors"),
+         "ckv: error: output directory is on a read-only file system: ro", harness="rofs"),
+    Case(OUTPUTS, "disk really full while the artifact is written (a full tmpfs; old output kept)",
+         (*COMPRESS, "-o", "full/out.safetensors", "--force"),
+         "ckv: error: could not write full/out.safetensors: No space left on device", harness="full",
+         intact=("full/out.safetensors",)),
+    Case(OUTPUTS, "disk really full while a sharded artifact is written (nothing left behind)",
+         (*SHARDED, "-o", "full/s.index.json"),
+         "ckv: error: could not write full/s.shared.safetensors: No space left on device", harness="full",
+         absent=("full/s*", "full/.s*")),
+    Case(OUTPUTS, "disk really full while train writes the checkpoint",
+         (*TRAIN, "-o", "full/new.safetensors"),
+         "ckv: error: could not write full/new.safetensors: No space left on device", harness="full",
+         absent=("full/new*", "full/.new*")),
+    Case(OUTPUTS, "SIGTERM while the artifact is being written (old output kept, no temporary left)",
+         (*COMPRESS, "-o", "out.safetensors", "--force"),
+         "ckv: interrupted by SIGTERM", exit=143, harness="sigterm-write", intact=("out.safetensors",)),
+    Case(OUTPUTS, "SIGHUP while the artifact is being written (old output kept, no temporary left)",
+         (*COMPRESS, "-o", "out.safetensors", "--force"),
+         "ckv: interrupted by SIGHUP", exit=129, harness="sighup-write", intact=("out.safetensors",)),
+    Case(OUTPUTS, "sharded --force run interrupted when the new shared file appears (the old set stays valid)",
+         (*SHARDED, "-o", "set.index.json", "--force"),
+         "ckv: interrupted by SIGTERM", exit=143, harness="sigterm-shared", intact=SET, absent=("set.1*",)),
+    Case(OUTPUTS, "fresh sharded run interrupted when its shared file appears (nothing left behind)",
+         (*SHARDED, "-o", "fresh.index.json"),
+         "ckv: interrupted by SIGTERM", exit=143, harness="sigterm-shared", absent=("fresh*", ".fresh*")),
+    Case(OUTPUTS, "dataset cache path is a file (CKV_CACHE)", ("evaluate", "ckpt.safetensors", "--data", "ml-100k"),
+         "ckv: error: cannot write the dataset cache events.csv/ml-100k: events.csv is a file, not a directory (set "
+         "CKV_CACHE to a writable directory)", env=(("CKV_CACHE", "events.csv"),)),
+    Case(OUTPUTS, "dataset cache under a read-only HOME", ("evaluate", "ckpt.safetensors", "--data", "ml-100k"),
+         "ckv: error: cannot write the dataset cache ro/.cache/ckv/ml-100k: Read-only file system (set CKV_CACHE to a "
+         "writable directory)", harness="rofs", env=(("CKV_CACHE", ""), ("XDG_CACHE_HOME", ""), ("HOME", "ro"))),
+    # -- training
+    Case(TRAINING, "learning rate so large the loss becomes NaN (refused: before, NaN weights were written; a loss "
+                   "that turns NaN within the range stops training, writing nothing: tests/test_guard.py)",
+         (*TRAIN, "-o", "new.safetensors", "--lr", "1e6"),
+         "ckv: error: Invalid value for '--lr': Input should be less than or equal to 10"),
+    Case(TRAINING, "interrupt (Ctrl-C) after the first epoch (the best epoch is saved, marked partial; exit 130)",
+         (*TRAIN, "-o", "run.safetensors"),
+         "ckv: interrupted; saved the best epoch so far (epoch 1 of 1 run, valid_NDCG@10 <v>) to run.safetensors, "
+         "marked partial", exit=130, harness="sigint-epoch"),
+    Case(TRAINING, "SIGTERM during train --force over an existing checkpoint (kept; the best epoch goes beside it)",
+         (*TRAIN, "-o", "other.safetensors", "--force"),
+         "ckv: interrupted by SIGTERM; saved the best epoch so far (epoch 1 of 1 run, valid_NDCG@10 <v>) to "
+         "other.partial.safetensors, marked partial", exit=143, harness="sigterm-epoch", intact=("other.safetensors",)),
+    Case(TRAINING, "interrupt (Ctrl-C) before the first epoch ends (nothing written)",
+         (*TRAIN, "-o", "new.safetensors", "--batch-size", "4"),
+         "ckv: interrupted; no epoch had finished: nothing written", exit=130, harness="interrupt"),
+    Case(TRAINING, "a CTR model on a log without ratings (no labels)",
+         ("train", "--arch", "sim", "--data", "bad.csv", "-o", "new.safetensors"),
+         "ckv: error: bad.csv: the CTR task needs a rating column (label = rating >= 4) and this log has none; provide "
+         "one (map it with --columns rating=NAME)",
+         setup=csv_rows([r.rsplit(",", 1)[0] for r in good_rows()], header="user,item,timestamp")),
     # -- options
     Case(OPTIONS, "unknown codec", (*NEW, "--codec", "zip"),
          "ckv: error: unknown codec 'zip' (known: <the registered codecs>)"),
@@ -770,6 +916,9 @@ CASES: list[Case] = [
          ("compress", "hstu.safetensors", "--update", "hart.safetensors", "--data", "early.csv"),
          "ckv: error: user 'u0': a new event at 1000 is older than its cached history (last cached event at <t>); "
          "--update appends newer events only", setup=hstu_workspace),
+    Case(UPDATES, "--json onto the artifact being updated", (*UPDATE, "--json", "art.safetensors"),
+         "ckv: error: --json art.safetensors is also the --update output of this command; give each output its own "
+         "path", setup=later_events, intact=("art.safetensors",)),
     Case(UPDATES, "--update with -o", (*UPDATE, "-o", "new.safetensors"),
          "ckv: error: --update rewrites the artifact in place, in this process, with its own plan: drop -o",
          setup=later_events),
@@ -779,6 +928,48 @@ CASES: list[Case] = [
     Case(UPDATES, "--update of an index that does not exist",
          ("compress", "ckpt.safetensors", "--update", "nope.index.json", "--data", "later.csv"),
          "ckv: error: index not found: nope.index.json", setup=later_events),
+    Case(OPTIONS, "negative --seed", (*NEW, "--seed", "-1"),
+         "ckv: error: Invalid value for '--seed': Input should be greater than or equal to 0"),
+    Case(OPTIONS, "--seed past 2**32 - 1", (*EVALUATE, "--seed", "18446744073709551616"),
+         "ckv: error: Invalid value for '--seed': Input should be less than or equal to 4294967295"),
+    Case(OPTIONS, "--lr nan", (*TRAIN, "-o", "new.safetensors", "--lr", "nan"),
+         "ckv: error: Invalid value for '--lr': Input should be less than or equal to 10"),
+    Case(OPTIONS, "--lr 0", (*TRAIN, "-o", "new.safetensors", "--lr", "0"),
+         "ckv: error: Invalid value for '--lr': Input should be greater than 0, got 0"),
+    Case(OPTIONS, "--dropout nan", (*TRAIN, "-o", "new.safetensors", "--dropout", "nan"),
+         "ckv: error: Invalid value for '--dropout': Input should be less than or equal to 0.99"),
+    Case(OPTIONS, "--max-minutes inf", (*TRAIN, "-o", "new.safetensors", "--max-minutes", "inf"),
+         "ckv: error: Invalid value for '--max-minutes': inf is not a finite number"),
+    Case(OPTIONS, "--max-ratio nan", (*EVALUATE_ART, "--max-ratio", "nan"),
+         "ckv: error: Invalid value for '--max-ratio': Input should be greater than or equal to 0"),
+    Case(OPTIONS, "--target-error 0", ("inspect", "ckpt.safetensors", "--target-error", "0"),
+         "ckv: error: Invalid value for '--target-error': Input should be greater than 0, got 0"),
+    Case(OPTIONS, "--d far too large for memory (before: a traceback; an allocation that fails within the ranges is "
+                  "one line too: tests/test_guard.py)", (*TRAIN, "-o", "new.safetensors", "--d", "1000000000"),
+         "ckv: error: Invalid value for '--d': Input should be less than or equal to 65536"),
+    Case(OPTIONS, "--heads that does not divide --d (SASRec)", (*TRAIN, "-o", "new.safetensors", "--heads", "3"),
+         "ckv: error: invalid sasrec config: width 8 is not a multiple of the 3 heads (SASRec splits its width across "
+         "the heads)"),
+    Case(OPTIONS, "--threads 100000 (torch crashed)", (*TRAIN, "-o", "new.safetensors", "--threads", "100000"),
+         "ckv: error: Invalid value for '--threads': Input should be less than or equal to 4096"),
+    Case(OPTIONS, "--min-overlap above 1", (*EVALUATE_ART, "--min-overlap", "1.5"),
+         "ckv: error: Invalid value for '--min-overlap': Input should be less than or equal to 1"),
+    Case(OPTIONS, "--max-kl nan", (*EVALUATE_ART, "--max-kl", "nan"),
+         "ckv: error: Invalid value for '--max-kl': Input should be greater than or equal to 0"),
+    Case(OPTIONS, "--param that is not a finite number", (*NEW, "--param", "pool_size=nan"),
+         "ckv: error: bad --param 'pool_size=nan': nan is not a finite number"),
+    Case(OPTIONS, "evaluate --sweep --calib-users 0", (*EVALUATE, "--sweep", "int8", "--calib-users", "0"),
+         "ckv: error: Invalid value for '--calib-users': Input should be greater than or equal to 1"),
+    Case(OPTIONS, "negative --sweep-users", (*EVALUATE, "--sweep", "int8", "--sweep-users", "-1"),
+         "ckv: error: Invalid value for '--sweep-users': Input should be greater than or equal to 0"),
+    Case(OPTIONS, "--lr above 10", (*TRAIN, "-o", "new.safetensors", "--lr", "11"),
+         "ckv: error: Invalid value for '--lr': Input should be less than or equal to 10"),
+    Case(OPTIONS, "--bootstrap 10**20", (*EVALUATE_ART[:-6], "--bootstrap", "100000000000000000000"),
+         "ckv: error: Invalid value for '--bootstrap': Input should be less than or equal to 1000000"),
+    Case(OPTIONS, "negative --negatives", (*TRAIN, "-o", "new.safetensors", "--negatives", "-1"),
+         "ckv: error: Invalid value for '--negatives': Input should be greater than or equal to 0"),
+    Case(OPTIONS, "negative --bootstrap", (*EVALUATE_ART[:-6], "--bootstrap", "-1"),
+         "ckv: error: Invalid value for '--bootstrap': Input should be greater than or equal to 0"),
 ]
 
 
@@ -835,6 +1026,27 @@ def harness(name: str):
             raise KeyboardInterrupt
 
         patch(ckv_cli.artifact.writer, "_assemble", interrupted)
+    elif name in SIGNAL_AT:  # a real signal to this process at a pause point of the writer or of training
+        import fnmatch
+
+        import ckv_cli.io.guarded
+        import ckv_cli.train.ctr
+        import ckv_cli.train.next_item
+
+        signum, pattern = SIGNAL_AT[name]
+        sent = []
+
+        def pause(label):
+            if not sent and fnmatch.fnmatchcase(label, pattern):
+                sent.append(label)
+                os.kill(os.getpid(), signum)
+
+        for module in (ckv_cli.io.guarded, ckv_cli.train.next_item, ckv_cli.train.ctr):
+            patch(module, "pause", pause)
+    elif name in ("full", "rofs"):
+        with mounted_tmpfs({"full": "full", "rofs": "ro"}[name]):
+            yield
+        return
     else:
         raise ValueError(name)
     try:
@@ -842,6 +1054,48 @@ def harness(name: str):
     finally:
         for obj, attr, value in reversed(saved):
             setattr(obj, attr, value)
+
+
+SIGNAL_AT = {"sigterm-write": (signal.SIGTERM, "written *"), "sighup-write": (signal.SIGHUP, "written *"),
+             "sigterm-shared": (signal.SIGTERM, "renamed *.shared.safetensors"),
+             "sigint-epoch": (signal.SIGINT, "epoch 1"), "sigterm-epoch": (signal.SIGTERM, "epoch 1")}
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(name: str):
+    """A small tmpfs at ./full (out.safetensors copied in, the rest filled: every write that needs a block fails
+    with ENOSPC) or ./ro (mounted read-only). Needs root; the test is skipped where the mount fails. Afterwards
+    what the file system held is copied into a plain directory of the same name, for the checks."""
+    import subprocess
+
+    import pytest
+
+    where = Path(name).resolve()
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)],
+                                           capture_output=True).returncode != 0:
+        where.rmdir()
+        pytest.skip("a tmpfs is mounted only when the test runs as root (and may mount)")
+    try:
+        if name == "full":
+            shutil.copy("out.safetensors", where / "out.safetensors")
+            fd = os.open(where / ".filler", os.O_WRONLY | os.O_CREAT)
+            try:
+                while os.write(fd, b"\0" * 4096):
+                    pass
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True, capture_output=True)
+        yield
+    finally:
+        kept = Path(f"{where}.kept")
+        shutil.copytree(where, kept, ignore=shutil.ignore_patterns(".filler"))
+        subprocess.run(["umount", str(where)], check=True, capture_output=True)
+        where.rmdir()
+        kept.rename(where)
 
 
 def run(case: Case, ws: Path) -> tuple[int, str, str]:
@@ -854,6 +1108,12 @@ def run(case: Case, ws: Path) -> tuple[int, str, str]:
     argv = sys.argv
     env = os.environ.get("CKV_NO_PROGRESS")
     os.environ["CKV_NO_PROGRESS"] = "1"
+    saved_env = {k: os.environ.get(k) for k, _ in case.env}
+    for k, v in case.env:
+        if v:
+            os.environ[k] = v
+        else:
+            os.environ.pop(k, None)
     sys.argv = ["ckv", *case.args]
     try:
         with chdir(ws), harness(case.harness), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -867,6 +1127,11 @@ def run(case: Case, ws: Path) -> tuple[int, str, str]:
             os.environ.pop("CKV_NO_PROGRESS", None)
         else:
             os.environ["CKV_NO_PROGRESS"] = env
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return code, out.getvalue(), err.getvalue()
 
 
@@ -935,7 +1200,8 @@ def render() -> str:
     """docs/errors.md."""
     lines = ["# Bad input: what ckv answers", "",
              "Every bad input tried, with the exact line `ckv` prints on stderr and its exit code (2 for bad input, 1 "
-             "for a failed integrity check, 130 for an interrupt, 0 when the input is used after a note). Each row is "
+             "for a failed integrity check, 128 + the signal for an interrupt: 130 for Ctrl-C, 143 for SIGTERM, 129 for "
+             "SIGHUP; 0 when the input is used after a note). Each row is "
              "a test: `tests/test_errors.py` runs it in a small workspace (a tiny checkpoint `ckpt.safetensors` over "
              "items i1..i20, `other.safetensors` with other weights, a 40-user log `events.csv`, and "
              "`art.safetensors` compressed from them) and checks the line and the code, that no temporary file is "
@@ -943,7 +1209,10 @@ def render() -> str:
              "varies (a checksum, a byte count).", "",
              "Generated from `tests/error_cases.py` by `python scripts/error_table.py` (the test suite fails when this "
              "page is out of date). Rows marked (non-root) need a user whom permissions stop: run as root, the test "
-             "runs them as user `nobody` in a forked child (and skips them where it cannot change user).", ""]
+             "runs them as user `nobody` in a forked child (and skips them where it cannot change user). Rows on `full/` "
+             "and `ro/` mount a small tmpfs there (filled up, or read-only): they need root and are skipped elsewhere. "
+             "Signal rows send the signal to the process itself at a named point of the writer or of training "
+             "(`ckv_cli.io.signals.pause`); tests/test_guard_signals.py does the same to real `ckv` processes.", ""]
     groups: dict[str, list[Case]] = {}
     for case in CASES:
         groups.setdefault(case.group, []).append(case)
@@ -955,9 +1224,14 @@ def render() -> str:
         for case in cases:
             n += 1
             how = {"enospc": " (the write fails: ENOSPC)", "interrupt": " (Ctrl-C mid-way)",
-                   "interrupt-write": " (Ctrl-C while writing)"}.get(case.harness, "")
+                   "interrupt-write": " (Ctrl-C while writing)", "sigterm-write": " (SIGTERM while writing)",
+                   "sighup-write": " (SIGHUP while writing)",
+                   "sigterm-shared": " (SIGTERM when the shared file is renamed into place)",
+                   "sigint-epoch": " (Ctrl-C after epoch 1)", "sigterm-epoch": " (SIGTERM after epoch 1)",
+                   "full": " (full/ is a full tmpfs)", "rofs": " (ro/ is a read-only tmpfs)"}.get(case.harness, "")
+            env = "".join(f"{k}={v} " for k, v in case.env)
             note = " (non-root)" if case.needs_non_root else ""
-            lines.append(f"| {n} | {cell(case.input)}{note} | `{cell('ckv ' + ' '.join(case.args))}`{how} | "
+            lines.append(f"| {n} | {cell(case.input)}{note} | `{cell(env + 'ckv ' + ' '.join(case.args))}`{how} | "
                          f"`{cell(case.message)}` | {case.exit} |")
         lines.append("")
     return "\n".join(lines)

@@ -63,12 +63,12 @@ def test_truncated_checkpoint(ckv, tmp_path, tiny_checkpoint):
 
 
 def test_csv_without_the_named_columns(ckv, tmp_path):
-    p = write_csv(tmp_path / "log.csv", "uid,movie,ts", [("u1", "m1", 1)])
+    p = write_csv(tmp_path / "log.csv", "who,what,when", [("u1", "m1", 1)])  # (uid, movie, ts are recognised)
     line = assert_one_line_error(ckv("train", "--arch", "sasrec", "--data", p, "-o", tmp_path / "m.safetensors"),
                                  "missing column", "user", "timestamp", "--columns")
     assert not (tmp_path / "m.safetensors").exists(), line
     assert_one_line_error(ckv("train", "--arch", "sasrec", "--data", p, "-o", tmp_path / "m.safetensors",
-                              "--columns", "user=customer,item=movie,timestamp=ts"), "customer")
+                              "--columns", "user=customer,item=what,timestamp=when"), "customer")
 
 
 def test_bad_columns_option(ckv, tmp_path):

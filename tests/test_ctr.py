@@ -96,7 +96,7 @@ def test_needs_ratings():
 
     log = synthetic_log()
     log.ratings = None
-    with pytest.raises(CkvError, match="needs ratings"):
+    with pytest.raises(CkvError, match="needs a rating column"):
         build_ctr(build(log, "x"))
 
 

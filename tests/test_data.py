@@ -61,7 +61,7 @@ def test_missing_mapped_column_is_named(tmp_path):
 
 
 def test_missing_default_columns_are_named(tmp_path):
-    p = write(tmp_path / "log.csv", "uid,item,ts\nu1,m1,1\n")
+    p = write(tmp_path / "log.csv", "who,item,when\nu1,m1,1\n")  # (uid and ts would be recognised)
     with pytest.raises(CkvError) as e:
         read_log(p)
     msg = str(e.value)
@@ -321,8 +321,21 @@ def test_ctr_needs_ratings():
 
     ds = build(make_log(ROWS, ratings=False), "toy")
     assert ds.ratings is None
-    with pytest.raises(CkvError, match="ratings"):
+    with pytest.raises(CkvError, match="needs a rating column"):
         build_ctr(ds)
+
+
+def test_common_column_names_and_their_precedence():
+    from ckv_cli.data.readers import resolve_columns
+
+    mapping, found = resolve_columns(["UserId", "movie_id", "Timestamp", "stars"], None, "x.csv")
+    assert mapping == {"user": "UserId", "item": "movie_id", "timestamp": "Timestamp", "rating": "stars"}
+    assert found == {"user": "UserId", "item": "movie_id", "timestamp": "Timestamp", "rating": "stars"}
+    mapping, found = resolve_columns(["user", "uid", "item", "ts", "timestamp"], {"item": "ts"}, "x.csv")
+    assert mapping["user"] == "user" and mapping["item"] == "ts" and mapping["timestamp"] == "timestamp"
+    assert found == {}  # ckv's own names and --columns are not "recognised"
+    with pytest.raises(CkvError, match="user_id, customer_id could each be the user"):
+        resolve_columns(["user_id", "customer_id", "item"], None, "x.csv")
 
 
 def test_fingerprint():

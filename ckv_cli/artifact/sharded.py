@@ -37,6 +37,7 @@ from ckv_cli.codecs import CachePlan, plan_from_description
 from ckv_cli.errors import CkvError
 from ckv_cli.io import formats
 from ckv_cli.io.files import atomic_write, sha256_file, write_safetensors
+from ckv_cli.io.guarded import where
 from ckv_cli.io.safetensors import read_header
 
 INDEX_FORMAT = formats.INDEX
@@ -70,6 +71,14 @@ def updated_shard_path(index: Path, shard: int, n_shards: int, generation: int) 
     return index.parent / f"{stem_of(index)}-{shard:05d}-of-{n_shards:05d}.u{generation:05d}.safetensors"
 
 
+def set_names(index: Path, n_shards: int, generation: int = 0) -> list[str]:
+    """The shared file's and the shards' names, generation 0 the canonical ones (`shared_path`, `shard_paths`);
+    a `--force` run over an existing set writes the first generation whose names are free
+    (`ckv_cli.io.fileset`), e.g. NAME.1.shared.safetensors, NAME.1-00000-of-00004.safetensors."""
+    stem = stem_of(index) + (f".{generation}" if generation else "")
+    return [f"{stem}.shared.safetensors"] + [f"{stem}-{s:05d}-of-{n_shards:05d}.safetensors" for s in range(n_shards)]
+
+
 def shard_ranges(n_users: int, shard_size: int, batch_users: int) -> list[tuple[int, int]]:
     """Users [a, b) of each shard: contiguous ranges of user index, `shard_size` each (the last one shorter)."""
     if shard_size < 1 or shard_size % batch_users:
@@ -91,7 +100,8 @@ def write_shared(path: Path, plan: CachePlan, metadata: dict, force: bool) -> di
                  "plan": json.dumps(plan.describe(), sort_keys=True),
                  "checksums": json.dumps({k: _sha(a) for k, a in tensors.items()}, sort_keys=True)})
     write_safetensors(path, save_file, tensors, meta, force=force)
-    return {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
+    written = where(path)  # (inside a transaction: the staged file)
+    return {"file": path.name, "sha256": sha256_of(written), "bytes": written.stat().st_size,
             "tensor_bytes": {k: int(a.nbytes) for k, a in tensors.items()}}
 
 

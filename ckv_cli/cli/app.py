@@ -26,11 +26,19 @@ def _finite(value: float | None) -> float | None:
     return value
 
 
+def _positive(value: float | None) -> float | None:
+    """A finite number > 0 (Typer's `min` takes no open bound)."""
+    if _finite(value) is not None and value <= 0:
+        raise typer.BadParameter(f"Input should be greater than 0, got {value:g}")
+    return value
+
+
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Named dataset (ml-1m, ml-100k; ml-1m-ctr for the CTR task) or a log file (.csv, .tsv, .inter, ratings.dat, .parquet).")]
 ColumnsOpt = Annotated[Optional[str], typer.Option("--columns", help="Column mapping for CSV/TSV logs, e.g. 'user=uid,item=movie,timestamp=ts,rating=stars'.")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this path ('-' for stdout).")]
 ThreadsOpt = Annotated[int, typer.Option(min=0, max=4096, help="CPU threads (0 = torch's default: every core, or OMP_NUM_THREADS) [0..4096].")]
 SeedOpt = Annotated[int, typer.Option(min=0, max=MAX_SEED, help=f"Seed for every random choice [0..{MAX_SEED}].")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files (never an input of the command).")]
 
 
 def parse_columns(spec: str | None) -> dict[str, str] | None:
@@ -60,8 +68,73 @@ def _command() -> str:
     return " ".join(["ckv"] + sys.argv[1:])
 
 
+def _inputs(*pairs) -> None:
+    """Declare the command's input files to its output guard (`ckv_cli.io.guarded`): no output may be one of
+    them, even with --force (same path, a hard link or a symlink; an index brings its shard files)."""
+    from ckv_cli.io.guarded import current
+
+    guard = current()
+    if guard is None:
+        return
+    for what, path in pairs:
+        if isinstance(path, (list, tuple)):  # (several artifacts: each named; the --data file and its side files)
+            for p in path:
+                guard.add_input(p, what if what == "the --data file" else f"{what} {p}")
+        elif path is not None:
+            guard.add_input(path, what)
+
+
+def _data_files(data: str | None) -> list[Path]:
+    """The files `--data` reads: a named dataset's cached files, or the log file and the side files its reader
+    also reads (a RecBole `.item` beside an `.inter`, `movies.dat` beside a `.dat`)."""
+    from ckv_cli.data.datasets import DATASETS, cache_dir
+
+    if not data:
+        return []
+    base = data[: -len("-ctr")] if data.endswith("-ctr") and not Path(data).exists() else data
+    if base in DATASETS:
+        return [cache_dir() / base / member for member in DATASETS[base].files]
+    path = Path(base)
+    side = {".inter": path.with_suffix(".item"), ".dat": path.with_name("movies.dat")}.get(path.suffix.lower())
+    return [path] + ([side] if side is not None else [])
+
+
+def _claim(path, force: bool, option: str) -> None:
+    """Claim an output before any work: refused when it exists (without --force), is an input, is given to two
+    options, is a directory or a device, or its directory cannot take it."""
+    from ckv_cli.io.files import check_output
+
+    check_output(path, force, option)
+
+
+def _claim_plot(plot: Path | None, name: str | None, force: bool) -> None:
+    """--plot DIR: a directory (created if missing) and the figure file it will hold."""
+    from ckv_cli.io.guarded import current
+
+    _check_plot_dir(plot)
+    guard = current()
+    if plot is None or guard is None:
+        return
+    guard.claim_dir(plot, "--plot")
+    if name:
+        guard.claim(Path(plot) / name, force, "--plot")
+
+
+def _make_plot_dir(plot: Path) -> None:
+    from ckv_cli.io.guarded import os_error
+
+    try:
+        plot.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, plot, "create the directory") from None
+
+
 def _report_drops(ds) -> None:
     seq = getattr(ds, "seq", ds)
+    if getattr(seq, "columns", None):
+        print(f"note: {seq.name}: columns recognised by name: "
+              + ", ".join(f"{role}={col}" for role, col in seq.columns.items()) + " (--columns overrides)",
+              file=sys.stderr)
     if seq.dropped_users or seq.dropped_events:
         print(f"note: dropped {seq.dropped_users:,} users with fewer than 3 events"
               + (f" and {seq.dropped_events:,} events of items the checkpoint does not know" if seq.dropped_events else ""),
@@ -105,7 +178,7 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(min=1, max=100000, help="Maximum epochs (early stopping on validation NDCG@10, or AUC for CTR) [next-item: 100, CTR: 1].")] = None,
     patience: Annotated[Optional[int], typer.Option(min=1, max=100000, help="Epochs without a better validation metric before stopping [next-item: 5, CTR: 1].")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, max=1 << 20, help="Users (next-item) or samples (CTR) per step [128 / 256].")] = None,
-    lr: Annotated[float, typer.Option(min=0.0, max=10.0, callback=_finite, help="Adam learning rate [0..10].")] = 1e-3,
+    lr: Annotated[float, typer.Option(max=10.0, callback=_positive, help="Adam learning rate, > 0.")] = 1e-3,
     d: Annotated[int, typer.Option(min=1, max=65536, help="Model (embedding) width.")] = 64,
     layers: Annotated[int, typer.Option(min=1, max=1024, help="Attention layers (next-item models).")] = 2,
     max_len: Annotated[Optional[int], typer.Option(min=1, max=1 << 20, help="History window: tokens cached per user [next-item: 200, CTR: 1000].")] = None,
@@ -123,17 +196,22 @@ def train(
     seed: SeedOpt = 0,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (same arch and config; next-item models).")] = None,
     columns: ColumnsOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing checkpoint (and --json file). An interrupted run then keeps it and saves its best epoch as OUT-stem.partial.safetensors.")] = False,
     json_out: JsonOpt = None,
 ):
-    """Train a model with its published recipe and write a self-describing checkpoint."""
-    from ckv_cli.io.files import check_output
+    """Train a model with its published recipe and write a self-describing checkpoint. Nothing is written before
+    training ends; an interrupt (Ctrl-C, SIGTERM, SIGHUP) after an epoch saves the best epoch so far, marked
+    partial, and exits 128 + the signal; a loss that turns NaN stops with one line and writes nothing."""
     from ckv_cli.models import REGISTRY, TASKS
 
     if arch not in REGISTRY:
         raise CkvError(f"unknown --arch '{arch}' (choose from: {', '.join(REGISTRY)})")
-    check_output(out, force)
-    check_output(json_out)
+    _inputs(("the --data file", _data_files(data)), ("the --init checkpoint", init))
+    partial = out.with_name((out.stem if out.suffix else out.name) + ".partial.safetensors") if out.exists() else None
+    _claim(out, force, "-o")
+    _claim(json_out, force, "--json")
+    if partial is not None:  # an interrupt keeps the old checkpoint and writes the best epoch so far beside it
+        _claim(partial, True, "-o (partial)")
     _check_device(device)
     if TASKS[arch] == "ctr":
         if init is not None:
@@ -141,21 +219,26 @@ def train(
         model_cfg = {"d": d, "d_attn": attn_dim, "n_heads": heads or 8, "max_len": max_len or 1000,
                      "dropout": dropout or 0.0, **({"top_k": top_k} if top_k else {})}
         _train_ctr(arch, data, out, columns, model_cfg, epochs or 1, patience or 1, batch_size or 256, lr,
-                   train_samples, device, max_minutes, threads, seed, json_out)
+                   train_samples, device, max_minutes, threads, seed, json_out, partial)
         return
     if data.endswith("-ctr") and not Path(data).exists():
         raise CkvError(f"--data {data} is the CTR task; {arch} is a next-item model (use --data {data[:-4]})")
     _train_next_item(arch, data, out, columns, init, epochs or 100, patience or 5, batch_size or 128, lr,
                      {"d": d, "n_layers": layers, "max_len": max_len or 200, "dropout": 0.2 if dropout is None else dropout,
                       **({"n_heads": heads} if heads else {})},
-                     negatives, shared_negatives, device, max_minutes, threads, seed, json_out, exclude_seen)
+                     negatives, shared_negatives, device, max_minutes, threads, seed, json_out, exclude_seen, partial)
+
+
+def _stopped(metrics: dict, max_minutes: float) -> str:
+    return f", stopped by --max-minutes {max_minutes:g}" if metrics.get("time_budget_spent") else ""
 
 
 def _train_next_item(arch, data, out, columns, init, epochs, patience, batch_size, lr, model_cfg, negatives,
-                     shared_negatives, device, max_minutes, threads, seed, json_out, exclude_seen=True) -> None:
+                     shared_negatives, device, max_minutes, threads, seed, json_out, exclude_seen=True,
+                     partial=None) -> None:
     from ckv_cli.cli.render import print_table, progress, write_json
     from ckv_cli.data import load
-    from ckv_cli.train.next_item import TrainConfig, train_to_checkpoint
+    from ckv_cli.train.next_item import TrainConfig, model_config, train_to_checkpoint
 
     init_state = None
     if init is not None:
@@ -166,6 +249,7 @@ def _train_next_item(arch, data, out, columns, init, epochs, patience, batch_siz
             raise CkvError(f"--init {init} is a {init_meta['arch']} checkpoint, not {arch}")
         init_state = init_model.state_dict()
         model_cfg.update({k: init_meta["config"][k] for k in ("d", "n_layers", "max_len", "n_heads")})
+    model_config(arch, 1, model_cfg)  # refuse a bad config before reading any data
     ds = load(data, parse_columns(columns))
     _report_drops(ds)
     if init is not None and init_meta.get("data_fingerprint") != ds.fingerprint:
@@ -178,17 +262,18 @@ def _train_next_item(arch, data, out, columns, init, epochs, patience, batch_siz
     with progress(f"train {arch}", total=epochs * steps) as advance:
         metrics, history = train_to_checkpoint(
             ds, arch, cfg, out, command=_command(), init_state=init_state, on_step=advance,
-            on_epoch=lambda e, loss, val: advance(0, f"epoch {e} loss {loss:.3f} val NDCG@10 {val:.4f}"))
+            on_epoch=lambda e, loss, val: advance(0, f"epoch {e} loss {loss:.3f} val NDCG@10 {val:.4f}"),
+            partial_out=partial)
     test, seconds = metrics["test"], metrics["train_seconds"]
     print_table(f"{arch} on {ds.name}: test (all items ranked{', seen items too' if not exclude_seen else ''})",
                 ["metric", "value"], [[k, v] for k, v in test.items()])
     print(f"wrote {out} ({metrics['epochs']} epochs, best {metrics['best_epoch']}, {seconds:.0f} s"
-          f"{', interrupted' if metrics['interrupted'] else ''})")
+          f"{_stopped(metrics, max_minutes)})")
     write_json(json_out, {"checkpoint": str(out), "arch": arch, "dataset": ds.name, **metrics, "history": history})
 
 
 def _train_ctr(arch, data, out, columns, model_cfg, epochs, patience, batch_size, lr, train_samples, device,
-               max_minutes, threads, seed, json_out) -> None:
+               max_minutes, threads, seed, json_out, partial=None) -> None:
     from ckv_cli.cli.render import print_table, progress, write_json
     from ckv_cli.data.ctr import load_ctr
     from ckv_cli.train.ctr import CTRTrainConfig, model_config, train_ctr_to_checkpoint
@@ -202,10 +287,12 @@ def _train_ctr(arch, data, out, columns, model_cfg, epochs, patience, batch_size
     with progress(f"train {arch}", total=epochs * -(-n // batch_size)) as advance:
         metrics, history = train_ctr_to_checkpoint(
             ds, arch, cfg, out, command=_command(), on_step=advance,
-            on_epoch=lambda h: advance(0, f"epoch {h['epoch']} loss {h['loss']:.4f} val AUC {h['valid_AUC']:.4f}"))
+            on_epoch=lambda h: advance(0, f"epoch {h['epoch']} loss {h['loss']:.4f} val AUC {h['valid_AUC']:.4f}"),
+            partial_out=partial)
     print_table(f"{arch} on {ds.name}: test ({metrics['test']['samples']:,} samples)", ["metric", "value"],
                 [[k, v] for k, v in metrics["test"].items()])
-    print(f"wrote {out} ({metrics['epochs']} epochs, best {metrics['best_epoch']}, {metrics['train_seconds']:.0f} s)")
+    print(f"wrote {out} ({metrics['epochs']} epochs, best {metrics['best_epoch']}, {metrics['train_seconds']:.0f} s"
+          f"{_stopped(metrics, max_minutes)})")
     write_json(json_out, {"checkpoint": str(out), "arch": arch, "dataset": ds.name, **metrics, "history": history})
 
 
@@ -229,25 +316,30 @@ def evaluate(
     speed_batch: Annotated[int, typer.Option(min=1, max=1 << 20, help="Users in the batch timed for speed (next-item models).")] = 256,
     repeats: Annotated[int, typer.Option(min=1, max=10000, help="Timed repeats for speed (median reported).")] = 5,
     sweep: Annotated[Optional[str], typer.Option("--sweep", help="Compress and evaluate a grid of codecs on this checkpoint, writing no artifact: 'default' or 'codec[:KEY=VALUE,...];...', e.g. 'collective:pool_size=1024;int4:group_size=64;pq:subvectors=8,bits=8'.")] = None,
-    calib_users: Annotated[Optional[int], typer.Option(help="With --sweep: users whose caches fit each codec (seeded sample; default 1000).")] = None,
-    sweep_users: Annotated[Optional[int], typer.Option("--sweep-users", help="With --sweep on a CTR model: score the test samples of this many seeded test users (default 1500; 0 = all).")] = None,
+    calib_users: Annotated[Optional[int], typer.Option(min=1, max=1 << 30, help="With --sweep: users whose caches fit each codec (seeded sample; default 1000).")] = None,
+    sweep_users: Annotated[Optional[int], typer.Option("--sweep-users", min=0, max=1 << 30, help="With --sweep on a CTR model: score the test samples of this many seeded test users (default 1500; 0 = all).")] = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="With --sweep: also write the table as CSV to this path.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --sweep: write a PNG of the Pareto metric's delta against bytes per token into this directory (needs ckv-cli[plot]).")] = None,
     threads: ThreadsOpt = 0,
     columns: ColumnsOpt = None,
     json_out: JsonOpt = None,
+    force: ForceOpt = False,
 ):
     """Evaluate a checkpoint, and each artifact against it: metrics, deltas with 95% CI, fidelity, bytes, speed.
     With --sweep: compress and evaluate a grid of codecs and budgets on the checkpoint in one run (no artifact)."""
     from ckv_cli.cli.render import print_table, progress, write_json
     from ckv_cli.evaluate.compare import Gates, check_gates, gate_warnings
-    from ckv_cli.io.files import check_output
     from ckv_cli.models.checkpoint import load_checkpoint
     from ckv_cli.tasks import CTR, task_of
     from ckv_cli.threads import set_threads
 
     if not data:
         raise CkvError("missing option '--data'")
+    _inputs(("the checkpoint", checkpoint), ("the --data file", _data_files(data)), ("the artifact", artifacts or []))
+    _claim(json_out, force, "--json")
+    if sweep is not None:
+        _claim(csv_out, force, "--csv")
+        _claim_plot(plot, checkpoint.stem + ".sweep.png", force)
     set_threads(threads)
     model, meta = load_checkpoint(checkpoint)
     task = task_of(model)
@@ -272,7 +364,6 @@ def evaluate(
     if gated and not artifacts:
         raise CkvError("--max-delta, --max-delta-ci, --max-ratio, --min-overlap and --max-kl gate artifacts: name at "
                        "least one artifact")
-    check_output(json_out)
     if artifacts:
         comparisons, ds = _compare(model, task, checkpoint, data, columns, meta, artifacts, bootstrap, seed,
                                    speed_batch, repeats, exclude_seen)
@@ -363,7 +454,6 @@ def _sweep(model, meta, task, checkpoint, data, columns, spec, artifacts, split,
            calib_users, sweep_users, json_out, csv_out, plot) -> None:
     from ckv_cli.cli.render import print_sweep, progress, write_json
     from ckv_cli.evaluate.sweep import parse_task_sweep, run_sweep, write_csv
-    from ckv_cli.io.files import check_output
     from ckv_cli.tasks import CTR
     from ckv_cli.tasks.ctr import DEFAULT_SWEEP_USERS, sweep_users as pick_users
 
@@ -375,14 +465,7 @@ def _sweep(model, meta, task, checkpoint, data, columns, spec, artifacts, split,
         raise CkvError("--sweep evaluates on the test split (drop --split)")
     if task is not CTR and (split != "test" or not exclude_seen):
         raise CkvError("--sweep evaluates on the test split, seen items excluded (drop --split/--include-seen)")
-    if calib_users is not None and calib_users < 1:
-        raise CkvError(f"--calib-users must be >= 1, got {calib_users}")
-    if sweep_users is not None and sweep_users < 0:
-        raise CkvError(f"--sweep-users must be >= 0 (0 = every test user), got {sweep_users}")
-    specs = parse_task_sweep(spec, task)
-    check_output(json_out)
-    check_output(csv_out)
-    _check_plot_dir(plot)
+    specs = parse_task_sweep(spec, task)  # (the outputs were claimed when the command started)
     ds = task.load(data, parse_columns(columns), meta, model)
     _report_drops(ds)
     n_users = DEFAULT_SWEEP_USERS if sweep_users is None else sweep_users
@@ -398,7 +481,7 @@ def _sweep(model, meta, task, checkpoint, data, columns, spec, artifacts, split,
     if plot is not None:
         from ckv_cli.evaluate.plots import plot_sweep
 
-        plot.mkdir(parents=True, exist_ok=True)
+        _make_plot_dir(plot)
         metric = task.pareto_metric
         title = f"{meta['arch']} ({checkpoint.name}) on {ds.name}: {metric} delta vs per-user bytes"
         print(f"wrote {plot_sweep(payload['rows'], title, plot / (checkpoint.stem + '.sweep.png'), metric=metric)}")
@@ -434,17 +517,17 @@ def compress(
     threads: ThreadsOpt = 0,
     seed: SeedOpt = 0,
     columns: ColumnsOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing artifact.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing artifact (and --json file; a sharded one is replaced as a unit).")] = False,
     json_out: JsonOpt = None,
 ):
     """Distil a checkpoint's per-user KV caches into a shared pool plus small per-user codes."""
     from ckv_cli.cli.render import print_compress, progress, write_json
-    from ckv_cli.io.files import check_output
     from ckv_cli.models.checkpoint import load_checkpoint
     from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact, parse_params, student_path
     from ckv_cli.tasks import CTR, task_of
     from ckv_cli.threads import set_threads
 
+    _inputs(("the checkpoint", checkpoint), ("the --data file", _data_files(data)))
     set_threads(threads)
     sharded = engine != "local" or shard_size is not None or shards is not None
     if checkpoint.is_file() and _task_name(checkpoint) == CTR.name:
@@ -469,7 +552,7 @@ def compress(
                                  "--distill-steps": distill_steps > 0, "--finetune": finetune}.items() if v]
         if others:
             raise CkvError(f"--update rewrites the artifact in place, in this process, with its own plan: drop {', '.join(others)}")
-        return _compress_update(checkpoint, update, data, columns, plan_given, batch_users, json_out)
+        return _compress_update(checkpoint, update, data, columns, plan_given, batch_users, json_out, force)
     if out is None:
         raise CkvError("Missing option '--out' / '-o'.")
     if shards is not None and shard_size is not None:
@@ -492,10 +575,10 @@ def compress(
         shard_size = None if shards is not None else shard_size or DEFAULT_SHARD_USERS
         if not is_index(out):
             raise CkvError(f"sharded output is an index: -o must end with .json (e.g. NAME.index.json), got {out}")
-    check_output(out, force)
-    check_output(json_out)
+    _claim(out, force, "-o")
+    _claim(json_out, force, "--json")
     if finetune:
-        check_output(student_path(out), force)
+        _claim(student_path(out), force, "--finetune student")
     model, meta = load_checkpoint(checkpoint)
     task = task_of(model)
     default_pool = task.default_pool
@@ -555,14 +638,14 @@ def compress(
 
 
 def _compress_update(checkpoint: Path, artifact: Path, data: str, columns: str | None, plan_given: dict,
-                     batch_users: int, json_out: Path | None) -> None:
+                     batch_users: int, json_out: Path | None, force: bool) -> None:
     """`ckv compress --update`: the new events appended through the artifact's plan (`ckv_cli.serve.update`)."""
     from ckv_cli.cli.render import print_update, write_json
-    from ckv_cli.io.files import check_output
     from ckv_cli.models.checkpoint import load_checkpoint
     from ckv_cli.serve.update import load_new_events, update_artifact
 
-    check_output(json_out)
+    _claim(artifact, True, "--update")  # rewritten in place (replaced as a unit): no other output may be it
+    _claim(json_out, force, "--json")
     model, meta = load_checkpoint(checkpoint)
     new = load_new_events(data, parse_columns(columns), meta.get("item_vocab"))
     if new.dropped_events:
@@ -583,22 +666,27 @@ def inspect(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="The artifact's checkpoint (default: the path in its metadata).")] = None,
     users: Annotated[int, typer.Option(min=1, max=1 << 30, help="Users sampled for the analysis / reconstruction error.")] = 500,
     seed: SeedOpt = 0,
-    target_error: Annotated[float, typer.Option(min=0.0, callback=_finite, help="Held-out relative error the recommended pool size and user dim must reach (a rule of thumb: on the sample checkpoints, pools of 4096-8192 at ~0.2 kept NDCG@10 within 0.4-1.6%).")] = 0.25,
+    target_error: Annotated[float, typer.Option(callback=_positive, help="Held-out relative error (> 0) the recommended pool size and user dim must reach (a rule of thumb: on the sample checkpoints, pools of 4096-8192 at ~0.2 kept NDCG@10 within 0.4-1.6%).")] = 0.25,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG figures into this directory (needs ckv-cli[plot]).")] = None,
     threads: ThreadsOpt = 0,
     columns: ColumnsOpt = None,
     json_out: JsonOpt = None,
+    force: ForceOpt = False,
 ):
     """Explain an artifact (tensors, bytes, pool use, integrity) or analyse a checkpoint's caches."""
-    from ckv_cli.io.files import check_output
     from ckv_cli.threads import set_threads
 
-    set_threads(threads)
-    check_output(json_out)
+    _inputs(("the inspected file", path), ("the --checkpoint", checkpoint), ("the --data file", _data_files(data)))
     _check_plot_dir(plot)
+    set_threads(threads)
     if not path.exists():
         raise CkvError(f"not found: {path}")
-    if _file_kind(path) == "artifact":
+    kind = _file_kind(path)
+    if kind == "artifact" and data and checkpoint is None:  # the checkpoint its metadata names is read too
+        _inputs(("the artifact's checkpoint", _artifact_checkpoint(path)))
+    _claim(json_out, force, "--json")
+    _claim_plot(plot, path.stem + (".pool_usage.png" if kind == "artifact" else ".spectrum.png"), force)
+    if kind == "artifact":
         ok = _inspect_artifact(path, data, checkpoint, users, seed, plot, columns, json_out)
     else:
         _inspect_checkpoint(path, data, users, seed, target_error, plot, columns, json_out)
@@ -611,14 +699,15 @@ def inspect(
 def verify(
     path: Annotated[Path, typer.Argument(help="An artifact: the index (.json) of a sharded one, or one file.")],
     json_out: JsonOpt = None,
+    force: ForceOpt = False,
 ):
     """Check an artifact on disk: each shard's and the shared file's sha256 against the index, every header,
     every tensor's checksum, and that every user appears exactly once. Prints what differs; exit 1 on any problem."""
     from ckv_cli.artifact.sharded import verify_path
     from ckv_cli.cli.render import write_json
-    from ckv_cli.io.files import check_output
 
-    check_output(json_out)
+    _inputs(("the verified artifact", path))
+    _claim(json_out, force, "--json")
     if not path.exists():
         raise CkvError(f"not found: {path}")
     problems, summary = verify_path(path)
@@ -638,6 +727,20 @@ def _task_name(checkpoint: Path) -> str:
     from ckv_cli.models.checkpoint import read_metadata
 
     return TASKS.get(read_metadata(checkpoint).get("arch"), "next-item")
+
+
+def _artifact_checkpoint(path: Path) -> Path | None:
+    """The checkpoint an artifact's metadata names (what `inspect --data` reads without --checkpoint)."""
+    from ckv_cli.artifact.format import decode_meta
+    from ckv_cli.artifact.sharded import is_index, read_index
+    from ckv_cli.io.safetensors import read_header
+
+    try:
+        ckpt = read_index(path)["metadata"].get("checkpoint") if is_index(path) else decode_meta(
+            read_header(path)[1].get("checkpoint") or "")
+    except (CkvError, ValueError):
+        return None  # the reader says what is wrong with the artifact later
+    return Path(str(ckpt)) if ckpt else None
 
 
 def _file_kind(path: Path) -> str:
@@ -682,7 +785,7 @@ def _inspect_artifact(path, data, checkpoint, users, seed, plot, columns, json_o
     if plot is not None and report["pool_usage"]:
         from ckv_cli.evaluate.plots import plot_pool_usage
 
-        plot.mkdir(parents=True, exist_ok=True)
+        _make_plot_dir(plot)
         print(f"wrote {plot_pool_usage(report['pool_usage'], path.name, plot / (path.stem + '.pool_usage.png'))}")
     for u in report["pool_usage"].values():
         u["counts"] = u["counts"].tolist()
@@ -715,7 +818,7 @@ def _inspect_checkpoint(path, data, users, seed, target_error, plot, columns, js
     if plot is not None:
         from ckv_cli.evaluate.plots import plot_spectrum
 
-        plot.mkdir(parents=True, exist_ok=True)
+        _make_plot_dir(plot)
         title = f"{meta['arch']} on {data}: spectrum of the cached K/V ({users} users)"
         print(f"wrote {plot_spectrum(report['analysis'], title, plot / (path.stem + '.spectrum.png'))}")
     write_json(json_out, report)
@@ -765,11 +868,20 @@ def _peak_rss_mb() -> float:
 
 
 def main() -> None:
-    """Entry point: every CkvError and usage error becomes one line on stderr and a non-zero exit."""
+    """Entry point: every CkvError and usage error becomes one line on stderr and a non-zero exit; Ctrl-C,
+    SIGTERM and SIGHUP one line and exit 128 + the signal number (`ckv_cli.io.signals`), after every temporary
+    file is removed. Every output is claimed by the command's `OutputGuard` before its work starts."""
+    from ckv_cli.io.guarded import OutputGuard
+    from ckv_cli.io.signals import Interrupted, handle_signals
+
+    Interrupted.last = None
     try:
-        rc = app(standalone_mode=False)  # Click returns (not raises) the code of a typer.Exit in this mode
-        if rc == 130:  # Typer turns Ctrl-C into a returned 130, silently
-            print("ckv: interrupted", file=sys.stderr)
+        with handle_signals(), OutputGuard():
+            rc = app(standalone_mode=False)  # Click returns (not raises) the code of a typer.Exit in this mode
+        if rc == 130:  # Typer turns a KeyboardInterrupt into a returned 130, silently
+            stop = Interrupted.last or Interrupted()
+            print(stop.message(), file=sys.stderr)
+            sys.exit(stop.exit_code)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except CkvError as e:
@@ -777,14 +889,32 @@ def main() -> None:
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        print("ckv: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt) as e:
+        stop = e if isinstance(e, Interrupted) else Interrupted.last or Interrupted()
+        print(stop.message(), file=sys.stderr)
+        sys.exit(stop.exit_code)
     except Exception as e:
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # Typer's (or Click's) usage errors
             print(f"ckv: error: {e.format_message()}", file=sys.stderr)
             sys.exit(e.exit_code)
+        oom = _out_of_memory(e)
+        if oom:
+            print(f"ckv: error: {oom}", file=sys.stderr)
+            sys.exit(2)
         raise
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """One line for an allocation that failed (a --d, --max-len or --negatives far too large for this machine)."""
+    import re
+
+    text = str(e)
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or (isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))):
+        return None
+    m = re.search(r"allocate (\d+) bytes", text)
+    size = f" (an allocation of {int(m.group(1)):,} bytes failed)" if m else ""
+    return f"out of memory{size}: use smaller sizes (--d, --max-len, --batch-size, --negatives, --batch-users)"
 
 
 if __name__ == "__main__":

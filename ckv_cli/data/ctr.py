@@ -116,7 +116,8 @@ def gap_buckets(timestamps: np.ndarray, first: np.ndarray) -> np.ndarray:
 def build_ctr(seq: SequenceData, max_history: int = 1000, positive_rating: float = 4.0) -> CTRData:
     """The CTR view of a rating log (rules in the module docstring)."""
     if seq.ratings is None:
-        raise CkvError(f"{seq.name}: the CTR task needs ratings (label = rating >= {positive_rating:g}), and this log has none")
+        raise CkvError(f"{seq.name}: the CTR task needs a rating column (label = rating >= {positive_rating:g}) and this "
+                       "log has none; provide one (map it with --columns rating=NAME)")
     if max_history < 1:
         raise CkvError(f"max history must be at least 1, got {max_history}")
     E = len(seq.items)

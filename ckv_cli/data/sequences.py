@@ -36,6 +36,7 @@ class SequenceData:
     dropped_events: int = 0
     fingerprint: str = ""
     stats: dict = field(default_factory=dict)
+    columns: dict = field(default_factory=dict)  # role -> column recognised by a common name (the CLI says so)
 
     @property
     def n_users(self) -> int:
@@ -152,6 +153,7 @@ def build(log: Log, name: str, min_events: int = 3, item_vocab: list[str] | None
         name=name, user_ids=user_ids, item_ids=item_ids, offsets=offsets, items=idx, timestamps=times,
         ratings=ratings, genres=genres, genre_names=genre_names, dropped_users=dropped_users,
         dropped_events=dropped_events, fingerprint=_fingerprint(user_ids, item_ids, offsets, idx, times),
+        columns=dict(log.recognised or {}),
     )
 
 

@@ -1,2 +1,4 @@
-"""Files: safetensors headers read and checked by ckv itself, memory maps, and the guarded writer every output
-goes through."""
+"""Files and stopping safely: safetensors headers read and checked by ckv itself (`safetensors`), memory maps,
+the one guarded writer every output goes through (`guarded`, under the names `files.check_output`,
+`files.atomic_write`, `files.write_safetensors`), sharded file sets replaced as a unit (`fileset`), and
+SIGTERM/SIGHUP handled as Ctrl-C (`signals`)."""

@@ -1,15 +1,15 @@
-"""Writing files: every output goes through `atomic_write` (a temporary file beside the target, renamed into place;
-an existing target only replaced with force), checked before any work by `check_output`."""
+"""Writing files: every output goes through `atomic_write` (a temporary file beside the target, fsynced, renamed
+into place; an existing target only replaced with force), checked before any work by `check_output`. Both are
+`ckv_cli.io.guarded` (the one writer) under the names the library has always called."""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
-from ckv_cli.errors import CkvError
+from ckv_cli.io.guarded import check_target, current
+from ckv_cli.io.guarded import write as guarded_write
 
 HASH_CHUNK = 1 << 20
 
@@ -22,38 +22,24 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def check_output(path: Path | None, force: bool = True) -> None:
-    """Fail early (before any work) on an output that could not be written."""
+def check_output(path: Path | None, force: bool = True, option: str = "output") -> None:
+    """Fail early (before any work) on an output that could not be written (`ckv_cli.io.guarded`): under the
+    command's `OutputGuard` a claim (an input of the command, or one path given to two options, is refused too);
+    without one, the same checks of the path alone. `option` names it in messages ('-o', '--json')."""
     if path is None or str(path) == "-":
         return
-    path = Path(path)
-    if path.is_dir():
-        raise CkvError(f"output is a directory: {path}")
-    if path.exists() and not force:
-        raise CkvError(f"{path} exists; pass --force to overwrite it")
-    if not path.parent.exists():
-        raise CkvError(f"output directory does not exist: {path.parent}")
-    if not os.access(path.parent, os.W_OK):
-        raise CkvError(f"output directory is not writable: {path.parent}")
+    guard = current()
+    if guard is not None:
+        guard.claim(path, force, option)
+    else:
+        check_target(path, force, option)
 
 
 def atomic_write(path: Path, write, force: bool = True) -> None:
-    """Write through `write(tmp_path)` into a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    check_output(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except OSError as e:
-        raise CkvError(f"could not write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write through `write(tmp_path)` into a temporary file beside `path`, fsynced, then renamed into place:
+    `ckv_cli.io.guarded.write` (the one writer; its temporary file is removed on every way out, signals
+    included; an OSError is one line naming the path)."""
+    guarded_write(path, write, force=force)
 
 
 def sort_header(path) -> None:

@@ -56,7 +56,8 @@ class SASRecConfig:
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if type(self.d) is int and type(self.n_heads) is int and self.n_heads > 0 and self.d % self.n_heads:
-            raise ValueError(f"d={self.d} is not a multiple of n_heads={self.n_heads}")
+            raise ValueError(f"width {self.d} is not a multiple of the {self.n_heads} heads (SASRec splits its width "
+                             "across the heads)")
         if self.n_positions is not None and self.n_positions < self.max_len:
             raise ValueError(f"n_positions={self.n_positions} is smaller than max_len={self.max_len}")
         if not (self.ln_eps > 0 and self.temperature > 0):

@@ -81,7 +81,11 @@ class EventEmbedding(nn.Module):
             e.weight.data[0] = 0
 
     def set_genres(self, multi_hot: torch.Tensor) -> None:
+        """(n_items + 1, n_genres) multi-hot. A log without genres (n_genres 0, a user's own CSV) leaves the
+        genre part at zero: the embedding is then the item id (+ the event's rating and gap buckets)."""
         g = multi_hot.float()
+        if g.shape[1] == 0:
+            return
         self.genres.copy_(g / g.sum(1, keepdim=True).clamp(min=1))
 
     def target(self, items: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ bases, tables. Model weights are needed by the full and the compressed cache ali
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,8 @@ def parse_params(specs: list[str], what: str = "--param") -> dict:
                 break
             except ValueError:
                 pass
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CkvError(f"bad {what} '{spec}': {value} is not a finite number")
         out[key.strip()] = value
     return out
 
@@ -391,52 +394,48 @@ def compress_to_artifact(model, meta: dict, checkpoint_path, ds, opts: CompressO
     from ckv_cli.artifact.writer import ArtifactWriter
     from ckv_cli.codecs.evict import refuse_artifact
     from ckv_cli.io.files import check_output, sha256_file
+    from ckv_cli.io.guarded import transaction, where
     from ckv_cli.models.checkpoint import save_checkpoint
 
     task = task_of(model)
     refuse_artifact(opts.codec)
     student_out = student_path(out) if opts.finetune else None
     if student_out is not None:
-        check_output(student_out, force)  # before any work
+        check_output(student_out, force, "--finetune student")  # before any work
     writer = ArtifactWriter(out, task.token_counts(model, ds), task.user_ids(ds), force=force)
-    student_written = False
     try:
-        checkpoint_sha256 = sha256_file(Path(checkpoint_path))
-        result = compress(model, ds, opts, advance=advance, on_stream=on_stream, sink=writer)
-        acct = result.accounting
-        report = {"artifact": str(out), **run_metadata(meta, checkpoint_path, checkpoint_sha256, ds, opts, model)}
-        if result.calibration and task is CTR:
-            report["calibration"] = result.calibration
-        if task is CTR:
-            report["codes"] = result.plan.side_mode
-        report.update({"plan": result.plan.describe(), "accounting": acct, "metrics": result.metrics})
-        if student_out is not None:  # the model that reads this artifact (what the metrics measured)
-            save_checkpoint(result.student, student_out, dataset=meta.get("dataset", ds.name),
-                            fingerprint=meta.get("data_fingerprint", ds.fingerprint), item_vocab=meta["item_vocab"],
-                            metrics={"compressed_test": result.metrics["compressed"]},
-                            train={"finetuned_from": str(checkpoint_path), "finetuned_from_sha256": checkpoint_sha256,
-                                   "distill_steps": opts.distill_steps, "seed": opts.seed, "artifact": str(out),
-                                   "command": command}, force=force)
-            student_written = True
-            report.update({"finetune": True, "student_checkpoint": str(student_out),
-                           "student_sha256": sha256_file(student_out),
-                           "student_weights_sha256": weights_sha256(result.student)})
-        metadata = {k: v for k, v in report.items() if k not in ("artifact", "plan")}
-        metadata["command"] = command
-        laid_out = writer.tensor_bytes
-        on_disk = sum(v for k, v in laid_out.items() if k in acct["per_user_breakdown"])
-        if on_disk != acct["per_user_bytes"]:
-            raise CkvError(f"internal: per-user bytes on disk ({on_disk}) differ from the accounting "
-                           f"({acct['per_user_bytes']})")
-        shared_disk = sum(v for k, v in laid_out.items() if k.startswith("shared/"))
-        if shared_disk != acct["shared_bytes"]:
-            raise CkvError(f"internal: shared bytes on disk ({shared_disk}) differ from the accounting "
-                           f"({acct['shared_bytes']})")
-        stored = writer.finish(metadata)
-    except BaseException:
-        if student_written:  # no student without its artifact
-            student_out.unlink(missing_ok=True)
-        raise
+        with transaction():  # the student and the artifact: both renamed into place at the end, or neither
+            checkpoint_sha256 = sha256_file(Path(checkpoint_path))
+            result = compress(model, ds, opts, advance=advance, on_stream=on_stream, sink=writer)
+            acct = result.accounting
+            report = {"artifact": str(out), **run_metadata(meta, checkpoint_path, checkpoint_sha256, ds, opts, model)}
+            if result.calibration and task is CTR:
+                report["calibration"] = result.calibration
+            if task is CTR:
+                report["codes"] = result.plan.side_mode
+            report.update({"plan": result.plan.describe(), "accounting": acct, "metrics": result.metrics})
+            if student_out is not None:  # the model that reads this artifact (what the metrics measured)
+                save_checkpoint(result.student, student_out, dataset=meta.get("dataset", ds.name),
+                                fingerprint=meta.get("data_fingerprint", ds.fingerprint), item_vocab=meta["item_vocab"],
+                                metrics={"compressed_test": result.metrics["compressed"]},
+                                train={"finetuned_from": str(checkpoint_path), "finetuned_from_sha256": checkpoint_sha256,
+                                       "distill_steps": opts.distill_steps, "seed": opts.seed, "artifact": str(out),
+                                       "command": command}, force=force)
+                report.update({"finetune": True, "student_checkpoint": str(student_out),
+                               "student_sha256": sha256_file(where(student_out)),  # staged until the block ends
+                               "student_weights_sha256": weights_sha256(result.student)})
+            metadata = {k: v for k, v in report.items() if k not in ("artifact", "plan")}
+            metadata["command"] = command
+            laid_out = writer.tensor_bytes
+            on_disk = sum(v for k, v in laid_out.items() if k in acct["per_user_breakdown"])
+            if on_disk != acct["per_user_bytes"]:
+                raise CkvError(f"internal: per-user bytes on disk ({on_disk}) differ from the accounting "
+                               f"({acct['per_user_bytes']})")
+            shared_disk = sum(v for k, v in laid_out.items() if k.startswith("shared/"))
+            if shared_disk != acct["shared_bytes"]:
+                raise CkvError(f"internal: shared bytes on disk ({shared_disk}) differ from the accounting "
+                               f"({acct['shared_bytes']})")
+            stored = writer.finish(metadata)
     finally:
         writer.discard()
     if task is CTR:

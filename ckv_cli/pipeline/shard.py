@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from ckv_cli import __version__
-from ckv_cli.artifact.sharded import (DEFAULT_SHARD_USERS, HASH, RANGE, is_index, sha256_of, shard_paths,
-                                      shard_ranges, shared_path, stem_of, write_index, write_shared)
+from ckv_cli.artifact.sharded import (DEFAULT_SHARD_USERS, HASH, RANGE, is_index, set_names, sha256_of,
+                                      shard_ranges, stem_of, write_index, write_shared)
 from ckv_cli.artifact.writer import ArtifactWriter
 from ckv_cli.codecs import CachePlan
 from ckv_cli.errors import CkvError
-from ckv_cli.io.files import check_output
+from ckv_cli.io.fileset import FileSet
+from ckv_cli.io.guarded import where
 from ckv_cli.spec import token_index
 from ckv_cli.tasks import NEXT_ITEM, task_of
 
@@ -161,7 +162,8 @@ def write_shard(model, plan: CachePlan, hist: Histories, job: ShardJob, shard: i
     finally:
         writer.discard()
     seconds = time.perf_counter() - t0
-    return {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size, "users": [a, b],
+    written = where(path)  # (inside a transaction: the staged file)
+    return {"file": path.name, "sha256": sha256_of(written), "bytes": written.stat().st_size, "users": [a, b],
             "first_user_id": str(hist.user_ids[0]) if b > a else None,
             "last_user_id": str(hist.user_ids[-1]) if b > a else None, "tokens": scored.n_tokens,
             "per_user_bytes": acct["per_user_bytes"], "per_user_breakdown": acct["per_user_breakdown"],
@@ -208,19 +210,21 @@ def check_sharding(model, opts, out: Path, engine: str, hashed: bool) -> None:
 
 
 class ShardOutputs:
-    """The files a sharded run writes (index, shared file, shards), checked before any work; `cleanup()` removes
-    those this run created (the old files of a --force run are only ever replaced whole)."""
+    """The files a sharded run writes (index, shared file, shards), checked before any work and replaced as a unit
+    (`ckv_cli.io.fileset.FileSet`: with `force` the new set is written beside the old one under free names and the
+    index is swapped last). `cleanup()` before `commit` removes the files this run wrote; the old set stays valid."""
 
     def __init__(self, out: Path, n_shards: int, force: bool):
         self.out, self.force = Path(out), force
-        self.files, self.shared = shard_paths(self.out, n_shards), shared_path(self.out)
-        for p in [self.out, self.shared, *self.files]:
-            check_output(p, force)
-        self._new = [p for p in [self.shared, *self.files] if not p.exists()]
+        self.fileset = FileSet(self.out, force, lambda g: set_names(self.out, n_shards, g))
+        self.shared, self.files = self.fileset.paths[0], self.fileset.paths[1:]
+
+    def commit(self, write_index):
+        return self.fileset.commit(write_index)
 
     def cleanup(self) -> None:
-        for p in self._new:
-            p.unlink(missing_ok=True)
+        if not self.fileset.committed:
+            self.fileset.rollback()
 
 
 def hash_groups(user_ids, n_shards: int) -> list[np.ndarray]:
@@ -254,8 +258,8 @@ def compress_sharded(model, meta: dict, checkpoint_path, ds, opts, out, shard_si
     distillation; or take `plan`, fitted already), write the shared tensors, encode the shards (in this
     process, or on Ray: `ckv_cli.pipeline.ray_engine`), then the index. `n_shards` selects the hash rule (module
     docstring), else `shard_size` the range rule. Returns the report (as `compress_to_artifact`'s, plus the
-    engine's timings). Every output (index, shared file, shards) is checked before any work; on failure the
-    files this run wrote are removed."""
+    engine's timings). Every output (index, shared file, shards) is checked before any work and the set is replaced
+    as a unit (`ShardOutputs`); on failure or an interrupt the files this run wrote are removed."""
     from ckv_cli.data.partition import bottom_k, calibration_keys, combined_fingerprint
     from ckv_cli.data.sequences import subset_fingerprint
     from ckv_cli.io.files import sha256_file
@@ -272,7 +276,7 @@ def compress_sharded(model, meta: dict, checkpoint_path, ds, opts, out, shard_si
         assignment = {"rule": RANGE, "shard_size": shard_size}
     outputs = ShardOutputs(out, len(groups), force)
     t0 = time.perf_counter()
-    try:
+    try:  # an interrupted or failed run removes the new files; an old set stays valid until the index swap
         base = run_metadata(meta, checkpoint_path, sha256_file(Path(checkpoint_path)), ds, opts, model)
         base["command"] = command
         calib = None
@@ -334,7 +338,8 @@ def encode_and_index(model, plan: CachePlan, base: dict, checkpoint_path, output
         engine_info["nodes"] = len({e["node"] for e in entries if e.get("node") is not None})
     metadata = {**base, "plan": plan.describe(), "accounting": acct, "metrics": metrics, "engine": engine_info,
                 "ckv_version": __version__}
-    index = write_index(out, json.loads(json.dumps(metadata)), shared_entry, entries, force, assignment)
+    index = outputs.commit(lambda: write_index(out, json.loads(json.dumps(metadata)), shared_entry, entries, force,
+                                               assignment))
     report = {"artifact": str(out), **{k: v for k, v in metadata.items() if k != "command"}}
     report["stored_tensor_bytes"] = acct["per_user_bytes"] + acct["shared_bytes"]
     report["file_bytes"] = index["totals"]["file_bytes"]

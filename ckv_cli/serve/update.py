@@ -73,10 +73,12 @@ def replace_index(index_path: Path, text: str, obsolete: list[Path]) -> None:
     the old one in one rename; then the files only the old index named are removed. The one place an update
     replaces files."""
     from ckv_cli.io.files import atomic_write
+    from ckv_cli.io.signals import deferred
 
     atomic_write(index_path, lambda tmp: Path(tmp).write_text(text), force=True)
-    for p in obsolete:
-        p.unlink(missing_ok=True)
+    with deferred():  # the old files go together (a signal is raised after): a hard kill may leave some, harmless
+        for p in obsolete:
+            p.unlink(missing_ok=True)
 
 
 def _append(store, new, users: list[str], batch_users: int, window: int, create: bool) -> None:

@@ -1,8 +1,13 @@
-"""What both training loops share: early stopping on the best validation epoch, seeding."""
+"""What both training loops share: early stopping on the best validation epoch, seeding, the checks that stop a
+diverged run (a NaN or infinite loss or weight: one line, nothing written), and what an interrupted run keeps
+(Ctrl-C, SIGTERM, SIGHUP: the best epoch so far, marked partial, and exit 128 + the signal)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ckv_cli.errors import CkvError
+from ckv_cli.io.signals import Interrupted
 
 
 class BestEpoch:
@@ -30,3 +35,39 @@ def seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     np.random.seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def check_loss(loss: torch.Tensor, epoch: int, batch: int, lr: float) -> float:
+    """The loss as a float; a NaN or infinite one stops training with one line (nothing is written)."""
+    value = loss.item()
+    if not np.isfinite(value):
+        raise CkvError(f"training diverged: the loss is {value} at epoch {epoch}, batch {batch}; nothing written "
+                       f"(try a smaller --lr than {lr:g})")
+    return value
+
+
+def check_weights(model, epoch: int, lr: float) -> None:
+    """A weight that became NaN or infinite stops training with one line (nothing is written)."""
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise CkvError(f"training diverged: weight '{bad}' is NaN or infinite after epoch {epoch}; nothing written "
+                       f"(try a smaller --lr than {lr:g})")
+
+
+def interrupted_history(history: list) -> dict | None:
+    """The history entry an interrupted training loop appended, if any."""
+    return next((h for h in history if h.get("interrupted")), None)
+
+
+def stop_after_interrupt(exc: BaseException | None, history: list, model, save, partial_out, metric: str):
+    """Raise `Interrupted` (exit 128 + signal) after saving the best epoch so far (`save(model, metrics, path)`,
+    metrics marked partial) to `partial_out`, saying so; with no finished epoch or no `partial_out`, nothing."""
+    signum = getattr(exc, "signum", None) or (interrupted_history(history) or {}).get("signal", 2)
+    epochs = [h for h in history if h.get("epoch")]  # epochs run (an --init model's score is epoch 0)
+    if model is None or not epochs or partial_out is None:
+        raise Interrupted(signum, "no epoch had finished: nothing written" if not epochs else "nothing written")
+    best = max((h for h in history if "epoch" in h), key=lambda h: h[metric])  # the weights `model` holds
+    save(model, {metric: best[metric], "epochs": len(epochs), "best_epoch": best["epoch"], "partial": True,
+                 "interrupted": True}, partial_out)
+    raise Interrupted(signum, f"saved the best epoch so far (epoch {best['epoch']} of {len(epochs)} run, "
+                              f"{metric} {best[metric]:.4f}) to {partial_out}, marked partial")

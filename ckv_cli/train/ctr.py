@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from ckv_cli.data.ctr import CTRData
 from ckv_cli.errors import CkvError
+from ckv_cli.io.signals import pause
 from ckv_cli.models import REGISTRY
 from ckv_cli.tasks.ctr import PROTOCOL, evaluate_ctr
-from ckv_cli.train.common import BestEpoch
+from ckv_cli.train.common import BestEpoch, check_loss, check_weights, interrupted_history, stop_after_interrupt
 
 
 @dataclass
@@ -77,49 +78,70 @@ def train_ctr(data: CTRData, arch: str, cfg: CTRTrainConfig, on_step=None, on_ep
         events = np.sort(rng.choice(events, cfg.train_samples, replace=False))
     lengths = data.hist_end[events] - data.hist_start[events]
     keeper, history, start = BestEpoch(cfg.patience), [], time.time()
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        losses = []
-        for idx in length_bucketed_batches(lengths, cfg.batch_size, rng):
-            b = data.batch(events[idx]).to(cfg.device)
-            loss = F.binary_cross_entropy_with_logits(model(b), b.labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if on_step:
-                on_step()
-        val = evaluate_ctr(model, data, "valid")
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_AUC": val["AUC"], "valid_gAUC": val["gAUC"],
-                        "valid_logloss": val["logloss"], "seconds": round(time.time() - start, 1)})
-        if on_epoch:
-            on_epoch(history[-1])
-        if keeper.update(model, val["AUC"]) and on_improve:
-            on_improve(model, history)
-        if keeper.stop or (cfg.max_seconds and time.time() - start > cfg.max_seconds):
-            break
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            losses = []
+            for i, idx in enumerate(length_bucketed_batches(lengths, cfg.batch_size, rng)):
+                b = data.batch(events[idx]).to(cfg.device)
+                loss = F.binary_cross_entropy_with_logits(model(b), b.labels)
+                losses.append(check_loss(loss, epoch, i + 1, cfg.lr))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if on_step:
+                    on_step()
+            check_weights(model, epoch, cfg.lr)
+            val = evaluate_ctr(model, data, "valid")
+            history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_AUC": val["AUC"],
+                            "valid_gAUC": val["gAUC"], "valid_logloss": val["logloss"],
+                            "seconds": round(time.time() - start, 1)})
+            if on_epoch:
+                on_epoch(history[-1])
+            if keeper.update(model, val["AUC"]) and on_improve:
+                on_improve(model, history)
+            pause(f"epoch {epoch}")
+            if keeper.stop:
+                break
+            if cfg.max_seconds and time.time() - start > cfg.max_seconds:
+                history.append({"time_budget_spent": True, "seconds": round(time.time() - start, 1)})
+                break
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: training ends, the best epoch so far is kept
+        if keeper.state is None:
+            raise
+        history.append({"interrupted": True, "signal": getattr(e, "signum", 2),
+                        "seconds": round(time.time() - start, 1)})
     model.load_state_dict(keeper.state)
     return model.cpu().eval(), history, time.time() - start, len(events)
 
 
 def train_ctr_to_checkpoint(data: CTRData, arch: str, cfg: CTRTrainConfig, out, command: str = "", on_step=None,
-                            on_epoch=None) -> tuple[dict, list]:
-    """Train, save the best epoch after each improvement, evaluate on test, write the final checkpoint."""
+                            on_epoch=None, partial_out=None) -> tuple[dict, list]:
+    """Train, evaluate the best epoch on test, write the checkpoint (`ckv_cli.train.next_item.train_to_checkpoint`'s
+    rules: nothing before training ends; an interrupt saves the best epoch so far, marked partial, to
+    `partial_out` (default `out`) and raises `Interrupted`; a diverged loss writes nothing)."""
     from ckv_cli.models.checkpoint import save_checkpoint
 
     recipe = {**cfg.__dict__, "command": command}
 
-    def save(model, metrics):
-        save_checkpoint(model, out, dataset=data.name, fingerprint=data.fingerprint, item_vocab=data.seq.item_ids,
+    def save(model, metrics, path=out):
+        save_checkpoint(model, path, dataset=data.name, fingerprint=data.fingerprint, item_vocab=data.seq.item_ids,
                         metrics=metrics, train=recipe, force=True, user_vocab=data.seq.user_ids)
 
-    model, history, seconds, n_train = train_ctr(
-        data, arch, cfg, on_step=on_step, on_epoch=on_epoch,
-        on_improve=lambda m, h: save(m, {"valid_AUC": h[-1]["valid_AUC"], "epochs": len(h), "partial": True}))
+    try:
+        model, history, seconds, n_train = train_ctr(data, arch, cfg, on_step=on_step, on_epoch=on_epoch)
+    except KeyboardInterrupt as e:  # before the first epoch ended
+        stop_after_interrupt(e, [], None, save, None, "valid_AUC")
+    if interrupted_history(history):
+        stop_after_interrupt(None, history, model, save, partial_out or out, "valid_AUC")
     epochs = [h for h in history if "epoch" in h]
     best = max(epochs, key=lambda h: h["valid_AUC"])
-    metrics = {"test": evaluate_ctr(model, data, "test"), "test_protocol": PROTOCOL, "valid_AUC": best["valid_AUC"],
-               "epochs": len(epochs), "best_epoch": best["epoch"], "train_samples": n_train,
-               "train_seconds": round(seconds, 1), "split": data.stats()}
+    try:
+        metrics = {"test": evaluate_ctr(model, data, "test"), "test_protocol": PROTOCOL, "valid_AUC": best["valid_AUC"],
+                   "epochs": len(epochs), "best_epoch": best["epoch"], "train_samples": n_train,
+                   "train_seconds": round(seconds, 1), "split": data.stats(), "interrupted": False,
+                   "time_budget_spent": any(h.get("time_budget_spent") for h in history)}
+    except KeyboardInterrupt as e:  # during the test evaluation: the model is the best epoch's
+        stop_after_interrupt(e, history, model, save, partial_out or out, "valid_AUC")
     save(model, metrics)
     return metrics, history

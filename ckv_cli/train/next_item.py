@@ -18,9 +18,12 @@ import torch.nn.functional as F
 
 from ckv_cli.data.batching import history_batch
 from ckv_cli.data.sequences import SequenceData
+from ckv_cli.errors import CkvError
+from ckv_cli.io.signals import pause
 from ckv_cli.models import REGISTRY
 from ckv_cli.tasks.next_item import PROTOCOL, SEEN_PROTOCOL, evaluate_model
-from ckv_cli.train.common import BestEpoch, seed_everything
+from ckv_cli.train.common import (BestEpoch, check_loss, check_weights, interrupted_history, seed_everything,
+                                  stop_after_interrupt)
 
 
 @dataclass
@@ -39,6 +42,15 @@ class TrainConfig:
     shared_negatives: bool = False
     model: dict = field(default_factory=dict)  # overrides of the model config
     exclude_seen: bool = True  # validation (early stopping) and test rank without the window's items
+
+
+def model_config(arch: str, n_items: int, overrides: dict):
+    """The architecture's config, checked (a one-line CkvError on a bad value, e.g. a width the heads do not
+    divide)."""
+    try:
+        return REGISTRY[arch][1](n_items=n_items, **overrides)
+    except (TypeError, ValueError) as e:
+        raise CkvError(f"invalid {arch} config: {e}") from None
 
 
 def sampled_softmax_loss(model, h, targets, valid, n_neg, temperature, gen, shared=False):
@@ -65,9 +77,10 @@ def sampled_softmax_loss(model, h, targets, valid, n_neg, temperature, gen, shar
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
-def run_epoch(model, opt, cfg: TrainConfig, train_items, train_times, order, gen, on_step=None) -> list[float]:
+def run_epoch(model, opt, cfg: TrainConfig, train_items, train_times, order, gen, on_step=None,
+              epoch: int = 0) -> list[float]:
     """One pass over the users in `order`: every position of each user's last `max_len + 1` training events
-    predicts the next one."""
+    predicts the next one. A NaN or infinite loss or weight stops it with one line (`check_loss`)."""
     model.train()
     max_len = model.config.max_len
     losses = []
@@ -82,12 +95,13 @@ def run_epoch(model, opt, cfg: TrainConfig, train_items, train_times, order, gen
         h = model(items, ts, lengths)  # (B, L, d)
         loss = sampled_softmax_loss(model, h, targets, valid, cfg.n_negatives, cfg.temperature, gen,
                                     cfg.shared_negatives)
+        losses.append(check_loss(loss, epoch, a // cfg.batch_size + 1, cfg.lr))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
         if on_step:
             on_step()
+    check_weights(model, epoch, cfg.lr)
     return losses
 
 
@@ -100,8 +114,7 @@ def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
     gen = seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model_cls, cfg_cls = REGISTRY[arch]
-    model = model_cls(cfg_cls(n_items=data.n_items, **cfg.model))
+    model = REGISTRY[arch][0](model_config(arch, data.n_items, cfg.model))
     if init_state is not None:  # continue from a checkpoint's weights (same architecture and config)
         model.load_state_dict(init_state)
     model.to(cfg.device)
@@ -117,7 +130,8 @@ def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
     start = time.time()
     try:
         for epoch in range(1, cfg.epochs + 1):
-            losses = run_epoch(model, opt, cfg, train_items, train_times, rng.permutation(users), gen, on_step)
+            losses = run_epoch(model, opt, cfg, train_items, train_times, rng.permutation(users), gen, on_step,
+                               epoch=epoch)
             val = evaluate_model(model, data, "valid", cfg.exclude_seen)["NDCG@10"]
             history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_NDCG@10": val,
                             "seconds": round(time.time() - start, 1)})
@@ -125,41 +139,52 @@ def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
                 on_epoch(epoch, float(np.mean(losses)), val)
             if keeper.update(model, val) and on_improve:
                 on_improve(model, history)
+            pause(f"epoch {epoch}")
             if keeper.stop:
                 break
             if cfg.max_seconds and time.time() - start > cfg.max_seconds:
                 history.append({"time_budget_spent": True, "seconds": round(time.time() - start, 1)})
                 break
-    except KeyboardInterrupt:  # Ctrl-C ends training early and keeps the best epoch so far
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: training ends, the best epoch so far is kept
         if keeper.state is None:
             raise
-        history.append({"interrupted": True, "seconds": round(time.time() - start, 1)})
+        history.append({"interrupted": True, "signal": getattr(e, "signum", 2),
+                        "seconds": round(time.time() - start, 1)})
     model.load_state_dict(keeper.state)
     return model.cpu().eval(), history, time.time() - start
 
 
 def train_to_checkpoint(data: SequenceData, arch: str, cfg: TrainConfig, out, command: str = "",
-                        init_state: dict | None = None, on_step=None, on_epoch=None) -> tuple[dict, list]:
-    """Train, save the best epoch after every improvement (an interrupted run keeps it), evaluate on the test
-    split and write the final checkpoint with its metrics. Returns (metrics, history)."""
+                        init_state: dict | None = None, on_step=None, on_epoch=None,
+                        partial_out=None) -> tuple[dict, list]:
+    """Train, evaluate the best epoch on the test split and write the checkpoint with its metrics. Returns
+    (metrics, history). Nothing is written before training ends; an interrupt (Ctrl-C, SIGTERM, SIGHUP) after
+    at least one epoch writes the best epoch so far, marked partial, to `partial_out` (default `out`) and
+    raises `Interrupted` saying so; a diverged loss raises a one-line CkvError and writes nothing."""
     from ckv_cli.models.checkpoint import save_checkpoint
 
     recipe = {**cfg.__dict__, "command": command}
 
-    def save(model, metrics):
-        save_checkpoint(model, out, dataset=data.name, fingerprint=data.fingerprint, item_vocab=data.item_ids,
+    def save(model, metrics, path=out):
+        save_checkpoint(model, path, dataset=data.name, fingerprint=data.fingerprint, item_vocab=data.item_ids,
                         metrics=metrics, train=recipe, force=True)
 
-    def save_best(model, history):
-        save(model, {"valid_NDCG@10": history[-1]["valid_NDCG@10"], "epochs": len(history), "partial": True})
-
-    model, history, seconds = train_model(data, arch, cfg, on_epoch=on_epoch, on_step=on_step,
-                                          on_improve=save_best, init_state=init_state)
+    try:
+        model, history, seconds = train_model(data, arch, cfg, on_epoch=on_epoch, on_step=on_step,
+                                              init_state=init_state)
+    except KeyboardInterrupt as e:  # before the first epoch ended
+        stop_after_interrupt(e, [], None, save, None, "valid_NDCG@10")
+    if interrupted_history(history):
+        stop_after_interrupt(None, history, model, save, partial_out or out, "valid_NDCG@10")
     epochs = [h for h in history if "epoch" in h]
     best = max(epochs, key=lambda h: h["valid_NDCG@10"])
-    metrics = {"test": evaluate_model(model, data, "test", cfg.exclude_seen),
-               "test_protocol": PROTOCOL if cfg.exclude_seen else SEEN_PROTOCOL, "valid_NDCG@10": best["valid_NDCG@10"],
-               "epochs": sum(h["epoch"] > 0 for h in epochs), "best_epoch": best["epoch"],
-               "train_seconds": round(seconds, 1), "interrupted": any(h.get("interrupted") for h in history)}
+    try:
+        metrics = {"test": evaluate_model(model, data, "test", cfg.exclude_seen),
+                   "test_protocol": PROTOCOL if cfg.exclude_seen else SEEN_PROTOCOL,
+                   "valid_NDCG@10": best["valid_NDCG@10"], "epochs": sum(h["epoch"] > 0 for h in epochs),
+                   "best_epoch": best["epoch"], "train_seconds": round(seconds, 1), "interrupted": False,
+                   "time_budget_spent": any(h.get("time_budget_spent") for h in history)}
+    except KeyboardInterrupt as e:  # during the test evaluation: the model is the best epoch's
+        stop_after_interrupt(e, history, model, save, partial_out or out, "valid_NDCG@10")
     save(model, metrics)
     return metrics, history
