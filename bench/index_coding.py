@@ -92,8 +92,9 @@ def variant(base_plan, params: dict, calib) -> object:
         if not hasattr(codec, "set_index"):
             continue
         codec.set_index(params.get("index", "flat"), params.get("index_bits", "auto"), params.get("escape_tol", 0.0))
+        ctx = plan.context(calib.streams) if getattr(codec, "needs_context", False) else None  # predictive
         codec.fit_index(plan.codec_input(calib, name) if hasattr(plan, "codec_input") else calib.stream(name),
-                        calib.items, calib.offsets)
+                        calib.items, calib.offsets, ctx)
     return plan
 
 

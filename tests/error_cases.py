@@ -790,7 +790,23 @@ CASES: list[Case] = [
     Case(OPTIONS, "codec parameter out of range", (*NEW, "--codec", "pq", "--param", "bits=0"),
          "ckv: error: bits must be an integer >= 1, got 0"),
     Case(OPTIONS, "pool of one entry", (*NEW, "--pool-size", "1"),
-         "ckv: error: Invalid value for '--pool-size': Input should be greater than or equal to 2"),
+         "ckv: error: --pool-size must be between 2 and 16777216, got 1"),
+    Case(OPTIONS, "--pool-size neither a number nor auto", (*NEW, "--pool-size", "big"),
+         "ckv: error: --pool-size takes an integer or auto, got 'big'"),
+    Case(OPTIONS, "time_bits on a model that reads no event times", (*NEW, "--param", "time_bits=4"),
+         "ckv: error: time_bits: this model's attention reads no event times (nothing to store)"),
+    Case(OPTIONS, "--target on an unknown metric", (*NEW, "--target", "foo=1"),
+         "ckv: error: bad --target 'foo=1': unknown metric 'foo' (known: overlap, kl, HR@10, NDCG@10, HR@50, NDCG@50, "
+         "MRR)"),
+    Case(OPTIONS, "--target overlap above 1", (*NEW, "--target", "overlap=1.5"),
+         "ckv: error: bad --target 'overlap=1.5': overlap must be in (0, 1]"),
+    Case(OPTIONS, "--target with sharded output", (*NEW[:-1], "new.index.json", "--shard-size", "256", "--target",
+                                                   "overlap=0.9"),
+         "ckv: error: --target writes one artifact: it does not go with --engine ray, --shard-size or --shards yet"),
+    Case(OPTIONS, "--calib-holdout with sharded output", (*NEW[:-1], "new.index.json", "--shard-size", "256",
+                                                          "--calib-holdout"),
+         "ckv: error: --calib-holdout writes one artifact: sharded output (--engine ray, --shard-size, --shards) draws "
+         "its own calibration sample"),
     Case(OPTIONS, "user dims as wide as the vectors", (*NEW, "--user-dim", "8"),
          "ckv: error: user dim (8) must be smaller than the vector width (8)"),
     Case(OPTIONS, "pool larger than the calibration set (1,024 entries, 40 users)", (*NEW, "--pool-size", "1024"),
@@ -1030,8 +1046,7 @@ def harness(name: str):
         import fnmatch
 
         import ckv_cli.io.guarded
-        import ckv_cli.train.ctr
-        import ckv_cli.train.next_item
+        import ckv_cli.train.common
 
         signum, pattern = SIGNAL_AT[name]
         sent = []
@@ -1041,7 +1056,7 @@ def harness(name: str):
                 sent.append(label)
                 os.kill(os.getpid(), signum)
 
-        for module in (ckv_cli.io.guarded, ckv_cli.train.next_item, ckv_cli.train.ctr):
+        for module in (ckv_cli.io.guarded, ckv_cli.train.common):
             patch(module, "pause", pause)
     elif name in ("full", "rofs"):
         with mounted_tmpfs({"full": "full", "rofs": "ro"}[name]):

@@ -20,6 +20,7 @@ from ckv_cli.artifact.sharded import merge_parts
 from ckv_cli.codecs import CollectiveCodec, plan_from_description
 from ckv_cli.codecs.base import Field
 from ckv_cli.codecs.itemindex import ItemIndex, squared_error
+from ckv_cli.codecs.kmeans import nearest
 from ckv_cli.codecs.predictive import PredictiveCodec
 from ckv_cli.data import load
 from ckv_cli.errors import CkvError
@@ -167,6 +168,46 @@ def test_predictive_takes_the_item_index_too():
     assert set(enc) == {"pos", "esc", "esc_n"}
     assert torch.equal(coded.decode(enc, off, it), flat.decode(flat.encode(xt, off, it), off, it))
     assert coded.params()["index"] == "item" and "index" not in flat.params()
+
+
+def linear_item_data(n: int, seed: int):
+    """`item_data` plus a large part linear in a 6-wide context (what predictor=linear takes away)."""
+    x, items = item_data(n, seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    ctx = torch.randn(n, 6, generator=g)
+    w = 2 * torch.randn(6, D, generator=torch.Generator().manual_seed(99))
+    return x + ctx @ w, items, ctx
+
+
+def test_predictive_linear_lists_come_from_the_residuals_it_encodes():
+    """predictor=linear with index=item: the item lists are fitted on the calibration tokens' residuals against the
+    prediction from the first-layer context (the `context` fit gets), i.e. they are the lists of the entries
+    `encode` picks; most tokens are then coded by their list, and the round trip decodes as the flat index does."""
+    x, items, ctx = linear_item_data(3000, 0)
+    off = offsets_of([300] * 10)
+    kw = dict(d=D, pool_size=64, predictor="linear", dtype="fp32", iters=3)
+    flat = PredictiveCodec(**kw)
+    flat.fit(x, 0, items, context=ctx, user_offsets=off)
+    coded = PredictiveCodec(**kw, index="item", index_bits=3)
+    coded.fit(x, 0, items, context=ctx, user_offsets=off)
+    assert torch.equal(coded.pool, flat.pool)
+    res = x - coded.predict(items, off, ctx)
+    ref = ItemIndex(64, bits=3)
+    ref.fit(nearest(res, coded.pool).numpy(), items)
+    assert lists_of(coded.index) == lists_of(ref)
+    enc = coded.encode(x, off, items, context=ctx)
+    assert len(enc["esc"]) < 0.05 * len(x)  # the item predicts its residual's entry
+    own = ItemIndex(64, bits=3)  # lists of the tokens' entries without the prediction: not these
+    own.fit(nearest(x, coded.pool).numpy(), items)
+    assert lists_of(own) != lists_of(coded.index)
+    xt, it, ct = linear_item_data(400, 3)
+    ot = offsets_of([150, 250])
+    enc = coded.encode(xt, ot, it, context=ct)
+    assert torch.equal(coded.decode(enc, ot, it, context=ct), flat.decode(flat.encode(xt, ot, it, context=ct), ot, it,
+                                                                            context=ct))
+    again = PredictiveCodec(**kw, index="item", index_bits=3)
+    again.load_shared(coded.shared())
+    assert torch.equal(again.decode(enc, ot, it, context=ct), coded.decode(enc, ot, it, context=ct))
 
 
 def test_same_inputs_same_lists_and_fields():
@@ -607,6 +648,59 @@ def test_joint_round_trip_through_an_artifact(tmp_path):
     bad["streams"]["L1.k"]["params"]["d_with"] = 5
     with pytest.raises(CkvError, match="not a joined stream of width 5"):
         plan_from_description(bad)
+
+
+def context_flat(lengths, seed: int) -> FlatCache:
+    """A two-layer cache whose first layer is `fake_item_kv` of the items (what the reader recomputes) and whose
+    second layer is `item_data` plus a part linear in the first layer's K and V."""
+    from ckv_cli.models.base import recompute_item_layer
+
+    off = offsets_of(lengths)
+    n = int(off[-1])
+    xk, items = item_data(n, seed)
+    xv, _ = item_data(n, seed + 1)
+    first = recompute_item_layer(fake_item_kv, ["L0.k", "L0.v"], {"items": items}, off)
+    ctx = torch.cat([first["L0.k"], first["L0.v"]], 1) / 20
+    w = torch.randn(2 * D, 2 * D, generator=torch.Generator().manual_seed(5))
+    lin = ctx @ w
+    streams = {**first, "L1.k": xk + lin[:, :D], "L1.v": xv.flip(1) + lin[:, D:]}
+    return FlatCache(off, streams, {"items": items, "timestamps": 10**9 + np.arange(n, dtype=np.int64)})
+
+
+def test_joint_predictive_linear_reads_the_first_layer(tmp_path):
+    """joint=kv over predictor=linear with index=item: the joint codec hands the first layer's K/V (`context`) to
+    its inner predictive codec in fit (the item lists too), encode and decode; an artifact decodes as the plan."""
+    from ckv_cli.codecs.joint import JointCodec
+
+    plan = next_item_plan("predictive", {"pool_size": 64, "joint": "kv", "predictor": "linear", "dtype": "fp32",
+                                         "index": "item", "index_bits": 3, "iters": 3},
+                          n_layers=2, d_k=D, d_v=D, n_items=N_ITEMS, timestamps=True)
+    codec = plan.streams["L1.k"]
+    assert isinstance(codec, JointCodec) and codec.needs_context
+    calib = context_flat([300] * 10, seed=0)
+    plan.fit(calib, seed=0)
+    ctx = plan.context(calib.streams)
+    inner = codec.inner
+    scaled = plan.codec_input(calib, "L1.k") / codec._vector_scale()
+    res = scaled - inner.predict(calib.items, calib.offsets, ctx)
+    ref = ItemIndex(64, bits=3)
+    ref.fit(nearest(res, inner.pool).numpy(), calib.items)
+    assert lists_of(inner.index) == lists_of(ref)
+    flat = context_flat([40, 0, 1, 77, 120], seed=2)
+    fields = plan.encode(flat)
+    assert len(fields["L1.k/esc"]) < 0.1 * flat.n_tokens
+    model = ItemKVModel(fake_item_kv)
+    dec = plan.decode(fields, flat.offsets, model)
+    for name in ("L1.k", "L1.v"):
+        x = flat.stream(name)
+        assert float(((dec.stream(name) - x) ** 2).sum() / (x**2).sum()) < 0.05
+    path = tmp_path / "jp.safetensors"
+    write_artifact(path, plan, fields, flat.offsets, [f"u{i}" for i in range(5)], {})
+    with Artifact.open(path) as art:
+        got = art.decode(np.array([4, 0, 3]), model)
+        ref_dec = plan.decode(plan.encode(flat.select(np.array([4, 0, 3]))), got.offsets, model)
+        for name in ("L1.k", "L1.v"):
+            assert torch.equal(got.stream(name), ref_dec.stream(name))
 
 
 @pytest.fixture(scope="module")

@@ -194,6 +194,9 @@ def _probe(codec) -> str | None:
         if f.per == "ragged":
             fields[f.counts] = np.ones_like(fields[f.counts])
     kw = {"items": np.zeros(1, np.int64)} if codec.needs_items else {}
+    if getattr(codec, "needs_context", False):  # predictive: the first layer's K/V, as wide as its linear map reads
+        weight = getattr(getattr(codec, "inner", codec), "weight", None)  # a joint codec's: its inner codec's
+        kw["context"] = None if weight is None else torch.zeros(1, weight.shape[0] - 1)
     try:
         with warnings.catch_warnings():  # a misshapen tensor may warn before it fails
             warnings.simplefilter("ignore")

@@ -490,13 +490,26 @@ def _sweep(model, meta, task, checkpoint, data, columns, spec, artifacts, split,
 # ---------------------------------------------------------------------------------------------- compress
 
 
+def _pool_size(value: str | None):
+    """--pool-size: None, 'auto', or an integer in [2, 2**24]."""
+    if value is None or value.strip().lower() == "auto":
+        return None if value is None else "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        raise CkvError(f"--pool-size takes an integer or auto, got {value!r}") from None
+    if not 2 <= n <= 1 << 24:
+        raise CkvError(f"--pool-size must be between 2 and {1 << 24}, got {n}")
+    return n
+
+
 @app.command()
 def compress(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `ckv train`.")],
     data: DataOpt,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact to write (.safetensors; an index .json with --shard-size, --shards or --engine ray).")] = None,
     codec: Annotated[str, typer.Option(help="Compression method (see docs/codecs.md for the list); recompute (eventid) stores the ids a stream is a function of.")] = "collective",
-    pool_size: Annotated[Optional[int], typer.Option(min=2, max=1 << 24, help="Global pool entries per stream (collective) [next-item models 8192, CTR models 4096].")] = None,
+    pool_size: Annotated[Optional[str], typer.Option(help="Global pool entries per stream (collective; predictive, default 1024), or auto: per stream the size with the least total bytes whose held-out reconstruction error is <= 0.10 (next-item models; docs/fidelity.md) [next-item models 8192, CTR models 4096].")] = None,
     user_dim: Annotated[int, typer.Option(min=0, max=65535, help="User-specific dims per token per stream (collective).")] = 0,
     layout: Annotated[str, typer.Option(help="residual (pool + low-rank basis) or concat (the paper's).")] = "residual",
     user_dtype: Annotated[str, typer.Option(help="Storage of the user dims: int8 (per-user scale) or fp16.")] = "int8",
@@ -504,6 +517,8 @@ def compress(
     recompute_item_layers: Annotated[bool, typer.Option(help="Recompute first-layer K/V from item ids instead of storing them (next-item models).")] = True,
     exclude_seen: Annotated[bool, typer.Option("--exclude-seen/--include-seen", help="The report's ranking protocol: without the history window's items (published) or with them (next-item models).")] = True,
     calib_users: Annotated[int, typer.Option(min=1, max=1 << 30, help="Users whose caches fit the pool (seeded sample).")] = 1000,
+    target: Annotated[Optional[str], typer.Option("--target", help="Search codec, pool size, user dims and layout on held-out calibration users and keep the smallest total size meeting this, e.g. overlap=0.9, kl=0.02, NDCG@10=1% (relative drop) or HR@10=0.005 (absolute); prints the settings tried (next-item models; replaces --codec, --pool-size, --user-dim, --layout).")] = None,
+    calib_holdout: Annotated[bool, typer.Option("--calib-holdout", help="Calibrate on at most half the users (min(--calib-users, users // 2)), so that the report's held-out metrics and reconstruction error cover at least half of them (next-item models).")] = False,
     batch_users: Annotated[int, typer.Option(min=1, max=1 << 20, help="Users encoded per batch (bounds memory).")] = 256,
     distill_steps: Annotated[int, typer.Option(min=0, max=1 << 30, help="Distillation steps after the gradient-free initialisation (0 = none; next-item models).")] = 0,
     finetune: Annotated[bool, typer.Option("--finetune", help="With --distill-steps: fine-tune a copy of the model too; it reads the artifact and is written beside it as OUT.student.safetensors (evaluate the artifact with that checkpoint).")] = False,
@@ -535,12 +550,12 @@ def compress(
                                 "--shards": shards is not None, "--update": update is not None,
                                 "--address": address is not None, "--distill-steps": distill_steps > 0,
                                 "--finetune": finetune, "--no-recompute-item-layers": not recompute_item_layers,
-                                "--include-seen": not exclude_seen}.items() if v]
+                                "--include-seen": not exclude_seen, "--calib-holdout": calib_holdout}.items() if v]
         if given:
             raise CkvError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to next-item models; "
                            f"{checkpoint} is a CTR model")
     if update is not None:
-        plan_given = {k: v for k, v in {"codec": codec if codec != "collective" else None, "pool_size": pool_size,
+        plan_given = {k: v for k, v in {"codec": codec if codec != "collective" else None, "pool_size": _pool_size(pool_size),
                                         "user_dim": user_dim or None, "layout": layout if layout != "residual" else None,
                                         "user_dtype": user_dtype if user_dtype != "int8" else None,
                                         "share": [x.strip() for x in share.split(",") if x.strip()] if share != "k,v" else None,
@@ -559,6 +574,15 @@ def compress(
         raise CkvError("--shards (users by hash) and --shard-size (users by range) both choose the shard assignment: give one")
     if finetune and distill_steps <= 0:
         raise CkvError("--finetune needs --distill-steps > 0 (the model trains during distillation)")
+    goal = None
+    if target is not None:
+        from ckv_cli.pipeline.target import parse_target
+
+        if sharded:
+            raise CkvError("--target writes one artifact: it does not go with --engine ray, --shard-size or --shards yet")
+        goal = parse_target(target)
+    if calib_holdout and sharded:
+        raise CkvError("--calib-holdout writes one artifact: sharded output (--engine ray, --shard-size, --shards) draws its own calibration sample")
     if finetune and sharded:
         raise CkvError("--finetune writes one artifact: it does not go with --engine ray or --shard-size yet")
     if engine not in ("local", "ray"):
@@ -579,11 +603,14 @@ def compress(
     _claim(json_out, force, "--json")
     if finetune:
         _claim(student_path(out), force, "--finetune student")
+    pool = _pool_size(pool_size)
     model, meta = load_checkpoint(checkpoint)
     task = task_of(model)
     default_pool = task.default_pool
-    params = ({"pool_size": default_pool if pool_size is None else pool_size, "user_dim": user_dim, "layout": layout,
+    params = ({"pool_size": default_pool if pool is None else pool, "user_dim": user_dim, "layout": layout,
                "user_dtype": user_dtype} if codec == "collective" else {})
+    if codec == "predictive" and pool is not None:
+        params["pool_size"] = pool
     params.update(parse_params(param or []))
     extra = {}
     if task is CTR:
@@ -594,10 +621,11 @@ def compress(
     opts = CompressOptions(codec=codec, params=params, share=tuple(s.strip() for s in share.split(",") if s.strip()),
                            recompute_item_layers=recompute_item_layers, calib_users=calib_users,
                            batch_users=batch_users, distill_steps=distill_steps, finetune=finetune, seed=seed,
-                           exclude_seen=exclude_seen, **extra)
-    from ckv_cli.pipeline.compress import make_plan
+                           exclude_seen=exclude_seen, calib_holdout=calib_holdout, **extra)
+    from ckv_cli.pipeline.compress import make_plan, refuse_time_bits_artifact
 
     make_plan(model, opts)  # refuse bad options before the data is read
+    refuse_time_bits_artifact(opts)
     if engine == "ray" and shards is not None and task is not CTR:
         from ckv_cli.pipeline.ray_read import compress_distributed, dataset_files
 
@@ -621,6 +649,14 @@ def compress(
     ds = task.load(data, parse_columns(columns), meta, model)
     _report_drops(ds)
     t = time.time()
+    searched = None
+    if goal is not None:
+        from ckv_cli.cli.render import print_target_search
+        from ckv_cli.pipeline.target import target_options
+
+        with progress("target search", total=None) as advance:
+            opts, searched = target_options(model, ds, opts, goal, progress=lambda label: advance(0, label))
+        print_target_search(searched)
     with progress("compress", total=len(task.user_ids(ds))) as advance:
         if sharded:
             from ckv_cli.pipeline.shard import compress_sharded
@@ -633,6 +669,8 @@ def compress(
                                           command=_command(), on_stream=lambda name: advance(0, f"fitting {name}"))
     report["seconds"] = round(time.time() - t, 1)
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    if searched is not None:
+        report["target_search"] = searched
     print_compress(report)
     write_json(json_out, report)
 

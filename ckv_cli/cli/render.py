@@ -151,6 +151,44 @@ def print_update(report: dict) -> None:
     print_table(f"ckv compress --update: {report['artifact']}", ["", "value"], rows)
 
 
+def _calibration_rows(cal: dict | None) -> list[list[str]]:
+    """Rows on calibration: in-sample or not, and the held-out users' metrics and reconstruction error."""
+    if not cal:
+        return []
+    rows = [["calibration users / scored users", f"{cal['users']:,} / {cal['scored_users']:,}"
+             + (" (in-sample: every scored user calibrated)" if cal["in_sample"] else "")]]
+    held = cal.get("held_out")
+    if held:
+        rows.append([f"held out of calibration ({held['users']:,} users): NDCG@10, HR@10",
+                     f"{held['relative_delta']['NDCG@10']:+.2%}, {held['relative_delta']['HR@10']:+.2%}; top-10 overlap "
+                     f"{held['fidelity']['top10_overlap']:.3f}"])
+        err = held["reconstruction_rel_mse"]
+    else:
+        err = {}
+    coded = {k: v for k, v in err.items() if v > 0}
+    if coded:
+        rows.append(["reconstruction error, held-out (rel. MSE)", ", ".join(f"{k} {v:.4f}" for k, v in coded.items())])
+    elif cal["in_sample"]:
+        rows.append(["reconstruction error", "in-sample only (no user held out: --calib-holdout)"])
+    return rows
+
+
+def print_target_search(search: dict) -> None:
+    """`ckv compress --target`: every setting tried (bytes, the measured value, met) and the one kept."""
+    t = search["target"]
+    goal = f"{t['metric']}={t['value'] * 100:g}%" if t["relative"] else f"{t['metric']}={t['value']:g}"
+    rows = []
+    for r in search["tried"]:
+        if r.get("status") == "ok":
+            rows.append([r["setting"], f"{r['per_user_ratio_fp16']:.2%}", f"{r['total_ratio_fp16']:.2%}",
+                         f"{r['measured']:.4f}", "yes" if r["met"] else "no"])
+        else:
+            rows.append([r["setting"], "", "", "", r["status"]])
+    print_table(f"--target {goal} on {search['validation_users']:,} held-out calibration users (fitted on "
+                f"{search['fit_users']:,}); kept: {search['chosen']}",
+                ["setting", "per-user / fp16", "total / fp16", "measured", "met"], rows)
+
+
 def print_compress(report: dict) -> None:
     """The table `ckv compress` ends with: bytes (both denominators) and accuracy before/after."""
     a, m = report["accounting"], report["metrics"]
@@ -185,6 +223,7 @@ def print_compress(report: dict) -> None:
                          f"{m['uncompressed'][k]:.4f} -> {m['compressed'][k]:.4f} ({m['delta'][k]:+.4f}, {m['relative_delta'][k]:+.2%})"])
         rows.append(["top-10 overlap with uncompressed", f"{m['fidelity']['top10_overlap']:.3f}"])
         rows.append(["users whose hit@10 flips", f"{m['fidelity']['hit10_flips']:,}"])
+        rows += _calibration_rows(m.get("calibration"))
     if "engine" in report:
         e = report["engine"]
         size = f"of {e['shard_size']:,} users" if "shard_size" in e else "by user-id hash"
@@ -195,6 +234,13 @@ def print_compress(report: dict) -> None:
             r = report["read"]
             rows.append(["read on the workers", f"{r['events']:,} events of {r['users']:,} users from {r['files']:,} "
                                                 f"file(s), {e.get('read_seconds', 0):.0f} s"])
+    sizing = report.get("pool_sizing")
+    if sizing:
+        chosen = ", ".join(f"{n} {c['pool_size']}{'' if c['met'] else ' (target not met)'}"
+                           for n, c in sizing["streams"].items())
+        rows.append([f"pool size auto (held-out error <= {sizing['target_error']:g})", chosen])
+    for w in report.get("warnings", []):
+        rows.append(["warning", w])
     if report.get("student_checkpoint"):
         rows.append(["fine-tuned student (evaluate with it)", report["student_checkpoint"]])
     if "seconds" in report:

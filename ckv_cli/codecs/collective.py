@@ -7,7 +7,9 @@ Layouts:
   the user part the r coordinates the pool approximates worst: x ~ mu + R [P[idx] ; u].
 Initialisation needs no gradients: k-means for the pool; the router `argmax(W x + b)` with W = 2P, b = -|P|^2 is
 exactly nearest-entry assignment. Per token it stores the index (packed at ceil(log2 m) bits) and r values
-(int8 with one fp16 scale per user, or fp16). `index="item"` codes the index given the token's item instead
+(int8 with one fp16 scale per user, or fp16). `pool_dtype` fp16 stores the pool (and the router derived from
+it) at half the shared bytes; the pool is rounded to fp16 right after k-means, so the encoder routes to exactly
+the entries the reader holds. `index="item"` codes the index given the token's item instead
 (`ckv_cli.codecs.itemindex`: a position in the item's list of pool entries, or an escape to the full index).
 """
 from __future__ import annotations
@@ -26,8 +28,8 @@ class CollectiveCodec(IndexCoding, StreamCodec):
     name = "collective"
 
     def __init__(self, d: int, pool_size: int = 8192, user_dim: int = 0, layout: str = "residual",
-                 user_dtype: str = "int8", iters: int = 20, index: str = "flat", index_bits=AUTO,
-                 escape_tol: float = 0.0):
+                 user_dtype: str = "int8", iters: int = 20, pool_dtype: str = "fp32", index: str = "flat",
+                 index_bits=AUTO, escape_tol: float = 0.0):
         self.d = check_positive_int("d", d)
         self.pool_size = check_positive_int("pool size", pool_size, 2)
         self.user_dim = check_positive_int("user dim", user_dim, 0)
@@ -37,15 +39,24 @@ class CollectiveCodec(IndexCoding, StreamCodec):
             raise CkvError(f"user dtype must be 'int8' or 'fp16', got {user_dtype!r}")
         if self.user_dim >= d:
             raise CkvError(f"user dim ({user_dim}) must be smaller than the vector width ({d})")
-        self.layout, self.user_dtype, self.iters = layout, user_dtype, iters
+        if pool_dtype not in ("fp32", "fp16"):
+            raise CkvError(f"pool dtype must be 'fp32' or 'fp16', got {pool_dtype!r}")
+        self.layout, self.user_dtype, self.iters, self.pool_dtype = layout, user_dtype, iters, pool_dtype
         self.bits = bits_for(self.pool_size)
         self.pool = self.router_w = self.router_b = self.basis = self.mean = None
         self.user_coords = self.pool_coords = None
         self._init_index(self.pool_size, index, index_bits, escape_tol)
 
     def params(self) -> dict:
-        return {"d": self.d, "pool_size": self.pool_size, "user_dim": self.user_dim, "layout": self.layout,
-                "user_dtype": self.user_dtype, **self.index_params()}
+        out = {"d": self.d, "pool_size": self.pool_size, "user_dim": self.user_dim, "layout": self.layout,
+               "user_dtype": self.user_dtype}
+        if self.pool_dtype != "fp32":  # absent from artifacts written before the option existed
+            out["pool_dtype"] = self.pool_dtype
+        return {**out, **self.index_params()}
+
+    def _stored(self, pool: torch.Tensor) -> torch.Tensor:
+        """The pool as the artifact will hold it (rounded to fp16 with `pool_dtype` fp16), in fp32."""
+        return pool.half().float() if self.pool_dtype == "fp16" else pool
 
     # -- fitting -------------------------------------------------------------------------------------------
     def fit(self, x: torch.Tensor, seed: int, items: np.ndarray | None = None) -> None:
@@ -55,7 +66,7 @@ class CollectiveCodec(IndexCoding, StreamCodec):
                            f"{x.shape[0]} (use more calibration users or a smaller pool)")
         r = self.user_dim
         if self.layout == "residual":
-            self._set_pool(kmeans(x, self.pool_size, seed=seed, iters=self.iters))
+            self._set_pool(self._stored(kmeans(x, self.pool_size, seed=seed, iters=self.iters)))
             res = x - self.pool[self._route(x)]  # (N, d)
             self.basis = torch.linalg.svd(res, full_matrices=False).Vh[:r].T.contiguous() if r else torch.zeros(self.d, 0)
             self.mean = torch.zeros(self.d)
@@ -73,10 +84,11 @@ class CollectiveCodec(IndexCoding, StreamCodec):
             keep = torch.ones(self.d, dtype=torch.bool)
             keep[user] = False
             self.user_coords, self.pool_coords = user, keep.nonzero().squeeze(1)
-            self._set_pool(kmeans(z[:, self.pool_coords], self.pool_size, seed=seed, iters=self.iters))
+            self._set_pool(self._stored(kmeans(z[:, self.pool_coords], self.pool_size, seed=seed, iters=self.iters)))
         self.fit_index(x, items)  # item-coded: the item lists, from the calibration tokens' entries
 
-    def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None):
+    def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None,
+                     context: torch.Tensor | None = None):
         zp = self._pool_part(x)
         return self._route(zp), self._error(zp)
 
@@ -115,6 +127,7 @@ class CollectiveCodec(IndexCoding, StreamCodec):
     def freeze(self) -> None:
         for name in ("pool", "router_w", "router_b"):
             setattr(self, name, getattr(self, name).detach())
+        self.pool = self._stored(self.pool)  # a trained pool goes back to what the artifact holds (fp16)
         self.router_tied = False
 
     def gated_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +206,7 @@ class CollectiveCodec(IndexCoding, StreamCodec):
         return z @ self.basis.T + self.mean  # back from the SVD basis
 
     def shared(self) -> dict[str, torch.Tensor]:
-        out = {"pool": self.pool, "basis": self.basis, "mean": self.mean}
+        out = {"pool": self.pool.half() if self.pool_dtype == "fp16" else self.pool, "basis": self.basis, "mean": self.mean}
         if not self.router_tied:  # a tied router (W = 2P, b = -|P|^2) is derived from the pool on load
             out.update(router_w=self.router_w, router_b=self.router_b)
         if self.layout == "concat":

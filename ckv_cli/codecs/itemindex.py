@@ -336,14 +336,17 @@ class IndexCoding:
         of index parameters reuses one pool."""
         self._init_index(self.pool_size, index, index_bits, escape_tol)
 
-    def fit_index(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None) -> None:
+    def fit_index(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None,
+                  context: torch.Tensor | None = None) -> None:
         """Fit the index coding alone on calibration vectors (N, d) and their items, over the fitted pool: the
-        codec's `index_inputs` gives each vector's pool entry and the error function of the tolerance."""
+        codec's `index_inputs` gives each vector's pool entry and the error function of the tolerance. `context`:
+        what the codec's `fit` got as `context=` (the predictive codec's first-layer K/V), None for the others."""
         if self.index is not None:
-            idx, error = self.index_inputs(x, items, user_offsets)
+            idx, error = self.index_inputs(x, items, user_offsets, context)
             self.index_fit(idx, items, error)
 
-    def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None):
+    def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None,
+                     context: torch.Tensor | None = None):
         """(pool index (N,) of each vector, error function over (tokens, entries)): what the codec routes."""
         raise NotImplementedError
 

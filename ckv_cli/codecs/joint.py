@@ -49,6 +49,11 @@ class JointCodec(StreamCodec):
         return self.inner.needs_items
 
     @property
+    def needs_context(self) -> bool:
+        """As the inner codec (predictive): the plan then passes the first layer's K/V as `context=`."""
+        return getattr(self.inner, "needs_context", False)
+
+    @property
     def width(self) -> int:
         """Width of what `decode` returns: K and V side by side."""
         return self.d + self.d_with
@@ -63,24 +68,31 @@ class JointCodec(StreamCodec):
             raise CkvError("codec used before fit or load")
         return torch.cat([self.scale[0].expand(self.d), self.scale[1].expand(self.d_with)])  # (d + d_with,)
 
-    def _kw(self, items) -> dict:
-        return {"items": items} if self.inner.needs_items else {}
+    def _kw(self, items, context=None) -> dict:
+        out = {"items": items} if self.inner.needs_items else {}
+        if self.needs_context:
+            out["context"] = context
+        return out
 
     # -- fitting and coding (x: (N, d + d_with), K then V)
-    def fit(self, x: torch.Tensor, seed: int, items: np.ndarray | None = None) -> None:
+    def fit(self, x: torch.Tensor, seed: int, items: np.ndarray | None = None, context: torch.Tensor | None = None,
+            user_offsets: np.ndarray | None = None) -> None:
         x = x.float()
         rms = torch.stack([x[:, : self.d].pow(2).mean().sqrt(), x[:, self.d :].pow(2).mean().sqrt()])
         self.scale = rms.clamp(min=1e-8)
-        self.inner.fit(x / self._vector_scale(), seed, **self._kw(items))
+        extra = {"user_offsets": user_offsets} if self.needs_context else {}
+        self.inner.fit(x / self._vector_scale(), seed, **self._kw(items, context), **extra)
 
     def fields(self) -> list[Field]:
         return self.inner.fields()
 
-    def encode(self, x: torch.Tensor, user_offsets: np.ndarray, items: np.ndarray | None = None) -> dict:
-        return self.inner.encode(x.float() / self._vector_scale(), user_offsets, **self._kw(items))
+    def encode(self, x: torch.Tensor, user_offsets: np.ndarray, items: np.ndarray | None = None,
+               context: torch.Tensor | None = None) -> dict:
+        return self.inner.encode(x.float() / self._vector_scale(), user_offsets, **self._kw(items, context))
 
-    def decode(self, fields: dict, user_offsets: np.ndarray, items: np.ndarray | None = None) -> torch.Tensor:
-        return self.inner.decode(fields, user_offsets, **self._kw(items)).float() * self._vector_scale()
+    def decode(self, fields: dict, user_offsets: np.ndarray, items: np.ndarray | None = None,
+               context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.decode(fields, user_offsets, **self._kw(items, context)).float() * self._vector_scale()
 
     def shared(self) -> dict[str, torch.Tensor]:
         return {"joint_scale": self.scale, **self.inner.shared()}
@@ -104,8 +116,9 @@ class JointCodec(StreamCodec):
             return getattr(self.inner, name)
         raise AttributeError(name)
 
-    def fit_index(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None) -> None:
-        self.inner.fit_index(x.float() / self._vector_scale(), items, user_offsets)
+    def fit_index(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None,
+                  context: torch.Tensor | None = None) -> None:
+        self.inner.fit_index(x.float() / self._vector_scale(), items, user_offsets, context)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded (N, d + d_with) -> K (N, d), V (N, d_with)."""

@@ -12,6 +12,12 @@ stored, and whether side fields (hash signatures) are stored or derived. One pla
   stream), hands the mask to every evict stream, zeroes the dropped tokens of recomputed streams, stores the
   mask when it is not known from the per-user counts (`tokens/keep`, 1 bit per token) and returns it with the
   decoded cache (`FlatCache.keep`), where attention reads it.
+- Context (`predictive`): a codec with `needs_context` also gets, as `context=`, the first layer's K and V of each
+  token side by side ((N, d_k + d_v); None unless both are recomputed from the ids, so the encoder and the reader
+  see the same values) and, in `fit`, the users' offsets.
+- Event times (`time_bits` > 0, `ckv_cli.codecs.timecode`): stored at a few bits per token plus one anchor per
+  user (`time/code`, `time/anchor`) instead of int32 per token; `time_weights` ((layers, buckets), the model's
+  time-bias tables) steer its fit and are not stored. In memory only for now: artifacts refuse it.
 
 Joint K/V (`joint=kv`, `ckv_cli.codecs.joint`): each layer's coded K and V share one codec over [k; v], stored
 under the K stream (`joint`); the V stream (`joined`) stores nothing and decodes as the second half of K's.
@@ -36,6 +42,7 @@ from ckv_cli.codecs.joint import JOINED, JOINT, JointCodec, JointPart
 from ckv_cli.codecs.plain import PlainCodec
 from ckv_cli.codecs.recompute import RecomputeCodec
 from ckv_cli.codecs.registry import registry
+from ckv_cli.codecs.timecode import BucketTimeCodec
 from ckv_cli.errors import CkvError
 from ckv_cli.spec import CacheSpec, FlatCache, Side, TokenId
 
@@ -55,6 +62,11 @@ def _items(codec: StreamCodec, items: np.ndarray) -> dict:
 def _keep(codec: StreamCodec, keep: np.ndarray | None) -> dict:
     """The plan's keep mask as a keyword for evicting codecs (`needs_keep`), nothing for the others."""
     return {"keep": keep} if codec.needs_keep else {}
+
+
+def _context(codec: StreamCodec, context: torch.Tensor | None) -> dict:
+    """The first layer's K/V as a keyword for codecs that read them (`needs_context`), nothing for the others."""
+    return {"context": context} if getattr(codec, "needs_context", False) else {}
 
 
 def recomputed(codec) -> bool:
@@ -84,6 +96,8 @@ class CachePlan:
     dims: dict[str, int] = field(default_factory=dict)  # stream widths where known
     layout: str = NEXT_ITEM  # the description layout
     arch: str | None = None  # the model's name (CTR descriptions record it)
+    time: BucketTimeCodec | None = None  # timestamps stored at a few bits (None: as the id declares, int32)
+    time_weights: np.ndarray | None = None  # (layers, buckets) time-bias tables that steer `time.fit`; not stored
 
     def __post_init__(self):
         params = {(c.keep, c.policy) for c in self.streams.values() if isinstance(c, EvictCodec)}
@@ -157,6 +171,9 @@ class CachePlan:
         """Every stored array, by artifact name."""
         out = {}
         for t in self.ids:
+            if t.name == "timestamps" and self.time is not None:
+                out.update({f"time/{f.name}": f for f in self.time.fields()})
+                continue
             out[f"tokens/{t.name}"] = (Field(t.name, "token", bits=t.bits) if t.bits
                                        else Field(t.name, "token", dtype=t.dtype))
         out["users/offsets"] = Field("offsets", "user", dtype="int64")
@@ -179,14 +196,26 @@ class CachePlan:
             return torch.cat([flat.stream(name).float(), flat.stream(codec.partner).float()], 1)
         return flat.stream(name)
 
+    def context(self, streams: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(N, d_k + d_v) the first layer's K and V of each token, when both are recomputed from the ids."""
+        k, v = self.key(0, "k"), self.key(0, "v")
+        if recomputed(self.streams.get(k)) and recomputed(self.streams.get(v)) and k in streams and v in streams:
+            return torch.cat([streams[k].float(), streams[v].float()], 1)
+        return None
+
     def fit(self, flat: FlatCache, seed: int, progress: Callable[[str], None] | None = None) -> None:
+        if self.time is not None:
+            self.time.fit(np.asarray(flat.ids["timestamps"]), flat.offsets, self.time_weights)
+        ctx = self.context(flat.streams)
         for i, (name, codec) in enumerate(self.streams.items()):
             if recomputed(codec) or isinstance(codec, JointPart):
                 continue
             if progress:
                 progress(name)
             try:
-                codec.fit(self.codec_input(flat, name), seed + i, **_items(codec, flat.items))
+                extra = {"user_offsets": flat.offsets} if getattr(codec, "needs_context", False) else {}
+                codec.fit(self.codec_input(flat, name), seed + i, **_items(codec, flat.items), **_context(codec, ctx),
+                          **extra)
             except CkvError as e:  # say which stream was refused
                 raise CkvError(f"{name}: {e}", e.exit_code) from None
 
@@ -195,6 +224,9 @@ class CachePlan:
         out = {}
         for t in self.ids:
             v = np.asarray(flat.ids[t.name])
+            if t.name == "timestamps" and self.time is not None:
+                out.update({f"time/{k}": a for k, a in self.time.encode(v, flat.offsets).items()})
+                continue
             if t.bits:
                 out[f"tokens/{t.name}"] = v.astype(np.uint32)
                 continue
@@ -216,12 +248,13 @@ class CachePlan:
         if self.side_stored:
             for s in self.side:
                 out[f"tokens/{s.name}"] = pack_side(flat.side[s.name], s.bits)
+        ctx = self.context(flat.streams)
         for name, codec in self.coded().items():
             if memo is not None and name in memo:
                 enc = {k: v[inverse] for k, v in memo[name].items()}
             else:
                 enc = codec.encode(self.codec_input(flat, name), flat.offsets, **_items(codec, flat.items),
-                                   **_keep(codec, keep))
+                                   **_keep(codec, keep), **_context(codec, ctx))
             for fname, arr in enc.items():
                 out[f"{name}/{fname}"] = arr
         return out
@@ -230,7 +263,9 @@ class CachePlan:
     def decode(self, fields: dict[str, np.ndarray], offsets: np.ndarray, model) -> FlatCache:
         """Fields of a batch of users (token fields concatenated in user order) -> their flat cache. `model` (the
         one reading the cache) recomputes the recomputed streams and derives the side fields."""
-        ids = {t.name: np.asarray(fields[f"tokens/{t.name}"], dtype=np.int64) for t in self.ids}
+        ids = {t.name: (self.time.decode({f.name: fields[f"time/{f.name}"] for f in self.time.fields()}, offsets)
+                        if t.name == "timestamps" and self.time is not None
+                        else np.asarray(fields[f"tokens/{t.name}"], dtype=np.int64)) for t in self.ids}
         n = int(offsets[-1]) if len(offsets) else 0
         ev = self.evictor
         keep = None if ev is None else (np.asarray(fields["tokens/keep"], dtype=bool) if ev[1].stores_flags
@@ -242,6 +277,7 @@ class CachePlan:
                 drop = torch.from_numpy(~keep)
                 rec = {k: x.masked_fill(drop[:, None], 0.0) for k, x in rec.items()}
         items = ids.get("items", np.zeros(n, np.int64))
+        ctx = self.context(rec)
         streams = {}
         for name, codec in self.streams.items():
             if recomputed(codec):
@@ -250,7 +286,8 @@ class CachePlan:
                 continue  # filled from its leader's decoded vectors
             else:
                 sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
-                out = codec.decode(sub, offsets, **_items(codec, items), **_keep(codec, keep)).float()
+                out = codec.decode(sub, offsets, **_items(codec, items), **_keep(codec, keep),
+                                   **_context(codec, ctx)).float()
                 if isinstance(codec, JointCodec):
                     streams[name], streams[codec.partner] = codec.split(out)
                 else:
@@ -308,9 +345,12 @@ class CachePlan:
                     "items_stored": "items" in self.id_names, "stream_dims": dict(self.dims),
                     "streams": {n: (EVENTID if recomputed(c) else {"codec": c.name, "params": c.params()})
                                 for n, c in self.streams.items()}}
-        return {"n_layers": self.n_layers, "n_items": self.n_items, "timestamps": self.timestamps,
-                "streams": {n: ("items" if recomputed(c) else {"codec": c.name, "params": c.params()})
-                            for n, c in self.streams.items()}}
+        out = {"n_layers": self.n_layers, "n_items": self.n_items, "timestamps": self.timestamps,
+               "streams": {n: ("items" if recomputed(c) else {"codec": c.name, "params": c.params()})
+                           for n, c in self.streams.items()}}
+        if self.time is not None:
+            out["time"] = self.time.params()
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -330,10 +370,11 @@ def make_codec(name: str, d: int, params: dict, kind: str = "") -> StreamCodec:
 
 def build_plan(spec: CacheSpec, name: str, params: dict, *, n_items: int, share: tuple[str, ...] = ("k", "v"),
                recompute_free: bool = True, side_stored: bool = False, layout: str = NEXT_ITEM,
-               arch: str | None = None) -> CachePlan:
+               arch: str | None = None, time_weights: np.ndarray | None = None) -> CachePlan:
     """Every stream of `spec` gets codec `name`, except streams that are a function of ids stored anyway (recomputed
     when `recompute_free`) and kinds left out of `share` (kept at fp16). `recompute` (or `eventid`) recomputes every
-    stream (each must be a function of ids)."""
+    stream (each must be a function of ids). `params['time_bits']` > 0 stores the event times at that many bits
+    per token (`BucketTimeCodec`, fitted with `time_weights`, the model's (layers, buckets) time-bias tables)."""
     bad = set(share) - {"k", "v"}
     if bad or not share:
         raise CkvError(f"--share takes k, v or k,v (got {','.join(share) or 'nothing'})")
@@ -341,6 +382,7 @@ def build_plan(spec: CacheSpec, name: str, params: dict, *, n_items: int, share:
     joint = params.pop("joint", None)
     if joint not in (None, "kv"):
         raise CkvError(f"joint takes kv (one codec over each layer's K and V), got {joint!r}")
+    time = _time_codec(params.pop("time_bits", 0), spec, time_weights)
     if name == EVENTID:
         if params:
             raise CkvError(f"codec eventid takes no parameters (got {', '.join(sorted(params))})")
@@ -371,7 +413,21 @@ def build_plan(spec: CacheSpec, name: str, params: dict, *, n_items: int, share:
     ids = tuple(t for t in spec.ids if t.name in needed)
     if side_stored and not spec.side:
         side_stored = False  # nothing to store
-    return CachePlan(streams, ids, n_items, spec.side, side_stored, spec.widths, layout, arch)
+    return CachePlan(streams, ids, n_items, spec.side, side_stored, spec.widths, layout, arch, time,
+                     None if time is None else time_weights)
+
+
+def _time_codec(bits, spec: CacheSpec, weights: np.ndarray | None) -> BucketTimeCodec | None:
+    """The time codec of `time_bits` (0: none), refused for models that read no event times."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 0:
+        raise CkvError(f"time_bits must be an integer >= 0, got {bits!r}")
+    if not bits:
+        return None
+    if "timestamps" not in {t.name for t in spec.ids if t.required}:
+        raise CkvError("time_bits: this model's attention reads no event times (nothing to store)")
+    if weights is None:
+        raise CkvError("time_bits: this model declares no time-bias tables to fit the time codec to")
+    return BucketTimeCodec(bits=bits, max_bucket=int(np.asarray(weights).shape[1]) - 1)
 
 
 def _joined(spec: CacheSpec, streams: dict, name: str, params: dict, kinds: set[str]) -> dict:
@@ -432,6 +488,8 @@ def plan_from_description(desc, fields: dict | None = None, bad: Callable[[str],
         raise bad(f"the plan's n_items is {desc['n_items']!r}")
     if type(desc["timestamps"]) is not bool:
         raise bad(f"the plan's timestamps is {desc['timestamps']!r}, not true or false")
+    if "time" in desc:
+        raise bad("the plan stores event times at a few bits (time_bits), which artifacts do not hold yet")
     streams = desc["streams"]
     keys = [CachePlan.key(layer, kind) for layer in range(desc["n_layers"]) for kind in "kv"]
     if not isinstance(streams, dict) or set(streams) != set(keys):

@@ -16,6 +16,10 @@ least `min_count` calibration tokens, stored as (row ids int32, rows) so an unse
 
 Every shared tensor (W, tables, pool) is stored at `dtype` (fp16 or fp32) and rounded to it before the pool is
 fitted and before any token is encoded, so the encoder sees exactly what the reader will.
+
+`index="item"` (`index_bits`, `escape_tol`; `ckv_cli.codecs.itemindex`) codes each token's pool index given its
+item: a position in the item's list of pool entries, or an escape to the full index. The lists are fitted on the
+calibration tokens' residuals against the same prediction (first-layer context included) that `encode` uses.
 """
 from __future__ import annotations
 
@@ -126,10 +130,13 @@ class PredictiveCodec(IndexCoding, StreamCodec):
             pred = pred + self._pos_rows(pos)
         torch.manual_seed(seed)
         self.pool = self._stored(kmeans(x - pred, self.pool_size, seed=seed, iters=self.iters))  # (m, d)
-        self.fit_index(x, items, user_offsets)
+        self.fit_index(x, items, user_offsets, context)  # item-coded: the lists, from the tokens' residual entries
 
-    def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None):
-        res = x.float() - self.predict(items, user_offsets, None)  # the first layer is not handed to fit here
+    def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None,
+                     context: torch.Tensor | None = None):
+        """Each calibration token's pool entry and the error function, on its residual against the prediction
+        `encode` makes (the same first-layer `context` as `fit`)."""
+        res = x.float() - self.predict(items, user_offsets, context)  # (N, d)
         return nearest(res, self.pool), squared_error(res, self.pool)
 
     def _linear(self, context: torch.Tensor) -> torch.Tensor:
@@ -178,9 +185,11 @@ class PredictiveCodec(IndexCoding, StreamCodec):
 
     def shared(self) -> dict[str, torch.Tensor]:
         dt = DTYPES[self.dtype]
-        out = {"pool": self.pool.to(dt), "base": self.base.to(dt)}
-        if self.weight is not None:
+        out = {"pool": self.pool.to(dt)}
+        if self.weight is not None:  # the linear map's last row is its bias: no separate base
             out["weight"] = self.weight.to(dt)
+        else:
+            out["base"] = self.base.to(dt)
         if self.uses_items:
             out.update(rows=self.rows, table=self.table.to(dt))
         if self.pos_table is not None:
@@ -188,10 +197,9 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         return {**out, **self.index_shared()}
 
     def load_shared(self, shared: dict[str, torch.Tensor]) -> None:
-        self.pool, self.base = shared["pool"].float(), shared["base"].float()
-        self.weight = shared["weight"].float() if "weight" in shared else None
-        if self.uses_context and self.weight is None:
-            raise CkvError("predictive: the artifact lacks the linear predictor's weights")
+        self.pool = shared["pool"].float()
+        self.weight = shared["weight"].float() if self.uses_context else None
+        self.base = torch.zeros(self.d) if self.uses_context else shared["base"].float()
         if self.uses_items:
             self.rows, self.table = shared["rows"].to(torch.int32), shared["table"].float()
         if self.predictor == "item+pos":

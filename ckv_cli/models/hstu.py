@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ckv_cli.errors import CkvError
 from ckv_cli.models.base import AttentionSpec, SequentialRecommender
 
 REL_POS = ("causal", "toeplitz")
@@ -147,6 +148,14 @@ class HSTULayer(nn.Module):
 class HSTU(SequentialRecommender):
     arch = "hstu"
     reads_time = True  # the time-gap bias: cached tokens keep their timestamps
+
+    def time_bias_tables(self):
+        """(layers, buckets) numpy: each layer's time-bias table w_time over log1p buckets, what the time codec
+        (`ckv_cli.codecs.timecode`) fits its intervals to."""
+        if self.config.time_bucket != "log1p":
+            raise CkvError(f"time_bits: this model buckets time gaps by {self.config.time_bucket!r}; the time codec "
+                           "fits HSTU's log1p buckets")
+        return torch.stack([layer.bias.time.detach().float() for layer in self.layers]).numpy()
 
     def __init__(self, cfg: HSTUConfig):
         super().__init__()

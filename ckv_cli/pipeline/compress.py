@@ -48,6 +48,7 @@ class CompressOptions:
     codes: str = "derived"  # side fields (ETA / SDIM signatures): derived from the decoded cache, or stored exactly
     bootstrap: int = 200  # CTR: paired-bootstrap resamples of the report's CIs
     exclude_seen: bool = True  # next-item: the window's items removed from the ranking (the published protocol)
+    calib_holdout: bool = False  # next-item: calibrate on at most half the users (the others held out)
 
 
 class FieldSink(Protocol):
@@ -95,16 +96,35 @@ def parse_params(specs: list[str], what: str = "--param") -> dict:
     return out
 
 
-def make_plan(model, opts: CompressOptions) -> CachePlan:
+def make_plan(model, opts: CompressOptions, pool_size: int | None = None) -> CachePlan:
+    """The unfitted plan of `opts`. With `params['pool_size']` 'auto' (`ckv_cli.pipeline.sizing`) every pool gets
+    `pool_size` (default: the smallest candidate); `fit` chooses the size of each stream."""
+    from ckv_cli.pipeline.sizing import AUTO, CANDIDATES
+
     task = task_of(model)
     task.check_codec(opts.codec)
     if opts.codes not in SIDE_MODES:
         raise CkvError(f"codes must be one of {', '.join(SIDE_MODES)}, got {opts.codes!r}")
     ctr = task is CTR
-    return build_plan(model.cache_spec(), opts.codec, dict(opts.params), n_items=model.config.n_items,
+    params = dict(opts.params)
+    if params.get("pool_size") == AUTO:
+        if ctr:
+            raise CkvError("--pool-size auto is for next-item models (a CTR model calibrates on sampled tokens)")
+        params["pool_size"] = pool_size or CANDIDATES[0]
+    tables = getattr(model, "time_bias_tables", None)
+    weights = tables() if opts.params.get("time_bits") and tables is not None else None
+    return build_plan(model.cache_spec(), opts.codec, params, n_items=model.config.n_items,
                       share=tuple(opts.share), recompute_free=opts.recompute_item_layers,
                       side_stored=opts.codes == "stored", layout=CTR_LAYOUT if ctr else NEXT_ITEM_LAYOUT,
-                      arch=getattr(model, "arch", None) if ctr else None)
+                      arch=getattr(model, "arch", None) if ctr else None, time_weights=weights)
+
+
+def refuse_time_bits_artifact(opts: CompressOptions) -> None:
+    """Event times at a few bits are measured in memory only: artifacts (and the stores appending to them) keep
+    int32 timestamps for now."""
+    if opts.params.get("time_bits"):
+        raise CkvError("time_bits is measured in memory only for now (bench/fidelity.py, ckv sweep): artifacts keep "
+                       "int32 timestamps; drop --param time_bits to write one")
 
 
 def fit_plan(model, ds, opts: CompressOptions, on_stream: Callable[[str], None] | None = None,
@@ -116,11 +136,18 @@ def fit_plan(model, ds, opts: CompressOptions, on_stream: Callable[[str], None] 
 def fit(model, ds, opts: CompressOptions, on_stream=None, teacher=None,
         calib_users: np.ndarray | None = None) -> tuple[CachePlan, dict]:
     """`calib_users` (increasing user indices) replaces the task's seeded sample (a sharded read draws its own:
-    `ckv_cli.data.partition`)."""
+    `ckv_cli.data.partition`). With `pool_size` 'auto' the pool of each stream is sized on the calibration caches
+    first (`ckv_cli.pipeline.sizing`; `info['pool_sizing']` says what was chosen and why)."""
+    from ckv_cli.pipeline.sizing import AUTO, auto_plan
+
     plan = make_plan(model, opts)
     task = task_of(model)
     users = task.calibration_users(ds, opts) if calib_users is None else calib_users
     flat, info = task.calibration(model, ds, opts, users, teacher=teacher)
+    if opts.params.get("pool_size") == AUTO:
+        n_tokens = int(np.sum(task.token_counts(model, ds)(0, len(task.user_ids(ds)))))
+        plan, sizing = auto_plan(model, lambda m: make_plan(model, opts, m), flat, n_tokens, opts.seed)
+        info = {**info, "pool_sizing": sizing}
     torch.manual_seed(opts.seed)
     plan.fit(flat, opts.seed, on_stream)
     return plan, info
@@ -233,17 +260,28 @@ class RaggedRows:
 
 class Errors:
     """Relative squared reconstruction error per stream, and the share of side-field values (signatures) changed,
-    over every token added."""
+    over every token added. With `held_out` ((users,) bool by dataset user index: not a calibration user) the
+    error over the held-out users' tokens is kept apart too (`held`)."""
 
-    def __init__(self):
+    def __init__(self, held_out: np.ndarray | None = None):
         self.err: dict[str, list[float]] = {}
         self.side = [0, 0]
+        self.held_out = held_out
+        self.held: Errors | None = Errors() if held_out is not None else None
 
-    def add(self, exact: FlatCache, decoded: FlatCache) -> None:
+    def add(self, exact: FlatCache, decoded: FlatCache, users: np.ndarray | None = None) -> None:
+        """One batch; `users` (its dataset user indices) selects the held-out users' tokens for `held`."""
+        token_mask = None
+        if self.held is not None and users is not None:
+            token_mask = torch.from_numpy(np.repeat(self.held_out[np.asarray(users)], np.diff(exact.offsets)))
         for name, x in exact.streams.items():
             e = self.err.setdefault(name, [0.0, 0.0])
             e[0] += float(((x - decoded.streams[name]) ** 2).sum())
             e[1] += float((x ** 2).sum())
+            if token_mask is not None:  # the held-out users' tokens (rows)
+                h = self.held.err.setdefault(name, [0.0, 0.0])
+                h[0] += float(((x[token_mask] - decoded.streams[name][token_mask]) ** 2).sum())
+                h[1] += float((x[token_mask] ** 2).sum())
         for name, v in exact.side.items():
             if name in decoded.side:
                 self.side[0] += int((v != decoded.side[name]).sum())
@@ -262,17 +300,35 @@ class Errors:
             e[1] += den
 
 
+def calibration_summary(n_calib: int, n_users: int, held: dict | None) -> dict:
+    """What the report says of calibration: how many users fitted the plan, whether the metrics are in-sample, and
+    (`held`: `Scored.held_report`) the metrics and reconstruction error of the users held out of calibration."""
+    n_held = n_users - n_calib
+    out = {"users": n_calib, "scored_users": n_users, "held_out_users": n_held, "in_sample": n_held == 0}
+    if n_held == 0:
+        out["note"] = (f"in-sample: all {n_users:,} users calibrated the plan, and the metrics and reconstruction "
+                       "error are over those same users (flattered); --calib-holdout keeps half of them out")
+    else:
+        out["note"] = (f"the metrics cover every user, {n_calib:,} of them calibration users (in-sample); "
+                       f"'held_out' covers the other {n_held:,} only")
+    if held is not None:
+        out["held_out"] = held
+    return out
+
+
 def run_plan(model, plan: CachePlan, batches: Iterable, scorer, advance: Callable[[int], None] | None = None,
              keep_fields: bool = True, sink: Callable[[dict[str, np.ndarray], np.ndarray], None] | None = None,
-             reader=None, memo=None, rows: RaggedRows | None = None) -> tuple[dict[str, np.ndarray], Errors]:
+             reader=None, memo=None, rows: RaggedRows | None = None,
+             held_out: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], Errors]:
     """Encode, decode and score each teacher batch through `plan`; `reader` (default `model`) reads the decoded
     caches. Returns (fields, errors); `fields` is empty unless `keep_fields`. `sink(fields, offsets)` receives each
     batch's encoded fields as soon as they exist (a streaming writer). `memo`: (fields of every distinct token,
     each global token's distinct row) for token-local streams (`ckv_cli.tasks.ctr.memo`). `rows` counts the rows of
-    ragged fields encoded (their bytes)."""
+    ragged fields encoded (their bytes). `held_out` ((users,) bool, dataset user index -> not a calibration user)
+    keeps the held-out users' error apart (`Errors.held`)."""
     reader = model if reader is None else reader
     chunks: dict[str, list[np.ndarray]] = {}
-    errors = Errors()
+    errors = Errors(held_out)
     for tb in batches:
         flat = tb.tokens
         if memo is not None:
@@ -284,7 +340,7 @@ def run_plan(model, plan: CachePlan, batches: Iterable, scorer, advance: Callabl
         if rows is not None:
             rows.add(plan, enc, flat.n_tokens)
         dec = plan.decode(enc, flat.offsets, reader)
-        errors.add(flat, dec)
+        errors.add(flat, dec, tb.users if held_out is not None else None)
         if keep_fields:
             for k, v in enc.items():
                 chunks.setdefault(k, []).append(v)
@@ -317,8 +373,13 @@ def compress(model, ds, opts: CompressOptions, plan: CachePlan | None = None,
         from ckv_cli.pipeline.distill import make_student
 
         student = make_student(model)
+    held_out = None
     if plan is None:
         plan, distilled, info = fit_and_distill(model, ds, opts, on_stream, teacher=teacher, student=student)
+        calib = task.calibration_users(ds, opts)  # the sample `fit` drew (seeded)
+        if calib is not None:
+            held_out = np.ones(len(task.user_ids(ds)), dtype=bool)
+            held_out[calib] = False
     t_fit = time.time() - t0
     if teacher is not None:
         batches, n_users = teacher.batches, teacher.n_users
@@ -331,13 +392,21 @@ def compress(model, ds, opts: CompressOptions, plan: CachePlan | None = None,
     if sink is not None:
         sink.start(plan)
     scorer = task.scorer(model, ds, opts, n_users, keep_per_user=sink is None)
+    if held_out is not None and hasattr(scorer, "hold_out"):
+        scorer.hold_out(held_out)
+    else:
+        held_out = None
     rows = RaggedRows()
     fields, errors = run_plan(model, plan, batches, scorer, advance, keep_fields and sink is None,
-                              sink.add if sink is not None else None, reader=student, memo=memo, rows=rows)
+                              sink.add if sink is not None else None, reader=student, memo=memo, rows=rows,
+                              held_out=held_out)
     offsets = None
     if hasattr(scorer, "finish"):
         offsets, _ = scorer.finish()
     metrics = scorer.report(errors.recon())
+    if held_out is not None:
+        metrics["calibration"] = calibration_summary(int((~held_out).sum()), len(held_out), scorer.held_report(
+            errors.held.recon()))
     if errors.side[1]:
         metrics["signature_mismatch_rate"] = errors.side[0] / errors.side[1]
     if distilled:
@@ -363,8 +432,11 @@ def run_metadata(meta: dict, checkpoint_path, checkpoint_sha256: str, ds, opts: 
         out.update({"task": "ctr", "branches": sorted({s.name.split(".")[0] for s in spec.streams}),
                     "streams": spec.widths, "calib_users": opts.calib_users, "calib_tokens": opts.calib_tokens})
     else:
+        n_users = len(task.user_ids(ds))
         out.update({"recompute_item_layers": opts.recompute_item_layers,
-                    "calib_users": min(opts.calib_users, len(task.user_ids(ds)))})
+                    "calib_users": min(opts.calib_users, max(1, n_users // 2) if opts.calib_holdout else n_users)})
+        if opts.calib_holdout:
+            out["calib_holdout"] = True
     return out
 
 
@@ -396,9 +468,11 @@ def compress_to_artifact(model, meta: dict, checkpoint_path, ds, opts: CompressO
     from ckv_cli.io.files import check_output, sha256_file
     from ckv_cli.io.guarded import transaction, where
     from ckv_cli.models.checkpoint import save_checkpoint
+    from ckv_cli.pipeline.sizing import shared_warning
 
     task = task_of(model)
     refuse_artifact(opts.codec)
+    refuse_time_bits_artifact(opts)
     student_out = student_path(out) if opts.finetune else None
     if student_out is not None:
         check_output(student_out, force, "--finetune student")  # before any work
@@ -413,7 +487,12 @@ def compress_to_artifact(model, meta: dict, checkpoint_path, ds, opts: CompressO
                 report["calibration"] = result.calibration
             if task is CTR:
                 report["codes"] = result.plan.side_mode
+            if "pool_sizing" in result.calibration:
+                report["pool_sizing"] = result.calibration["pool_sizing"]
             report.update({"plan": result.plan.describe(), "accounting": acct, "metrics": result.metrics})
+            warning = shared_warning(acct)
+            if warning:
+                report["warnings"] = [warning]
             if student_out is not None:  # the model that reads this artifact (what the metrics measured)
                 save_checkpoint(result.student, student_out, dataset=meta.get("dataset", ds.name),
                                 fingerprint=meta.get("data_fingerprint", ds.fingerprint), item_vocab=meta["item_vocab"],

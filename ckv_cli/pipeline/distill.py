@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ckv_cli.codecs import CachePlan
 from ckv_cli.codecs.collective import CollectiveCodec
-from ckv_cli.codecs.plan import _items
+from ckv_cli.codecs.plan import _context, _items
 from ckv_cli.errors import CkvError
 from ckv_cli.spec import FlatCache
 from ckv_cli.tasks import NEXT_ITEM, task_of
@@ -126,9 +126,10 @@ def distill(model, ds, plan: CachePlan | None, opts: DistillOptions,
                 if recompute:  # through the student, with gradients: what its reader recomputes from item ids
                     for name, x in student.recompute(recompute, flat.ids, flat.offsets)[0].items():
                         read.set_stream(name, x)
+                ctx = plan.context(flat.streams) if others else None  # the first layer (`predictive`)
                 for name, codec in others.items():  # fixed codecs: their decoded teacher K/V (no gradient)
                     with torch.no_grad():
-                        kw = _items(codec, flat.items)
+                        kw = {**_items(codec, flat.items), **_context(codec, ctx)}
                         x = flat.stream(name)
                         read.set_stream(name, codec.decode(codec.encode(x, flat.offsets, **kw), flat.offsets, **kw).float())
                 for name, codec in streams.items():

@@ -356,6 +356,11 @@ class CacheStore(Store):
                 else:
                     sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
                     kw = {"items": item_ids} if codec.needs_items else {}
+                    if getattr(codec, "needs_context", False):  # predictive: the first layer's K/V per token
+                        first = rec if rec is not None else item_layer_kv(self.model, items,
+                                                                          torch.arange(L)[None].expand(B, L))
+                        kw["context"] = (torch.cat([first[0], first[1]], -1).reshape(B * L, -1)[slots]
+                                         if recomputed(self.plan.streams.get(CachePlan.key(0, "k"))) else None)
                     out = pad(codec.decode(sub, offsets, **kw).float())
                     if isinstance(codec, JointCodec):
                         dest.append(out[..., : codec.d])

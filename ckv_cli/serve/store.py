@@ -25,7 +25,7 @@ from ckv_cli.artifact.format import reorder_users
 from ckv_cli.artifact.reader import Artifact, user_indices
 from ckv_cli.codecs import CollectiveCodec
 from ckv_cli.codecs.base import quantize_per_user
-from ckv_cli.codecs.plan import _items, pack_side
+from ckv_cli.codecs.plan import _context, _items, pack_side
 from ckv_cli.errors import CkvError
 from ckv_cli.spec import FlatCache
 
@@ -226,11 +226,12 @@ class Store:
     @staticmethod
     def _appendable(codec) -> bool:
         """Token-local fields only (a new token's fields do not change the old tokens'), where per-user fields are
-        only the row counts of ragged fields (an item-coded index: the new escapes follow the user's old ones)."""
+        only the row counts of ragged fields (an item-coded index: the new escapes follow the user's old ones); not
+        a codec that reads the first layer's K/V or positions in the user's window (predictive: re-encoded whole)."""
         fields = codec.fields()
         counts = {f.counts for f in fields if f.per == "ragged"}
         return (all(f.per != "user" or f.name in counts for f in fields)
-                and getattr(codec, "axis", "token") != "channel")
+                and getattr(codec, "axis", "token") != "channel" and not getattr(codec, "needs_context", False))
 
     def _encode(self, flat: FlatCache) -> dict[str, np.ndarray]:
         """A whole user's record."""
@@ -260,7 +261,8 @@ class Store:
                 out.update(self._merge_int8(name, codec, old, new.stream(name), new.items))
             else:  # per-user state: re-encode the user's stream from the decoded old vectors and the new ones
                 cache = whole() if cache is None else cache
-                enc = codec.encode(self.plan.codec_input(cache, name), cache.offsets, **_items(codec, cache.items))
+                enc = codec.encode(self.plan.codec_input(cache, name), cache.offsets, **_items(codec, cache.items),
+                                   **_context(codec, self.plan.context(cache.streams)))  # predictive: first layer
                 out.update({n_: self._as_stored(n_, enc[n_.split("/", 1)[1]]) for n_ in names})
         return out
 

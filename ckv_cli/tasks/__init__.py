@@ -72,8 +72,11 @@ class NextItemTask(Task):
         return flat, {"users": int(len(users)), "tokens": flat.n_tokens}
 
     def calibration_users(self, data, opts) -> np.ndarray:
+        """A seeded sample of min(calib_users, users) users; with `opts.calib_holdout` at most half the users, so
+        that at least half are held out of calibration (`ckv_cli.pipeline.holdout`)."""
         rng = np.random.default_rng(opts.seed)
-        return np.sort(rng.choice(data.n_users, size=min(opts.calib_users, data.n_users), replace=False))
+        cap = max(1, data.n_users // 2) if getattr(opts, "calib_holdout", False) else data.n_users
+        return np.sort(rng.choice(data.n_users, size=min(opts.calib_users, cap), replace=False))
 
     def batches(self, model, data, users, batch_users: int, exclude_seen: bool = True):
         return next_item_mod.teacher_batches(model, data, range(data.n_users) if users is None else users, batch_users,

@@ -292,12 +292,26 @@ class Scored:
         self._parts: dict[str, list[np.ndarray]] = {}
         self._sums: dict[str, float] = {}
         self._counts = {"hit10_flips": 0, "hit10_gained": 0, "hit10_lost": 0}
+        self.held: Scored | None = None  # sums over the users not used for calibration (`hold_out`)
+        self._held_mask: np.ndarray | None = None
+
+    def hold_out(self, mask: np.ndarray) -> None:
+        """Also keep sums over the users with `mask[user]` True (dataset user index -> not a calibration user):
+        `report` then adds their metrics under 'held_out'."""
+        self._held_mask = np.asarray(mask, dtype=bool)
+        self.held = Scored(None, keep_per_user=False, exclude_seen=self.exclude_seen)
 
     def add_batch(self, tb: TeacherBatch, decoded: FlatCache, reader) -> None:
         """One teacher batch scored through its decoded cache by `reader` (the model that reads the artifact)."""
         cache = reader.unflatten(decoded)
         s_c = scores_after_last_event(reader, cache, tb.cache_batch(cache), tb.exclude_seen)
-        self.add(tb.tokens.offsets, score_fidelity(tb.ref_scores, s_c, tb.targets, temperature_of(reader)))
+        values = score_fidelity(tb.ref_scores, s_c, tb.targets, temperature_of(reader))
+        self.add(tb.tokens.offsets, values)
+        if self.held is not None:
+            rows = np.nonzero(self._held_mask[np.asarray(tb.users)])[0]
+            if len(rows):
+                lengths = np.diff(tb.tokens.offsets)[rows]
+                self.held.add(np.concatenate([[0], np.cumsum(lengths)]), {k: v[rows] for k, v in values.items()})
 
     def summary(self) -> dict:
         """The running sums (plain numbers: JSON-able), for `merged` (shards scored apart; not kept per user)."""
@@ -385,6 +399,13 @@ class Scored:
             "fidelity": fidelity,
             "reconstruction_rel_mse": recon,
         }
+
+    def held_report(self, recon: dict[str, float]) -> dict | None:
+        """The metrics of the held-out users (`hold_out`; None when not asked or none was scored), with `recon`
+        (their reconstruction error)."""
+        if self.held is None or not self.held.done:
+            return None
+        return {"users": self.held.done, **self.held.report(recon)}
 
     def deltas(self, report: dict, bootstrap: int, seed: int) -> dict[str, dict[str, float]]:
         """Per metric: the delta, relative delta and its paired-bootstrap 95% CI over users (kept values only)."""

@@ -3,11 +3,13 @@ diverged run (a NaN or infinite loss or weight: one line, nothing written), and 
 (Ctrl-C, SIGTERM, SIGHUP: the best epoch so far, marked partial, and exit 128 + the signal)."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
 from ckv_cli.errors import CkvError
-from ckv_cli.io.signals import Interrupted
+from ckv_cli.io.signals import Interrupted, pause
 
 
 class BestEpoch:
@@ -29,6 +31,28 @@ class BestEpoch:
     @property
     def stop(self) -> bool:
         return self.bad >= self.patience
+
+    def end_epoch(self, model, score: float, history: list, epoch: int, on_improve=None, max_seconds: float = 0.0,
+                  start: float = 0.0) -> bool:
+        """After an epoch's history entry: keep its weights if best (then `on_improve(model, history)`), pass the
+        test hook's pause point, and say whether training stops (patience spent, or the time budget: recorded)."""
+        if self.update(model, score) and on_improve:
+            on_improve(model, history)
+        pause(f"epoch {epoch}")
+        if self.stop:
+            return True
+        if max_seconds and time.time() - start > max_seconds:
+            history.append({"time_budget_spent": True, "seconds": round(time.time() - start, 1)})
+            return True
+        return False
+
+    def record_interrupt(self, exc: BaseException, history: list, start: float) -> None:
+        """Ctrl-C, SIGTERM, SIGHUP during training: it ends with the best epoch so far (recorded in `history`);
+        with no epoch finished the interrupt goes on."""
+        if self.state is None:
+            raise exc
+        history.append({"interrupted": True, "signal": getattr(exc, "signum", 2),
+                        "seconds": round(time.time() - start, 1)})
 
 
 def seed_everything(seed: int) -> torch.Generator:

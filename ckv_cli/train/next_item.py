@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from ckv_cli.data.batching import history_batch
 from ckv_cli.data.sequences import SequenceData
 from ckv_cli.errors import CkvError
-from ckv_cli.io.signals import pause
 from ckv_cli.models import REGISTRY
 from ckv_cli.tasks.next_item import PROTOCOL, SEEN_PROTOCOL, evaluate_model
 from ckv_cli.train.common import (BestEpoch, check_loss, check_weights, interrupted_history, seed_everything,
@@ -137,19 +136,10 @@ def train_model(data: SequenceData, arch: str, cfg: TrainConfig,
                             "seconds": round(time.time() - start, 1)})
             if on_epoch:
                 on_epoch(epoch, float(np.mean(losses)), val)
-            if keeper.update(model, val) and on_improve:
-                on_improve(model, history)
-            pause(f"epoch {epoch}")
-            if keeper.stop:
-                break
-            if cfg.max_seconds and time.time() - start > cfg.max_seconds:
-                history.append({"time_budget_spent": True, "seconds": round(time.time() - start, 1)})
+            if keeper.end_epoch(model, val, history, epoch, on_improve, cfg.max_seconds, start):
                 break
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: training ends, the best epoch so far is kept
-        if keeper.state is None:
-            raise
-        history.append({"interrupted": True, "signal": getattr(e, "signum", 2),
-                        "seconds": round(time.time() - start, 1)})
+        keeper.record_interrupt(e, history, start)
     model.load_state_dict(keeper.state)
     return model.cpu().eval(), history, time.time() - start
 
