@@ -98,17 +98,17 @@ def logs(tmp_path_factory):
     return d, paths, ckpt, touched, born
 
 
-def compressed(logs, name: str, out: Path, rule: str, plan=None):
+def compressed(logs, name: str, out: Path, rule: str, plan=None, opts: dict = OPTS):
     d, paths, ckpt, _, _ = logs
     model, meta = load_checkpoint(ckpt)
     ds = load(str(paths[name]), item_vocab=meta["item_vocab"])
     out.parent.mkdir(parents=True, exist_ok=True)
     if rule == "file":
-        compress_to_artifact(model, meta, ckpt, ds, CompressOptions(**OPTS), out, command="t")
+        compress_to_artifact(model, meta, ckpt, ds, CompressOptions(**opts), out, command="t")
     elif rule == "hash":
-        compress_sharded(model, meta, ckpt, ds, CompressOptions(**OPTS), out, n_shards=3, command="t", plan=plan)
+        compress_sharded(model, meta, ckpt, ds, CompressOptions(**opts), out, n_shards=3, command="t", plan=plan)
     else:
-        compress_sharded(model, meta, ckpt, ds, CompressOptions(**OPTS), out, 256, command="t", plan=plan)
+        compress_sharded(model, meta, ckpt, ds, CompressOptions(**opts), out, 256, command="t", plan=plan)
     return model, meta
 
 
@@ -143,6 +143,31 @@ def test_update_equals_compress_of_the_extended_log(logs, tmp_path, rule):
     if rule == "range":  # new users go to a new shard after the last one
         assert report["shards_added"] == ["x-00004-of-00005.u00001.safetensors"]
         assert index["shards"][-1]["users"] == [940, 943]
+
+
+def test_update_of_item_coded_indices(logs, tmp_path):
+    """Item-coded indices (issue 21: per-item lists, escapes in a ragged field): an update appends through the
+    lists (a new token takes its list position or escapes), each rewritten shard counts its own escape rows, and
+    the result equals compressing the extended log with the same plan."""
+    d, paths, ckpt, _, _ = logs
+    opts = {**OPTS, "params": {**OPTS["params"], "index": "item", "index_bits": 3, "escape_tol": 0.5}}
+    out = tmp_path / "a" / "x.index.json"
+    model, meta = compressed(logs, "old", out, "hash", opts=opts)
+    new = load_new_events(str(paths["new"]), None, meta["item_vocab"])
+    update_artifact(model, ckpt, out, new, batch_users=8, command="t")
+    assert verify_path(out)[0] == []
+    plan = read_shared(out.parent / "x.shared.safetensors")[0]
+    ref = tmp_path / "b" / "x.index.json"
+    compressed(logs, "full", ref, "hash", plan=plan, opts=opts)
+    with open_artifact(out) as updated, open_artifact(ref) as reference:
+        same_users(updated, reference, model)
+        esc = "L1.k/esc"
+        assert esc in updated.fields and updated.fields[esc]["count"] == reference.fields[esc]["count"] > 0
+        assert updated.meta["accounting"]["per_user_bytes"] == sum(
+            s.meta["accounting"]["per_user_bytes"] for s in updated.shards)
+        for s in updated.shards:  # each shard's accounting counts the escape rows it holds
+            rows = s.fields[esc]["count"]
+            assert s.meta["accounting"]["per_user_breakdown"][esc] == (rows * s.plan.streams["L1.k"].index.full_bits + 7) // 8
 
 
 def test_only_shards_of_touched_users_are_rewritten(logs, tmp_path):

@@ -7,9 +7,11 @@ Tensors
 - `tokens/<id>`: the ids the plan stores per token (`tokens/items` bit-packed; `tokens/timestamps` int32 for
   models that read event times; `tokens/ratings`, `tokens/gaps` for recomputed CTR streams), `tokens/codes`
   (stored signatures), `tokens/keep`; per stream `<stream>/<field>`: per-token fields flattened in user order,
-  as (N, width) (bit-packed ones as uint8 streams), per-user fields as (U, width). `stored_shape` is the rule.
+  as (N, width) (bit-packed ones as uint8 streams), per-user fields as (U, width), ragged fields (a variable
+  number of rows per user, e.g. the escaped indices of an item-coded index) as their rows in user order, each
+  user's row count in the per-user field its declaration names (`counts`). `stored_shape` is the rule.
 `__metadata__` (strings; JSON where structured): format, format_version, plan (`ckv_cli.codecs.plan`), fields
-(name -> per/dtype/width/bits/count), accounting (bytes, NOTES §4), metrics, source checkpoint path and sha256,
+(name -> per/dtype/width/bits/count, and counts for a ragged field), accounting (bytes, NOTES §4), metrics, source checkpoint path and sha256,
 data fingerprint, command, ckv version, seed, `task` ("ctr" for CTR models), and `checksums` (sha256 of each
 tensor's bytes, checked by `verify`).
 """
@@ -24,9 +26,11 @@ import torch
 
 from ckv_cli.codecs import Field
 from ckv_cli.codecs.bits import packed_nbytes
+from ckv_cli.codecs.joint import JointCodec
 from ckv_cli.codecs.plan import DECODE_ERRORS, MAX_BITS, MAX_WIDTH
 from ckv_cli.errors import CkvError
 from ckv_cli.io import formats
+from ckv_cli.spec import token_index
 
 FORMAT = formats.ARTIFACT
 SHARD_FORMAT = formats.SHARD
@@ -42,7 +46,33 @@ def _sha(arr: np.ndarray) -> str:
 
 
 def field_meta(f: Field, count: int) -> dict:
-    return {"per": f.per, "dtype": f.dtype, "width": f.width, "bits": f.bits, "count": count}
+    """A field's entry in metadata 'fields': `count` rows (tokens, users + 1 for the offsets, users, or a ragged
+    field's rows); a ragged field also names its per-user counts field."""
+    out = {"per": f.per, "dtype": f.dtype, "width": f.width, "bits": f.bits, "count": count}
+    if f.per == "ragged":
+        out["counts"] = f.counts
+    return out
+
+
+def reorder_users(joined: dict[str, np.ndarray], fields_meta: dict, lengths: np.ndarray,
+                  order: np.ndarray) -> dict[str, np.ndarray]:
+    """Fields of users laid back to back (`joined`: token fields user by user, `lengths` (U,) tokens each; per-user
+    fields one row per user; ragged fields their rows user by user, counted by their counts field) -> the same
+    fields with the users in `order` (indices into those U users)."""
+    lengths = np.asarray(lengths, np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    tok = token_index(starts[order], lengths[order])
+    out = {}
+    for k, v in joined.items():
+        fm = fields_meta[k]
+        if fm["per"] == "user":
+            out[k] = v[order]
+        elif fm["per"] == "ragged":
+            n = np.asarray(joined[fm["counts"]], np.int64).reshape(-1)
+            out[k] = v[token_index(np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)[order], n[order])]
+        else:
+            out[k] = v[tok]
+    return out
 
 
 def stored_shape(name: str, f: Field, count: int) -> tuple[int, ...]:
@@ -53,6 +83,12 @@ def stored_shape(name: str, f: Field, count: int) -> tuple[int, ...]:
     if name == "users/offsets" or name.startswith("tokens/"):
         return (count,)
     return (count, f.width)
+
+
+def ragged_count(fm) -> int | None:
+    """A ragged field's row count from its metadata entry, or None where it is not a count."""
+    count = fm.get("count") if isinstance(fm, dict) else None
+    return count if _is_int(count, 0, 2**62) else None
 
 
 def encode_meta(value) -> str:
@@ -119,7 +155,15 @@ def check_field_tensors(fields: dict, declared: dict, header: dict, n_tokens: in
     what the plan stores for `n_tokens` tokens of `n_users` users; `bad(why)` makes the error."""
     for name, f in declared.items():
         fm = fields[name]
-        want = field_meta(f, n_tokens if f.per == "token" else n_users + (name == "users/offsets"))
+        if f.per == "ragged":
+            count = ragged_count(fm)
+            if count is None:
+                raise bad(f"field '{name}' in metadata 'fields' gives no row count")
+            if declared.get(f.counts) is None or declared[f.counts].per != "user":
+                raise bad(f"field '{name}' counts its rows in '{f.counts}', which is not a per-user field")
+        else:
+            count = n_tokens if f.per == "token" else n_users + (name == "users/offsets")
+        want = field_meta(f, count)
         if fm != want:
             if not isinstance(fm, dict) or set(fm) != set(want):
                 raise bad(f"field '{name}' in metadata 'fields' is not {{{', '.join(want)}}}")
@@ -146,9 +190,12 @@ def _probe(codec) -> str | None:
     """Decode one all-zero token through a codec loaded from shared tensors: what breaks, or None. Shared
     tensors of the wrong shape fail here, at open, instead of in the middle of a read."""
     fields = {f.name: np.zeros(1, np.int64) if f.bits else np.zeros((1, f.width), f.dtype) for f in codec.fields()}
+    for f in codec.fields():  # one row of each ragged field, counted by its counts field
+        if f.per == "ragged":
+            fields[f.counts] = np.ones_like(fields[f.counts])
     kw = {"items": np.zeros(1, np.int64)} if codec.needs_items else {}
     if getattr(codec, "needs_context", False):  # predictive: the first layer's K/V, as wide as its linear map reads
-        weight = getattr(codec, "weight", None)
+        weight = getattr(getattr(codec, "inner", codec), "weight", None)  # a joint codec's: its inner codec's
         kw["context"] = None if weight is None else torch.zeros(1, weight.shape[0] - 1)
     try:
         with warnings.catch_warnings():  # a misshapen tensor may warn before it fails
@@ -159,8 +206,9 @@ def _probe(codec) -> str | None:
         return None  # a refusal the codec explains itself when the token is really read
     except DECODE_ERRORS as e:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-    if tuple(out.shape) != (1, codec.d):
-        return f"decodes to shape {tuple(out.shape)}, not (1, {codec.d})"
+    width = codec.width if isinstance(codec, JointCodec) else codec.d  # a joint codec decodes K and V side by side
+    if tuple(out.shape) != (1, width):
+        return f"decodes to shape {tuple(out.shape)}, not (1, {width})"
     return None
 
 

@@ -2,8 +2,9 @@
 
 `Artifact.open` never trusts the file: it checks the safetensors header (lengths, dtypes, shapes against byte
 spans), the metadata, the plan (`ckv_cli.codecs.plan.plan_from_description`), every field's declaration against
-its codec and its tensor's dtype and shape, the user offsets and id table, and that the shared tensors fit their
-codecs; `read_fields` checks the indices and ids it reads. A file that fails any check is refused with a one-line
+its codec and its tensor's dtype and shape, the user offsets and id table, that each ragged field's per-user
+counts sum to its rows, and that the shared tensors fit their codecs; `read_fields` checks the indices and ids
+it reads (and that each user's escape rows match its escape codes). A file that fails any check is refused with a one-line
 CkvError. Values are not checked on read (that is what the checksums are for: `verify`). The file is mapped
 read-only (`SafetensorsMap`); a batch read is one gather per field over the users' token ranges (bit-packed
 fields unpacked at those positions only): nothing is read for the other users.
@@ -16,7 +17,7 @@ import numpy as np
 
 from ckv_cli.artifact.format import (ACCOUNTING_NUMBERS, FORMAT, FORMAT_VERSION, SAFETENSORS_DTYPE, SHARD_FORMAT, _is_int,
                                      _sha, check_field_tensors, check_listed_fields, checked_user_table,
-                                     decode_metadata, load_shared_into)
+                                     decode_metadata, load_shared_into, ragged_count)
 from ckv_cli.codecs.plan import DECODE_ERRORS, CachePlan, plan_from_description
 from ckv_cli.errors import CkvError
 from ckv_cli.io import formats
@@ -50,6 +51,7 @@ class Artifact:
                  user_ids: list[str], mapped: SafetensorsMap | None = None):
         self.path, self.meta, self.plan, self.fields = path, meta, plan, fields
         self.offsets, self.user_ids, self.mapped = offsets, user_ids, mapped
+        self.rows: dict[str, np.ndarray] = {}  # ragged field -> (U + 1,) row offsets (from its per-user counts)
         self._lookup = None
 
     @classmethod
@@ -71,13 +73,16 @@ class Artifact:
             offsets = np.array(t["users/offsets"], dtype=np.int64)
             user_ids = checked_user_table(offsets, np.array(t["users/id_offsets"], dtype=np.int64),
                                           t["users/id_bytes"].tobytes(), n_tokens, _bad(path))
+            rows = ragged_rows(t, fields, _bad(path))
             if shared is None:
                 shared = {n: np.array(t[n]) for n in header if n.startswith("shared/")}
             load_shared_into(plan, shared, _bad(path))
         except BaseException:
             mapped.close()
             raise
-        return cls(path, meta, plan, fields, offsets, user_ids, mapped)
+        out = cls(path, meta, plan, fields, offsets, user_ids, mapped)
+        out.rows = rows
+        return out
 
     # -- what it is
     @property
@@ -126,13 +131,20 @@ class Artifact:
         """Stored fields of the given users (indices, any order: token fields concatenated in that order, bit-packed
         ones unpacked to int64; per-user fields one row per user) and their offsets (B + 1,)."""
         users = self.checked_users(users)
-        out, offsets = gather_fields(self.mapped.tensors, self.fields, self.offsets, users)
-        self.check_ranges(out)
+        out, offsets = gather_fields(self.mapped.tensors, self.fields, self.offsets, users, self.rows)
+        self.check_ranges(out, offsets)
         return out, offsets
 
-    def check_ranges(self, fields: dict[str, np.ndarray]) -> None:
-        """Refuse indices a corrupted file could hold (pool entries, item, rating and gap ids) before decoding."""
+    def check_ranges(self, fields: dict[str, np.ndarray], offsets: np.ndarray | None = None) -> None:
+        """Refuse indices a corrupted file could hold (pool entries, item-coded indices whose escape rows do not
+        match their escape codes, item, rating and gap ids) before decoding."""
         for stream, codec in self.plan.coded().items():
+            if hasattr(codec, "index_check") and offsets is not None:
+                sub = {f.name: fields[f"{stream}/{f.name}"] for f in codec.index_fields()}
+                why = codec.index_check(sub, offsets)
+                if why:
+                    raise CkvError(f"{self.path}: {stream} {why}")
+                continue
             idx = fields.get(f"{stream}/idx")
             if idx is not None and len(idx) and hasattr(codec, "pool_size") and int(idx.max()) >= codec.pool_size:
                 raise CkvError(f"{self.path}: {stream} pool index {int(idx.max())} out of range (pool {codec.pool_size})")
@@ -199,8 +211,10 @@ def check_source(meta: dict, path, checkpoint_sha256: str) -> None:
                        f"this checkpoint {checkpoint_sha256[:12]}...)")
 
 
-def gather_fields(t: dict[str, np.ndarray], fields: dict[str, dict], offsets: np.ndarray, users: np.ndarray):
-    """Fields and offsets of `users` from one mapped file `t` whose users' tokens are at `offsets`."""
+def gather_fields(t: dict[str, np.ndarray], fields: dict[str, dict], offsets: np.ndarray, users: np.ndarray,
+                  rows: dict[str, np.ndarray] | None = None):
+    """Fields and offsets of `users` from one mapped file `t` whose users' tokens are at `offsets` (and whose
+    ragged fields' rows are at `rows[name]`, (U + 1,) row offsets)."""
     starts = offsets[users]
     lengths = offsets[users + 1] - starts
     tok = token_index(starts, lengths)
@@ -208,13 +222,33 @@ def gather_fields(t: dict[str, np.ndarray], fields: dict[str, dict], offsets: np
     for name, fm in fields.items():
         if name == "users/offsets":
             continue
+        at = tok
+        if fm["per"] == "ragged":
+            r = rows[name]
+            at = token_index(r[users], r[users + 1] - r[users])
         if fm["per"] == "user":
             out[name] = np.array(t[name][users])
         elif fm["bits"]:
-            out[name] = unpack_at(t[name], tok, fm["bits"])
+            out[name] = unpack_at(t[name], at, fm["bits"])
         else:
-            out[name] = np.array(t[name][tok])
+            out[name] = np.array(t[name][at])
     return out, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def ragged_rows(t: dict[str, np.ndarray], fields: dict[str, dict], bad) -> dict[str, np.ndarray]:
+    """Each ragged field's row offsets (U + 1,) from its per-user counts, checked to sum to its rows; `bad(why)`
+    makes the error."""
+    out = {}
+    for name, fm in fields.items():
+        if fm.get("per") != "ragged":
+            continue
+        counts = np.asarray(t[fm["counts"]], np.int64).reshape(-1)
+        if len(counts) and int(counts.min()) < 0:
+            raise bad(f"'{fm['counts']}' holds a negative row count")
+        out[name] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if int(out[name][-1]) != ragged_count(fm):
+            raise bad(f"the counts in '{fm['counts']}' sum to {int(out[name][-1]):,}, '{name}' has {ragged_count(fm):,} rows")
+    return out
 
 
 def _bad(path: Path):

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from ckv_cli import __version__
-from ckv_cli.artifact.format import FORMAT_VERSION, SHARD_FORMAT, _sha, decode_meta, encode_meta, field_meta, load_shared_into, shared_tensors
+from ckv_cli.artifact.format import (FORMAT_VERSION, SHARD_FORMAT, _sha, decode_meta, encode_meta, field_meta,
+                                     load_shared_into, reorder_users, shared_tensors)
 from ckv_cli.artifact.reader import Artifact
 from ckv_cli.codecs import CachePlan, plan_from_description
 from ckv_cli.errors import CkvError
@@ -38,7 +39,6 @@ from ckv_cli.io import formats
 from ckv_cli.io.files import atomic_write, sha256_file, write_safetensors
 from ckv_cli.io.guarded import where
 from ckv_cli.io.safetensors import read_header
-from ckv_cli.spec import token_index
 
 INDEX_FORMAT = formats.INDEX
 SHARED_FORMAT = formats.SHARED
@@ -245,7 +245,9 @@ class ShardedArtifact(Artifact):
         starts = np.array([e["users"][0] for e in index["shards"]] + [expect], dtype=np.int64)
         tok = np.cumsum([0] + [int(art.offsets[-1]) for art in shards])
         offsets = np.concatenate([[0]] + [art.offsets[1:] + t for art, t in zip(shards, tok)]).astype(np.int64)
-        fields = {name: field_meta(f, int(tok[-1]) if f.per == "token" else len(user_ids) + (name == "users/offsets"))
+        fields = {name: field_meta(f, int(tok[-1]) if f.per == "token" else
+                                   sum(int(art.fields[name]["count"]) for art in shards) if f.per == "ragged" else
+                                   len(user_ids) + (name == "users/offsets"))
                   for name, f in plan.fields().items()}
         out = ShardedArtifact(path, {"format": INDEX_FORMAT, **index["metadata"]}, plan, fields, offsets, user_ids)
         out.shards, out.starts, out.index = shards, starts, index
@@ -271,20 +273,18 @@ def read_by_shard(users: np.ndarray, starts: np.ndarray, read, fields_meta: dict
     parts = [(np.flatnonzero(shard == s), *read(s, users[shard == s] - starts[s])) for s in np.unique(shard)]
     if not parts:
         return read(0, users)
-    return merge_parts(parts, fields_meta, token_index)
+    return merge_parts(parts, fields_meta)
 
 
-def merge_parts(parts, fields_meta: dict, token_index):
+def merge_parts(parts, fields_meta: dict):
     """[(positions asked, fields, offsets), ...] covering positions 0..n-1 once -> (fields, offsets) in position
-    order: per-user rows reordered, token rows gathered user by user."""
+    order: per-user rows reordered, token rows (and ragged rows) gathered user by user."""
     pos = np.concatenate([p for p, _, _ in parts])
     lengths = np.concatenate([np.diff(o) for _, _, o in parts]).astype(np.int64)
     joined = {k: np.concatenate([f[k] for _, f, _ in parts]) for k in parts[0][1]}
     order = np.empty(len(pos), np.int64)  # position asked -> row in the joined parts
     order[pos] = np.arange(len(pos))
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)[order]
-    tok = token_index(starts, lengths[order])
-    fields = {k: (v[order] if fields_meta[k]["per"] == "user" else v[tok]) for k, v in joined.items()}
+    fields = reorder_users(joined, fields_meta, lengths, order)
     return fields, np.concatenate([[0], np.cumsum(lengths[order])]).astype(np.int64)
 
 

@@ -16,6 +16,8 @@ from safetensors.numpy import save as save_bytes
 from ckv_cli import __version__
 from ckv_cli.artifact.format import (FORMAT, FORMAT_VERSION, SAFETENSORS_DTYPE, SHARD_FORMAT, encode_meta, field_meta,
                                      shared_tensors, stored_shape)
+
+SAFETENSORS_NUMPY = {v: k for k, v in SAFETENSORS_DTYPE.items()}
 from ckv_cli.codecs import CachePlan
 from ckv_cli.codecs.bits import BitPacker
 from ckv_cli.codecs.evict import NO_ARTIFACT
@@ -36,30 +38,33 @@ def _layout_order(dtypes: dict[str, np.dtype]) -> list[str]:
     return sorted(header, key=lambda name: header[name]["data_offsets"][0])
 
 
-def _assemble(tmp: str, header: bytes, data, size: int) -> None:
-    """The final file at `tmp`: the 8-byte header length, the header, then the `size` bytes of tensor data
-    streamed from the temporary data file `data` (in 1 MiB pieces: memory stays flat)."""
+def _assemble(tmp: str, header: bytes, pieces: list[tuple]) -> None:
+    """The final file at `tmp`: the 8-byte header length, the header, then the tensor data, copied piece by piece
+    (`pieces`: (temporary file, start, size) in the file's order) in 1 MiB chunks: memory stays flat."""
     with open(tmp, "wb") as out:
         out.write(struct.pack("<Q", len(header)))
         out.write(header)
-        data.seek(0)
-        left = size
-        while left:
-            chunk = data.read(min(COPY_CHUNK, left))
-            if not chunk:
-                raise OSError(errno.EIO, f"the temporary data file ended {left:,} bytes early")
-            out.write(chunk)
-            left -= len(chunk)
+        for data, start, size in pieces:
+            data.seek(start)
+            left = size
+            while left:
+                chunk = data.read(min(COPY_CHUNK, left))
+                if not chunk:
+                    raise OSError(errno.EIO, f"the temporary data file ended {left:,} bytes early")
+                out.write(chunk)
+                left -= len(chunk)
 
 
 class ArtifactWriter:
     """Writes an artifact batch by batch of users, with memory flat in the number of users.
 
-    Every tensor's size follows from the users' token counts (`lengths`, known before anything is encoded),
-    the plan's fields and its shared tensors, so the layout (safetensors' order and offsets) is fixed by
-    `start(plan)`; `add(fields, offsets)` then packs each batch's fields (bit-packed ones carry their last
-    partial byte into the next batch) and writes them at their offsets in an anonymous temporary file beside
-    the output, updating one sha256 per tensor. Nothing per user is held: the user offsets are written by
+    Every tensor's size but the ragged fields' follows from the users' token counts (`lengths`, known before
+    anything is encoded), the plan's fields and its shared tensors, so their layout is fixed by `start(plan)`;
+    `add(fields, offsets)` then packs each batch's fields (bit-packed ones carry their last partial byte into the
+    next batch) and writes them at their offsets in an anonymous temporary file beside the output, updating one
+    sha256 per tensor. A ragged field (rows per user known only once encoded: escaped indices) goes to a
+    temporary file of its own, its rows checked against its per-user counts; the file's order and offsets are
+    laid out again over every tensor by `finish`. Nothing per user is held: the user offsets are written by
     `start` and read back from the data file to check each batch. `finish(metadata)` writes the header (the
     metadata and checksums are known only then) followed by the data into a second temporary file and renames
     it into place (`atomic_write`); the disk briefly holds the data twice. An interrupt or error at any point
@@ -110,7 +115,11 @@ class ArtifactWriter:
         self.plan, self._declared = plan, plan.fields()
         specs: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
         self._fmeta = {}
+        self._ragged = {name: f for name, f in self._declared.items() if f.per == "ragged"}
+        self._rows = {name: 0 for name in self._ragged}
         for name, f in self._declared.items():
+            if f.per == "ragged":  # laid out by `finish`, once its rows are known
+                continue
             count = self.n_tokens if f.per == "token" else self.n_users + (name == "users/offsets")
             specs[name] = (np.dtype(np.uint8) if f.bits else np.dtype(f.dtype), stored_shape(name, f, count))
             self._fmeta[name] = field_meta(f, count)
@@ -133,10 +142,14 @@ class ArtifactWriter:
             pos += size
         self._size = pos
         self._cursor = {name: a for name, (a, _) in self._spans.items()}
-        self._sha = {name: hashlib.sha256() for name in self._spans}
+        self._sha = {name: hashlib.sha256() for name in [*self._spans, *self._ragged]}
         self._packers = {name: BitPacker(f.bits) for name, f in self._declared.items() if f.bits}
+        self._rfiles = {}
         try:
             self._data = tempfile.TemporaryFile(prefix=f".{self.path.name}.", suffix=".data", dir=self.path.parent)
+            for name in self._ragged:
+                self._rfiles[name] = tempfile.TemporaryFile(prefix=f".{self.path.name}.", suffix=".rows",
+                                                            dir=self.path.parent)
         except OSError as e:
             raise self._write_error(e) from None
         self._put_offsets(lengths)
@@ -164,9 +177,15 @@ class ArtifactWriter:
                 raise CkvError(f"internal: field {name} is missing")
             arr = np.asarray(fields[name])
             count = n_tok if f.per == "token" else n
+            if f.per == "ragged":
+                if f.counts not in fields:
+                    raise CkvError(f"internal: field {f.counts} is missing")
+                count = int(np.asarray(fields[f.counts], np.int64).sum())
             if len(arr) != count:
                 raise CkvError(f"internal: field {name} has {len(arr)} rows, expected {count}")
-            if f.bits:
+            if f.per == "ragged":
+                self._put_rows(name, f, arr)
+            elif f.bits:
                 self._put(name, self._packers[name].feed(arr))
             else:
                 if arr.dtype != np.dtype(f.dtype) or arr.size != count * (1 if name.startswith("tokens/") else f.width):
@@ -181,32 +200,69 @@ class ArtifactWriter:
         if self._users_done != self.n_users:
             raise CkvError(f"internal: {self._users_done:,} of {self.n_users:,} users were written")
         for name, packer in self._packers.items():
-            self._put(name, packer.close())
+            if name in self._ragged:
+                self._put_bytes(name, packer.close())
+            else:
+                self._put(name, packer.close())
         for name, (a, b) in self._spans.items():
             if self._cursor[name] != b:
                 raise CkvError(f"internal: tensor {name} got {self._cursor[name] - a:,} of its {b - a:,} bytes")
+        header, pieces = self._final_layout()
         meta = {k: encode_meta(v) for k, v in metadata.items()}
         meta.update({"format": FORMAT if self.with_shared else SHARD_FORMAT, "format_version": FORMAT_VERSION,
                      "plan": json.dumps(self.plan.describe(), sort_keys=True),
                      "fields": json.dumps(self._fmeta, sort_keys=True), "ckv_version": __version__,
                      "checksums": json.dumps({k: h.hexdigest() for k, h in self._sha.items()}, sort_keys=True)})
-        header = {**self._header, "__metadata__": meta}
+        header = {**header, "__metadata__": meta}
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
         text = text.ljust(-(-len(text) // 8) * 8, b" ")  # as safetensors pads it
-        atomic_write(self.path, lambda tmp: _assemble(tmp, text, self._data, self._size), force=self.force)
+        atomic_write(self.path, lambda tmp: _assemble(tmp, text, pieces), force=self.force)
+        out = self.tensor_bytes
         self.discard()
-        return self.tensor_bytes
+        return out
+
+    def _final_layout(self) -> tuple[dict, list[tuple]]:
+        """(safetensors header of every tensor, the pieces to copy in the file's order): the layout of `start`
+        when there is no ragged field; otherwise every tensor laid out again now that the ragged rows are known."""
+        if not self._ragged:
+            return self._header, [(self._data, 0, self._size)]
+        for name, f in self._ragged.items():
+            self._fmeta[name] = field_meta(f, self._rows[name])
+        dtypes = {name: np.dtype(np.uint8) if f.bits else np.dtype(f.dtype) for name, f in self._ragged.items()}
+        dtypes.update({name: np.dtype(SAFETENSORS_NUMPY[info["dtype"]]) for name, info in self._header.items()})
+        header, pieces, pos = {}, [], 0
+        for name in _layout_order(dtypes):
+            if name in self._ragged:
+                f = self._ragged[name]
+                size = f.nbytes(self._rows[name]) if f.bits else self._rows[name] * f.width * dtypes[name].itemsize
+                shape = stored_shape(name, f, self._rows[name])
+                header[name] = {"dtype": SAFETENSORS_DTYPE[dtypes[name].name], "shape": [int(s) for s in shape],
+                                "data_offsets": [pos, pos + size]}
+                pieces.append((self._rfiles[name], 0, size))
+            else:
+                a, b = self._spans[name]
+                size = b - a
+                header[name] = {**self._header[name], "data_offsets": [pos, pos + size]}
+                pieces.append((self._data, a, size))
+            pos += size
+        return header, pieces
 
     @property
     def tensor_bytes(self) -> dict[str, int]:
-        """Bytes of each tensor as laid out (known once started)."""
-        return {name: b - a for name, (a, b) in self._spans.items()}
+        """Bytes of each tensor as laid out (known once started; a ragged field's once its users are all added)."""
+        out = {name: b - a for name, (a, b) in self._spans.items()}
+        for name, f in self._ragged.items():
+            out[name] = f.nbytes(self._rows[name])
+        return out
 
     def discard(self) -> None:
-        """Close (and so delete) the temporary data file; the writer is unusable afterwards. Safe to repeat."""
+        """Close (and so delete) the temporary data files; the writer is unusable afterwards. Safe to repeat."""
         if self._data is not None:
             self._data.close()
             self._data = None
+        for f in getattr(self, "_rfiles", {}).values():
+            f.close()
+        self._rfiles = {}
 
     # -- internals
     def _write_error(self, e: OSError) -> CkvError:
@@ -228,6 +284,24 @@ class ArtifactWriter:
         except OSError as e:
             raise self._write_error(e) from None
         self._cursor[name] = pos + len(buf)
+
+    def _put_rows(self, name: str, f, arr: np.ndarray) -> None:
+        """A batch's rows of a ragged field, appended to its own temporary file."""
+        if f.bits:
+            self._put_bytes(name, self._packers[name].feed(arr))
+        else:
+            if arr.dtype != np.dtype(f.dtype) or arr.size != len(arr) * f.width:
+                raise CkvError(f"internal: field {name} is {arr.dtype} {arr.shape}, declared {f.dtype} x {f.width}")
+            self._put_bytes(name, arr)
+        self._rows[name] += len(arr)
+
+    def _put_bytes(self, name: str, arr: np.ndarray) -> None:
+        buf = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+        self._sha[name].update(buf)
+        try:
+            self._rfiles[name].write(buf)
+        except OSError as e:
+            raise self._write_error(e) from None
 
     def _read(self, pos: int, size: int) -> bytes:
         try:

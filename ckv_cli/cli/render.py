@@ -325,6 +325,10 @@ def print_inspect_artifact(r: dict) -> None:
         print_table("pool utilisation", ["stream", "entries used", "entropy (bits)", "entropy / max", "top-10 share"],
                     [[s, f"{u['used']:,} / {u['pool_size']:,}", u["entropy_bits"], u["entropy_share"], u["top10_share"]]
                      for s, u in r["pool_usage"].items()])
+        coded = {s: u for s, u in r["pool_usage"].items() if "index_bits" in u}
+        if coded:
+            print_table("item-coded indices", ["stream", "list position (bits)", "tokens escaped", "entries listed"],
+                        [[s, u["index_bits"], f"{u['escape_rate']:.2%}", f"{u['list_entries']:,}"] for s, u in coded.items()])
     if "reconstruction_rel_error" in r:
         rows = [[s, e] for s, e in r["reconstruction_rel_error"].items()]
         if "signature_mismatch_rate" in r:

@@ -7,6 +7,8 @@
   codec from an artifact without running `fit`.
 - A codec with `needs_items` also gets the tokens' item ids (N,) as `items=` in fit, encode and decode;
   `stream_defaults` maps a stream kind ('k', 'v') to parameter defaults the plan passes for that kind.
+- A field may be 'ragged' (`Field.counts`): a variable number of rows per user (escaped indices of an item-coded
+  index, `ckv_cli.codecs.itemindex`), its row counts in a per-user field; its bytes follow the rows encoded.
 - A codec with `needs_keep` (token eviction) gets the plan's keep mask (N,) bool as `keep=` in encode and
   decode, and may declare `kept` fields: one row per kept token, not per token.
 Codecs never see the model: the caller hands them vectors.
@@ -24,14 +26,16 @@ from ckv_cli.errors import CkvError
 
 @dataclass(frozen=True)
 class Field:
-    """One stored array: `per` is 'token', 'user' or 'kept'; `bits` > 0 means bit-packed unsigned ints, one per token;
-    otherwise `dtype` and `width` (values per token or per user)."""
+    """One stored array: `per` is 'token', 'user', 'kept' or 'ragged'; `bits` > 0 means bit-packed unsigned ints,
+    one per row; otherwise `dtype` and `width` (values per row). A 'ragged' field has a variable number of rows
+    per user, in user order: `counts` names the per-user field (same stream) that holds each user's row count."""
 
     name: str
     per: str
     dtype: str = "uint8"
     width: int = 1
     bits: int = 0
+    counts: str = ""
 
     def nbytes(self, count: int) -> int:
         if self.bits:

@@ -9,7 +9,8 @@ Initialisation needs no gradients: k-means for the pool; the router `argmax(W x 
 exactly nearest-entry assignment. Per token it stores the index (packed at ceil(log2 m) bits) and r values
 (int8 with one fp16 scale per user, or fp16). `pool_dtype` fp16 stores the pool (and the router derived from
 it) at half the shared bytes; the pool is rounded to fp16 right after k-means, so the encoder routes to exactly
-the entries the reader holds.
+the entries the reader holds. `index="item"` codes the index given the token's item instead
+(`ckv_cli.codecs.itemindex`: a position in the item's list of pool entries, or an escape to the full index).
 """
 from __future__ import annotations
 
@@ -18,16 +19,18 @@ import torch
 
 from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int, dequantize_per_user, quantize_per_user
 from ckv_cli.codecs.bits import bits_for
+from ckv_cli.codecs.itemindex import AUTO, IndexCoding, squared_error
 from ckv_cli.codecs.kmeans import kmeans
 from ckv_cli.codecs.nearest import linear_argmax
 from ckv_cli.errors import CkvError
 
 
-class CollectiveCodec(StreamCodec):
+class CollectiveCodec(IndexCoding, StreamCodec):
     name = "collective"
 
     def __init__(self, d: int, pool_size: int = 8192, user_dim: int = 0, layout: str = "residual",
-                 user_dtype: str = "int8", iters: int = 20, pool_dtype: str = "fp32"):
+                 user_dtype: str = "int8", iters: int = 20, pool_dtype: str = "fp32", index: str = "flat",
+                 index_bits=AUTO, escape_tol: float = 0.0):
         self.d = check_positive_int("d", d)
         self.pool_size = check_positive_int("pool size", pool_size, 2)
         self.user_dim = check_positive_int("user dim", user_dim, 0)
@@ -43,20 +46,21 @@ class CollectiveCodec(StreamCodec):
         self.bits = bits_for(self.pool_size)
         self.pool = self.router_w = self.router_b = self.basis = self.mean = None
         self.user_coords = self.pool_coords = None
+        self._init_index(self.pool_size, index, index_bits, escape_tol)
 
     def params(self) -> dict:
         out = {"d": self.d, "pool_size": self.pool_size, "user_dim": self.user_dim, "layout": self.layout,
                "user_dtype": self.user_dtype}
         if self.pool_dtype != "fp32":  # absent from artifacts written before the option existed
             out["pool_dtype"] = self.pool_dtype
-        return out
+        return {**out, **self.index_params()}
 
     def _stored(self, pool: torch.Tensor) -> torch.Tensor:
         """The pool as the artifact will hold it (rounded to fp16 with `pool_dtype` fp16), in fp32."""
         return pool.half().float() if self.pool_dtype == "fp16" else pool
 
     # -- fitting -------------------------------------------------------------------------------------------
-    def fit(self, x: torch.Tensor, seed: int) -> None:
+    def fit(self, x: torch.Tensor, seed: int, items: np.ndarray | None = None) -> None:
         x = x.float()
         if x.shape[0] < self.pool_size:  # k-means would return fewer entries than the metadata declares
             raise CkvError(f"a pool of {self.pool_size} entries needs at least as many calibration vectors, got "
@@ -85,6 +89,21 @@ class CollectiveCodec(StreamCodec):
             keep[user] = False
             self.user_coords, self.pool_coords = user, keep.nonzero().squeeze(1)
             self._set_pool(self._stored(kmeans(z[:, self.pool_coords], self.pool_size, seed=seed, iters=self.iters)))
+        self.fit_index(x, items)  # item-coded: the item lists, from the calibration tokens' entries
+
+    def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None,
+                     context: torch.Tensor | None = None):
+        zp = self._pool_part(x)
+        return self._route(zp), self._error(zp)
+
+    def _pool_part(self, x: torch.Tensor) -> torch.Tensor:
+        """The coordinates the pool approximates: (N, d) or (N, d - r)."""
+        z = self._coords(x)
+        return z[:, self.pool_coords] if self.layout == "concat" else z
+
+    def _error(self, zp: torch.Tensor):
+        """Squared error of tokens (rows of `zp`) against pool entries, for the item index's escape tolerance."""
+        return squared_error(zp, self.pool)
 
     def _set_pool(self, pool: torch.Tensor) -> None:
         self.pool = pool.contiguous()  # (m, d) or (m, d - r)
@@ -138,24 +157,28 @@ class CollectiveCodec(StreamCodec):
 
     # -- storage -------------------------------------------------------------------------------------------
     def fields(self) -> list[Field]:
-        out = [Field("idx", "token", bits=self.bits)]
+        out = self.index_fields()
         if self.user_dim:
             out.append(Field("user", "token", dtype=self.user_dtype.replace("fp", "float"), width=self.user_dim))
             if self.user_dtype == "int8":
                 out.append(Field("scale", "user", dtype="float16", width=1))
         return out
 
-    def encode(self, x: torch.Tensor, user_offsets: np.ndarray) -> dict[str, np.ndarray]:
+    def encode_index(self, x: torch.Tensor, user_offsets: np.ndarray,
+                     items: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+        """(index fields, user part u (N, r) in float) of a batch of tokens: the router's entries, coded flat or
+        given the items (the item index's tolerance may take a listed entry instead: u is taken against it)."""
         if self.pool is None:
             raise CkvError("codec used before fit or load")
         z = self._coords(x)
-        if self.layout == "concat":
-            idx = self._route(z[:, self.pool_coords])
-            u = z[:, self.user_coords]
-        else:
-            idx = self._route(z)
-            u = (z - self.pool[idx]) @ self.basis  # (N, r)
-        out = {"idx": idx.numpy().astype(np.uint32)}
+        zp = z[:, self.pool_coords] if self.layout == "concat" else z
+        out, idx = self.index_encode(self._route(zp), items, user_offsets, self._error(zp))
+        idx = torch.from_numpy(idx)
+        u = z[:, self.user_coords] if self.layout == "concat" else (z - self.pool[idx]) @ self.basis  # (N, r)
+        return out, u
+
+    def encode(self, x: torch.Tensor, user_offsets: np.ndarray, items: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        out, u = self.encode_index(x, user_offsets, items)
         if self.user_dim:
             if self.user_dtype == "int8":
                 out["user"], out["scale"] = quantize_per_user(u, user_offsets)
@@ -163,8 +186,14 @@ class CollectiveCodec(StreamCodec):
                 out["user"] = u.half().numpy()
         return out
 
-    def decode(self, fields: dict[str, np.ndarray], user_offsets: np.ndarray) -> torch.Tensor:
-        idx = torch.from_numpy(np.asarray(fields["idx"], dtype=np.int64))
+    def indices(self, fields: dict[str, np.ndarray], user_offsets: np.ndarray,
+                items: np.ndarray | None = None) -> np.ndarray:
+        """Pool index (N,) of each stored token (item-coded ones decoded through their item's list)."""
+        return self.index_decode(fields, items, user_offsets)
+
+    def decode(self, fields: dict[str, np.ndarray], user_offsets: np.ndarray,
+               items: np.ndarray | None = None) -> torch.Tensor:
+        idx = torch.from_numpy(self.indices(fields, user_offsets, items))
         if self.user_dim:
             u = (dequantize_per_user(fields["user"], fields["scale"], user_offsets) if self.user_dtype == "int8"
                  else torch.from_numpy(fields["user"].astype(np.float32)))
@@ -184,6 +213,7 @@ class CollectiveCodec(StreamCodec):
         if self.layout == "concat":
             out["user_coords"] = self.user_coords
             out["pool_coords"] = self.pool_coords
+        out.update(self.index_shared())
         return out
 
     def load_shared(self, shared: dict[str, torch.Tensor]) -> None:
@@ -195,3 +225,4 @@ class CollectiveCodec(StreamCodec):
             self.user_coords, self.pool_coords = shared["user_coords"].long(), shared["pool_coords"].long()
         if self.pool.shape[0] != self.pool_size:
             raise CkvError(f"pool has {self.pool.shape[0]} entries, the metadata says {self.pool_size}")
+        self.index_load_shared(shared)

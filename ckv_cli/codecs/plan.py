@@ -19,6 +19,9 @@ stored, and whether side fields (hash signatures) are stored or derived. One pla
   user (`time/code`, `time/anchor`) instead of int32 per token; `time_weights` ((layers, buckets), the model's
   time-bias tables) steer its fit and are not stored. In memory only for now: artifacts refuse it.
 
+Joint K/V (`joint=kv`, `ckv_cli.codecs.joint`): each layer's coded K and V share one codec over [k; v], stored
+under the K stream (`joint`); the V stream (`joined`) stores nothing and decodes as the second half of K's.
+
 Descriptions (an artifact's metadata 'plan') keep the two layouts artifacts have always had: next-item models'
 `{n_layers, n_items, timestamps, streams}` (a recomputed stream is "items") and CTR models' `{task: "ctr", arch,
 n_items, codes, items_stored, stream_dims, streams}` (a recomputed stream is "eventid"); `plan_from_description`
@@ -26,7 +29,7 @@ reads both, checking every value (a file is never trusted).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -35,6 +38,7 @@ import torch
 from ckv_cli.codecs.base import Field, StreamCodec
 from ckv_cli.codecs.bits import bits_for
 from ckv_cli.codecs.evict import EvictCodec, kept_counts
+from ckv_cli.codecs.joint import JOINED, JOINT, JointCodec, JointPart
 from ckv_cli.codecs.plain import PlainCodec
 from ckv_cli.codecs.recompute import RecomputeCodec
 from ckv_cli.codecs.registry import registry
@@ -180,11 +184,18 @@ class CachePlan:
         if ev is not None and ev[1].stores_flags:
             out["tokens/keep"] = Field("keep", "token", bits=1)
         for name, codec in self.coded().items():
-            for f in codec.fields():
-                out[f"{name}/{f.name}"] = f
+            for f in codec.fields():  # a ragged field's counts field by its artifact name
+                out[f"{name}/{f.name}"] = replace(f, counts=f"{name}/{f.counts}") if f.counts else f
         return out
 
     # -- fitting, encoding, decoding
+    def codec_input(self, flat: FlatCache, name: str) -> torch.Tensor:
+        """What stream `name`'s codec reads: the stream, or for a joint K codec its K and V side by side."""
+        codec = self.streams[name]
+        if isinstance(codec, JointCodec):
+            return torch.cat([flat.stream(name).float(), flat.stream(codec.partner).float()], 1)
+        return flat.stream(name)
+
     def context(self, streams: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """(N, d_k + d_v) the first layer's K and V of each token, when both are recomputed from the ids."""
         k, v = self.key(0, "k"), self.key(0, "v")
@@ -197,13 +208,14 @@ class CachePlan:
             self.time.fit(np.asarray(flat.ids["timestamps"]), flat.offsets, self.time_weights)
         ctx = self.context(flat.streams)
         for i, (name, codec) in enumerate(self.streams.items()):
-            if recomputed(codec):
+            if recomputed(codec) or isinstance(codec, JointPart):
                 continue
             if progress:
                 progress(name)
             try:
                 extra = {"user_offsets": flat.offsets} if getattr(codec, "needs_context", False) else {}
-                codec.fit(flat.stream(name), seed + i, **_items(codec, flat.items), **_context(codec, ctx), **extra)
+                codec.fit(self.codec_input(flat, name), seed + i, **_items(codec, flat.items), **_context(codec, ctx),
+                          **extra)
             except CkvError as e:  # say which stream was refused
                 raise CkvError(f"{name}: {e}", e.exit_code) from None
 
@@ -241,8 +253,8 @@ class CachePlan:
             if memo is not None and name in memo:
                 enc = {k: v[inverse] for k, v in memo[name].items()}
             else:
-                enc = codec.encode(flat.stream(name), flat.offsets, **_items(codec, flat.items), **_keep(codec, keep),
-                                   **_context(codec, ctx))
+                enc = codec.encode(self.codec_input(flat, name), flat.offsets, **_items(codec, flat.items),
+                                   **_keep(codec, keep), **_context(codec, ctx))
             for fname, arr in enc.items():
                 out[f"{name}/{fname}"] = arr
         return out
@@ -270,10 +282,17 @@ class CachePlan:
         for name, codec in self.streams.items():
             if recomputed(codec):
                 streams[name] = rec[name]
+            elif isinstance(codec, JointPart):
+                continue  # filled from its leader's decoded vectors
             else:
                 sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
-                streams[name] = codec.decode(sub, offsets, **_items(codec, items), **_keep(codec, keep),
-                                             **_context(codec, ctx)).float()
+                out = codec.decode(sub, offsets, **_items(codec, items), **_keep(codec, keep),
+                                   **_context(codec, ctx)).float()
+                if isinstance(codec, JointCodec):
+                    streams[name], streams[codec.partner] = codec.split(out)
+                else:
+                    streams[name] = out
+        streams = {name: streams[name] for name in self.streams}  # stream order
         side = {}
         if self.side_stored:
             spec = {s.name: s for s in model.cache_spec().side}
@@ -338,8 +357,9 @@ class CachePlan:
 
 
 def make_codec(name: str, d: int, params: dict, kind: str = "") -> StreamCodec:
-    """`kind` ('k' or 'v') adds the codec's defaults for that stream kind under `params`."""
-    codecs = registry()
+    """`kind` ('k' or 'v') adds the codec's defaults for that stream kind under `params`. The joint pair's codecs
+    (`joint`, `joined`) are made here too (from descriptions), though `--codec` does not take them."""
+    codecs = {**registry(), JOINT: JointCodec, JOINED: JointPart}
     if name not in codecs:
         raise CkvError(f"unknown codec '{name}' (known: {', '.join(sorted(codecs))})")
     try:
@@ -359,6 +379,9 @@ def build_plan(spec: CacheSpec, name: str, params: dict, *, n_items: int, share:
     if bad or not share:
         raise CkvError(f"--share takes k, v or k,v (got {','.join(share) or 'nothing'})")
     params = dict(params)
+    joint = params.pop("joint", None)
+    if joint not in (None, "kv"):
+        raise CkvError(f"joint takes kv (one codec over each layer's K and V), got {joint!r}")
     time = _time_codec(params.pop("time_bits", 0), spec, time_weights)
     if name == EVENTID:
         if params:
@@ -382,6 +405,10 @@ def build_plan(spec: CacheSpec, name: str, params: dict, *, n_items: int, share:
             streams[s.name] = make_codec(name, s.width, params, s.kind)
         else:
             streams[s.name] = PlainCodec(d=s.width, dtype="float16")
+    if joint:
+        streams = _joined(spec, streams, name, params, kinds=set(share))
+    if layout == CTR and any(getattr(c, "index", None) is not None or isinstance(c, JointCodec) for c in streams.values()):
+        raise CkvError("index=item and joint=kv are for next-item models (CTR artifacts read neither back)")
     needed = required | {i for s in spec.streams if recomputed(streams[s.name]) for i in s.from_ids}
     ids = tuple(t for t in spec.ids if t.name in needed)
     if side_stored and not spec.side:
@@ -401,6 +428,40 @@ def _time_codec(bits, spec: CacheSpec, weights: np.ndarray | None) -> BucketTime
     if weights is None:
         raise CkvError("time_bits: this model declares no time-bias tables to fit the time codec to")
     return BucketTimeCodec(bits=bits, max_bucket=int(np.asarray(weights).shape[1]) - 1)
+
+
+def _joined(spec: CacheSpec, streams: dict, name: str, params: dict, kinds: set[str]) -> dict:
+    """`streams` with each K and V of one layer coded by `name` replaced by a joint pair (module docstring)."""
+    if kinds != {"k", "v"}:
+        raise CkvError("joint=kv needs K and V both coded (--share k,v)")
+    widths = {s.name: s.width for s in spec.streams}
+    out, pairs = dict(streams), 0
+    for s in spec.streams:
+        partner = s.name[:-1] + "v" if s.kind == "k" and s.name.endswith("k") else None
+        if partner is None or partner not in streams:
+            continue
+        k, v = streams[s.name], streams[partner]
+        if recomputed(k) or recomputed(v) or k.name != name or v.name != name:
+            continue
+        out[s.name] = JointCodec(widths[s.name], widths[partner], partner, name, params)
+        out[partner] = JointPart(widths[partner], s.name)
+        pairs += 1
+    if not pairs:
+        raise CkvError("joint=kv: no layer has both its K and V coded (the first layer is recomputed from item ids)")
+    return out
+
+
+def _check_joint(codecs: dict, bad) -> None:
+    """Every joint K codec names a `joined` V stream that names it back, of the width it says."""
+    for name, c in codecs.items():
+        if isinstance(c, JointCodec):
+            part = codecs.get(c.partner)
+            if not isinstance(part, JointPart) or part.leader != name or part.d != c.d_with:
+                raise bad(f"stream {name}: its joint partner {c.partner} is not a joined stream of width {c.d_with}")
+        elif isinstance(c, JointPart):
+            lead = codecs.get(c.leader)
+            if not isinstance(lead, JointCodec) or lead.partner != name:
+                raise bad(f"stream {name}: joined to {c.leader}, which is not its joint codec")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -440,6 +501,7 @@ def plan_from_description(desc, fields: dict | None = None, bad: Callable[[str],
             codecs[key] = RecomputeCodec()
             continue
         codecs[key] = _codec(key, entry, None, bad)
+    _check_joint(codecs, bad)
     ids = [TokenId("items", bits=bits_for(desc["n_items"] + 1), required=True)]
     if desc["timestamps"]:
         ids.append(TokenId("timestamps", dtype="int32", required=True))
@@ -489,7 +551,7 @@ def _ctr_plan(desc: dict, fields: dict, bad) -> CachePlan:
             codecs[name] = RecomputeCodec(dims[name])
             continue
         codecs[name] = _codec(name, entry, dims[name], bad)
-        if codecs[name].needs_items:
+        if codecs[name].needs_items or isinstance(codecs[name], (JointCodec, JointPart)):
             raise bad(f"stream {name}: codec {entry['codec']} is not one CTR artifacts use")
     every = all(recomputed(c) for c in codecs.values())
     if desc["codes"] not in (("recomputed", "none") if every else ("derived", "stored", "none")):

@@ -16,6 +16,10 @@ least `min_count` calibration tokens, stored as (row ids int32, rows) so an unse
 
 Every shared tensor (W, tables, pool) is stored at `dtype` (fp16 or fp32) and rounded to it before the pool is
 fitted and before any token is encoded, so the encoder sees exactly what the reader will.
+
+`index="item"` (`index_bits`, `escape_tol`; `ckv_cli.codecs.itemindex`) codes each token's pool index given its
+item: a position in the item's list of pool entries, or an escape to the full index. The lists are fitted on the
+calibration tokens' residuals against the same prediction (first-layer context included) that `encode` uses.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 
 from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int
 from ckv_cli.codecs.bits import bits_for
+from ckv_cli.codecs.itemindex import AUTO, IndexCoding, squared_error
 from ckv_cli.codecs.kmeans import kmeans, nearest
 from ckv_cli.errors import CkvError
 
@@ -39,7 +44,7 @@ def positions(user_offsets: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.arange(n) - np.repeat(starts, np.diff(user_offsets)))
 
 
-class PredictiveCodec(StreamCodec):
+class PredictiveCodec(IndexCoding, StreamCodec):
     """Prediction from stored ids (and the recomputed first layer) + a k-means pool on the residual."""
 
     name = "predictive"
@@ -47,7 +52,8 @@ class PredictiveCodec(StreamCodec):
     needs_context = True  # the plan passes `context=` (the first layer's K and V of each token), None if absent
 
     def __init__(self, d: int, pool_size: int = 1024, predictor: str = "linear", dtype: str = "fp16",
-                 shrink: float = 5.0, min_count: int = 1, iters: int = 20):
+                 shrink: float = 5.0, min_count: int = 1, iters: int = 20, index: str = "flat", index_bits=AUTO,
+                 escape_tol: float = 0.0):
         self.d = check_positive_int("d", d)
         self.pool_size = check_positive_int("pool size", pool_size, 2)
         if predictor not in PREDICTORS:
@@ -61,6 +67,7 @@ class PredictiveCodec(StreamCodec):
         self.iters = check_positive_int("iters", iters, 1)
         self.bits = bits_for(self.pool_size)
         self.pool = self.weight = self.rows = self.table = self.pos_table = self.base = None
+        self._init_index(self.pool_size, index, index_bits, escape_tol)
 
     @property
     def uses_context(self) -> bool:
@@ -72,7 +79,7 @@ class PredictiveCodec(StreamCodec):
 
     def params(self) -> dict:
         return {"d": self.d, "pool_size": self.pool_size, "predictor": self.predictor, "dtype": self.dtype,
-                "shrink": self.shrink, "min_count": self.min_count}
+                "shrink": self.shrink, "min_count": self.min_count, **self.index_params()}
 
     def _stored(self, t: torch.Tensor) -> torch.Tensor:
         """Rounded to the storage dtype, kept as fp32 for arithmetic."""
@@ -123,6 +130,14 @@ class PredictiveCodec(StreamCodec):
             pred = pred + self._pos_rows(pos)
         torch.manual_seed(seed)
         self.pool = self._stored(kmeans(x - pred, self.pool_size, seed=seed, iters=self.iters))  # (m, d)
+        self.fit_index(x, items, user_offsets, context)  # item-coded: the lists, from the tokens' residual entries
+
+    def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None,
+                     context: torch.Tensor | None = None):
+        """Each calibration token's pool entry and the error function, on its residual against the prediction
+        `encode` makes (the same first-layer `context` as `fit`)."""
+        res = x.float() - self.predict(items, user_offsets, context)  # (N, d)
+        return nearest(res, self.pool), squared_error(res, self.pool)
 
     def _linear(self, context: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -156,16 +171,16 @@ class PredictiveCodec(StreamCodec):
 
     # -- storage -------------------------------------------------------------------------------------------
     def fields(self) -> list[Field]:
-        return [Field("idx", "token", bits=self.bits)]
+        return self.index_fields()
 
     def encode(self, x: torch.Tensor, user_offsets: np.ndarray, items: np.ndarray,
                context: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         res = x.float() - self.predict(items, user_offsets, context)  # (N, d)
-        return {"idx": nearest(res, self.pool).numpy().astype(np.uint32)}
+        return self.index_encode(nearest(res, self.pool), items, user_offsets, squared_error(res, self.pool))[0]
 
     def decode(self, fields: dict[str, np.ndarray], user_offsets: np.ndarray, items: np.ndarray,
                context: torch.Tensor | None = None) -> torch.Tensor:
-        idx = torch.from_numpy(np.asarray(fields["idx"], dtype=np.int64))
+        idx = torch.from_numpy(self.index_decode(fields, items, user_offsets))
         return self.predict(items, user_offsets, context) + self.pool[idx]
 
     def shared(self) -> dict[str, torch.Tensor]:
@@ -179,7 +194,7 @@ class PredictiveCodec(StreamCodec):
             out.update(rows=self.rows, table=self.table.to(dt))
         if self.pos_table is not None:
             out["pos_table"] = self.pos_table.to(dt)
-        return out
+        return {**out, **self.index_shared()}
 
     def load_shared(self, shared: dict[str, torch.Tensor]) -> None:
         self.pool = shared["pool"].float()
@@ -191,3 +206,4 @@ class PredictiveCodec(StreamCodec):
             self.pos_table = shared["pos_table"].float()
         if self.pool.shape != (self.pool_size, self.d):
             raise CkvError(f"pool has shape {tuple(self.pool.shape)}, the metadata says ({self.pool_size}, {self.d})")
+        self.index_load_shared(shared)

@@ -65,18 +65,36 @@ def pool_usage(art: Artifact) -> dict[str, dict]:
     out = {}
     for stream, codec in art.plan.coded().items():
         name = f"{stream}/idx"
-        if name not in art.fields or not hasattr(codec, "pool_size"):
+        extra = {}
+        if getattr(codec, "index", None) is not None and hasattr(codec, "pool_size"):  # item-coded: decoded
+            idx, extra = _item_coded(art, stream, codec)
+        elif name not in art.fields or not hasattr(codec, "pool_size"):
             continue
-        idx = [unpack(part.mapped.tensors[name], part.fields[name]["bits"], part.fields[name]["count"])
-               for part in getattr(art, "shards", [art])]
+        else:
+            idx = [unpack(part.mapped.tensors[name], part.fields[name]["bits"], part.fields[name]["count"])
+                   for part in getattr(art, "shards", [art])]
         counts = np.bincount(np.concatenate(idx), minlength=codec.pool_size)
         p = counts[counts > 0] / max(counts.sum(), 1)
         entropy = float(-(p * np.log2(p)).sum())
         out[stream] = {"pool_size": codec.pool_size, "used": int((counts > 0).sum()),
                        "entropy_bits": entropy, "entropy_share": entropy / math.log2(codec.pool_size),
                        "top10_share": float(np.sort(counts)[::-1][:10].sum() / max(counts.sum(), 1)),
-                       "counts": counts}
+                       **extra, "counts": counts}
     return out
+
+
+def _item_coded(art: Artifact, stream: str, codec, chunk: int = 4096) -> tuple[list[np.ndarray], dict]:
+    """Pool indices of every token of an item-coded stream (decoded through the lists, a chunk of users at a
+    time), and the index coding's numbers: width, share of tokens escaped, entries listed."""
+    idx, escaped, tokens = [], 0, 0
+    for a in range(0, art.n_users, chunk):
+        fields, offsets = art.read_fields(np.arange(a, min(a + chunk, art.n_users)))
+        sub = {f.name: fields[f"{stream}/{f.name}"] for f in codec.index_fields()}
+        idx.append(codec.indices(sub, offsets, fields["tokens/items"]))
+        escaped += int((np.asarray(sub["pos"]) == codec.index.escape).sum())
+        tokens += len(sub["pos"])
+    return idx or [np.zeros(0, np.int64)], {"index_bits": codec.index.bits, "escape_rate": escaped / max(tokens, 1),
+                                            "list_entries": int(len(codec.index.entries))}
 
 
 @torch.no_grad()

@@ -175,19 +175,25 @@ def fit_and_distill(model, ds, opts: CompressOptions, on_stream=None, teacher=No
 
 
 def accounting(plan: CachePlan, offsets: np.ndarray | None, per_token_full: int,
-               counts: tuple[int, int] | None = None, breakdown: dict[str, int] | None = None) -> dict:
+               counts: tuple[int, int] | None = None, breakdown: dict[str, int] | None = None,
+               ragged: dict[str, int] | None = None) -> dict:
     """Bytes per NOTES §4 (module docstring). `per_token_full` = values per token of the full cache (the sum of the
     declared stream widths). `counts` (users, tokens) stands in for `offsets` where those are not held;
     `breakdown` (per-user bytes per field) for the sizes computed from the counts where the users are split over
     shards (`ckv_cli.pipeline.shard`: each shard packs its own last partial byte and holds its own offsets).
-    Fields with one row per kept token (`evict`) count the tokens the plan keeps of `offsets`' users."""
+    Fields with one row per kept token (`evict`) count the tokens the plan keeps of `offsets`' users; ragged fields
+    (escaped indices) count the rows encoded, `ragged` (field -> rows)."""
     n_users, n_tokens = counts if counts is not None else (len(offsets) - 1, int(offsets[-1]))
     fields = plan.fields()
     if breakdown is None and offsets is None and any(f.per == "kept" for f in fields.values()):
         raise CkvError("internal: counting an evicting plan's bytes needs the user offsets")
+    missing = [n for n, f in fields.items() if f.per == "ragged" and n not in (ragged or {})]
+    if breakdown is None and missing:
+        raise CkvError(f"internal: counting {missing[0]}'s bytes needs its rows")
     kept = plan.kept_tokens(offsets) if offsets is not None else n_tokens
     breakdown = breakdown or {name: f.nbytes({"token": n_tokens, "kept": kept}.get(
-                                  f.per, n_users + 1 if name == "users/offsets" else n_users))
+                                  f.per, ragged[name] if f.per == "ragged" else
+                                  n_users + 1 if name == "users/offsets" else n_users))
                               for name, f in fields.items()}
     per_user = sum(breakdown.values())
     shared = {f"shared/{s}/{n}": int(t.numel() * t.element_size()) for s, c in plan.coded().items()
@@ -214,14 +220,39 @@ def full_width(model) -> int:
     return sum(s.width for s in model.cache_spec().streams)
 
 
-def data_accounting(plan: CachePlan, model, ds) -> dict:
-    """The accounting over every user of `ds` as the task caches them (token counts from the data alone)."""
+def data_accounting(plan: CachePlan, model, ds, rows: "RaggedRows | None" = None) -> dict:
+    """The accounting over every user of `ds` as the task caches them (token counts from the data alone; the rows
+    of ragged fields from `rows`, those encoded: scaled to every token, and marked so, when not every user was)."""
     task = task_of(model)
     n = len(task.user_ids(ds))
     lengths = np.asarray(task.token_counts(model, ds)(0, n), dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    acct = accounting(plan, offsets, full_width(model))
+    ragged = rows.over(int(offsets[-1])) if rows is not None else None
+    acct = accounting(plan, offsets, full_width(model), ragged=ragged)
+    if rows is not None and rows.rows and rows.tokens != int(offsets[-1]):
+        acct["ragged_rows_estimated"] = True  # from the share of the tokens encoded (a subset of users)
     return {**acct, **task.accounting_extra(acct, plan, model, lengths)}
+
+
+@dataclass
+class RaggedRows:
+    """Rows of each ragged field encoded so far (escaped indices of item-coded indices) and the tokens they came
+    from: a ragged field's bytes are known only once its users are encoded."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+
+    def add(self, plan: CachePlan, enc: dict[str, np.ndarray], n_tokens: int) -> None:
+        for name, f in plan.fields().items():
+            if f.per == "ragged":
+                self.rows[name] = self.rows.get(name, 0) + len(enc[name])
+        self.tokens += n_tokens
+
+    def over(self, n_tokens: int) -> dict[str, int]:
+        """Rows for `n_tokens` tokens: those counted when every token was encoded, else scaled by the share."""
+        if n_tokens == self.tokens or not self.tokens:
+            return dict(self.rows)
+        return {k: int(round(v * n_tokens / self.tokens)) for k, v in self.rows.items()}
 
 
 # ---------------------------------------------------------------- the one encode / decode / score loop
@@ -287,12 +318,14 @@ def calibration_summary(n_calib: int, n_users: int, held: dict | None) -> dict:
 
 def run_plan(model, plan: CachePlan, batches: Iterable, scorer, advance: Callable[[int], None] | None = None,
              keep_fields: bool = True, sink: Callable[[dict[str, np.ndarray], np.ndarray], None] | None = None,
-             reader=None, memo=None, held_out: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], Errors]:
+             reader=None, memo=None, rows: RaggedRows | None = None,
+             held_out: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], Errors]:
     """Encode, decode and score each teacher batch through `plan`; `reader` (default `model`) reads the decoded
     caches. Returns (fields, errors); `fields` is empty unless `keep_fields`. `sink(fields, offsets)` receives each
     batch's encoded fields as soon as they exist (a streaming writer). `memo`: (fields of every distinct token,
-    each global token's distinct row) for token-local streams (`ckv_cli.tasks.ctr.memo`). `held_out` ((users,) bool,
-    dataset user index -> not a calibration user) keeps the held-out users' error apart (`Errors.held`)."""
+    each global token's distinct row) for token-local streams (`ckv_cli.tasks.ctr.memo`). `rows` counts the rows of
+    ragged fields encoded (their bytes). `held_out` ((users,) bool, dataset user index -> not a calibration user)
+    keeps the held-out users' error apart (`Errors.held`)."""
     reader = model if reader is None else reader
     chunks: dict[str, list[np.ndarray]] = {}
     errors = Errors(held_out)
@@ -304,6 +337,8 @@ def run_plan(model, plan: CachePlan, batches: Iterable, scorer, advance: Callabl
             enc = plan.encode(flat)
         if sink is not None:
             sink(enc, flat.offsets)
+        if rows is not None:
+            rows.add(plan, enc, flat.n_tokens)
         dec = plan.decode(enc, flat.offsets, reader)
         errors.add(flat, dec, tb.users if held_out is not None else None)
         if keep_fields:
@@ -361,8 +396,10 @@ def compress(model, ds, opts: CompressOptions, plan: CachePlan | None = None,
         scorer.hold_out(held_out)
     else:
         held_out = None
+    rows = RaggedRows()
     fields, errors = run_plan(model, plan, batches, scorer, advance, keep_fields and sink is None,
-                              sink.add if sink is not None else None, reader=student, memo=memo, held_out=held_out)
+                              sink.add if sink is not None else None, reader=student, memo=memo, rows=rows,
+                              held_out=held_out)
     offsets = None
     if hasattr(scorer, "finish"):
         offsets, _ = scorer.finish()
@@ -375,7 +412,7 @@ def compress(model, ds, opts: CompressOptions, plan: CachePlan | None = None,
     if distilled:
         metrics["distillation"] = {"steps": len(distilled), "finetune": bool(opts.finetune),
                                    "first": distilled[0], "last": distilled[-1]}
-    acct = data_accounting(plan, model, ds)
+    acct = data_accounting(plan, model, ds, rows)
     return CompressResult(plan, fields, offsets, task.user_ids(ds), acct, metrics,
                           getattr(scorer, "per_user", {}), student=student, scorer=scorer, calibration=info,
                           timing={"fit_seconds": round(t_fit, 1), "total_seconds": round(time.time() - t0, 1)})

@@ -136,7 +136,7 @@ def shard_metadata(job: "ShardJob", shard: int) -> dict:
 def write_shard(model, plan: CachePlan, hist: Histories, job: ShardJob, shard: int, out_dir: Path) -> dict:
     """Encode one shard's users (in batches of `job.batch_users`, as the in-process engine does) and write the
     shard file; returns its index entry, its byte accounting and the scores summed over its users."""
-    from ckv_cli.pipeline.compress import accounting, full_width, run_plan
+    from ckv_cli.pipeline.compress import RaggedRows, accounting, full_width, run_plan
     from ckv_cli.tasks.next_item import Scored, teacher_batches, teacher_cache_lengths
 
     t0 = time.perf_counter()
@@ -150,9 +150,10 @@ def write_shard(model, plan: CachePlan, hist: Histories, job: ShardJob, shard: i
     try:
         writer.start(plan)
         scored = Scored(ds.n_users, keep_per_user=False)
+        rows = RaggedRows()
         _, errors = run_plan(model, plan, teacher_batches(model, ds, range(ds.n_users), job.batch_users), scored,
-                             keep_fields=False, sink=writer.add)
-        acct = accounting(plan, None, full_width(model), counts=(scored.done, scored.n_tokens))
+                             keep_fields=False, sink=writer.add, rows=rows)
+        acct = accounting(plan, None, full_width(model), counts=(scored.done, scored.n_tokens), ragged=rows.rows)
         on_disk = sum(v for k, v in writer.tensor_bytes.items() if k in acct["per_user_breakdown"])
         if on_disk != acct["per_user_bytes"]:
             raise CkvError(f"internal: shard {shard}: per-user bytes on disk ({on_disk}) differ from the accounting "

@@ -369,16 +369,18 @@ def pool_and_basis(codec) -> tuple[torch.Tensor, torch.Tensor]:
     return codec.mean + codec.pool @ R[:, codec.pool_coords].T, R[:, codec.user_coords].contiguous()
 
 
-def stream_from_codec(codec, fields: dict[str, np.ndarray], offsets: np.ndarray) -> tuple[CompressedStream, torch.Tensor]:
-    """A `CollectiveCodec`'s encoded fields for a batch of users (flat, `offsets` (B + 1,)) -> a right-padded
-    `CompressedStream` (int64 indices, dequantised user parts) and the validity mask (B, L)."""
+def stream_from_codec(codec, fields: dict[str, np.ndarray], offsets: np.ndarray,
+                      items: np.ndarray | None = None) -> tuple[CompressedStream, torch.Tensor]:
+    """A `CollectiveCodec`'s encoded fields for a batch of users (flat, `offsets` (B + 1,); `items` (N,) the tokens'
+    item ids, which an item-coded index needs) -> a right-padded `CompressedStream` (int64 pool indices,
+    dequantised user parts) and the validity mask (B, L)."""
     from ckv_cli.codecs.base import dequantize_per_user
 
     lengths = torch.from_numpy(np.diff(offsets))
     B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
     valid = torch.arange(L)[None, :] < lengths[:, None]  # (B, L)
     idx = torch.zeros(B, L, dtype=torch.long)
-    idx[valid] = torch.from_numpy(np.asarray(fields["idx"], dtype=np.int64))
+    idx[valid] = torch.from_numpy(codec.indices(fields, offsets, items))
     pool, basis = pool_and_basis(codec)
     user = None
     if codec.user_dim:

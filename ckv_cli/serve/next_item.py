@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ckv_cli.codecs import CachePlan, CollectiveCodec, recomputed
+from ckv_cli.codecs.joint import JointCodec, JointPart
 from ckv_cli.codecs.base import dequantize_per_user
 from ckv_cli.errors import CkvError
 from ckv_cli.models.base import KVCache, item_layer_kv, last_hidden
@@ -326,7 +327,7 @@ class CacheStore(Store):
     def __init__(self, artifact, model, item_vocab, user_vocab=None):
         super().__init__(artifact, model, item_vocab, user_vocab)
         self._item_tables = None
-        self._pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pools: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @staticmethod
     def _check_model(artifact, model) -> None:
@@ -343,7 +344,8 @@ class CacheStore(Store):
     @torch.no_grad()
     def fetch_compressed(self, user_ids, recompute_items: bool = True) -> CompressedCache:
         """A batch of users' caches in stored form (`CompressedCache`): collective streams as `CompressedStream`s
-        (for `ckv_cli.serve.attention.compressed_attention`), the item-id layers recomputed (None with
+        (for `ckv_cli.serve.attention.compressed_attention`; item-coded indices decoded to pool indices through
+        their item's list and the user's escapes), the item-id layers recomputed (None with
         `recompute_items=False`), other codecs' streams decoded."""
         return self._compressed(*self._read(self.index(user_ids)), recompute_items)
 
@@ -360,34 +362,58 @@ class CacheStore(Store):
         ts = pad(fields["tokens/timestamps"]) if self.plan.timestamps else torch.zeros(B, L, dtype=torch.long)
         rec = None
         keys, values = [], []
+        joined = {}  # V streams of joint pairs, made with their K stream
+        item_ids = np.asarray(fields["tokens/items"], np.int64)
         for layer in range(self.plan.n_layers):
             for kind, dest in (("k", keys), ("v", values)):
                 name = CachePlan.key(layer, kind)
                 codec = self.plan.streams[name]
+                inner = codec.inner if isinstance(codec, JointCodec) else codec
                 if recomputed(codec):
                     if recompute_items and rec is None:
                         rec = item_layer_kv(self.model, items, torch.arange(L)[None].expand(B, L))
                     dest.append(rec[0 if kind == "k" else 1] if recompute_items else None)
-                elif isinstance(codec, CollectiveCodec):
-                    if name not in self._pools:  # the residual form of the pool (folds `concat` once)
-                        self._pools[name] = pool_and_basis(codec)
-                    pool, basis = self._pools[name]
+                elif isinstance(codec, JointPart):
+                    dest.append(joined.pop(name))
+                elif isinstance(inner, CollectiveCodec):
                     user = None
-                    if codec.user_dim:
+                    if inner.user_dim:
                         u = (dequantize_per_user(fields[f"{name}/user"], fields[f"{name}/scale"], offsets)
-                             if codec.user_dtype == "int8" else torch.from_numpy(fields[f"{name}/user"].astype(np.float32)))
+                             if inner.user_dtype == "int8" else torch.from_numpy(fields[f"{name}/user"].astype(np.float32)))
                         user = pad(u)
-                    dest.append(CompressedStream(pool, pad(fields[f"{name}/idx"]), user, basis))
+                    sub = {f.name: fields[f"{name}/{f.name}"] for f in inner.index_fields()}
+                    idx = pad(inner.indices(sub, offsets, item_ids))  # item-coded: list position or escape
+                    streams = [CompressedStream(pool, idx, user, basis) for pool, basis in self._pool_forms(name, codec)]
+                    dest.append(streams[0])
+                    if isinstance(codec, JointCodec):  # one index for K and V
+                        joined[codec.partner] = streams[1]
                 else:
                     sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
-                    kw = {"items": np.asarray(fields["tokens/items"], np.int64)} if codec.needs_items else {}
+                    kw = {"items": item_ids} if codec.needs_items else {}
                     if getattr(codec, "needs_context", False):  # predictive: the first layer's K/V per token
                         first = rec if rec is not None else item_layer_kv(self.model, items,
                                                                           torch.arange(L)[None].expand(B, L))
                         kw["context"] = (torch.cat([first[0], first[1]], -1).reshape(B * L, -1)[slots]
                                          if recomputed(self.plan.streams.get(CachePlan.key(0, "k"))) else None)
-                    dest.append(pad(codec.decode(sub, offsets, **kw).float()))
+                    out = pad(codec.decode(sub, offsets, **kw).float())
+                    if isinstance(codec, JointCodec):
+                        dest.append(out[..., : codec.d])
+                        joined[codec.partner] = out[..., codec.d :]
+                    else:
+                        dest.append(out)
         return CompressedCache(keys, values, lengths, items, ts)
+
+    def _pool_forms(self, name: str, codec) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(pool, basis)] in the residual form x = pool[idx] + basis u (`concat` folded), computed once per stream:
+        one pair, or for a joint codec the K and the V halves, scaled back to each stream."""
+        if name not in self._pools:
+            if isinstance(codec, JointCodec):
+                pool, basis = pool_and_basis(codec.inner)
+                (sk, sv), d = codec.stream_scales(), codec.d
+                self._pools[name] = [(pool[:, :d] * sk, basis[:d] * sk[:, None]), (pool[:, d:] * sv, basis[d:] * sv[:, None])]
+            else:
+                self._pools[name] = [pool_and_basis(codec)]
+        return self._pools[name]
 
     # -- scoring ----------------------------------------------------------------------------------------
     def _new_events(self, n_users: int, new_items, new_timestamps):

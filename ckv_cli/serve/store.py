@@ -5,7 +5,8 @@ plan, appends kept in an in-memory overlay (the file on disk is never changed), 
 Subclasses add the task's scoring: `ckv_cli.serve.next_item.CacheStore` (`rank_next`, `score_items`) and
 `ckv_cli.serve.ctr.CTRStore` (`score`). Both `append` new events through the model and the plan: `_merge` keeps
 the old tokens' fields bit for bit for token-local codecs (plain, bf16, lowrank, pq, collective without user
-dims: the router picks each new token's pool entry), which is exactly what `ckv compress` of the extended log
+dims: the router picks each new token's pool entry; with `index=item` the new token gets its item's list position
+or an escape, appended after the user's old escapes), which is exactly what `ckv compress` of the extended log
 stores for them; collective's int8 user part keeps the user's scale when the new values fit under it (else the
 user's part is requantised); other per-user or per-group codecs (KIVI keys per channel) re-encode the user's
 whole stream from the decoded old vectors and the new ones.
@@ -20,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ckv_cli.artifact.format import reorder_users
 from ckv_cli.artifact.reader import Artifact, user_indices
 from ckv_cli.codecs import CollectiveCodec
 from ckv_cli.codecs.base import quantize_per_user
 from ckv_cli.codecs.plan import _context, _items, pack_side
 from ckv_cli.errors import CkvError
-from ckv_cli.spec import FlatCache, token_index
+from ckv_cli.spec import FlatCache
 
 WRITTEN_BY_WRITER = ("format", "format_version", "plan", "fields", "ckv_version", "checksums")
 
@@ -196,9 +198,7 @@ class Store:
         order = np.empty(len(users), np.int64)  # requested position -> position in [disk users, overlay users]
         order[np.flatnonzero(~mine)] = np.arange(int((~mine).sum()))
         order[np.flatnonzero(mine)] = int((~mine).sum()) + np.arange(len(recs))
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[order]
-        tok = token_index(starts, lengths[order])
-        fields = {k: (v[order] if self.artifact.fields[k]["per"] == "user" else v[tok]) for k, v in joined.items()}
+        fields = reorder_users(joined, self.artifact.fields, lengths, order)
         return fields, np.concatenate([[0], np.cumsum(lengths[order])]).astype(np.int64)
 
     def _n_tokens(self, record: dict[str, np.ndarray]) -> int:
@@ -223,6 +223,16 @@ class Store:
         v = v.astype(fm["dtype"])
         return v.reshape(-1) if name.startswith("tokens/") else v.reshape(len(v), fm["width"])
 
+    @staticmethod
+    def _appendable(codec) -> bool:
+        """Token-local fields only (a new token's fields do not change the old tokens'), where per-user fields are
+        only the row counts of ragged fields (an item-coded index: the new escapes follow the user's old ones); not
+        a codec that reads the first layer's K/V or positions in the user's window (predictive: re-encoded whole)."""
+        fields = codec.fields()
+        counts = {f.counts for f in fields if f.per == "ragged"}
+        return (all(f.per != "user" or f.name in counts for f in fields)
+                and getattr(codec, "axis", "token") != "channel" and not getattr(codec, "needs_context", False))
+
     def _encode(self, flat: FlatCache) -> dict[str, np.ndarray]:
         """A whole user's record."""
         return {k: self._as_stored(k, v) for k, v in self.plan.encode(flat).items()}
@@ -242,30 +252,30 @@ class Store:
         cache = None
         for name, codec in self.plan.coded().items():
             names = [f"{name}/{f.name}" for f in codec.fields()]
-            if (not any(f.per == "user" for f in codec.fields()) and getattr(codec, "axis", "token") != "channel"
-                    and not getattr(codec, "needs_context", False)):
-                enc = codec.encode(new.stream(name), new.offsets, **_items(codec, new.items))  # token-local
-                for n_ in names:
-                    out[n_] = np.concatenate([old[n_], self._as_stored(n_, enc[n_.split("/", 1)[1]])])
+            if self._appendable(codec):
+                enc = codec.encode(self.plan.codec_input(new, name), new.offsets, **_items(codec, new.items))  # token-local
+                for f, n_ in zip(codec.fields(), names):
+                    add = self._as_stored(n_, enc[f.name])
+                    out[n_] = old[n_] + add if f.per == "user" else np.concatenate([old[n_], add])  # counts add up
             elif isinstance(codec, CollectiveCodec) and codec.user_dtype == "int8":
-                out.update(self._merge_int8(name, codec, old, new.stream(name)))
+                out.update(self._merge_int8(name, codec, old, new.stream(name), new.items))
             else:  # per-user state: re-encode the user's stream from the decoded old vectors and the new ones
                 cache = whole() if cache is None else cache
-                enc = codec.encode(cache.stream(name), cache.offsets, **_items(codec, cache.items),
+                enc = codec.encode(self.plan.codec_input(cache, name), cache.offsets, **_items(codec, cache.items),
                                    **_context(codec, self.plan.context(cache.streams)))  # predictive: first layer
                 out.update({n_: self._as_stored(n_, enc[n_.split("/", 1)[1]]) for n_ in names})
         return out
 
-    def _merge_int8(self, name: str, codec: CollectiveCodec, old: dict, x: torch.Tensor) -> dict[str, np.ndarray]:
-        """Collective with an int8 user part: new indices from the router; the new user values at the user's
-        stored scale when they fit under it (old tokens unchanged), else the user's part requantised."""
-        z = codec._coords(x)
-        if codec.layout == "concat":
-            idx = codec._route(z[:, codec.pool_coords])
-            u = z[:, codec.user_coords]
-        else:
-            idx = codec._route(z)
-            u = (z - codec.pool[idx]) @ codec.basis  # (T, r)
+    def _merge_int8(self, name: str, codec: CollectiveCodec, old: dict, x: torch.Tensor,
+                    items: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Collective with an int8 user part: new indices from the router (coded flat, or given the items: the new
+        escapes follow the user's old ones); the new user values at the user's stored scale when they fit under it
+        (old tokens unchanged), else the user's part requantised."""
+        index, u = codec.encode_index(x, np.array([0, len(x)]), items)
+        out = {}
+        for f in codec.index_fields():
+            n_, add = f"{name}/{f.name}", self._as_stored(f"{name}/{f.name}", index[f.name])
+            out[n_] = old[n_] + add if f.per == "user" else np.concatenate([old[n_], add])
         scale = old[f"{name}/scale"].astype(np.float32)  # (1, 1)
         q = torch.round(u / float(scale[0, 0]))
         if float(q.abs().max()) <= 127:
@@ -273,8 +283,7 @@ class Store:
         else:
             u_all = torch.cat([torch.from_numpy(old[f"{name}/user"].astype(np.float32) * scale[0, 0]), u])
             user, new_scale = quantize_per_user(u_all, np.array([0, len(u_all)]))
-        return {f"{name}/idx": np.concatenate([old[f"{name}/idx"], idx.numpy().astype(np.int64)]),
-                f"{name}/user": user, f"{name}/scale": np.asarray(new_scale, np.float16).reshape(1, 1)}
+        return {**out, f"{name}/user": user, f"{name}/scale": np.asarray(new_scale, np.float16).reshape(1, 1)}
 
     def _put(self, uid: str, u: int | None, record: dict[str, np.ndarray]) -> int:
         if u is None:
@@ -298,7 +307,7 @@ class Store:
         lengths = self.token_counts(users)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         meta = {k: v for k, v in self.artifact.meta.items() if k not in WRITTEN_BY_WRITER}
-        acct = accounting(self.plan, offsets, full_width(self.model))
+        acct = accounting(self.plan, offsets, full_width(self.model), ragged=self.ragged_rows(users, batch_users))
         meta["accounting"] = {**acct, **task_of(self.model).accounting_extra(acct, self.plan, self.model, lengths)}
         meta["appended"] = {"users": self.appended_users, "source": str(self.artifact.path),
                             "source_checksums_sha256": _digest(self.artifact.meta.get("checksums", {}))}
@@ -310,6 +319,18 @@ class Store:
         stored = np.diff(self.artifact.offsets).astype(np.int64)
         return np.array([self._n_tokens(self._overlay[u]) if u in self._overlay else int(stored[u])
                          for u in np.asarray(users, np.int64).tolist()], dtype=np.int64)
+
+    def ragged_rows(self, users: np.ndarray, batch_users: int = 1024) -> dict[str, int]:
+        """Rows of each ragged field (item-coded escapes) that `users` (indices; appends included) hold, as the byte
+        accounting counts them: one read pass over the users where the plan has ragged fields, {} otherwise."""
+        counts = {k: fm["counts"] for k, fm in self.artifact.fields.items() if fm["per"] == "ragged"}
+        out = dict.fromkeys(counts, 0)
+        users = np.asarray(users, np.int64)
+        for a in range(0, len(users) if counts else 0, batch_users):
+            fields, _ = self._read(users[a : a + batch_users])
+            for k, c in counts.items():
+                out[k] += int(np.asarray(fields[c], np.int64).sum())
+        return out
 
     def write_users(self, path: str | Path, users: np.ndarray, metadata: dict, force: bool = False,
                     shared: bool = True, batch_users: int = 1024) -> dict[str, int]:
@@ -337,9 +358,21 @@ class Store:
             self._overlay.pop(u, None)
 
     def record(self, fields: dict[str, np.ndarray], offsets: np.ndarray, b: int) -> dict[str, np.ndarray]:
-        """User `b`'s record (every field) out of a batch read (`_read`)."""
+        """User `b`'s record (every field) out of a batch read (`_read`): its tokens' rows, its per-user row, and
+        its rows of each ragged field (after the earlier users' rows, as their counts say)."""
         a, e = int(offsets[b]), int(offsets[b + 1])
-        return {k: (v[b : b + 1] if self.artifact.fields[k]["per"] == "user" else v[a:e]) for k, v in fields.items()}
+        out = {}
+        for k, v in fields.items():
+            fm = self.artifact.fields[k]
+            if fm["per"] == "user":
+                out[k] = v[b : b + 1]
+            elif fm["per"] == "ragged":
+                n = np.asarray(fields[fm["counts"]], np.int64).reshape(-1)
+                r = int(n[:b].sum())
+                out[k] = v[r : r + int(n[b])]
+            else:
+                out[k] = v[a:e]
+        return out
 
 
 def check_student(artifact, model) -> None:

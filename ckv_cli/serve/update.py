@@ -298,7 +298,8 @@ def _write_shard(store, members: np.ndarray, ids: list[str], target: Path, s: in
 
     src = store.artifact.meta  # the shard's own (a new shard: the last one's, whose store created its users)
     lengths = store.token_counts(members)
-    acct = accounting(store.plan, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), full_width(store.model))
+    acct = accounting(store.plan, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), full_width(store.model),
+                      ragged=store.ragged_rows(members))
     shard_meta = {k: v for k, v in src["shard"].items() if k not in ("users", "n_users")}
     shard_meta.update({"number": s, "of": n_shards, "generation": generation})
     shard_meta.update({"rule": HASH, "n_users": len(members)} if span is None else {"users": span})
