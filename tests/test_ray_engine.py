@@ -54,6 +54,7 @@ def test_ray_shards_equal_the_local_engine(ds, hstu_ckpt, tmp_path):
     assert single["accounting"]["tokens"] == remote["accounting"]["tokens"]
 
 
+@pytest.mark.slow  # a Ray start for an edge case: the full tier (the fast tier keeps one Ray run)
 def test_repeated_rows_are_dropped_by_user_id(ds, hstu_ckpt, tmp_path):
     """A reader that delivers some users twice (and shuffled) changes nothing: same shards."""
     from ckv_cli.pipeline.ray_engine import stage

@@ -132,6 +132,7 @@ def test_ray_read_equals_the_in_process_engine(data, tmp_path, local_ray):
     assert verify_path(tmp_path / "ray/x.index.json")[0] == []
 
 
+@pytest.mark.slow  # a Ray start for an edge case: the full tier (the fast tier keeps one Ray read)
 def test_ray_read_with_shards_no_user_reaches(tmp_path, local_ray):
     """12 users, 16 shards: some shards are empty (an empty shard file), the bytes still equal in-process."""
     from ckv_cli.data.readers import Log
