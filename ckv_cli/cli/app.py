@@ -510,7 +510,7 @@ def compress(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `ckv train`.")],
     data: DataOpt,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact to write (.safetensors; an index .json with --shard-size, --shards or --engine ray).")] = None,
-    codec: Annotated[str, typer.Option(help="Compression method (see docs/codecs.md for the list); recompute (eventid) stores the ids a stream is a function of.")] = "collective",
+    codec: Annotated[str, typer.Option(help="Compression method (collective, predictive, recompute, plain, bf16, int8, int4, lowrank, pq, itemid: docs/baselines.md); recompute (eventid) stores the ids a stream is a function of.")] = "collective",
     pool_size: Annotated[Optional[str], typer.Option(help="Global pool entries per stream (collective; predictive, default 1024), or auto: per stream the size with the least total bytes whose held-out reconstruction error is <= 0.10 (next-item models; docs/fidelity.md) [next-item models 8192, CTR models 4096].")] = None,
     user_dim: Annotated[int, typer.Option(min=0, max=65535, help="User-specific dims per token per stream (collective).")] = 0,
     layout: Annotated[str, typer.Option(help="residual (pool + low-rank basis) or concat (the paper's).")] = "residual",
