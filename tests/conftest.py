@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: the suite is small, threads only add overhead
 
@@ -11,6 +12,18 @@ import torch
 from ckv_cli.models import HSTU, SASRec, HSTUConfig, SASRecConfig
 
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    """The signal tests send SIGINT and SIGHUP to ckv, in this process and in child processes. A test run started
+    under `nohup`, or as a background job of a non-interactive shell, inherits those signals ignored, and ckv
+    rightly keeps a signal its parent ignores (`ckv_cli.io.signals`), so those tests would wait for nothing: give
+    the two signals their defaults back (children inherit them)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 
 N_ITEMS = 50
 TINY_VOCAB = ["<pad>"] + [f"i{k}" for k in range(1, 21)]  # raw ids of the tiny checkpoint's 20 items
