@@ -19,13 +19,13 @@ from ckv_cli.artifact.format import reorder_users
 from ckv_cli.artifact.sharded import merge_parts
 from ckv_cli.codecs import CollectiveCodec, plan_from_description
 from ckv_cli.codecs.base import Field
-from ckv_cli.codecs.itemindex import ItemIndex, squared_error
+from ckv_cli.codecs.itemindex import ItemIndex
 from ckv_cli.codecs.kmeans import nearest
 from ckv_cli.codecs.predictive import PredictiveCodec
 from ckv_cli.data import load
 from ckv_cli.errors import CkvError
 from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
-from ckv_cli.pipeline.compress import CompressOptions, accounting, compress, compress_to_artifact
+from ckv_cli.pipeline.compress import CompressOptions, accounting, compress_to_artifact
 from ckv_cli.serve.attention import SOFTMAX, compressed_attention, full_attention, stream_from_codec
 from ckv_cli.spec import FlatCache
 
