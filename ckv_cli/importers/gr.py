@@ -160,24 +160,34 @@ def _mismatch(src: Path, what: str, says, has) -> CkvError:
     return CkvError(f"{src}: the gin file does not match the weights: {what} says {says}, the weights have {has}")
 
 
+def _item_table(a: GRArch, state: dict, src: Path, blocks: str, layer_key: str) -> torch.Tensor:
+    """The item embedding table (n_items + 1, d), after checking it and the layer count against the gin file."""
+    emb = state.get("_embedding_module._item_emb.weight")
+    if emb is None or emb.dim() != 2:
+        raise CkvError(f"{src}: tensor '_embedding_module._item_emb.weight' is missing")
+    layers = {int(m.group(1)) for k in state if (m := re.match(layer_key, k))}
+    if len(layers) != a.get(blocks):
+        raise _mismatch(src, blocks, a.get(blocks), f"{len(layers)} layers")
+    if emb.shape[1] != a.d:
+        raise _mismatch(src, "train_fn.item_embedding_dim", a.d, f"item embeddings of width {emb.shape[1]}")
+    return emb
+
+
+def _check_positions(state: dict, src: Path, N: int) -> None:
+    pos = state.get("_input_features_preproc._pos_emb.weight")
+    if pos is not None and pos.shape[0] != N:
+        raise _mismatch(src, "max_sequence_length + gr_output_length + 1", N, f"{pos.shape[0]} position rows")
+
+
 def hstu_config(a: GRArch, state: dict, src: Path) -> HSTUConfig:
     n_layers, heads = a.get("hstu_encoder.num_blocks"), a.get("hstu_encoder.num_heads")
     dqk, dv = a.get("hstu_encoder.dqk"), a.get("hstu_encoder.dv")
     N = a.max_len + a.out_len + 1
-    emb = state.get("_embedding_module._item_emb.weight")
-    if emb is None or emb.dim() != 2:
-        raise CkvError(f"{src}: tensor '_embedding_module._item_emb.weight' is missing")
-    layers = {int(m.group(1)) for k in state if (m := re.match(r"_hstu\._attention_layers\.(\d+)\.", k))}
-    if len(layers) != n_layers:
-        raise _mismatch(src, "hstu_encoder.num_blocks", n_layers, f"{len(layers)} layers")
-    if emb.shape[1] != a.d:
-        raise _mismatch(src, "train_fn.item_embedding_dim", a.d, f"item embeddings of width {emb.shape[1]}")
+    emb = _item_table(a, state, src, "hstu_encoder.num_blocks", r"_hstu\._attention_layers\.(\d+)\.")
     uvqk = state.get("_hstu._attention_layers.0._uvqk")
     if uvqk is not None and uvqk.shape[1] != heads * (2 * dqk + 2 * dv):
         raise _mismatch(src, "num_heads x (2 dqk + 2 dv)", heads * (2 * dqk + 2 * dv), f"_uvqk of width {uvqk.shape[1]}")
-    pos = state.get("_input_features_preproc._pos_emb.weight")
-    if pos is not None and pos.shape[0] != N:
-        raise _mismatch(src, "max_sequence_length + gr_output_length + 1", N, f"{pos.shape[0]} position rows")
+    _check_positions(state, src, N)
     return HSTUConfig(n_items=int(emb.shape[0]) - 1, d=a.d, n_layers=n_layers, n_heads=heads, d_qk=dqk, d_v=dv,
                       max_len=a.max_len, dropout=0.0, time_buckets=128, ln_eps=1e-6, ln_affine=False,
                       uvqk_bias=False, attn_norm=N, rel_pos="toeplitz", time_bucket="log_clamp1", query_time="next",
@@ -210,20 +220,11 @@ def sasrec_config(a: GRArch, state: dict, src: Path) -> SASRecConfig:
     if act not in ("relu", "gelu"):
         raise CkvError(f"generative-recommenders sasrec_encoder.ffn_activation_fn = {act!r} cannot be represented")
     N = a.max_len + a.out_len + 1
-    emb = state.get("_embedding_module._item_emb.weight")
-    if emb is None or emb.dim() != 2:
-        raise CkvError(f"{src}: tensor '_embedding_module._item_emb.weight' is missing")
-    layers = {int(m.group(1)) for k in state if (m := re.match(r"attention_layers\.(\d+)\.", k))}
-    if len(layers) != n_layers:
-        raise _mismatch(src, "sasrec_encoder.num_blocks", n_layers, f"{len(layers)} layers")
-    if emb.shape[1] != a.d:
-        raise _mismatch(src, "train_fn.item_embedding_dim", a.d, f"item embeddings of width {emb.shape[1]}")
+    emb = _item_table(a, state, src, "sasrec_encoder.num_blocks", r"attention_layers\.(\d+)\.")
     conv = state.get("forward_layers.0._conv1d.0.weight")
     if conv is not None and conv.shape[0] != ffn:
         raise _mismatch(src, "sasrec_encoder.ffn_hidden_dim", ffn, f"an FFN of width {conv.shape[0]}")
-    pos = state.get("_input_features_preproc._pos_emb.weight")
-    if pos is not None and pos.shape[0] != N:
-        raise _mismatch(src, "max_sequence_length + gr_output_length + 1", N, f"{pos.shape[0]} position rows")
+    _check_positions(state, src, N)
     if a.d % heads:
         raise CkvError(f"generative-recommenders item_embedding_dim={a.d} with num_heads={heads} cannot be represented")
     return SASRecConfig(n_items=int(emb.shape[0]) - 1, d=a.d, n_layers=n_layers, n_heads=heads, max_len=a.max_len,
