@@ -70,29 +70,36 @@ def baseline_tree(commit: str, dest: Path) -> Path:
     return dest
 
 
-def run_side(name: str, tree: Path, args, out: Path) -> dict:
-    """One `ckv compress` in a fresh process; wall and CPU seconds, peak RSS, its JSON report."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+def run_fresh(name: str, tree: Path, threads: int, argv: list[str], log: Path) -> dict:
+    """`ckv ARGV` with the ckv_cli of `tree` in a fresh process (stdout and stderr to `log`): wall and CPU seconds,
+    peak RSS; exits naming `name` when the command fails or imported ckv_cli from elsewhere."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=str(tree) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    report = out.with_suffix(".json")
-    cmd = [sys.executable, "-c", RUNNER, str(args.threads), "compress", str(args.checkpoint), "--data", args.data,
-           "-o", str(out), "--force", "--json", str(report)]
-    log = out.with_suffix(".log")
     with open(log, "w") as f:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, cwd=str(tree), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(threads), *argv], env=env, cwd=str(tree),
+                                stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stderr = log.read_text(errors="replace")
-    if proc.returncode:
-        raise SystemExit(f"{name} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    origin = next((line.split("from", 1)[1].strip() for line in stderr.splitlines() if line.startswith("ckv_cli from")), "")
+    code = os.waitstatus_to_exitcode(status)
+    text = log.read_text(errors="replace")
+    if code:
+        raise SystemExit(f"{name} failed ({code}):\n{text[-3000:]}")
+    origin = next((line.split("from", 1)[1].strip() for line in text.splitlines() if line.startswith("ckv_cli from")), "")
     if not origin.startswith(str(tree)):
         raise SystemExit(f"{name}: imported ckv_cli from {origin}, not from {tree}")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "imported_from": origin}
+
+
+def run_side(name: str, tree: Path, args, out: Path) -> dict:
+    """One `ckv compress` in a fresh process; wall and CPU seconds, peak RSS, its JSON report."""
+    report = out.with_suffix(".json")
+    run = run_fresh(name, tree, args.threads, ["compress", str(args.checkpoint), "--data", args.data, "-o", str(out),
+                                               "--force", "--json", str(report)], out.with_suffix(".log"))
     rep = json.loads(report.read_text())
-    return {"side": name, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "metrics": rep["metrics"], "artifact": str(out), "imported_from": origin}
+    return {"side": name, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "peak_rss_mb": run["peak_rss_mb"],
+            "metrics": rep["metrics"], "artifact": str(out), "imported_from": run["imported_from"]}
 
 
 def same_tensors(a: Path, b: Path) -> tuple[bool, list[str]]:

@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._machine import machine  # noqa: E402
-from bench.compress_speed import DEFAULT_TREE, RUNNER, baseline_tree  # noqa: E402
+from bench.compress_speed import DEFAULT_TREE, baseline_tree, run_fresh  # noqa: E402
 
 CTR_ARCHS = {"sim", "eta", "sdim", "twin", "nohistory"}
 TIMING = {"train_seconds", "seconds", "command"}
@@ -49,24 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(tree: Path, args, arch: str, out: Path) -> dict:
     data = args.ctr_data if arch in CTR_ARCHS else args.data
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               PYTHONPATH=str(tree) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-c", RUNNER, str(args.threads), "train", "--arch", arch, "--data", data, "-o", str(out),
-           "--epochs", str(args.epochs), "--threads", str(args.threads), "--force"]
-    log = out.with_suffix(".log")
-    with open(log, "w") as f:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, cwd=str(tree), stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    text = log.read_text(errors="replace")
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{arch} at {tree} failed:\n{text[-3000:]}")
-    origin = next((line.split("from", 1)[1].strip() for line in text.splitlines() if line.startswith("ckv_cli from")), "")
-    if not origin.startswith(str(tree)):
-        raise SystemExit(f"imported ckv_cli from {origin}, not from {tree}")
-    return {"arch": arch, "data": data, "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "wall_s": wall, "checkpoint": str(out)}
+    run = run_fresh(f"{arch} at {tree}", tree, args.threads,
+                    ["train", "--arch", arch, "--data", data, "-o", str(out), "--epochs", str(args.epochs),
+                     "--threads", str(args.threads), "--force"], out.with_suffix(".log"))
+    return {"arch": arch, "data": data, "peak_rss_mb": run["peak_rss_mb"], "cpu_s": run["cpu_s"],
+            "wall_s": run["wall_s"], "checkpoint": str(out)}
 
 
 def _strip(v):
