@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from conftest import ItemKVModel, make_model, next_item_plan
+from conftest import ItemKVModel, next_item_plan, untrained_checkpoint
 from ckv_cli import CacheStore
 from ckv_cli.artifact import Artifact, ArtifactWriter, write_artifact
 from ckv_cli.artifact.format import reorder_users
@@ -24,7 +24,7 @@ from ckv_cli.codecs.kmeans import nearest
 from ckv_cli.codecs.predictive import PredictiveCodec
 from ckv_cli.data import load
 from ckv_cli.errors import CkvError
-from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
+from ckv_cli.models.checkpoint import load_checkpoint
 from ckv_cli.pipeline.compress import CompressOptions, accounting, compress_to_artifact
 from ckv_cli.serve.attention import SOFTMAX, compressed_attention, full_attention, stream_from_codec
 from ckv_cli.spec import FlatCache
@@ -458,8 +458,7 @@ def real(ds, tmp_path_factory):
     """A tiny untrained SASRec over ML-100K compressed with an item-coded collective index (int8 user part)."""
     d = tmp_path_factory.mktemp("itemindex-store")
     ckpt = d / "sasrec.safetensors"
-    save_checkpoint(make_model("sasrec", n_items=ds.n_items, max_len=MAX_LEN), ckpt, dataset=ds.name,
-                    fingerprint=ds.fingerprint, item_vocab=list(ds.item_ids), metrics={}, train={"epochs": 0})
+    untrained_checkpoint("sasrec", ds, ckpt, MAX_LEN)
     model, meta = load_checkpoint(ckpt)
     opts = CompressOptions(params={**PARAMS, "user_dim": 1}, calib_users=150)
     path = d / "a.safetensors"
@@ -700,8 +699,7 @@ def test_joint_predictive_linear_reads_the_first_layer(tmp_path):
 def joint_real(ds, tmp_path_factory):
     d = tmp_path_factory.mktemp("joint-store")
     ckpt = d / "hstu.safetensors"  # HSTU: K and V of different scales (the joint scale matters)
-    save_checkpoint(make_model("hstu", n_items=ds.n_items, max_len=MAX_LEN), ckpt, dataset=ds.name,
-                    fingerprint=ds.fingerprint, item_vocab=list(ds.item_ids), metrics={}, train={"epochs": 0})
+    untrained_checkpoint("hstu", ds, ckpt, MAX_LEN)
     model, meta = load_checkpoint(ckpt)
     opts = CompressOptions(params={**PARAMS, "joint": "kv", "user_dim": 2, "user_dtype": "fp16", "layout": "concat"},
                            calib_users=150)
@@ -778,8 +776,7 @@ def test_joint_auto_index_same_seed_same_bytes(ds, tmp_path):
     """index=auto under joint=kv (width and the flat/item choice made on held-out calibration tokens): the same
     inputs and seed write the same bytes; the plan records the choice."""
     ckpt = tmp_path / "sasrec.safetensors"
-    save_checkpoint(make_model("sasrec", n_items=ds.n_items, max_len=MAX_LEN), ckpt, dataset=ds.name,
-                    fingerprint=ds.fingerprint, item_vocab=list(ds.item_ids), metrics={}, train={"epochs": 0})
+    untrained_checkpoint("sasrec", ds, ckpt, MAX_LEN)
     model, meta = load_checkpoint(ckpt)
     opts = CompressOptions(params={"pool_size": 48, "joint": "kv", "index": "auto", "escape_tol": 1.0},
                            calib_users=150)
