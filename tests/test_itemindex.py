@@ -787,3 +787,23 @@ def test_joint_auto_index_same_seed_same_bytes(ds, tmp_path):
     with Artifact.open(a) as art:
         inner = art.plan.streams["L1.k"].inner.params()
     assert inner.get("index", "flat") in ("flat", "item") and report["accounting"]["bytes_per_token"] > 0
+
+
+def test_inspect_pool_usage_of_an_item_coded_predictive_artifact(ds, tmp_path):
+    """`ckv inspect`'s pool usage decodes item-coded indices of any pool codec with the index option (predictive
+    too, not only collective): every token counted once, the width and escape share reported."""
+    from ckv_cli.evaluate.inspect import pool_usage
+
+    ckpt = untrained_checkpoint("sasrec", ds, tmp_path / "sasrec.safetensors", MAX_LEN)
+    model, meta = load_checkpoint(ckpt)
+    opts = CompressOptions(codec="predictive", params={"pool_size": 48, "predictor": "item", "index": "item",
+                                                       "index_bits": 3}, calib_users=150)
+    path = tmp_path / "p.safetensors"
+    compress_to_artifact(model, meta, ckpt, ds, opts, path)
+    with Artifact.open(path) as art:
+        usage = pool_usage(art)
+        n_tokens = int(art.meta["accounting"]["tokens"])
+    assert set(usage) == {"L1.k", "L1.v"}
+    for stream in ("L1.k", "L1.v"):
+        assert usage[stream]["index_bits"] == 3 and 0 <= usage[stream]["escape_rate"] <= 1
+        assert int(usage[stream]["counts"].sum()) == n_tokens > 0

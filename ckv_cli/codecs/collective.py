@@ -186,11 +186,6 @@ class CollectiveCodec(IndexCoding, StreamCodec):
                 out["user"] = u.half().numpy()
         return out
 
-    def indices(self, fields: dict[str, np.ndarray], user_offsets: np.ndarray,
-                items: np.ndarray | None = None) -> np.ndarray:
-        """Pool index (N,) of each stored token (item-coded ones decoded through their item's list)."""
-        return self.index_decode(fields, items, user_offsets)
-
     def decode(self, fields: dict[str, np.ndarray], user_offsets: np.ndarray,
                items: np.ndarray | None = None) -> torch.Tensor:
         idx = torch.from_numpy(self.indices(fields, user_offsets, items))

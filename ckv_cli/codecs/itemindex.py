@@ -384,6 +384,11 @@ class IndexCoding:
             raise CkvError("internal: item-coded indices need the tokens' item ids")
         return self.index.decode(fields, np.asarray(items, np.int64), user_offsets)
 
+    def indices(self, fields: dict[str, np.ndarray], user_offsets: np.ndarray,
+                items: np.ndarray | None = None) -> np.ndarray:
+        """Pool index (N,) of each stored token (item-coded ones decoded through their item's list)."""
+        return self.index_decode(fields, items, user_offsets)
+
     def index_check(self, fields, user_offsets) -> str | None:
         """What is wrong with a batch's stored index fields (ranges, escape counts), or None."""
         if self.index is None:
