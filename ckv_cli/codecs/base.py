@@ -49,6 +49,7 @@ class StreamCodec:
     name = ""
     needs_items = False
     needs_keep = False
+    needs_context = False
     stream_defaults: dict[str, dict] = {}
 
     def params(self) -> dict:

@@ -67,9 +67,11 @@ class CollectiveCodec(IndexCoding, StreamCodec):
                            f"{x.shape[0]} (use more calibration users or a smaller pool)")
         r = self.user_dim
         if self.layout == "residual":
-            pool, assign = kmeans(x, self.pool_size, seed=seed, iters=self.iters, return_assign=True)
-            self._set_pool(self._stored(pool))
-            if self.pool_dtype != "fp32":  # the rounded pool's nearest entries are the tied router's choice
+            if self.pool_dtype == "fp32":
+                pool, assign = kmeans(x, self.pool_size, seed=seed, iters=self.iters, return_assign=True)
+                self._set_pool(pool)
+            else:  # the rounded pool's nearest entries are the tied router's choice
+                self._set_pool(self._stored(kmeans(x, self.pool_size, seed=seed, iters=self.iters)))
                 assign = self._route(x)
             res = x - self.pool[assign]  # (N, d); assign is what the tied router picks
             self.basis = torch.linalg.svd(res, full_matrices=False).Vh[:r].T.contiguous() if r else torch.zeros(self.d, 0)

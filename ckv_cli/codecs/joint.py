@@ -157,10 +157,3 @@ class JointPart(StreamCodec):
         """Zeros: the plan fills this stream from its leader's decoded vectors."""
         return torch.zeros(int(user_offsets[-1] - user_offsets[0]), self.d)
 
-
-def is_leader(codec) -> bool:
-    return isinstance(codec, JointCodec)
-
-
-def is_part(codec) -> bool:
-    return isinstance(codec, JointPart)

@@ -197,7 +197,10 @@ class CachePlan:
         return flat.stream(name)
 
     def context(self, streams: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """(N, d_k + d_v) the first layer's K and V of each token, when both are recomputed from the ids."""
+        """(N, d_k + d_v) the first layer's K and V of each token, when both are recomputed from the ids and a codec
+        reads them (`needs_context`); None otherwise."""
+        if not any(getattr(c, "needs_context", False) for c in self.coded().values()):
+            return None
         k, v = self.key(0, "k"), self.key(0, "v")
         if recomputed(self.streams.get(k)) and recomputed(self.streams.get(v)) and k in streams and v in streams:
             return torch.cat([streams[k].float(), streams[v].float()], 1)

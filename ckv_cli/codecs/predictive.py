@@ -99,7 +99,6 @@ class PredictiveCodec(IndexCoding, StreamCodec):
                            f"{x.shape[0]} (use more calibration users or a smaller pool)")
         self._check_context(context, x.shape[0])
         ids = torch.from_numpy(np.asarray(items, dtype=np.int64))
-        pred = torch.zeros_like(x)  # (N, d)
         if self.uses_context:
             a = torch.cat([context.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)  # (N, c + 1)
             gram = a.T @ a

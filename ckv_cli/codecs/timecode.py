@@ -23,7 +23,6 @@ keep int32 timestamps for now (a store's append reads the exact times).
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -171,9 +170,3 @@ class BucketTimeCodec:
         if len(self.gaps) > 1 << self.bits or len(self.bounds) != len(self.gaps) + 1:
             raise CkvError(f"time codec: {len(self.gaps)} intervals for {self.bits} bits")
 
-
-def bits_needed(timestamps: np.ndarray, user_offsets: np.ndarray, max_bucket: int = 128) -> int:
-    """Bits that keep every bucket apart on these tokens (the lossless-at-the-anchor width)."""
-    _, gaps = anchors_and_gaps(timestamps, user_offsets)
-    top = int(gap_bucket(gaps, max_bucket).max()) if len(gaps) else 0
-    return max(1, math.ceil(math.log2(top + 1)))
