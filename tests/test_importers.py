@@ -343,6 +343,9 @@ def test_gin_parser_reads_literals_and_never_evaluates():
     ("gr", {"binds": ["train_fn.main_module=\"HSTU\"", "hstu_encoder.num_blocks=3"]}, "num_blocks says 3, the weights have 2 layers"),
     ("gr", {"binds": ["train_fn.main_module=\"HSTU\"", "train_fn.item_l2_norm=True", "train_fn.user_embedding_norm=\"l2_norm\"",
                       "train_fn.interaction_module_type=\"MoL\""]}, "interaction_module_type = 'MoL' cannot be represented"),
+    ("gr", {"binds": ["train_fn.main_module=\"HSTU\"", "train_fn.temperature=0"]}, "temperature = 0 is not a positive number"),
+    ("gr", {"binds": ["train_fn.main_module=\"HSTU\"", "train_fn.temperature=\"x\""]}, "temperature = 'x' is not a positive"),
+    ("gr", {"binds": ["train_fn.main_module=\"HSTU\"", "hstu_encoder.num_blocks=\"2\""]}, "num_blocks = '2' is not a valid size"),
 ])
 def test_bad_input_is_one_line(tmp_path, framework, kw, match):
     src = FIX / ("gr/hstu.pt" if framework == "gr" else "recbole/sasrec.pth")

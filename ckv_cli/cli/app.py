@@ -883,10 +883,11 @@ def import_(
     evaluate, compress, inspect and CacheStore then work on it as on any ckv checkpoint."""
     from ckv_cli.cli.render import write_json
     from ckv_cli.importers import import_checkpoint
-    from ckv_cli.io.files import check_output
 
-    check_output(out, force)
-    check_output(json_out)
+    _inputs(("the checkpoint", src), ("the --data file", _data_files(data)), ("the --item-vocab file", item_vocab),
+            ("the --gin file", gin))
+    _claim(out, force, "-o")
+    _claim(json_out, force, "--json")
     options = {"data": data, "item_vocab": None if item_vocab is None else str(item_vocab)}
     if framework == "gr":
         options.update(gin=None if gin is None else str(gin), binds=bind)

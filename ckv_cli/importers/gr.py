@@ -17,6 +17,7 @@ str(i) unless `--item-vocab` names the raw id of each row.
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ DEFAULTS = {
     "sasrec_encoder.num_blocks": 2, "sasrec_encoder.num_heads": 1, "sasrec_encoder.ffn_hidden_dim": 64,
     "sasrec_encoder.ffn_activation_fn": "relu", "sasrec_encoder.ffn_dropout_rate": 0.2,
 }
+ENCODER_SIZES = {"HSTU": ("num_blocks", "num_heads", "dqk", "dv"), "SASRec": ("num_blocks", "num_heads", "ffn_hidden_dim")}
 # bindings that change the forward pass and the value ckv reproduces (anything else is refused, named)
 REQUIRED = {"train_fn.user_embedding_norm": ("l2_norm",), "train_fn.item_l2_norm": (True,),
             "train_fn.interaction_module_type": ("DotProduct",), "train_fn.embedding_module_type": ("local",),
@@ -133,6 +135,13 @@ def arch_from(bindings: dict) -> GRArch:
             raise CkvError(f"generative-recommenders {key} = {value!r} is not a valid size")
     if a.main_module not in ("HSTU", "SASRec"):
         raise CkvError(f"generative-recommenders main_module '{a.main_module}' is not supported (HSTU, SASRec)")
+    encoder = "hstu_encoder." if a.main_module == "HSTU" else "sasrec_encoder."
+    for key in ENCODER_SIZES[a.main_module]:
+        if type(value := a.get(encoder + key)) is not int or value < 1:
+            raise CkvError(f"generative-recommenders {encoder}{key} = {value!r} is not a valid size")
+    t = a.get("train_fn.temperature")
+    if type(t) not in (int, float) or not math.isfinite(t) or t <= 0:
+        raise CkvError(f"generative-recommenders train_fn.temperature = {t!r} is not a positive number")
     return a
 
 
