@@ -446,6 +446,25 @@ def test_kl_uses_the_models_temperature():
     assert temperature_of(imp.model) == 1.0
 
 
+def test_distillation_uses_the_models_temperature(tmp_path, monkeypatch):
+    """--distill-steps' KL is at the model's temperature (RecBole's raw dot products: 1), not ckv's 0.05."""
+    import ckv_cli.pipeline.distill as distill_mod
+    from ckv_cli.data import load
+    from ckv_cli.pipeline.compress import CompressOptions, fit_and_distill
+
+    model = _variant("sasrec", {**VARIANTS[1][1], "temperature": 1.0})
+    vocab = ["<pad>"] + [f"i{k}" for k in range(1, 51)]
+    rng = np.random.default_rng(1)
+    rows = ["user,item,timestamp"] + [f"u{u},i{rng.integers(1, 51)},{100 + t}" for u in range(30) for t in range(8)]
+    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    ds = load(str(tmp_path / "log.csv"), item_vocab=vocab)
+    seen = []
+    real = distill_mod.distill
+    monkeypatch.setattr(distill_mod, "distill", lambda *a, **k: seen.append(a[3].temperature) or real(*a, **k))
+    fit_and_distill(model, ds, CompressOptions(params={"pool_size": 16}, calib_users=30, distill_steps=1))
+    assert seen == [1.0]
+
+
 def test_store_serves_next_event_time_exactly(tmp_path):
     """A next-event-time HSTU compressed losslessly (plain float32): `CacheStore.rank_next` with the request time
     equals the compress protocol on the exact cache (compressed and decoded paths alike, both decoded), the

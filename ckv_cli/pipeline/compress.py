@@ -166,9 +166,11 @@ def fit_and_distill(model, ds, opts: CompressOptions, on_stream=None, teacher=No
     if not opts.distill_steps:
         return plan, None, info
     from ckv_cli.pipeline.distill import DistillOptions, distill
+    from ckv_cli.tasks.next_item import temperature_of
 
-    return plan, distill(model, ds, plan, DistillOptions(steps=opts.distill_steps, seed=opts.seed, finetune=opts.finetune),
-                         student=student), info
+    dopts = DistillOptions(steps=opts.distill_steps, seed=opts.seed, finetune=opts.finetune,
+                           temperature=temperature_of(model))  # the model's own softmax (1 for RecBole's dot scores)
+    return plan, distill(model, ds, plan, dopts, student=student), info
 
 
 # ---------------------------------------------------------------- bytes
