@@ -15,7 +15,6 @@ import hashlib
 
 import numpy as np
 
-HASH_RULE = "sha256(utf-8 raw user id), first 8 bytes big-endian, modulo shards; users in raw-id order within a shard"
 CALIBRATION_RULE = "the calib_users users with the smallest sha256('<seed>\\x1f<raw id>')[:8]"
 
 

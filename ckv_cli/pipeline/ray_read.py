@@ -115,7 +115,7 @@ class _GroupShard:
         keys = calibration_keys(ds.user_ids, self.seed)
         cand = bottom_k(keys, ds.user_ids, self.k)
         calib = Histories.of_users(ds, cand, self.max_len).to_arrow(shard)
-        write_staged(calib.append_column("key", pa.array(keys[cand], pa.uint64())), calib_path(self.staging, shard))
+        write_staged(calib, calib_path(self.staging, shard))  # the keys travel in the summary
         readers = np.unique(table.column("reader").to_numpy()).tolist() if table.num_rows else []
         summary = {"shard": shard, "node": node_tag(), "readers": readers, "users": ds.n_users,
                    "events": int(len(ds.items)), "rows": int(len(log)),
@@ -158,7 +158,7 @@ def calibration_sample(summaries: list[dict], k: int, staging: Path):
     parts = []
     for shard in sorted({c[2] for c in cands}):
         wanted = pa.array([c[1] for c in cands if c[2] == shard], pa.string())
-        t = pq.read_table(calib_path(staging, shard)).drop_columns(["key"])
+        t = pq.read_table(calib_path(staging, shard))
         parts.append(t.filter(pc.is_in(t.column("user_id"), value_set=wanted)))
     table = pa.concat_tables(parts)
     order = np.argsort(np.asarray(table.column("user_id").to_pylist(), dtype=str), kind="stable")
@@ -205,36 +205,34 @@ def compress_distributed(model, meta: dict, checkpoint_path, spec: str, columns:
     outputs = ShardOutputs(out, n_shards, force)
     staging = Path(tempfile.mkdtemp(prefix=".ckv-staging-", dir=out.parent))
     t0 = time.perf_counter()
-    try:
-        pieces = parquet_pieces(files)
-        with ray_session(workers, address) as ray:
-            summaries = read_and_group(ray, pieces, columns, n_shards, vocab, model.config.max_len, opts, staging,
-                                       name, workers)
-            check_read(summaries, name, len(files), len(vocab) - 1)
-            t_read = time.perf_counter()
-            n_users = sum(s["users"] for s in summaries)
-            calib = calibration_sample(summaries, opts.calib_users, staging)
-            calib.name = name
-            base = run_metadata(meta, checkpoint_path, sha256_file(Path(checkpoint_path)), calib, opts, model)
-            base["command"] = command
-            base = hash_metadata(base, combined_fingerprint([s["fingerprint"] for s in summaries]), n_users, opts)
-            plan, distilled, _ = fit_and_distill(model, calib, opts, on_stream, calib_users=np.arange(calib.n_users))
-            del calib
-            nodes = {n for s in summaries for n in s["readers"] + [s["node"]] if n is not None}
-            read = {"files": len(files), "row_groups": len(pieces), "nodes": len(nodes),
-                    "rows": sum(s["rows"] for s in summaries),
-                    "events": sum(s["events"] for s in summaries), "users": n_users,
-                    "dropped_users": sum(s["dropped_users"] for s in summaries),
-                    "dropped_events": sum(s["dropped_events"] for s in summaries)}
-            report = encode_and_index(model, plan, base, checkpoint_path, outputs, [s["users"] for s in summaries],
-                                      {"rule": HASH, "shards": n_shards}, opts.batch_users, staging=staging,
-                                      engine="ray", workers=workers, address=address, advance=advance, t0=t0,
-                                      distilled=distilled,
-                                      engine_extra={"read": "ray", "read_seconds": round(t_read - t0, 2)})
-    except BaseException:
-        outputs.cleanup()
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with outputs:  # leaving before the index swap removes the new files
+        try:
+            pieces = parquet_pieces(files)
+            with ray_session(workers, address) as ray:
+                summaries = read_and_group(ray, pieces, columns, n_shards, vocab, model.config.max_len, opts, staging,
+                                           name, workers)
+                check_read(summaries, name, len(files), len(vocab) - 1)
+                t_read = time.perf_counter()
+                n_users = sum(s["users"] for s in summaries)
+                calib = calibration_sample(summaries, opts.calib_users, staging)
+                calib.name = name
+                base = run_metadata(meta, checkpoint_path, sha256_file(Path(checkpoint_path)), calib, opts, model)
+                base["command"] = command
+                base = hash_metadata(base, combined_fingerprint([s["fingerprint"] for s in summaries]), n_users, opts)
+                plan, distilled, _ = fit_and_distill(model, calib, opts, on_stream, calib_users=np.arange(calib.n_users))
+                del calib
+                nodes = {n for s in summaries for n in s["readers"] + [s["node"]] if n is not None}
+                read = {"files": len(files), "row_groups": len(pieces), "nodes": len(nodes),
+                        "rows": sum(s["rows"] for s in summaries),
+                        "events": sum(s["events"] for s in summaries), "users": n_users,
+                        "dropped_users": sum(s["dropped_users"] for s in summaries),
+                        "dropped_events": sum(s["dropped_events"] for s in summaries)}
+                report = encode_and_index(model, plan, base, checkpoint_path, outputs, [s["users"] for s in summaries],
+                                          {"rule": HASH, "shards": n_shards}, opts.batch_users, staging=staging,
+                                          engine="ray", workers=workers, address=address, advance=advance, t0=t0,
+                                          distilled=distilled,
+                                          engine_extra={"read": "ray", "read_seconds": round(t_read - t0, 2)})
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     report["read"] = read
     return report

@@ -214,7 +214,8 @@ def check_sharding(model, opts, out: Path, engine: str, hashed: bool) -> None:
 class ShardOutputs:
     """The files a sharded run writes (index, shared file, shards), checked before any work and replaced as a unit
     (`ckv_cli.io.fileset.FileSet`: with `force` the new set is written beside the old one under free names and the
-    index is swapped last). `cleanup()` before `commit` removes the files this run wrote; the old set stays valid."""
+    index is swapped last). Used as a context: leaving it before `commit` (an error, an interrupt) removes the files
+    this run wrote; the old set stays valid."""
 
     def __init__(self, out: Path, n_shards: int, force: bool):
         self.out, self.force = Path(out), force
@@ -224,9 +225,11 @@ class ShardOutputs:
     def commit(self, write_index):
         return self.fileset.commit(write_index)
 
-    def cleanup(self) -> None:
-        if not self.fileset.committed:
-            self.fileset.rollback()
+    def __enter__(self) -> "ShardOutputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fileset.__exit__(*exc)
 
 
 def hash_groups(user_ids, n_shards: int) -> list[np.ndarray]:
@@ -278,7 +281,7 @@ def compress_sharded(model, meta: dict, checkpoint_path, ds, opts, out, shard_si
         assignment = {"rule": RANGE, "shard_size": shard_size}
     outputs = ShardOutputs(out, len(groups), force)
     t0 = time.perf_counter()
-    try:  # an interrupted or failed run removes the new files; an old set stays valid until the index swap
+    with outputs:  # an interrupted or failed run removes the new files; an old set stays valid until the index swap
         base = run_metadata(meta, checkpoint_path, sha256_file(Path(checkpoint_path)), ds, opts, model)
         base["command"] = command
         calib = None
@@ -293,9 +296,6 @@ def compress_sharded(model, meta: dict, checkpoint_path, ds, opts, out, shard_si
         report = encode_and_index(model, plan, base, checkpoint_path, outputs, [len(g) for g in groups], assignment,
                                   opts.batch_users, hists=hists, engine=engine, workers=workers, address=address,
                                   advance=advance, dataset=dataset, t0=t0, distilled=distilled)
-    except BaseException:
-        outputs.cleanup()
-        raise
     return report
 
 
