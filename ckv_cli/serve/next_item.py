@@ -48,7 +48,7 @@ from ckv_cli.models.base import KVCache, item_layer_kv, last_hidden
 from ckv_cli.serve.attention import (SCORES, SOFTMAX, VALUES, CompressedStream, choose_form, compressed_scores,
                                      compressed_values, pool_and_basis)
 from ckv_cli.serve.store import Store
-from ckv_cli.tasks.next_item import mask_seen
+from ckv_cli.tasks.next_item import mask_seen, provisional
 
 DECODED, COMPRESSED = "decoded", "compressed"
 
@@ -256,8 +256,9 @@ def extend_compressed(model, cc: CompressedCache, items: torch.Tensor, timestamp
 
 
 def _select_cache(cache: KVCache, idx: torch.Tensor) -> KVCache:
+    """Users `idx` of a batch of caches (their eviction mask too)."""
     return KVCache([k[idx] for k in cache.keys], [v[idx] for v in cache.values], cache.lengths[idx],
-                   cache.items[idx], cache.timestamps[idx])
+                   cache.items[idx], cache.timestamps[idx], None if cache.keep is None else cache.keep[idx])
 
 
 @torch.no_grad()
@@ -460,7 +461,7 @@ class CacheStore(Store):
         items, ts, new_lengths = self._new_events(len(users), new_items, new_timestamps)
         query_ts = self._query_times(len(users), query_ts)
         fields, offsets = self._read(users)
-        if attention == DECODED or getattr(self.model, "provisional_tokens", 0):
+        if attention == DECODED or provisional(self.model):
             cache = self.model.unflatten(self._decode(fields, offsets))
             h = hidden_after(self.model, cache, items, ts, new_lengths, query_ts)
             seen = cache.items
@@ -601,7 +602,7 @@ class CacheStore(Store):
                         raise CkvError(f"user '{uids[b]}': a new event at {first} is older than its cached history "
                                        f"(last cached event at {last}); --update appends newer events only")
             grow = [j for j, b in enumerate(old) if n_old[j] + int(new_len[b]) <= W]
-            provisional = bool(getattr(self.model, "provisional_tokens", 0))
+            recomputed_newest = provisional(self.model)
             for j in sorted(set(range(len(old))) - set(grow)):
                 b, T = old[j], int(new_len[old[j]])
                 windows[b] = (torch.cat([cache.items[j, : n_old[j]], new_items[b, :T]])[-W:],
@@ -609,13 +610,13 @@ class CacheStore(Store):
             if grow:
                 sel = torch.tensor(grow)
                 rows = [old[j] for j in grow]
-                ext, _ = self.model.extend(_select_kv(cache, sel), new_items[rows], new_ts[rows], new_len[rows])
+                ext, _ = self.model.extend(_select_cache(cache, sel), new_items[rows], new_ts[rows], new_len[rows])
                 flat = self.model.flatten(ext)
                 for i, j in enumerate(grow):
                     whole = flat.users(i, i + 1)
                     n = whole.n_tokens
                     new = whole.rows(np.arange(n_old[j], n), np.array([0, n - n_old[j]]))
-                    if provisional:  # the old newest token was recomputed by extend: re-encode the whole user
+                    if recomputed_newest:  # the old newest token was recomputed by extend: re-encode the whole user
                         records[old[j]] = self._encode(whole)
                     else:
                         records[old[j]] = self._merge(self.record(fields, offsets, j), new, lambda w=whole: w)
@@ -631,12 +632,6 @@ class CacheStore(Store):
                 records[b] = self._encode(flat.users(i, i + 1))
         for b, uid in enumerate(uids):
             self._put(uid, known[b], records[b])
-
-
-def _select_kv(cache: KVCache, idx: torch.Tensor) -> KVCache:
-    """Users `idx` of a batch of caches."""
-    return KVCache([k[idx] for k in cache.keys], [v[idx] for v in cache.values], cache.lengths[idx],
-                   cache.items[idx], cache.timestamps[idx], None if cache.keep is None else cache.keep[idx])
 
 
 def _select_compressed(cc: CompressedCache, idx: torch.Tensor) -> CompressedCache:

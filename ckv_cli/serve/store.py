@@ -241,10 +241,10 @@ class Store:
         """The user's record `old` with the tokens `new` (exact streams, ids, side) appended (module docstring);
         `whole()` gives the user's decoded old tokens and the new ones as one flat cache, for codecs that re-encode
         the whole user."""
-        out = {}
+        out, ids = {}, self.plan.encode_ids(new)
         for t in self.plan.ids:
             name = f"tokens/{t.name}"
-            out[name] = np.concatenate([old[name], self._as_stored(name, self.plan.encode_ids(new)[name])])
+            out[name] = np.concatenate([old[name], self._as_stored(name, ids[name])])
         if self.plan.side_stored:
             for s in self.plan.side:
                 name = f"tokens/{s.name}"
@@ -254,9 +254,7 @@ class Store:
             names = [f"{name}/{f.name}" for f in codec.fields()]
             if self._appendable(codec):
                 enc = codec.encode(self.plan.codec_input(new, name), new.offsets, **_items(codec, new.items))  # token-local
-                for f, n_ in zip(codec.fields(), names):
-                    add = self._as_stored(n_, enc[f.name])
-                    out[n_] = old[n_] + add if f.per == "user" else np.concatenate([old[n_], add])  # counts add up
+                out.update(self._appended(name, codec.fields(), old, enc))
             elif isinstance(codec, CollectiveCodec) and codec.user_dtype == "int8":
                 out.update(self._merge_int8(name, codec, old, new.stream(name), new.items))
             else:  # per-user state: re-encode the user's stream from the decoded old vectors and the new ones
@@ -266,16 +264,22 @@ class Store:
                 out.update({n_: self._as_stored(n_, enc[n_.split("/", 1)[1]]) for n_ in names})
         return out
 
+    def _appended(self, name: str, fields, old: dict, enc: dict) -> dict[str, np.ndarray]:
+        """Stream `name`'s `fields` of the record `old` with the new tokens' codes `enc` appended (per-user counts,
+        such as escapes, add up)."""
+        out = {}
+        for f in fields:
+            n_, add = f"{name}/{f.name}", self._as_stored(f"{name}/{f.name}", enc[f.name])
+            out[n_] = old[n_] + add if f.per == "user" else np.concatenate([old[n_], add])
+        return out
+
     def _merge_int8(self, name: str, codec: CollectiveCodec, old: dict, x: torch.Tensor,
                     items: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Collective with an int8 user part: new indices from the router (coded flat, or given the items: the new
         escapes follow the user's old ones); the new user values at the user's stored scale when they fit under it
         (old tokens unchanged), else the user's part requantised."""
         index, u = codec.encode_index(x, np.array([0, len(x)]), items)
-        out = {}
-        for f in codec.index_fields():
-            n_, add = f"{name}/{f.name}", self._as_stored(f"{name}/{f.name}", index[f.name])
-            out[n_] = old[n_] + add if f.per == "user" else np.concatenate([old[n_], add])
+        out = self._appended(name, codec.index_fields(), old, index)
         scale = old[f"{name}/scale"].astype(np.float32)  # (1, 1)
         q = torch.round(u / float(scale[0, 0]))
         if float(q.abs().max()) <= 127:
@@ -350,12 +354,6 @@ class Store:
             return writer.finish(metadata)
         finally:
             writer.discard()
-
-    def forget(self, users) -> None:
-        """Drop the appends of `users` (indices) from memory (written elsewhere already: `ckv_cli.serve.update`);
-        reads of them return the file's records again."""
-        for u in np.asarray(users, np.int64).tolist():
-            self._overlay.pop(u, None)
 
     def record(self, fields: dict[str, np.ndarray], offsets: np.ndarray, b: int) -> dict[str, np.ndarray]:
         """User `b`'s record (every field) out of a batch read (`_read`): its tokens' rows, its per-user row, and
