@@ -119,8 +119,10 @@ def test_update_equals_compress_of_the_extended_log(logs, tmp_path, rule):
     model, meta = compressed(logs, "old", out, rule)
     before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
     new = load_new_events(str(paths["new"]), None, meta["item_vocab"])
-    report = update_artifact(model, ckpt, out, new, batch_users=8, command="t")
+    done = []  # progress: every touched user reported once, a batch at a time
+    report = update_artifact(model, ckpt, out, new, batch_users=8, command="t", advance=done.append)
     assert report["update"]["users_appended"] == 10 and report["update"]["users_created"] == 3
+    assert sum(done) == 13 and max(done) <= 8
     assert report["update"]["events"] == 10 * 3 + sum(len(new.sequence(list(new.user_ids).index(v))[0]) for v in born)
     assert verify_path(out)[0] == []
     plan = read_shared(out.parent / "x.shared.safetensors")[0] if rule != "file" else open_artifact(out).plan

@@ -680,7 +680,7 @@ def compress(
 def _compress_update(checkpoint: Path, artifact: Path, data: str, columns: str | None, plan_given: dict,
                      batch_users: int, json_out: Path | None, force: bool) -> None:
     """`ckv compress --update`: the new events appended through the artifact's plan (`ckv_cli.serve.update`)."""
-    from ckv_cli.cli.render import print_update, write_json
+    from ckv_cli.cli.render import print_update, progress, write_json
     from ckv_cli.models.checkpoint import load_checkpoint
     from ckv_cli.serve.update import load_new_events, update_artifact
 
@@ -690,8 +690,9 @@ def _compress_update(checkpoint: Path, artifact: Path, data: str, columns: str |
     new = load_new_events(data, parse_columns(columns), meta.get("item_vocab"))
     if new.dropped_events:
         print(f"note: dropped {new.dropped_events:,} new events of items the checkpoint does not know", file=sys.stderr)
-    report = update_artifact(model, checkpoint, artifact, new, plan_given, batch_users, command=_command(),
-                             data_name=data)
+    with progress("update", total=len(new.user_ids)) as advance:
+        report = update_artifact(model, checkpoint, artifact, new, plan_given, batch_users, command=_command(),
+                                 data_name=data, advance=advance)
     print_update(report)
     write_json(json_out, report)
 

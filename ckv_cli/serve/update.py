@@ -81,20 +81,23 @@ def replace_index(index_path: Path, text: str, obsolete: list[Path]) -> None:
             p.unlink(missing_ok=True)
 
 
-def _append(store, new, users: list[str], batch_users: int, window: int, create: bool) -> None:
-    """Each of `users`' new events (from `new`, a SequenceData) appended, `batch_users` users at a time."""
+def _append(store, new, users: list[str], batch_users: int, window: int, create: bool, advance=None) -> None:
+    """Each of `users`' new events (from `new`, a SequenceData) appended, `batch_users` users at a time
+    (`advance(n)` after each batch of n users)."""
     lookup = {str(u): i for i, u in enumerate(new.user_ids)}
     for a in range(0, len(users), batch_users):
         chunk = users[a : a + batch_users]
         seq = [new.sequence(lookup[u]) for u in chunk]
         store.append_many(chunk, [s[0] for s in seq], [s[1] for s in seq], create=create, window=window,
                           ordered=True)
+        if advance:
+            advance(len(chunk))
 
 
 def update_artifact(model, checkpoint_path, path, new, plan_options: dict | None = None, batch_users: int = 256,
-                    command: str = "", data_name: str = "") -> dict:
+                    command: str = "", data_name: str = "", advance=None) -> dict:
     """The module docstring's update of the artifact at `path` (one file or an index) with `new` (a
-    SequenceData: `load_new_events`); returns what changed."""
+    SequenceData: `load_new_events`); returns what changed. `advance(n)` is told of every n users appended."""
     from ckv_cli.artifact.sharded import is_index
     from ckv_cli.serve.next_item import CacheStore
 
@@ -106,7 +109,7 @@ def update_artifact(model, checkpoint_path, path, new, plan_options: dict | None
              "dropped_events": int(new.dropped_events), "command": command, "ckv_version": __version__}
     window = model.config.max_len - 1
     if is_index(path):
-        out = _update_index(model, checkpoint_path, path, new, plan_options or {}, window, batch_users, entry)
+        out = _update_index(model, checkpoint_path, path, new, plan_options or {}, window, batch_users, entry, advance)
     else:
         store = CacheStore.open(path, model, checkpoint=checkpoint_path)
         try:
@@ -115,8 +118,8 @@ def update_artifact(model, checkpoint_path, path, new, plan_options: dict | None
             old = [u for u in uids if u in store]
             created = sorted(u for u in uids if u not in store)
             entry.update({"users_appended": len(old), "users_created": len(created)})
-            _append(store, new, old, batch_users, window, create=False)
-            _append(store, new, created, batch_users, window, create=True)
+            _append(store, new, old, batch_users, window, create=False, advance=advance)
+            _append(store, new, created, batch_users, window, create=True, advance=advance)
             updates = list(store.artifact.meta.get("updates") or []) + [entry]
             store.save(path, force=True, batch_users=1024, metadata={
                 "updates": updates, "appended": {"users": len(old), "created": len(created), "generation": len(updates)}})
@@ -160,7 +163,7 @@ def _checked_index(model, checkpoint_path, path: Path, plan_options: dict):
 
 
 def _update_index(model, checkpoint_path, path: Path, new, plan_options: dict, window: int, batch_users: int,
-                  entry: dict) -> dict:
+                  entry: dict, advance=None) -> dict:
     """A sharded artifact, shard by shard (only the shards that hold or receive touched users are opened): append,
     write the new shard file, close; then the index (module docstring)."""
     from ckv_cli.artifact.reader import Artifact
@@ -224,8 +227,8 @@ def _update_index(model, checkpoint_path, path: Path, new, plan_options: dict, w
                 n_before = len(store)
                 mine = [u for u in touched.get(s, []) if u in store] if s < n_old else []
                 fresh = born.get(s, []) if s >= n_old else [u for u in touched.get(s, []) if u not in store]
-                _append(store, new, mine, batch_users, window, create=False)
-                _append(store, new, fresh, batch_users, window, create=True)
+                _append(store, new, mine, batch_users, window, create=False, advance=advance)
+                _append(store, new, fresh, batch_users, window, create=True, advance=advance)
                 appended, created_n = appended + len(mine), created_n + len(fresh)
                 names = store.user_ids
                 members = list(range(n_before)) if s < n_old else []
