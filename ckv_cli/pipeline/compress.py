@@ -377,8 +377,9 @@ def compress(model, ds, opts: CompressOptions, plan: CachePlan | None = None,
         student = make_student(model)
     held_out = None
     if plan is None:
-        plan, distilled, info = fit_and_distill(model, ds, opts, on_stream, teacher=teacher, student=student)
-        calib = task.calibration_users(ds, opts)  # the sample `fit` drew (seeded)
+        calib = task.calibration_users(ds, opts)  # seeded: the users `fit` calibrates on (None: CTR samples tokens)
+        plan, distilled, info = fit_and_distill(model, ds, opts, on_stream, teacher=teacher, student=student,
+                                                calib_users=calib)
         if calib is not None:
             held_out = np.ones(len(task.user_ids(ds)), dtype=bool)
             held_out[calib] = False
@@ -434,9 +435,8 @@ def run_metadata(meta: dict, checkpoint_path, checkpoint_sha256: str, ds, opts: 
         out.update({"task": "ctr", "branches": sorted({s.name.split(".")[0] for s in spec.streams}),
                     "streams": spec.widths, "calib_users": opts.calib_users, "calib_tokens": opts.calib_tokens})
     else:
-        n_users = len(task.user_ids(ds))
         out.update({"recompute_item_layers": opts.recompute_item_layers,
-                    "calib_users": min(opts.calib_users, max(1, n_users // 2) if opts.calib_holdout else n_users)})
+                    "calib_users": len(task.calibration_users(ds, opts))})
         if opts.calib_holdout:
             out["calib_holdout"] = True
     return out

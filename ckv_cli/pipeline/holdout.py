@@ -2,7 +2,8 @@
 metrics are reported. Next-item models.
 
 Two rules, both seeded:
-- `reserve` (what `ckv compress --calib-holdout` does): calibration users = a seeded sample of
+- `reserve` (the rule of `ckv compress --calib-holdout`, drawn by its own seeded permutation, so the users differ
+  from compress's sample; docs/fidelity.md's tables were measured with it): calibration users = a seeded sample of
   min(calib_users, n_users // 2) users; every user is encoded with the one plan, but metrics are reported over the
   other users only (at least half of the log). The reconstruction error reported is the held-out users'.
 - `folds` (a measurement, not an artifact): users split into k seeded folds; fold f is encoded by a plan fitted
@@ -26,6 +27,7 @@ from ckv_cli.codecs import CachePlan
 from ckv_cli.errors import CkvError
 from ckv_cli.metrics import paired_bootstrap, per_user_ranking, ranking_metrics
 from ckv_cli.pipeline.compress import CompressOptions, accounting, full_width, make_plan, run_plan
+from ckv_cli.tasks import calibration_sample
 from ckv_cli.tasks.next_item import Scored, Teacher, TeacherBatch, fidelity_summary
 
 
@@ -158,7 +160,7 @@ def insample_compress(model, teacher: Teacher, opts: CompressOptions, bootstrap:
     """The protocol without a hold-out, for comparison: fitted on `calib_users` seeded users, every user scored
     (in-sample for the calibration users; with fewer users than calib_users, all of them)."""
     n_users = teacher.n_users
-    users = np.sort(np.random.default_rng(opts.seed).choice(n_users, size=min(opts.calib_users, n_users), replace=False))
+    users = calibration_sample(n_users, opts.calib_users, opts.seed)
     plan = fit_plan_on(model, teacher, users, opts)
     scorer, summary = score_plan(model, plan, teacher)
     return _result(f"in-sample: {len(users):,} calibration users among the {n_users:,} scored", len(users),

@@ -17,6 +17,13 @@ from ckv_cli.tasks import ctr as ctr_mod
 from ckv_cli.tasks import next_item as next_item_mod
 
 
+def calibration_sample(n_users: int, calib_users: int, seed: int, holdout: bool = False) -> np.ndarray:
+    """The next-item calibration users (indices, sorted): a seeded sample of min(calib_users, n_users); with
+    `holdout` (`--calib-holdout`) at most half the users, so that at least half are held out of calibration."""
+    cap = max(1, n_users // 2) if holdout else n_users
+    return np.sort(np.random.default_rng(seed).choice(n_users, size=min(calib_users, cap), replace=False))
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -72,11 +79,7 @@ class NextItemTask(Task):
         return flat, {"users": int(len(users)), "tokens": flat.n_tokens}
 
     def calibration_users(self, data, opts) -> np.ndarray:
-        """A seeded sample of min(calib_users, users) users; with `opts.calib_holdout` at most half the users, so
-        that at least half are held out of calibration (`ckv_cli.pipeline.holdout`)."""
-        rng = np.random.default_rng(opts.seed)
-        cap = max(1, data.n_users // 2) if getattr(opts, "calib_holdout", False) else data.n_users
-        return np.sort(rng.choice(data.n_users, size=min(opts.calib_users, cap), replace=False))
+        return calibration_sample(data.n_users, opts.calib_users, opts.seed, getattr(opts, "calib_holdout", False))
 
     def batches(self, model, data, users, batch_users: int, exclude_seen: bool = True):
         return next_item_mod.teacher_batches(model, data, range(data.n_users) if users is None else users, batch_users,
@@ -184,4 +187,4 @@ def _exists(spec: str) -> bool:
     return Path(spec).exists()
 
 
-__all__ = ["CTR", "NEXT_ITEM", "TASKS", "Task", "task_of"]
+__all__ = ["CTR", "NEXT_ITEM", "TASKS", "Task", "calibration_sample", "task_of"]
