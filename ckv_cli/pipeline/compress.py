@@ -277,13 +277,14 @@ class Errors:
         if self.held is not None and users is not None:
             token_mask = torch.from_numpy(np.repeat(self.held_out[np.asarray(users)], np.diff(exact.offsets)))
         for name, x in exact.streams.items():
+            sq, x2 = (x - decoded.streams[name]) ** 2, x ** 2  # (N, d) each, computed once
             e = self.err.setdefault(name, [0.0, 0.0])
-            e[0] += float(((x - decoded.streams[name]) ** 2).sum())
-            e[1] += float((x ** 2).sum())
+            e[0] += float(sq.sum())
+            e[1] += float(x2.sum())
             if token_mask is not None:  # the held-out users' tokens (rows)
                 h = self.held.err.setdefault(name, [0.0, 0.0])
-                h[0] += float(((x[token_mask] - decoded.streams[name][token_mask]) ** 2).sum())
-                h[1] += float((x[token_mask] ** 2).sum())
+                h[0] += float(sq[token_mask].sum())
+                h[1] += float(x2[token_mask].sum())
         for name, v in exact.side.items():
             if name in decoded.side:
                 self.side[0] += int((v != decoded.side[name]).sum())
