@@ -48,28 +48,25 @@ def scores_into(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.Te
     return s.add_(b)[:n]
 
 
-def linear_argmax(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """(N, d), (m, d), (m,) -> (N,) `(x @ w.T + b).argmax(1)` (a router's choice), in chunks of rows."""
+def linear_argmax(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, chunk: int | None = None,
+                  x_scale: float = 1.0) -> torch.Tensor:
+    """(N, d), (m, d), (m,) -> (N,) `((x_scale x) @ w.T + b).argmax(1)` (a router's choice), in chunks of rows
+    (each chunk scaled on its own: no scaled copy of x)."""
     x, w, b = x.detach().float(), w.detach(), b.detach()
     rows = chunk_rows(len(w), chunk)
     out = torch.empty(x.shape[0], dtype=torch.long)
     buf = torch.empty(max(2, min(rows, x.shape[0])), len(w))  # (rows, m) reused
     for a in range(0, x.shape[0], rows):
-        out[a : a + rows] = argmax_rows(scores_into(x[a : a + rows], w, b, buf))
+        xa = x[a : a + rows] if x_scale == 1.0 else x_scale * x[a : a + rows]
+        out[a : a + rows] = argmax_rows(scores_into(xa, w, b, buf))
     return out
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """(N, d), (m, d) -> (N,) index of the nearest centroid: argmax of the float32 scores `(2 x) @ c.T - |c|^2`
     (a linear layer with a bias; first index on ties)."""
-    x, centroids = x.detach().float(), centroids.detach()
-    rows = chunk_rows(len(centroids), chunk)
-    bias = -(centroids * centroids).sum(1)  # (m,)
-    out = torch.empty(x.shape[0], dtype=torch.long)
-    buf = torch.empty(max(2, min(rows, x.shape[0])), len(centroids))
-    for a in range(0, x.shape[0], rows):
-        out[a : a + rows] = argmax_rows(scores_into(2 * x[a : a + rows], centroids, bias, buf))
-    return out
+    c = centroids.detach()
+    return linear_argmax(x, c, -(c * c).sum(1), chunk, x_scale=2.0)
 
 
 def score_rounding(d: int) -> float:
