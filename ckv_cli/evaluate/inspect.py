@@ -63,11 +63,13 @@ def pool_usage(art: Artifact) -> dict[str, dict]:
     pool of that size can have), and the share of tokens that go to the 10 most used entries (over every shard
     of a sharded artifact)."""
     out = {}
+    item_coded = _item_coded(art, {stream: codec for stream, codec in art.plan.coded().items()
+                                   if getattr(codec, "index", None) is not None and hasattr(codec, "pool_size")})
     for stream, codec in art.plan.coded().items():
         name = f"{stream}/idx"
         extra = {}
-        if getattr(codec, "index", None) is not None and hasattr(codec, "pool_size"):  # item-coded: decoded
-            idx, extra = _item_coded(art, stream, codec)
+        if stream in item_coded:  # item-coded: decoded
+            idx, extra = item_coded[stream]
         elif name not in art.fields or not hasattr(codec, "pool_size"):
             continue
         else:
@@ -83,18 +85,24 @@ def pool_usage(art: Artifact) -> dict[str, dict]:
     return out
 
 
-def _item_coded(art: Artifact, stream: str, codec, chunk: int = 4096) -> tuple[list[np.ndarray], dict]:
-    """Pool indices of every token of an item-coded stream (decoded through the lists, a chunk of users at a
-    time), and the index coding's numbers: width, share of tokens escaped, entries listed."""
-    idx, escaped, tokens = [], 0, 0
+def _item_coded(art: Artifact, codecs: dict, chunk: int = 4096) -> dict[str, tuple[list[np.ndarray], dict]]:
+    """Per item-coded stream of `codecs`: the pool index of every token (decoded through the lists; one pass over
+    the artifact, a chunk of users at a time, for all of them) and the index coding's numbers: width, share of
+    tokens escaped, entries listed."""
+    if not codecs:
+        return {}
+    idx = {s: [] for s in codecs}
+    escaped, tokens = dict.fromkeys(codecs, 0), dict.fromkeys(codecs, 0)
     for a in range(0, art.n_users, chunk):
         fields, offsets = art.read_fields(np.arange(a, min(a + chunk, art.n_users)))
-        sub = {f.name: fields[f"{stream}/{f.name}"] for f in codec.index_fields()}
-        idx.append(codec.indices(sub, offsets, fields["tokens/items"]))
-        escaped += int((np.asarray(sub["pos"]) == codec.index.escape).sum())
-        tokens += len(sub["pos"])
-    return idx or [np.zeros(0, np.int64)], {"index_bits": codec.index.bits, "escape_rate": escaped / max(tokens, 1),
-                                            "list_entries": int(len(codec.index.entries))}
+        for stream, codec in codecs.items():
+            sub = {f.name: fields[f"{stream}/{f.name}"] for f in codec.index_fields()}
+            idx[stream].append(codec.indices(sub, offsets, fields["tokens/items"]))
+            escaped[stream] += int((np.asarray(sub["pos"]) == codec.index.escape).sum())
+            tokens[stream] += len(sub["pos"])
+    return {s: (idx[s] or [np.zeros(0, np.int64)],
+                {"index_bits": c.index.bits, "escape_rate": escaped[s] / max(tokens[s], 1),
+                 "list_entries": int(len(c.index.entries))}) for s, c in codecs.items()}
 
 
 @torch.no_grad()
