@@ -285,6 +285,11 @@ class ArtifactWriter:
             raise self._write_error(e) from None
         self._cursor[name] = pos + len(buf)
 
+    @property
+    def ragged_rows(self) -> dict[str, int]:
+        """Rows added so far to each ragged field (item-coded escapes), as the byte accounting counts them."""
+        return dict(self._rows)
+
     def _put_rows(self, name: str, f, arr: np.ndarray) -> None:
         """A batch's rows of a ragged field, appended to its own temporary file."""
         if f.bits:

@@ -310,13 +310,16 @@ class Store:
         users = np.arange(len(self._user_ids))
         lengths = self.token_counts(users)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        meta = {k: v for k, v in self.artifact.meta.items() if k not in WRITTEN_BY_WRITER}
-        acct = accounting(self.plan, offsets, full_width(self.model), ragged=self.ragged_rows(users, batch_users))
-        meta["accounting"] = {**acct, **task_of(self.model).accounting_extra(acct, self.plan, self.model, lengths)}
-        meta["appended"] = {"users": self.appended_users, "source": str(self.artifact.path),
-                            "source_checksums_sha256": _digest(self.artifact.meta.get("checksums", {}))}
-        meta.update(metadata or {})
-        return self.write_users(path, users, meta, force=force, batch_users=batch_users)
+
+        def meta_for(ragged: dict[str, int]) -> dict:  # the escape rows the writer counted
+            meta = {k: v for k, v in self.artifact.meta.items() if k not in WRITTEN_BY_WRITER}
+            acct = accounting(self.plan, offsets, full_width(self.model), ragged=ragged)
+            meta["accounting"] = {**acct, **task_of(self.model).accounting_extra(acct, self.plan, self.model, lengths)}
+            meta["appended"] = {"users": self.appended_users, "source": str(self.artifact.path),
+                                "source_checksums_sha256": _digest(self.artifact.meta.get("checksums", {}))}
+            return {**meta, **(metadata or {})}
+
+        return self.write_users(path, users, meta_for, force=force, batch_users=batch_users, lengths=lengths)
 
     def token_counts(self, users: np.ndarray) -> np.ndarray:
         """(B,) cached tokens of each user (indices; appends included)."""
@@ -324,34 +327,24 @@ class Store:
         return np.array([self._n_tokens(self._overlay[u]) if u in self._overlay else int(stored[u])
                          for u in np.asarray(users, np.int64).tolist()], dtype=np.int64)
 
-    def ragged_rows(self, users: np.ndarray, batch_users: int = 1024) -> dict[str, int]:
-        """Rows of each ragged field (item-coded escapes) that `users` (indices; appends included) hold, as the byte
-        accounting counts them: one read pass over the users where the plan has ragged fields, {} otherwise."""
-        counts = {k: fm["counts"] for k, fm in self.artifact.fields.items() if fm["per"] == "ragged"}
-        out = dict.fromkeys(counts, 0)
-        users = np.asarray(users, np.int64)
-        for a in range(0, len(users) if counts else 0, batch_users):
-            fields, _ = self._read(users[a : a + batch_users])
-            for k, c in counts.items():
-                out[k] += int(np.asarray(fields[c], np.int64).sum())
-        return out
-
-    def write_users(self, path: str | Path, users: np.ndarray, metadata: dict, force: bool = False,
-                    shared: bool = True, batch_users: int = 1024) -> dict[str, int]:
-        """Write the users `users` (indices, in that order; appends merged) as an artifact, or with
-        `shared=False` as a shard of a sharded one (`ckv_cli.artifact.sharded`), atomically, with `metadata`;
-        returns bytes per tensor."""
+    def write_users(self, path: str | Path, users: np.ndarray, metadata, force: bool = False,
+                    shared: bool = True, batch_users: int = 1024, lengths: np.ndarray | None = None) -> dict[str, int]:
+        """Write the users `users` (indices, in that order; appends merged; `lengths` their token counts where the
+        caller has them) as an artifact, or with `shared=False` as a shard of a sharded one
+        (`ckv_cli.artifact.sharded`), atomically; returns bytes per tensor. `metadata` is a dict, or a function of
+        the rows each ragged field (item-coded escapes) got, for a byte accounting made in the same pass."""
         from ckv_cli.artifact.writer import ArtifactWriter
 
         users = np.asarray(users, np.int64)
         names = self._user_ids
-        writer = ArtifactWriter(path, self.token_counts(users), [names[u] for u in users], force=force, shared=shared)
+        lengths = self.token_counts(users) if lengths is None else lengths
+        writer = ArtifactWriter(path, lengths, [names[u] for u in users], force=force, shared=shared)
         try:
             writer.start(self.plan)
             for a in range(0, len(users), batch_users):
                 fields, offs = self._read(users[a : a + batch_users])
                 writer.add(fields, offs)
-            return writer.finish(metadata)
+            return writer.finish(metadata(writer.ragged_rows) if callable(metadata) else metadata)
         finally:
             writer.discard()
 

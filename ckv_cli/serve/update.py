@@ -301,15 +301,19 @@ def _write_shard(store, members: np.ndarray, ids: list[str], target: Path, s: in
 
     src = store.artifact.meta  # the shard's own (a new shard: the last one's, whose store created its users)
     lengths = store.token_counts(members)
-    acct = accounting(store.plan, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), full_width(store.model),
-                      ragged=store.ragged_rows(members))
     shard_meta = {k: v for k, v in src["shard"].items() if k not in ("users", "n_users")}
     shard_meta.update({"number": s, "of": n_shards, "generation": generation})
     shard_meta.update({"rule": HASH, "n_users": len(members)} if span is None else {"users": span})
     meta = {k: v for k, v in src.items() if k not in WRITTEN_BY_WRITER and k not in ("shard", "accounting", "appended")}
-    meta.update({"accounting": acct, "shard": shard_meta,
-                 "appended": {"users": appended, "created": created, "generation": generation}})
-    stored = store.write_users(target, members, meta, shared=False)
+    meta.update({"shard": shard_meta, "appended": {"users": appended, "created": created, "generation": generation}})
+
+    def with_accounting(ragged: dict[str, int]) -> dict:  # the escape rows the writer counted
+        meta["accounting"] = accounting(store.plan, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                                        full_width(store.model), ragged=ragged)
+        return meta
+
+    stored = store.write_users(target, members, with_accounting, shared=False, lengths=lengths)
+    acct = meta["accounting"]
     return {"file": target.name, "sha256": sha256_of(target), "bytes": target.stat().st_size, "users": [0, 0],
             "n_users": len(members), "first_user_id": ids[0] if ids else None, "last_user_id": ids[-1] if ids else None,
             "tokens": int(lengths.sum()), "per_user_bytes": acct["per_user_bytes"],
