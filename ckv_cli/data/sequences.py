@@ -165,10 +165,14 @@ def vocab_lookup(item_vocab) -> dict:
 def load(spec: str, columns: dict[str, str] | None = None, min_events: int = 3,
          item_vocab: list[str] | None = None) -> SequenceData:
     """A named dataset (`ml-1m`, `ml-100k`) or a path to a log file."""
-    if spec in DATASETS:
-        path, name = fetch(spec), spec
-    elif Path(spec).exists() or any(c in spec for c in "/\\.*?["):
-        path, name = spec, dataset_name(spec)
-    else:
-        raise CkvError(f"unknown dataset '{spec}'; named datasets: {', '.join(DATASETS)} (or give a file path)")
+    path, name = resolve(spec)
     return build(read_log(path, columns), name, min_events=min_events, item_vocab=item_vocab)
+
+
+def resolve(spec: str) -> tuple[str | Path, str]:
+    """(the file to read, the name reports give it) of `--data`: a named dataset (fetched on first use) or a path."""
+    if spec in DATASETS:
+        return fetch(spec), spec
+    if Path(spec).exists() or any(c in spec for c in "/\\.*?["):
+        return spec, dataset_name(spec)
+    raise CkvError(f"unknown dataset '{spec}'; named datasets: {', '.join(DATASETS)} (or give a file path)")

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ckv_cli.data.datasets import DATASETS, fetch
 from ckv_cli.data.readers import read_log
-from ckv_cli.data.sequences import build
+from ckv_cli.data.sequences import build, resolve
 from ckv_cli.errors import CkvError
 from ckv_cli.importers.common import Imported, check_state, load_mapped, preflight, sha256_file
 from ckv_cli.importers.recbole import PAD, read_vocab_file
@@ -307,7 +306,7 @@ def import_gr(src: Path, out=None, force: bool = True, gin: str | None = None, b
         vocab, origin = [PAD, *(str(i) for i in range(1, config.n_items + 1))], "raw integer ids (row i = id i)"
     dataset, fingerprint = "", ""
     if data is not None:
-        path, name = (fetch(data), data) if data in DATASETS else (Path(data), Path(data).name)
+        path, name = resolve(data)
         seq = build(read_log(path), name, item_vocab=vocab)
         dataset, fingerprint = name, seq.fingerprint
     source = {"framework": "generative-recommenders", "version": "research (the file does not record a version)",

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ckv_cli.data.datasets import DATASETS, fetch
 from ckv_cli.data.readers import read_log
-from ckv_cli.data.sequences import build
+from ckv_cli.data.sequences import build, resolve
 from ckv_cli.errors import CkvError
 from ckv_cli.importers.common import Imported, check_state, load_mapped, preflight, sha256_file
 from ckv_cli.importers.safe_pickle import Inert, global_name, load_torch_zip
@@ -230,19 +229,13 @@ def recbole_protocol_data(data: str, item_vocab: list[str], time_key: str = "raw
     those float32 values (an order key: for SASRec, which reads no time)."""
     if time_key not in ("raw", "normalized"):
         raise CkvError(f"unknown RecBole time key '{time_key}' (raw, normalized)")
-    path, name = _log_path(data)
+    path, name = resolve(data)
     log = read_log(path)
     t = log.timestamps.astype(np.float64)
     if time_key == "normalized" and len(t) and t.max() > t.min():
         t = (t - t.min()) / (t.max() - t.min())
     log.timestamps = np.unique(t.astype(np.float32), return_inverse=True)[1].astype(np.int64)
     return build(log, f"{name}-recbole-order", item_vocab=item_vocab)
-
-
-def _log_path(data: str) -> tuple[Path, str]:
-    if data in DATASETS:
-        return fetch(data), data
-    return Path(data), Path(data).name
 
 
 def import_recbole(src: Path, out=None, force: bool = True, data: str | None = None, item_vocab: str | None = None,
@@ -258,7 +251,7 @@ def import_recbole(src: Path, out=None, force: bool = True, data: str | None = N
     check_state(src, state, expected_shapes(config), "RecBole SASRec with this config")
     log = None
     if data is not None:
-        path, name = _log_path(data)
+        path, name = resolve(data)
         log = read_log(path)
     if item_vocab is not None:
         vocab, origin = read_vocab_file(Path(item_vocab)), f"file {Path(item_vocab).name}"
