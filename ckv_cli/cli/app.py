@@ -87,11 +87,12 @@ def _inputs(*pairs) -> None:
 def _data_files(data: str | None) -> list[Path]:
     """The files `--data` reads: a named dataset's cached files, or the log file and the side files its reader
     also reads (a RecBole `.item` beside an `.inter`, `movies.dat` beside a `.dat`)."""
+    from ckv_cli.data.ctr import ctr_base
     from ckv_cli.data.datasets import DATASETS, cache_dir
 
     if not data:
         return []
-    base = data[: -len("-ctr")] if data.endswith("-ctr") and not Path(data).exists() else data
+    base = ctr_base(data) or data
     if base in DATASETS:
         return [cache_dir() / base / member for member in DATASETS[base].files]
     path = Path(base)
@@ -202,6 +203,7 @@ def train(
     """Train a model with its published recipe and write a self-describing checkpoint. Nothing is written before
     training ends; an interrupt (Ctrl-C, SIGTERM, SIGHUP) after an epoch saves the best epoch so far, marked
     partial, and exits 128 + the signal; a loss that turns NaN stops with one line and writes nothing."""
+    from ckv_cli.data.ctr import ctr_base
     from ckv_cli.models import REGISTRY, TASKS
     from ckv_cli.threads import set_threads
 
@@ -223,8 +225,8 @@ def train(
         _train_ctr(arch, data, out, columns, model_cfg, epochs or 1, patience or 1, batch_size or 256, lr,
                    train_samples, device, max_minutes, threads, seed, json_out, partial)
         return
-    if data.endswith("-ctr") and not Path(data).exists():
-        raise CkvError(f"--data {data} is the CTR task; {arch} is a next-item model (use --data {data[:-4]})")
+    if (base := ctr_base(data)) is not None:
+        raise CkvError(f"--data {data} is the CTR task; {arch} is a next-item model (use --data {base})")
     _train_next_item(arch, data, out, columns, init, epochs or 100, patience or 5, batch_size or 128, lr,
                      {"d": d, "n_layers": layers, "max_len": max_len or 200, "dropout": 0.2 if dropout is None else dropout,
                       **({"n_heads": heads} if heads else {})},

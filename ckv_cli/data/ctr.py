@@ -136,10 +136,14 @@ def build_ctr(seq: SequenceData, max_history: int = 1000, positive_rating: float
                    split_of=split_of, cuts=cuts, max_history=max_history)
 
 
+def ctr_base(spec: str) -> str | None:
+    """The log a `--data NAME-ctr` spec (the CTR view of a log, not a file of that name) reads, else None."""
+    return spec[: -len("-ctr")] if spec.endswith("-ctr") and not Path(spec).exists() else None
+
+
 def load_ctr(spec: str, columns: dict[str, str] | None = None, max_history: int = 1000,
              item_vocab: list[str] | None = None) -> CTRData:
     """`ml-1m-ctr` (or `ml-1m`, or a rating log file) read as the CTR task."""
     from ckv_cli.data.sequences import load
 
-    base = spec[: -len("-ctr")] if spec.endswith("-ctr") and not Path(spec).exists() else spec
-    return build_ctr(load(base, columns, item_vocab=item_vocab), max_history=max_history)
+    return build_ctr(load(ctr_base(spec) or spec, columns, item_vocab=item_vocab), max_history=max_history)

@@ -45,9 +45,10 @@ class NextItemTask(Task):
     def load(self, spec: str, columns: dict | None, meta: dict | None = None, model=None):
         """The data read through the checkpoint's item vocabulary (unknown items dropped and counted)."""
         from ckv_cli.data import load
+        from ckv_cli.data.ctr import ctr_base
 
-        if spec.endswith("-ctr") and not _exists(spec):
-            raise CkvError(f"--data {spec} is the CTR task; this is a next-item model (use --data {spec[:-4]})")
+        if (base := ctr_base(spec)) is not None:
+            raise CkvError(f"--data {spec} is the CTR task; this is a next-item model (use --data {base})")
         return load(spec, columns, item_vocab=(meta or {}).get("item_vocab"))
 
     def evaluate(self, model, data, split: str = "test", exclude_seen: bool = True, progress=None) -> dict:
@@ -179,12 +180,6 @@ def task_of(model) -> Task:
     if name not in TASKS:
         raise CkvError(f"unknown task '{name}' of the model (known: {', '.join(TASKS)})")
     return TASKS[name]
-
-
-def _exists(spec: str) -> bool:
-    from pathlib import Path
-
-    return Path(spec).exists()
 
 
 __all__ = ["CTR", "NEXT_ITEM", "TASKS", "Task", "calibration_sample", "task_of"]
