@@ -860,7 +860,7 @@ CASES: list[Case] = [
     Case(OPTIONS, "--finetune without distillation", (*NEW, "--finetune"),
          "ckv: error: --finetune needs --distill-steps > 0 (the model trains during distillation)"),
     Case(OPTIONS, "--finetune with sharded output", (*NEW, "--finetune", "--distill-steps", "2", "--shard-size", "8"),
-         "ckv: error: --finetune writes one artifact: it does not go with --engine ray or --shard-size yet"),
+         "ckv: error: --finetune writes one artifact: it does not go with --engine ray, --shard-size or --shards yet"),
     Case(OPTIONS, "compress --codec evict (sweep only)", (*NEW, "--codec", "evict"),
          "ckv: error: codec evict keeps a different number of tokens per user, which the artifact format (fixed-width "
          "per-token fields) does not hold: it is available in `ckv evaluate CHECKPOINT --sweep "

@@ -136,10 +136,13 @@ def _report_drops(ds) -> None:
         print(f"note: {seq.name}: columns recognised by name: "
               + ", ".join(f"{role}={col}" for role, col in seq.columns.items()) + " (--columns overrides)",
               file=sys.stderr)
-    if seq.dropped_users or seq.dropped_events:
-        print(f"note: dropped {seq.dropped_users:,} users with fewer than 3 events"
-              + (f" and {seq.dropped_events:,} events of items the checkpoint does not know" if seq.dropped_events else ""),
-              file=sys.stderr)
+    _note_drops(seq.dropped_users, seq.dropped_events)
+
+
+def _note_drops(users: int, events: int) -> None:
+    if users or events:
+        print(f"note: dropped {users:,} users with fewer than 3 events"
+              + (f" and {events:,} events of items the checkpoint does not know" if events else ""), file=sys.stderr)
 
 
 def _load(checkpoint: Path, data: str, columns: str | None):
@@ -540,7 +543,7 @@ def compress(
     json_out: JsonOpt = None,
 ):
     """Distil a checkpoint's per-user KV caches into a shared pool plus small per-user codes."""
-    from ckv_cli.cli.render import print_compress, progress, write_json
+    from ckv_cli.cli.render import progress
     from ckv_cli.models.checkpoint import load_checkpoint
     from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact, parse_params, student_path
     from ckv_cli.tasks import CTR, task_of
@@ -588,7 +591,7 @@ def compress(
     if calib_holdout and sharded:
         raise CkvError("--calib-holdout writes one artifact: sharded output (--engine ray, --shard-size, --shards) draws its own calibration sample")
     if finetune and sharded:
-        raise CkvError("--finetune writes one artifact: it does not go with --engine ray or --shard-size yet")
+        raise CkvError("--finetune writes one artifact: it does not go with --engine ray, --shard-size or --shards yet")
     if engine not in ("local", "ray"):
         raise CkvError(f"unknown --engine '{engine}' (choose local or ray)")
     if engine == "ray":
@@ -600,7 +603,7 @@ def compress(
     if sharded:
         from ckv_cli.artifact.sharded import DEFAULT_SHARD_USERS, is_index
 
-        shard_size = None if shards is not None else shard_size or DEFAULT_SHARD_USERS
+        shard_size = shard_size or DEFAULT_SHARD_USERS  # (--shards assigns by hash: the size is not read)
         if not is_index(out):
             raise CkvError(f"sharded output is an index: -o must end with .json (e.g. NAME.index.json), got {out}")
     _claim(out, force, "-o")
@@ -640,16 +643,8 @@ def compress(
                                               workers=workers, address=address, force=force, advance=advance,
                                               command=_command(),
                                               on_stream=lambda name: advance(0, f"fitting {name}"))
-            r = report["read"]
-            if r["dropped_users"] or r["dropped_events"]:
-                print(f"note: dropped {r['dropped_users']:,} users with fewer than 3 events"
-                      + (f" and {r['dropped_events']:,} events of items the checkpoint does not know"
-                         if r["dropped_events"] else ""), file=sys.stderr)
-            report["seconds"] = round(time.time() - t, 1)
-            report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
-            print_compress(report)
-            write_json(json_out, report)
-            return
+            _note_drops(report["read"]["dropped_users"], report["read"]["dropped_events"])
+            return _finish_compress(report, t, json_out)
     ds = task.load(data, parse_columns(columns), meta, model)
     _report_drops(ds)
     t = time.time()
@@ -665,13 +660,20 @@ def compress(
         if sharded:
             from ckv_cli.pipeline.shard import compress_sharded
 
-            report = compress_sharded(model, meta, checkpoint, ds, opts, out, shard_size or DEFAULT_SHARD_USERS, engine=engine,
+            report = compress_sharded(model, meta, checkpoint, ds, opts, out, shard_size, engine=engine,
                                       workers=workers, address=address, force=force, advance=advance, n_shards=shards,
                                       command=_command(), on_stream=lambda name: advance(0, f"fitting {name}"))
         else:
             report = compress_to_artifact(model, meta, checkpoint, ds, opts, out, force=force, advance=advance,
                                           command=_command(), on_stream=lambda name: advance(0, f"fitting {name}"))
-    report["seconds"] = round(time.time() - t, 1)
+    _finish_compress(report, t, json_out, searched)
+
+
+def _finish_compress(report: dict, t0: float, json_out: Path | None, searched: list | None = None) -> None:
+    """The compress report's run time and peak memory, the target search when there was one; printed and --json."""
+    from ckv_cli.cli.render import print_compress, write_json
+
+    report["seconds"] = round(time.time() - t0, 1)
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     if searched is not None:
         report["target_search"] = searched
