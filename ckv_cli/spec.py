@@ -76,6 +76,14 @@ class CacheSpec:
         return {s.name: s.width for s in self.streams}
 
 
+def token_positions(offsets: np.ndarray) -> np.ndarray:
+    """(N,) int64 position of each token in its user's window (0 = the oldest) from the users' offsets (U + 1,),
+    which may start past 0 (a batch cut out of a larger one)."""
+    offsets = np.asarray(offsets, np.int64)
+    starts = offsets[:-1] - offsets[0]
+    return np.arange(int(offsets[-1] - offsets[0]), dtype=np.int64) - np.repeat(starts, np.diff(offsets))
+
+
 @dataclass
 class FlatCache:
     """A batch of users' cached tokens back to back: user b's tokens are [offsets[b], offsets[b+1])."""
@@ -110,8 +118,7 @@ class FlatCache:
 
     def positions(self) -> np.ndarray:
         """(N,) each token's position in its user's cache (0 = the oldest cached token)."""
-        lengths = np.diff(self.offsets)
-        return np.arange(self.n_tokens, dtype=np.int64) - np.repeat(self.offsets[:-1], lengths)
+        return token_positions(self.offsets)
 
     def rows(self, idx: np.ndarray, offsets: np.ndarray) -> "FlatCache":
         """The tokens at `idx` (N',) as a flat cache of users `offsets`."""

@@ -27,6 +27,7 @@ import torch
 
 from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int, user_index
 from ckv_cli.errors import CkvError
+from ckv_cli.spec import token_positions
 
 POLICIES = ("recent", "keynorm", "keynorm_high")
 
@@ -76,7 +77,7 @@ class EvictCodec(StreamCodec):
         only; ties go to the more recent token."""
         lengths = np.diff(offsets)
         owner = user_index(offsets)
-        pos = np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], lengths)  # position in its user
+        pos = token_positions(offsets)  # position in its user
         k = kept_counts(lengths, self.keep)[owner]
         if self.policy == "recent":
             return pos >= lengths[owner] - k

@@ -31,6 +31,7 @@ from ckv_cli.codecs.bits import bits_for
 from ckv_cli.codecs.itemindex import AUTO, IndexCoding, squared_error
 from ckv_cli.codecs.kmeans import kmeans, nearest
 from ckv_cli.errors import CkvError
+from ckv_cli.spec import token_positions
 
 PREDICTORS = ("linear", "item", "item+pos", "linear+item")
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -39,9 +40,7 @@ RIDGE = 1e-6  # relative ridge on the least-squares normal equations (rank-defic
 
 def positions(user_offsets: np.ndarray) -> torch.Tensor:
     """(N,) position of each token inside its user's cached window, from the users' offsets (U + 1,)."""
-    starts = np.asarray(user_offsets[:-1]) - user_offsets[0]
-    n = int(user_offsets[-1] - user_offsets[0])
-    return torch.from_numpy(np.arange(n) - np.repeat(starts, np.diff(user_offsets)))
+    return torch.from_numpy(token_positions(user_offsets))
 
 
 class PredictiveCodec(IndexCoding, StreamCodec):

@@ -191,11 +191,12 @@ def compress_distributed(model, meta: dict, checkpoint_path, spec: str, columns:
     from ckv_cli.io.files import sha256_file
     from ckv_cli.pipeline.compress import fit_and_distill, run_metadata
     from ckv_cli.pipeline.ray_engine import ray_session
-    from ckv_cli.pipeline.shard import HASH, ShardOutputs, check_sharding, encode_and_index, hash_groups, hash_metadata
+    from ckv_cli.pipeline.shard import (HASH, ShardOutputs, check_shard_count, check_sharding, encode_and_index,
+                                        hash_metadata)
 
     out = Path(out)
     check_sharding(model, opts, out, "ray", True)
-    hash_groups([], n_shards)  # refuses a bad count
+    check_shard_count(n_shards)
     files = dataset_files(spec)
     if files is None:
         raise CkvError(f"--engine ray reads a Parquet dataset on the workers (a directory or glob of .parquet files); "

@@ -232,12 +232,16 @@ class ShardOutputs:
         self.fileset.__exit__(*exc)
 
 
+def check_shard_count(n_shards) -> None:
+    if type(n_shards) is not int or n_shards < 1:
+        raise CkvError(f"--shards must be a positive integer, got {n_shards!r}")
+
+
 def hash_groups(user_ids, n_shards: int) -> list[np.ndarray]:
     """Dataset indices of each shard's users under the hash rule, increasing (raw-id order)."""
     from ckv_cli.data.partition import shard_of
 
-    if type(n_shards) is not int or n_shards < 1:
-        raise CkvError(f"--shards must be a positive integer, got {n_shards!r}")
+    check_shard_count(n_shards)
     shard = shard_of(user_ids, n_shards)
     return [np.flatnonzero(shard == s) for s in range(n_shards)]
 
