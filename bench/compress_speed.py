@@ -70,6 +70,14 @@ def baseline_tree(commit: str, dest: Path) -> Path:
     return dest
 
 
+def baseline_of(args, tmp: Path) -> Path:
+    """`--baseline-tree`, or the `--baseline` commit unpacked under `tmp`."""
+    if args.baseline_tree is not None:
+        return args.baseline_tree.resolve()
+    (tmp / "baseline").mkdir()
+    return baseline_tree(args.baseline, (tmp / "baseline").resolve())
+
+
 def run_fresh(name: str, tree: Path, threads: int, argv: list[str], log: Path) -> dict:
     """`ckv ARGV` with the ckv_cli of `tree` in a fresh process (stdout and stderr to `log`): wall and CPU seconds,
     peak RSS; exits naming `name` when the command fails or imported ckv_cli from elsewhere."""
@@ -134,11 +142,7 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         out_dir = args.out_dir or tmp
         out_dir.mkdir(parents=True, exist_ok=True)
-        if args.baseline_tree is not None:
-            base = args.baseline_tree.resolve()
-        else:
-            (tmp / "baseline").mkdir()
-            base = baseline_tree(args.baseline, (tmp / "baseline").resolve())
+        base = baseline_of(args, tmp)
         load_before = os.getloadavg()
         runs = []
         for r in range(args.repeats):

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._machine import machine  # noqa: E402
-from bench.compress_speed import DEFAULT_TREE, baseline_tree, run_fresh  # noqa: E402
+from bench.compress_speed import DEFAULT_TREE, baseline_of, run_fresh  # noqa: E402
 
 CTR_ARCHS = {"sim", "eta", "sdim", "twin", "nohistory"}
 TIMING = {"train_seconds", "seconds", "command"}
@@ -85,11 +85,7 @@ def main(argv=None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ckv-train-memory-") as tmp:
         tmp = Path(tmp)
-        if args.baseline_tree is not None:
-            base = args.baseline_tree.resolve()
-        else:
-            (tmp / "baseline").mkdir()
-            base = baseline_tree(args.baseline, (tmp / "baseline").resolve())
+        base = baseline_of(args, tmp)
         load_before = os.getloadavg()
         for arch in args.archs:
             sides = {name: run(tree, args, arch, tmp / f"{arch}-{name}.safetensors")
