@@ -256,10 +256,6 @@ def test_plan_with_predictive_and_time_bits_round_trips(teachers):
     dec = plan.decode(enc, teacher.flat.offsets, model)
     assert rel(teacher.flat.stream("L1.k"), dec.stream("L1.k")) < 0.5
     assert plan.describe()["time"]["bits"] == 4 and plan.describe()["streams"]["L1.v"]["codec"] == "predictive"
-    with pytest.raises(CkvError, match="in memory only"):
-        from ckv_cli.pipeline.compress import refuse_time_bits_artifact
-
-        refuse_time_bits_artifact(opts)
 
 
 def test_time_bits_keep_hstu_scores_close(teachers):

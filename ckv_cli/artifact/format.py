@@ -1,7 +1,8 @@
 """The artifact format: one safetensors file that explains itself.
 
 Tensors
-- `shared/<stream>/<name>`: what every user shares (pools, routers, bases), e.g. `shared/L1.k/pool`;
+- `shared/<stream>/<name>`: what every user shares (pools, routers, bases), e.g. `shared/L1.k/pool`; `shared/time/*`
+  the intervals of event times coded at a few bits (`time/code` per token, `time/anchor` per user);
 - `users/offsets` (U + 1,) int64: user u's tokens are [offsets[u], offsets[u+1]);
 - `users/id_bytes`, `users/id_offsets`: the user id table (utf-8), so users are found by their raw id;
 - `tokens/<id>`: the ids the plan stores per token (`tokens/items` bit-packed; `tokens/timestamps` int32 for
@@ -182,8 +183,8 @@ def check_field_tensors(fields: dict, declared: dict, header: dict, n_tokens: in
 
 def shared_tensors(plan) -> dict[str, np.ndarray]:
     """`shared/<stream>/<name>` -> array of every coded stream's shared tensors (pools, bases, routers, tables)."""
-    return {f"shared/{stream}/{name}": t.detach().cpu().contiguous().numpy()
-            for stream, codec in plan.coded().items() for name, t in codec.shared().items()}
+    return {f"shared/{owner}/{name}": t.detach().cpu().contiguous().numpy()
+            for owner, codec in plan.shared_owners().items() for name, t in codec.shared().items()}
 
 
 def _probe(codec) -> str | None:
@@ -213,18 +214,18 @@ def _probe(codec) -> str | None:
 
 
 def load_shared_into(plan, shared: dict[str, np.ndarray], bad) -> None:
-    """Load each coded stream's shared tensors (`shared/<stream>/<name>` -> array) into its codec, checking that
-    they fit it; `bad(why)` makes the error raised."""
-    for stream, codec in plan.coded().items():
-        prefix = f"shared/{stream}/"
+    """Load each coded stream's shared tensors (`shared/<stream>/<name>` -> array) into its codec, and a time codec's
+    (`shared/time/<name>`), checking that they fit; `bad(why)` makes the error raised."""
+    for stream, codec in plan.shared_owners().items():
+        prefix, what = f"shared/{stream}/", f"stream {stream}" if stream in plan.streams else "event times"
         try:
             codec.load_shared({n[len(prefix):]: torch.from_numpy(t.copy()) for n, t in shared.items() if n.startswith(prefix)})
         except KeyError as e:
-            raise bad(f"stream {stream} lacks shared tensor {e}") from None
+            raise bad(f"{what} lack shared tensor {e}" if what == "event times" else f"{what} lacks shared tensor {e}") from None
         except CkvError as e:
-            raise bad(f"stream {stream}: {e}") from None
+            raise bad(f"{what}: {e}") from None
         except DECODE_ERRORS as e:
-            raise bad(f"stream {stream}: its shared tensors do not fit its codec ({type(e).__name__})") from None
-        why = _probe(codec)
+            raise bad(f"{what}: its shared tensors do not fit its codec ({type(e).__name__})") from None
+        why = _probe(codec) if stream in plan.streams else None  # the time codec checks itself on load
         if why:
             raise bad(f"stream {stream}: its shared tensors do not fit its codec ({why})")

@@ -312,7 +312,7 @@ def _checked(path: Path, header: dict, raw: dict, is_shard: bool):
             raise bad(f"tensor '{name}' is missing or not a {dtype} vector")
     if header["users/id_offsets"]["shape"] != [n_users + 1]:
         raise bad(f"tensor 'users/id_offsets' has shape {header['users/id_offsets']['shape']}, expected [{n_users + 1}]")
-    coded = set(plan.coded())
+    coded = set(plan.shared_owners())
     for name in header:
         if name not in declared and name not in ID_TABLE and (
                 is_shard or not name.startswith("shared/") or name.count("/") != 2 or name.split("/")[1] not in coded):

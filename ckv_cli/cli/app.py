@@ -629,10 +629,9 @@ def compress(
                            recompute_item_layers=recompute_item_layers, calib_users=calib_users,
                            batch_users=batch_users, distill_steps=distill_steps, finetune=finetune, seed=seed,
                            exclude_seen=exclude_seen, calib_holdout=calib_holdout, **extra)
-    from ckv_cli.pipeline.compress import make_plan, refuse_time_bits_artifact
+    from ckv_cli.pipeline.compress import make_plan
 
     make_plan(model, opts)  # refuse bad options before the data is read
-    refuse_time_bits_artifact(opts)
     if engine == "ray" and shards is not None and task is not CTR:
         from ckv_cli.pipeline.ray_read import compress_distributed, dataset_files
 

@@ -17,7 +17,9 @@ stored, and whether side fields (hash signatures) are stored or derived. One pla
   see the same values) and, in `fit`, the users' offsets.
 - Event times (`time_bits` > 0, `ckv_cli.codecs.timecode`): stored at a few bits per token plus one anchor per
   user (`time/code`, `time/anchor`) instead of int32 per token; `time_weights` ((layers, buckets), the model's
-  time-bias tables) steer its fit and are not stored. In memory only for now: artifacts refuse it.
+  time-bias tables) steer its fit and are not stored. The intervals are shared tensors (`shared/time/bounds`,
+  `shared/time/gaps`); decoded times are the representatives (`BucketTimeCodec.decode`), which is what every reader
+  (scoring, compressed-domain attention, a store's append) sees.
 
 Joint K/V (`joint=kv`, `ckv_cli.codecs.joint`): each layer's coded K and V share one codec over [k; v], stored
 under the K stream (`joint`); the V stream (`joined`) stores nothing and decodes as the second half of K's.
@@ -143,6 +145,18 @@ class CachePlan:
         """The streams a codec stores (not recomputed)."""
         return {n: c for n, c in self.streams.items() if not recomputed(c)}
 
+    def shared_owners(self) -> dict:
+        """What holds shared tensors (`shared/<owner>/<name>`), each with `shared()` and `load_shared()`: every coded
+        stream's codec and, when event times are coded, `time` (their intervals)."""
+        return {**self.coded(), **({"time": self.time} if self.time is not None else {})}
+
+    def timestamps_of(self, fields: dict[str, np.ndarray], offsets: np.ndarray) -> np.ndarray:
+        """(N,) int64 event times of a batch of users' fields: the stored int32 times, or the time codec's
+        representatives."""
+        if self.time is None:
+            return np.asarray(fields["tokens/timestamps"], dtype=np.int64)
+        return self.time.decode({f.name: fields[f"time/{f.name}"] for f in self.time.fields()}, offsets)
+
     @property
     def evictor(self) -> tuple[int, EvictCodec] | None:
         """(index in stream order, codec) of the first evict stream (whose keys the key-norm rules read), or None."""
@@ -266,8 +280,7 @@ class CachePlan:
     def decode(self, fields: dict[str, np.ndarray], offsets: np.ndarray, model) -> FlatCache:
         """Fields of a batch of users (token fields concatenated in user order) -> their flat cache. `model` (the
         one reading the cache) recomputes the recomputed streams and derives the side fields."""
-        ids = {t.name: (self.time.decode({f.name: fields[f"time/{f.name}"] for f in self.time.fields()}, offsets)
-                        if t.name == "timestamps" and self.time is not None
+        ids = {t.name: (self.timestamps_of(fields, offsets) if t.name == "timestamps"
                         else np.asarray(fields[f"tokens/{t.name}"], dtype=np.int64)) for t in self.ids}
         n = int(offsets[-1]) if len(offsets) else 0
         ev = self.evictor
@@ -491,8 +504,7 @@ def plan_from_description(desc, fields: dict | None = None, bad: Callable[[str],
         raise bad(f"the plan's n_items is {desc['n_items']!r}")
     if type(desc["timestamps"]) is not bool:
         raise bad(f"the plan's timestamps is {desc['timestamps']!r}, not true or false")
-    if "time" in desc:
-        raise bad("the plan stores event times at a few bits (time_bits), which artifacts do not hold yet")
+    time = _described_time(desc.get("time"), desc["timestamps"], bad) if "time" in desc else None
     streams = desc["streams"]
     keys = [CachePlan.key(layer, kind) for layer in range(desc["n_layers"]) for kind in "kv"]
     if not isinstance(streams, dict) or set(streams) != set(keys):
@@ -509,7 +521,18 @@ def plan_from_description(desc, fields: dict | None = None, bad: Callable[[str],
     if desc["timestamps"]:
         ids.append(TokenId("timestamps", dtype="int32", required=True))
     dims = {k: c.d for k, c in codecs.items() if c.d is not None}
-    return CachePlan(codecs, tuple(ids), desc["n_items"], (), False, dims, NEXT_ITEM, None)
+    return CachePlan(codecs, tuple(ids), desc["n_items"], (), False, dims, NEXT_ITEM, None, time)
+
+
+def _described_time(entry, timestamps: bool, bad) -> BucketTimeCodec:
+    """The time codec of a plan's `time` entry ({codec: bucket, bits, max_bucket}), unfitted."""
+    if not timestamps:
+        raise bad("the plan codes event times but stores no timestamps")
+    if not isinstance(entry, dict) or entry.get("codec") != BucketTimeCodec.name or set(entry) != {"codec", "bits", "max_bucket"}:
+        raise bad(f"the plan's time entry is {str(entry)[:80]}, not {{codec: bucket, bits, max_bucket}}")
+    if not _is_int(entry["bits"], 1, 16) or not _is_int(entry["max_bucket"], 1, 4096):
+        raise bad(f"the plan's time entry has bits {entry['bits']!r} and max_bucket {entry['max_bucket']!r}")
+    return BucketTimeCodec(bits=entry["bits"], max_bucket=entry["max_bucket"])
 
 
 def _codec(name: str, entry, width: int | None, bad) -> StreamCodec:

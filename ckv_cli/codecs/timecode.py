@@ -18,8 +18,9 @@ representatives are whole-second gaps at a quarter, half and three quarters of e
 where the bias is flat merge for free; where it varies they stay apart.
 
 The plan stores it in place of int32 timestamps when given `time_bits` (a parameter: `--param time_bits=4`);
-the bias tables come from the model (`time_bias_tables()`, HSTU). Measured in memory (benches, sweeps); artifacts
-keep int32 timestamps for now (a store's append reads the exact times).
+the bias tables come from the model (`time_bias_tables()`, HSTU). In an artifact: per token `time/code`, per user
+`time/anchor`, shared `shared/time/bounds` (int16) and `shared/time/gaps` (int64). A store's append re-anchors a
+user on its newest event and codes the old tokens' representative times again (`ckv_cli.serve.store`).
 """
 from __future__ import annotations
 
@@ -158,7 +159,11 @@ class BucketTimeCodec:
 
     def decode(self, fields: dict[str, np.ndarray], user_offsets: np.ndarray) -> np.ndarray:
         """(N,) representative timestamps: anchor - representative gap of the token's interval."""
+        if self.gaps is None:
+            raise CkvError("time codec used before fit or load")
         code = np.asarray(fields["code"], np.int64)
+        if len(code) and int(code.max()) >= len(self.gaps):
+            raise CkvError(f"time code {int(code.max())} past the {len(self.gaps)} intervals")
         anchor = np.asarray(fields["anchor"], np.int64).reshape(-1)
         return np.repeat(anchor, np.diff(user_offsets)) - self.gaps[code]
 
@@ -166,7 +171,15 @@ class BucketTimeCodec:
         return {"bounds": torch.from_numpy(self.bounds.astype(np.int16)), "gaps": torch.from_numpy(self.gaps)}
 
     def load_shared(self, shared: dict[str, torch.Tensor]) -> None:
-        self.bounds, self.gaps = shared["bounds"].numpy().astype(np.int64), shared["gaps"].numpy().astype(np.int64)
-        if len(self.gaps) > 1 << self.bits or len(self.bounds) != len(self.gaps) + 1:
-            raise CkvError(f"time codec: {len(self.gaps)} intervals for {self.bits} bits")
+        """Checked: 1..2**bits intervals, bounds rising from bucket 0 to max_bucket + 1, gaps in 0..2**31 - 1."""
+        bounds, gaps = shared["bounds"], shared["gaps"]
+        if bounds.dim() != 1 or gaps.dim() != 1 or not 1 <= len(gaps) <= 1 << self.bits or len(bounds) != len(gaps) + 1:
+            raise CkvError(f"time codec: bounds {list(bounds.shape)} and gaps {list(gaps.shape)} are not K + 1 and K "
+                           f"intervals, K <= {1 << self.bits}")
+        b, g = bounds.numpy().astype(np.int64), gaps.numpy().astype(np.int64)
+        if b[0] != 0 or b[-1] != self.max_bucket + 1 or (np.diff(b) <= 0).any():
+            raise CkvError(f"time codec: bounds do not rise from 0 to {self.max_bucket + 1}")
+        if g.min() < 0 or g.max() >= 2**31:
+            raise CkvError("time codec: representative gaps outside 0..2**31 - 1 seconds")
+        self.bounds, self.gaps = b, g
 

@@ -53,7 +53,7 @@ GRIDS = {
                EVENTID, "evict:keep=0.25,policy=recent"),  # evict: a refused row (no keep mask for CTR caches)
 }
 DEFAULT_GRID = GRIDS[NEXT_ITEM.name]
-EXTRA_PARAMS = {NEXT_ITEM.name: ("joint",), CTR.name: ("codes",)}  # parameters every codec takes on that task
+EXTRA_PARAMS = {NEXT_ITEM.name: ("joint", "time_bits"), CTR.name: ("codes",)}  # parameters every codec takes on that task
 PARETO_METRIC = NEXT_ITEM.pareto_metric
 OK, REFUSED, MISSING = "ok", "refused", "not implemented"
 

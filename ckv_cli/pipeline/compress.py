@@ -119,14 +119,6 @@ def make_plan(model, opts: CompressOptions, pool_size: int | None = None) -> Cac
                       arch=getattr(model, "arch", None) if ctr else None, time_weights=weights)
 
 
-def refuse_time_bits_artifact(opts: CompressOptions) -> None:
-    """Event times at a few bits are measured in memory only: artifacts (and the stores appending to them) keep
-    int32 timestamps for now."""
-    if opts.params.get("time_bits"):
-        raise CkvError("time_bits is measured in memory only for now (bench/fidelity.py, ckv sweep): artifacts keep "
-                       "int32 timestamps; drop --param time_bits to write one")
-
-
 def fit_plan(model, ds, opts: CompressOptions, on_stream: Callable[[str], None] | None = None,
              teacher=None) -> CachePlan:
     """Calibration: the task's calibration tokens (taken from `teacher` when given, else built)."""
@@ -198,7 +190,7 @@ def accounting(plan: CachePlan, offsets: np.ndarray | None, per_token_full: int,
                                   n_users + 1 if name == "users/offsets" else n_users))
                               for name, f in fields.items()}
     per_user = sum(breakdown.values())
-    shared = {f"shared/{s}/{n}": int(t.numel() * t.element_size()) for s, c in plan.coded().items()
+    shared = {f"shared/{s}/{n}": int(t.numel() * t.element_size()) for s, c in plan.shared_owners().items()
               for n, t in c.shared().items()}
     return {**ratios(n_users, n_tokens, per_token_full, per_user, sum(shared.values())),
             "per_user_breakdown": breakdown, "shared_breakdown": shared}
@@ -475,7 +467,6 @@ def compress_to_artifact(model, meta: dict, checkpoint_path, ds, opts: CompressO
 
     task = task_of(model)
     refuse_artifact(opts.codec)
-    refuse_time_bits_artifact(opts)
     student_out = student_path(out) if opts.finetune else None
     if student_out is not None:
         check_output(student_out, force, "--finetune student")  # before any work

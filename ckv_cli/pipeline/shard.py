@@ -192,13 +192,11 @@ def check_sharding(model, opts, out: Path, engine: str, hashed: bool) -> None:
     """Refusals before any work: CTR models, evicting codecs, an output that is not an index, an unknown engine,
     distillation under the hash rule (it samples users from the whole log, which no shard has)."""
     from ckv_cli.codecs.evict import refuse_artifact
-    from ckv_cli.pipeline.compress import refuse_time_bits_artifact
 
     if task_of(model) is not NEXT_ITEM:
         raise CkvError(f"sharded output (--shard-size, --shards, --engine ray) is for next-item models; "
                        f"{getattr(model, 'arch', 'this model')} is a CTR model: write one artifact file")
     refuse_artifact(opts.codec)
-    refuse_time_bits_artifact(opts)
     if not is_index(out):
         raise CkvError(f"sharded output is an index: -o must end with .json (e.g. {stem_of(out)}.index.json), got {out}")
     if engine not in ("local", "ray"):

@@ -91,7 +91,7 @@ class Setting:
 
 def default_settings(timestamps: bool) -> list[Setting]:
     """The grid searched when the caller gives none: collective (pool sizes, one user dim, concat layout) and
-    predictive (linear, linear+item) at fp16 pools; for models that read event times, time at 4 or 6 bits."""
+    predictive (linear, linear+item) at fp16 pools; for models that read event times, times at 4 or 6 bits or int32."""
     grid = []
     for m in (256, 512, 1024, 2048, 4096, 8192):
         grid.append(("collective", (("pool_size", m), ("pool_dtype", "fp16"))))
@@ -100,7 +100,7 @@ def default_settings(timestamps: bool) -> list[Setting]:
         grid.append(("collective", (("pool_size", m), ("user_dim", 1), ("pool_dtype", "fp16"))))
         grid.append(("collective", (("pool_size", m), ("user_dim", 1), ("layout", "concat"), ("pool_dtype", "fp16"))))
         grid.append(("predictive", (("pool_size", m), ("predictor", "linear+item"))))
-    times = (4, 6) if timestamps else (0,)
+    times = (4, 6, 0) if timestamps else (0,)  # 0: int32, the most bytes (skipped once a cheaper setting met it)
     return [Setting(c, p, t) for (c, p), t in itertools.product(grid, times)]
 
 
@@ -136,10 +136,9 @@ def search(model, teacher: Teacher, calib: np.ndarray, target: Target, base: Com
     """The smallest-total setting meeting `target` on held-out calibration users (`calib`: dataset user indices,
     a subset of `teacher`'s users); the log's bytes are counted over every user of `teacher`, or over `log_counts`
     (users, tokens) when `teacher` holds only some users (`calibration_teacher`). `settings` default to
-    `default_settings` (with event times at a few bits for models that read them: in memory only)."""
+    `default_settings` (with event times at a few bits for models that read them)."""
     n_users, n_tokens = log_counts or (teacher.n_users, teacher.flat.n_tokens)
-    reads_time = "timestamps" in {t.name for t in model.cache_spec().ids if t.required}
-    settings = settings if settings is not None else default_settings(reads_time)
+    settings = settings if settings is not None else default_settings(reads_time(model))
     calib = np.asarray(calib, dtype=np.int64)
     fit_idx, val_idx = user_split(len(calib), val_fraction, base.seed)
     fit_users, val_users = calib[fit_idx], calib[val_idx]
@@ -195,9 +194,13 @@ def describe(result: SearchResult) -> dict:
             "validation_users": result.val_users, "tried": result.tried}
 
 
+def reads_time(model) -> bool:
+    """Whether the model's attention reads event times (its settings then include times at a few bits)."""
+    return "timestamps" in {t.name for t in model.cache_spec().ids if t.required}
+
+
 def target_options(model, ds, opts: CompressOptions, target: Target, progress=None) -> tuple[CompressOptions, dict]:
-    """`ckv compress --target`: search the default settings that an artifact can hold (no event times at a few bits)
-    on `opts`' calibration users; (the options of the setting chosen, `describe` of the search). Refused when no
+    """`ckv compress --target`: search the default settings on `opts`' calibration users; (the options of the setting chosen, `describe` of the search). Refused when no
     setting meets the target (the settings tried go with the error's report)."""
     from ckv_cli.tasks import NEXT_ITEM, task_of
 
@@ -210,7 +213,7 @@ def target_options(model, ds, opts: CompressOptions, target: Target, progress=No
     teacher = calibration_teacher(model, ds, calib, opts.batch_users, opts.exclude_seen)
     n_users = len(task.user_ids(ds))
     n_tokens = int(np.sum(task.token_counts(model, ds)(0, n_users)))
-    result = search(model, teacher, calib, target, opts, default_settings(False), progress=progress,
+    result = search(model, teacher, calib, target, opts, default_settings(reads_time(model)), progress=progress,
                     log_counts=(n_users, n_tokens))
     if result.chosen is None:
         best = max((r for r in result.tried if r.get("status") == "ok"), default=None,

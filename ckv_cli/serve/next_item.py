@@ -360,7 +360,7 @@ class CacheStore(Store):
             return x.new_zeros(B * L, *x.shape[1:]).index_copy_(0, slots, x).view(B, L, *x.shape[1:])
 
         items = pad(fields["tokens/items"])
-        ts = pad(fields["tokens/timestamps"]) if self.plan.timestamps else torch.zeros(B, L, dtype=torch.long)
+        ts = pad(self.plan.timestamps_of(fields, offsets)) if self.plan.timestamps else torch.zeros(B, L, dtype=torch.long)
         rec = None
         keys, values = [], []
         joined = {}  # V streams of joint pairs, made with their K stream
@@ -594,10 +594,12 @@ class CacheStore(Store):
             cache = self.model.unflatten(self._decode(fields, offsets))
             n_old = cache.lengths.tolist()
             if ordered and self.plan.timestamps:
+                anchors = None if self.plan.time is None else fields["time/anchor"].reshape(-1)  # coded: the exact newest
                 for j, b in enumerate(old):
                     if not n_old[j]:
                         continue
-                    last, first = int(cache.timestamps[j, n_old[j] - 1]), int(new_ts[b, : int(new_len[b])].min())
+                    last = int(cache.timestamps[j, n_old[j] - 1] if anchors is None else anchors[j])
+                    first = int(new_ts[b, : int(new_len[b])].min())
                     if first < last:
                         raise CkvError(f"user '{uids[b]}': a new event at {first} is older than its cached history "
                                        f"(last cached event at {last}); --update appends newer events only")

@@ -241,15 +241,18 @@ class Store:
         """The user's record `old` with the tokens `new` (exact streams, ids, side) appended (module docstring);
         `whole()` gives the user's decoded old tokens and the new ones as one flat cache, for codecs that re-encode
         the whole user."""
-        out, ids = {}, self.plan.encode_ids(new)
+        out, ids, cache = {}, self.plan.encode_ids(new), None
         for t in self.plan.ids:
             name = f"tokens/{t.name}"
-            out[name] = np.concatenate([old[name], self._as_stored(name, ids[name])])
+            if name in ids:  # event times coded at a few bits: below
+                out[name] = np.concatenate([old[name], self._as_stored(name, ids[name])])
+        if self.plan.time is not None:  # the anchor moves to the newest event: every token's gap is coded again
+            cache = whole()
+            out.update({k: self._as_stored(k, v) for k, v in self.plan.encode_ids(cache).items() if k.startswith("time/")})
         if self.plan.side_stored:
             for s in self.plan.side:
                 name = f"tokens/{s.name}"
                 out[name] = np.concatenate([old[name], self._as_stored(name, pack_side(new.side[s.name], s.bits))])
-        cache = None
         for name, codec in self.plan.coded().items():
             names = [f"{name}/{f.name}" for f in codec.fields()]
             if self._appendable(codec):
