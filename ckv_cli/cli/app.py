@@ -498,13 +498,13 @@ def _sweep(model, meta, task, checkpoint, data, columns, spec, artifacts, split,
 
 
 def _pool_size(value: str | None):
-    """--pool-size: None, 'auto', or an integer in [2, 2**24]."""
-    if value is None or value.strip().lower() == "auto":
-        return None if value is None else "auto"
+    """--pool-size: None, 'auto', 'balanced', or an integer in [2, 2**24]."""
+    if value is None or value.strip().lower() in ("auto", "balanced"):
+        return None if value is None else value.strip().lower()
     try:
         n = int(value)
     except ValueError:
-        raise CkvError(f"--pool-size takes an integer or auto, got {value!r}") from None
+        raise CkvError(f"--pool-size takes an integer, auto or balanced, got {value!r}") from None
     if not 2 <= n <= 1 << 24:
         raise CkvError(f"--pool-size must be between 2 and {1 << 24}, got {n}")
     return n
@@ -516,7 +516,7 @@ def compress(
     data: DataOpt,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact to write (.safetensors; an index .json with --shard-size, --shards or --engine ray).")] = None,
     codec: Annotated[str, typer.Option(help="Compression method (collective, predictive, recompute, plain, bf16, int8, int4, lowrank, pq, itemid: docs/baselines.md); recompute (eventid) stores the ids a stream is a function of.")] = "collective",
-    pool_size: Annotated[Optional[str], typer.Option(help="Global pool entries per stream (collective; predictive, default 1024), or auto: per stream the size with the least total bytes whose held-out reconstruction error is <= 0.10 (next-item models; docs/fidelity.md) [next-item models 8192, CTR models 4096].")] = None,
+    pool_size: Annotated[Optional[str], typer.Option(help="Global pool entries per stream (collective; predictive, default 1024); auto: per stream the size with the least total bytes whose held-out reconstruction error is <= 0.10; balanced: the largest pool (64 to 8192) whose entries take no more bytes than its indices over the log's tokens (next-item models; docs/fidelity.md) [next-item models balanced (8192 when the workers read a Parquet dataset), CTR models 4096].")] = None,
     user_dim: Annotated[int, typer.Option(min=0, max=65535, help="User-specific dims per token per stream (collective).")] = 0,
     layout: Annotated[str, typer.Option(help="residual (pool + low-rank basis) or concat (the paper's).")] = "residual",
     user_dtype: Annotated[str, typer.Option(help="Storage of the user dims: int8 (per-user scale) or fp16.")] = "int8",
@@ -615,10 +615,12 @@ def compress(
     task = task_of(model)
     default_pool = task.default_pool
     params = ({"pool_size": default_pool if pool is None else pool, "user_dim": user_dim, "layout": layout,
-               "user_dtype": user_dtype} if codec == "collective" else {})
+               "user_dtype": user_dtype, **({} if task is CTR else {"pool_dtype": "fp16"})}
+              if codec == "collective" else {})
     if codec == "predictive" and pool is not None:
         params["pool_size"] = pool
-    params.update(parse_params(param or []))
+    given = parse_params(param or [])
+    params.update(given)
     extra = {}
     if task is CTR:
         extra = {k: params.pop(k) for k in ("codes", "calib_tokens", "bootstrap") if k in params}
@@ -646,6 +648,12 @@ def compress(
             return _finish_compress(report, t, json_out)
     ds = task.load(data, parse_columns(columns), meta, model)
     _report_drops(ds)
+    if pool is None and codec == "collective" and task is not CTR and goal is None and "pool_size" not in given:
+        from dataclasses import replace
+
+        from ckv_cli.pipeline.sizing import BALANCED
+
+        opts = replace(opts, params={**opts.params, "pool_size": BALANCED})  # sized to this log's tokens
     t = time.time()
     searched = None
     if goal is not None:

@@ -235,7 +235,9 @@ def print_compress(report: dict) -> None:
             rows.append(["read on the workers", f"{r['events']:,} events of {r['users']:,} users from {r['files']:,} "
                                                 f"file(s), {e.get('read_seconds', 0):.0f} s"])
     sizing = report.get("pool_sizing")
-    if sizing:
+    if sizing and sizing.get("rule") == "balanced":
+        rows.append([f"pool size balanced: {sizing['pool_size']:,}", sizing["reason"]])
+    elif sizing:
         chosen = ", ".join(f"{n} {c['pool_size']}{'' if c['met'] else ' (target not met)'}"
                            for n, c in sizing["streams"].items())
         rows.append([f"pool size auto (held-out error <= {sizing['target_error']:g})", chosen])

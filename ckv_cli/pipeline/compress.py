@@ -97,9 +97,9 @@ def parse_params(specs: list[str], what: str = "--param") -> dict:
 
 
 def make_plan(model, opts: CompressOptions, pool_size: int | None = None) -> CachePlan:
-    """The unfitted plan of `opts`. With `params['pool_size']` 'auto' (`ckv_cli.pipeline.sizing`) every pool gets
-    `pool_size` (default: the smallest candidate); `fit` chooses the size of each stream."""
-    from ckv_cli.pipeline.sizing import AUTO, CANDIDATES
+    """The unfitted plan of `opts`. With `params['pool_size']` 'auto' or 'balanced' (`ckv_cli.pipeline.sizing`) every
+    pool gets `pool_size` (default: the smallest candidate); `fit` chooses the size."""
+    from ckv_cli.pipeline.sizing import AUTO, BALANCED, CANDIDATES
 
     task = task_of(model)
     task.check_codec(opts.codec)
@@ -107,9 +107,10 @@ def make_plan(model, opts: CompressOptions, pool_size: int | None = None) -> Cac
         raise CkvError(f"codes must be one of {', '.join(SIDE_MODES)}, got {opts.codes!r}")
     ctr = task is CTR
     params = dict(opts.params)
-    if params.get("pool_size") == AUTO:
+    if params.get("pool_size") in (AUTO, BALANCED):
         if ctr:
-            raise CkvError("--pool-size auto is for next-item models (a CTR model calibrates on sampled tokens)")
+            raise CkvError(f"--pool-size {params['pool_size']} is for next-item models (a CTR model calibrates on "
+                           "sampled tokens)")
         params["pool_size"] = pool_size or CANDIDATES[0]
     tables = getattr(model, "time_bias_tables", None)
     weights = tables() if opts.params.get("time_bits") and tables is not None else None
@@ -129,8 +130,9 @@ def fit(model, ds, opts: CompressOptions, on_stream=None, teacher=None,
         calib_users: np.ndarray | None = None) -> tuple[CachePlan, dict]:
     """`calib_users` (increasing user indices) replaces the task's seeded sample (a sharded read draws its own:
     `ckv_cli.data.partition`). With `pool_size` 'auto' the pool of each stream is sized on the calibration caches
-    first (`ckv_cli.pipeline.sizing`; `info['pool_sizing']` says what was chosen and why)."""
-    from ckv_cli.pipeline.sizing import AUTO, auto_plan
+    first, with 'balanced' from the log's token count (`ckv_cli.pipeline.sizing`; `info['pool_sizing']` says what was
+    chosen and why)."""
+    from ckv_cli.pipeline.sizing import AUTO, BALANCED, auto_plan, balanced_plan
 
     plan = make_plan(model, opts)
     task = task_of(model)
@@ -139,6 +141,10 @@ def fit(model, ds, opts: CompressOptions, on_stream=None, teacher=None,
     if opts.params.get("pool_size") == AUTO:
         n_tokens = int(np.sum(task.token_counts(model, ds)(0, len(task.user_ids(ds)))))
         plan, sizing = auto_plan(model, lambda m: make_plan(model, opts, m), flat, n_tokens, opts.seed)
+        info = {**info, "pool_sizing": sizing}
+    elif opts.params.get("pool_size") == BALANCED:
+        n_tokens = int(np.sum(task.token_counts(model, ds)(0, len(task.user_ids(ds)))))
+        plan, sizing = balanced_plan(lambda m: make_plan(model, opts, m), n_tokens)
         info = {**info, "pool_sizing": sizing}
     torch.manual_seed(opts.seed)
     plan.fit(flat, opts.seed, on_stream)

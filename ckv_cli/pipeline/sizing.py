@@ -13,6 +13,11 @@ stream is where the top-10 overlap with the uncompressed model reaches 0.9 on th
 
 `auto_plan` is what `ckv compress` runs: sizes on the calibration caches, then an unfitted plan with the chosen
 size per stream (its description records them; readers need nothing new).
+
+`--pool-size balanced` (the default of `ckv compress` for next-item models' collective pools) needs no fitting: the
+largest candidate pool whose stored entries take no more bytes than the indices that address it over the log's
+tokens (`balanced_pool_size`), so the shared part never outweighs the per-user indices it serves. On the ML-1M
+samples (650,526 tokens, 64 wide, fp16) that is 8192; on ML-100K (83,940 tokens) 512 (docs/fidelity.md).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ckv_cli.codecs.bits import packed_nbytes
+from ckv_cli.codecs.bits import bits_for, packed_nbytes
 from ckv_cli.codecs.plan import CachePlan
 from ckv_cli.errors import CkvError
 from ckv_cli.spec import FlatCache
@@ -28,6 +33,7 @@ from ckv_cli.spec import FlatCache
 CANDIDATES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 TARGET = 0.10
 AUTO = "auto"
+BALANCED = "balanced"
 
 
 @dataclass
@@ -185,6 +191,33 @@ def shared_warning(acct: dict) -> str | None:
     return (f"shared bytes ({shared:,}) exceed the per-user bytes of all {acct['users']:,} users ({per_user:,}): total "
             f"{acct['total_ratio_fp16']:.2%} of fp16 against {acct['per_user_ratio_fp16']:.2%} per user; a smaller "
             "pool (--pool-size auto) or fp16 pools would shrink it")
+
+
+def balanced_pool_size(n_tokens: int, width: int, value_bytes: int, candidates: tuple[int, ...] = CANDIDATES) -> int:
+    """The largest candidate m whose pool (m x `width` values of `value_bytes`) takes at most the bytes of its
+    indices over `n_tokens` tokens (ceil(log2 m) bits each); the smallest candidate when none does."""
+    fits = [m for m in candidates if m * width * value_bytes <= packed_nbytes(n_tokens, bits_for(m))]
+    return max(fits, default=min(candidates))
+
+
+def balanced_plan(make_plan_for, n_tokens: int) -> tuple[CachePlan, dict]:
+    """(unfitted plan whose pools all have `balanced_pool_size` entries for the widest pooled stream, what was chosen
+    and why); `make_plan_for(pool_size)` as in `choose_pool_sizes`."""
+    probe = make_plan_for(max(CANDIDATES))
+    pooled = {n: getattr(c, "inner", c) for n, c in probe.coded().items() if hasattr(getattr(c, "inner", c), "pool_size")}
+    if not pooled:
+        raise CkvError("--pool-size balanced: no stream of this plan has a pool to size")
+    width = max(getattr(probe.streams[n], "width", None) or probe.streams[n].d for n in pooled)
+    fp16 = all(getattr(c, "pool_dtype", None) == "fp16" or getattr(c, "dtype", None) == "fp16" for c in pooled.values())
+    value_bytes = 2 if fp16 else 4
+    m = balanced_pool_size(n_tokens, width, value_bytes)
+    return make_plan_for(m), {
+        "rule": BALANCED, "pool_size": m, "tokens": n_tokens, "width": width, "value_bytes": value_bytes,
+        "candidates": list(CANDIDATES),
+        "reason": (f"the largest pool whose entries ({m:,} x {width} x {value_bytes} B = {m * width * value_bytes:,} B) "
+                   f"take no more than its {bits_for(m)}-bit indices over {n_tokens:,} tokens "
+                   f"({packed_nbytes(n_tokens, bits_for(m)):,} B)" if m * width * value_bytes <= packed_nbytes(n_tokens, bits_for(m))
+                   else f"the smallest candidate ({m}): even it outweighs its indices over {n_tokens:,} tokens")}
 
 
 def auto_plan(model, make_plan_for, calib: FlatCache, n_tokens: int, seed: int, target: float = TARGET,
