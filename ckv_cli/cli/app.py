@@ -525,7 +525,7 @@ def compress(
     exclude_seen: Annotated[bool, typer.Option("--exclude-seen/--include-seen", help="The report's ranking protocol: without the history window's items (published) or with them (next-item models).")] = True,
     calib_users: Annotated[int, typer.Option(min=1, max=1 << 30, help="Users whose caches fit the pool (seeded sample).")] = 1000,
     target: Annotated[Optional[str], typer.Option("--target", help="Search codec, pool size, user dims and layout on held-out calibration users and keep the smallest total size meeting this, e.g. overlap=0.9, kl=0.02, NDCG@10=1% (relative drop) or HR@10=0.005 (absolute); prints the settings tried (next-item models; replaces --codec, --pool-size, --user-dim, --layout).")] = None,
-    calib_holdout: Annotated[bool, typer.Option("--calib-holdout", help="Calibrate on at most half the users (min(--calib-users, users // 2)), so that the report's held-out metrics and reconstruction error cover at least half of them (next-item models).")] = False,
+    calib_holdout: Annotated[Optional[bool], typer.Option("--calib-holdout/--calib-in-sample", show_default=False, help="Calibrate on at most half the users (min(--calib-users, users // 2)), so that the report's held-out metrics and reconstruction error cover at least half of them, or on up to --calib-users of all users (next-item models) [one artifact file: --calib-holdout; sharded output draws its own sample].")] = None,
     batch_users: Annotated[int, typer.Option(min=1, max=1 << 20, help="Users encoded per batch (bounds memory).")] = 256,
     distill_steps: Annotated[int, typer.Option(min=0, max=1 << 30, help="Distillation steps after the gradient-free initialisation (0 = none; next-item models).")] = 0,
     finetune: Annotated[bool, typer.Option("--finetune", help="With --distill-steps: fine-tune a copy of the model too; it reads the artifact and is written beside it as OUT.student.safetensors (evaluate the artifact with that checkpoint).")] = False,
@@ -557,7 +557,8 @@ def compress(
                                 "--shards": shards is not None, "--update": update is not None,
                                 "--address": address is not None, "--distill-steps": distill_steps > 0,
                                 "--finetune": finetune, "--no-recompute-item-layers": not recompute_item_layers,
-                                "--include-seen": not exclude_seen, "--calib-holdout": calib_holdout}.items() if v]
+                                "--include-seen": not exclude_seen,
+                                "--calib-holdout" if calib_holdout else "--calib-in-sample": calib_holdout is not None}.items() if v]
         if given:
             raise CkvError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to next-item models; "
                            f"{checkpoint} is a CTR model")
@@ -588,7 +589,9 @@ def compress(
         if sharded:
             raise CkvError("--target writes one artifact: it does not go with --engine ray, --shard-size or --shards yet")
         goal = parse_target(target)
-    if calib_holdout and sharded:
+    if calib_holdout is None:
+        calib_holdout = not sharded  # the users reported are held out of calibration wherever the log allows
+    elif calib_holdout and sharded:
         raise CkvError("--calib-holdout writes one artifact: sharded output (--engine ray, --shard-size, --shards) draws its own calibration sample")
     if finetune and sharded:
         raise CkvError("--finetune writes one artifact: it does not go with --engine ray, --shard-size or --shards yet")
@@ -630,7 +633,7 @@ def compress(
     opts = CompressOptions(codec=codec, params=params, share=tuple(s.strip() for s in share.split(",") if s.strip()),
                            recompute_item_layers=recompute_item_layers, calib_users=calib_users,
                            batch_users=batch_users, distill_steps=distill_steps, finetune=finetune, seed=seed,
-                           exclude_seen=exclude_seen, calib_holdout=calib_holdout, **extra)
+                           exclude_seen=exclude_seen, calib_holdout=calib_holdout and task is not CTR, **extra)
     from ckv_cli.pipeline.compress import make_plan
 
     make_plan(model, opts)  # refuse bad options before the data is read
