@@ -52,3 +52,10 @@ def test_cli_defaults_size_the_pool_and_hold_calibration_out(ckpt, tmp_path):
     assert "pool_sizing" not in rep and rep["plan"]["streams"]["L1.k"]["params"]["pool_size"] == 64
     assert "pool_dtype" not in rep["plan"]["streams"]["L1.k"]["params"]  # fp32, as artifacts before the option
     assert rep["metrics"]["calibration"]["in_sample"] and "in-sample" in r.stdout
+
+
+def test_target_grid_codes_event_times_for_models_that_read_them():
+    from ckv_cli.pipeline.target import default_settings
+
+    assert {s.time_bits for s in default_settings(True)} == {0, 4, 6}
+    assert {s.time_bits for s in default_settings(False)} == {0}
