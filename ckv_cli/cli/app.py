@@ -622,8 +622,8 @@ def compress(
               if codec == "collective" else {})
     if codec == "predictive" and pool is not None:
         params["pool_size"] = pool
-    given = parse_params(param or [])
-    params.update(given)
+    param_given = parse_params(param or [])
+    params.update(param_given)
     extra = {}
     if task is CTR:
         extra = {k: params.pop(k) for k in ("codes", "calib_tokens", "bootstrap") if k in params}
@@ -651,7 +651,7 @@ def compress(
             return _finish_compress(report, t, json_out)
     ds = task.load(data, parse_columns(columns), meta, model)
     _report_drops(ds)
-    if pool is None and codec == "collective" and task is not CTR and goal is None and "pool_size" not in given:
+    if pool is None and codec == "collective" and task is not CTR and goal is None and "pool_size" not in param_given:
         from dataclasses import replace
 
         from ckv_cli.pipeline.sizing import BALANCED

@@ -200,8 +200,9 @@ def reads_time(model) -> bool:
 
 
 def target_options(model, ds, opts: CompressOptions, target: Target, progress=None) -> tuple[CompressOptions, dict]:
-    """`ckv compress --target`: search the default settings on `opts`' calibration users; (the options of the setting chosen, `describe` of the search). Refused when no
-    setting meets the target (the settings tried go with the error's report)."""
+    """`ckv compress --target`: search the default settings on `opts`' calibration users; (the options of the
+    setting chosen, `describe` of the search). Refused when no setting meets the target (the settings tried go with
+    the error's report)."""
     from ckv_cli.tasks import NEXT_ITEM, task_of
 
     task = task_of(model)
