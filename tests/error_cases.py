@@ -407,9 +407,10 @@ def later_events(ws: Path):
     write("later.csv", "user,item,timestamp\nu0,i3,5000\nu1,i4,5000\nu1,i5,5010\n")(ws)
 
 
-def hstu_workspace(ws: Path):
+def hstu_workspace(ws: Path, time_bits: int = 0):
     """hstu.safetensors (an untrained HSTU over i1..i20: its artifacts keep event times), hart.safetensors
-    compressed from it on events.csv, and early.csv: an event of u0 older than its cached history."""
+    compressed from it on events.csv (event times at `time_bits` bits when given), and early.csv: an event of u0
+    older than its cached history."""
     import torch
 
     from ckv_cli.data import load
@@ -424,9 +425,19 @@ def hstu_workspace(ws: Path):
     with chdir(ws):
         model, meta = load_checkpoint("hstu.safetensors")
         ds = load("events.csv", item_vocab=meta["item_vocab"])
-        opts = CompressOptions(params={"pool_size": 12, "user_dim": 0, "layout": "residual"}, calib_users=20)
+        opts = CompressOptions(params={"pool_size": 12, "user_dim": 0, "layout": "residual",
+                                       **({"time_bits": time_bits} if time_bits else {})}, calib_users=20)
         compress_to_artifact(model, meta, "hstu.safetensors", ds, opts, "hart.safetensors", command="ckv compress")
     write("early.csv", "user,item,timestamp\nu0,i3,1000\n")(ws)
+
+
+def time_coded(edit):
+    """hstu_workspace with 2-bit event times, then bad.safetensors = hart.safetensors with `edit` (checksums
+    recomputed)."""
+    def setup(ws: Path):
+        hstu_workspace(ws, time_bits=2)
+        rewrite_tensors("hart.safetensors", "bad.safetensors", resealed(edit))(ws)
+    return setup
 
 
 # ---------------------------------------------------------------- the cases
@@ -637,6 +648,10 @@ CASES: list[Case] = [
     Case(ARTIFACTS, "pool index out of range", EVALUATE_ART[:2] + ("bad.safetensors",) + EVALUATE_ART[3:],
          "ckv: error: bad.safetensors: L1.k pool index 15 out of range (pool 12)",
          setup=rewrite_tensors("art.safetensors", "bad.safetensors", resealed(packed_first("L1.k/idx", 15, 4)))),
+    Case(ARTIFACTS, "event-time intervals that do not rise (times coded at a few bits)",
+         ("evaluate", "hstu.safetensors", "bad.safetensors", "--data", "events.csv"),
+         "ckv: error: bad.safetensors: inconsistent artifact (event times: time codec: bounds do not rise from 0 to 129)",
+         setup=time_coded(set_value("shared/time/bounds", -1, 0))),
     Case(ARTIFACTS, "item id out of range", EVALUATE_ART[:2] + ("bad.safetensors",) + EVALUATE_ART[3:],
          "ckv: error: bad.safetensors: item id 31 out of range (20 items)",
          setup=rewrite_tensors("art.safetensors", "bad.safetensors", resealed(packed_first("tokens/items", 31, 5)))),
