@@ -75,6 +75,11 @@ class CacheSpec:
     def widths(self) -> dict[str, int]:
         return {s.name: s.width for s in self.streams}
 
+    @property
+    def reads_times(self) -> bool:
+        """Whether the model's attention reads event times (it requires the `timestamps` id)."""
+        return any(t.name == "timestamps" and t.required for t in self.ids)
+
 
 def token_positions(offsets: np.ndarray) -> np.ndarray:
     """(N,) int64 position of each token in its user's window (0 = the oldest) from the users' offsets (U + 1,),

@@ -439,7 +439,7 @@ def _time_codec(bits, spec: CacheSpec, weights: np.ndarray | None) -> BucketTime
         raise CkvError(f"time_bits must be an integer >= 0, got {bits!r}")
     if not bits:
         return None
-    if "timestamps" not in {t.name for t in spec.ids if t.required}:
+    if not spec.reads_times:
         raise CkvError("time_bits: this model's attention reads no event times (nothing to store)")
     if weights is None:
         raise CkvError("time_bits: this model declares no time-bias tables to fit the time codec to")

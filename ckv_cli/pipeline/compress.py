@@ -138,13 +138,12 @@ def fit(model, ds, opts: CompressOptions, on_stream=None, teacher=None,
     task = task_of(model)
     users = task.calibration_users(ds, opts) if calib_users is None else calib_users
     flat, info = task.calibration(model, ds, opts, users, teacher=teacher)
+    sizing = None
     if opts.params.get("pool_size") == AUTO:
-        n_tokens = int(np.sum(task.token_counts(model, ds)(0, len(task.user_ids(ds)))))
-        plan, sizing = auto_plan(model, lambda m: make_plan(model, opts, m), flat, n_tokens, opts.seed)
-        info = {**info, "pool_sizing": sizing}
+        plan, sizing = auto_plan(model, lambda m: make_plan(model, opts, m), flat, task.n_tokens(model, ds), opts.seed)
     elif opts.params.get("pool_size") == BALANCED:
-        n_tokens = int(np.sum(task.token_counts(model, ds)(0, len(task.user_ids(ds)))))
-        plan, sizing = balanced_plan(lambda m: make_plan(model, opts, m), n_tokens)
+        plan, sizing = balanced_plan(lambda m: make_plan(model, opts, m), task.n_tokens(model, ds))
+    if sizing is not None:
         info = {**info, "pool_sizing": sizing}
     torch.manual_seed(opts.seed)
     plan.fit(flat, opts.seed, on_stream)

@@ -138,7 +138,7 @@ def search(model, teacher: Teacher, calib: np.ndarray, target: Target, base: Com
     (users, tokens) when `teacher` holds only some users (`calibration_teacher`). `settings` default to
     `default_settings` (with event times at a few bits for models that read them)."""
     n_users, n_tokens = log_counts or (teacher.n_users, teacher.flat.n_tokens)
-    settings = settings if settings is not None else default_settings(reads_time(model))
+    settings = settings if settings is not None else default_settings(model.cache_spec().reads_times)
     calib = np.asarray(calib, dtype=np.int64)
     fit_idx, val_idx = user_split(len(calib), val_fraction, base.seed)
     fit_users, val_users = calib[fit_idx], calib[val_idx]
@@ -194,11 +194,6 @@ def describe(result: SearchResult) -> dict:
             "validation_users": result.val_users, "tried": result.tried}
 
 
-def reads_time(model) -> bool:
-    """Whether the model's attention reads event times (its settings then include times at a few bits)."""
-    return "timestamps" in {t.name for t in model.cache_spec().ids if t.required}
-
-
 def target_options(model, ds, opts: CompressOptions, target: Target, progress=None) -> tuple[CompressOptions, dict]:
     """`ckv compress --target`: search the default settings on `opts`' calibration users; (the options of the
     setting chosen, `describe` of the search). Refused when no setting meets the target (the settings tried go with
@@ -212,10 +207,8 @@ def target_options(model, ds, opts: CompressOptions, target: Target, progress=No
     if len(calib) < 2:
         raise CkvError(f"--target needs at least 2 calibration users, got {len(calib)}")
     teacher = calibration_teacher(model, ds, calib, opts.batch_users, opts.exclude_seen)
-    n_users = len(task.user_ids(ds))
-    n_tokens = int(np.sum(task.token_counts(model, ds)(0, n_users)))
-    result = search(model, teacher, calib, target, opts, default_settings(reads_time(model)), progress=progress,
-                    log_counts=(n_users, n_tokens))
+    result = search(model, teacher, calib, target, opts, default_settings(model.cache_spec().reads_times),
+                    progress=progress, log_counts=(len(task.user_ids(ds)), task.n_tokens(model, ds)))
     if result.chosen is None:
         best = max((r for r in result.tried if r.get("status") == "ok"), default=None,
                    key=lambda r: r["measured"] if target.metric == "overlap" else -r["measured"])

@@ -38,6 +38,10 @@ class Task:
         """How much worse a change of `delta` in `metric` is (positive = worse)."""
         return delta if metric in self.lower_is_better else -delta
 
+    def n_tokens(self, model, data) -> int:
+        """Cached tokens of every user of `data` (what an artifact of it encodes; `token_counts` summed)."""
+        return int(np.sum(self.token_counts(model, data)(0, len(self.user_ids(data)))))
+
 
 class NextItemTask(Task):
     """Leave-one-out next-item ranking (`ckv_cli.tasks.next_item`)."""
