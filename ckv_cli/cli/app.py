@@ -616,14 +616,15 @@ def compress(
     pool = _pool_size(pool_size)
     model, meta = load_checkpoint(checkpoint)
     task = task_of(model)
-    default_pool = task.default_pool
+    from ckv_cli.pipeline.sizing import BALANCED
+
+    default_pool = task.default_pool if task is CTR else BALANCED  # next-item: sized to the log's tokens
     params = ({"pool_size": default_pool if pool is None else pool, "user_dim": user_dim, "layout": layout,
                "user_dtype": user_dtype, **({} if task is CTR else {"pool_dtype": "fp16"})}
               if codec == "collective" else {})
     if codec == "predictive" and pool is not None:
         params["pool_size"] = pool
-    param_given = parse_params(param or [])
-    params.update(param_given)
+    params.update(parse_params(param or []))
     extra = {}
     if task is CTR:
         extra = {k: params.pop(k) for k in ("codes", "calib_tokens", "bootstrap") if k in params}
@@ -641,6 +642,10 @@ def compress(
         from ckv_cli.pipeline.ray_read import compress_distributed, dataset_files
 
         if dataset_files(data) is not None:  # read on the workers: the driver never holds the log
+            if opts.params.get("pool_size") == BALANCED:  # nor counts its tokens: the task's fixed default
+                from dataclasses import replace
+
+                opts = replace(opts, params={**opts.params, "pool_size": task.default_pool})
             t = time.time()
             with progress("compress", total=None) as advance:
                 report = compress_distributed(model, meta, checkpoint, data, parse_columns(columns), opts, out, shards,
@@ -651,12 +656,6 @@ def compress(
             return _finish_compress(report, t, json_out)
     ds = task.load(data, parse_columns(columns), meta, model)
     _report_drops(ds)
-    if pool is None and codec == "collective" and task is not CTR and goal is None and "pool_size" not in param_given:
-        from dataclasses import replace
-
-        from ckv_cli.pipeline.sizing import BALANCED
-
-        opts = replace(opts, params={**opts.params, "pool_size": BALANCED})  # sized to this log's tokens
     t = time.time()
     searched = None
     if goal is not None:
