@@ -248,7 +248,8 @@ class Store:
                 out[name] = np.concatenate([old[name], self._as_stored(name, ids[name])])
         if self.plan.time is not None:  # the anchor moves to the newest event: every token's gap is coded again
             cache = whole()
-            out.update({k: self._as_stored(k, v) for k, v in self.plan.encode_ids(cache).items() if k.startswith("time/")})
+            times = self.plan.time.encode(np.asarray(cache.ids["timestamps"]), cache.offsets)
+            out.update({f"time/{k}": self._as_stored(f"time/{k}", v) for k, v in times.items()})
         if self.plan.side_stored:
             for s in self.plan.side:
                 name = f"tokens/{s.name}"
