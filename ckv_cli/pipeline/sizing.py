@@ -211,13 +211,13 @@ def balanced_plan(make_plan_for, n_tokens: int) -> tuple[CachePlan, dict]:
     fp16 = all(getattr(c, "pool_dtype", None) == "fp16" or getattr(c, "dtype", None) == "fp16" for c in pooled.values())
     value_bytes = 2 if fp16 else 4
     m = balanced_pool_size(n_tokens, width, value_bytes)
-    return make_plan_for(m), {
-        "rule": BALANCED, "pool_size": m, "tokens": n_tokens, "width": width, "value_bytes": value_bytes,
-        "candidates": list(CANDIDATES),
-        "reason": (f"the largest pool whose entries ({m:,} x {width} x {value_bytes} B = {m * width * value_bytes:,} B) "
-                   f"take no more than its {bits_for(m)}-bit indices over {n_tokens:,} tokens "
-                   f"({packed_nbytes(n_tokens, bits_for(m)):,} B)" if m * width * value_bytes <= packed_nbytes(n_tokens, bits_for(m))
-                   else f"the smallest candidate ({m}): even it outweighs its indices over {n_tokens:,} tokens")}
+    pool_bytes, index_bytes = m * width * value_bytes, packed_nbytes(n_tokens, bits_for(m))
+    reason = (f"the largest pool whose entries ({m:,} x {width} x {value_bytes} B = {pool_bytes:,} B) take no more "
+              f"than its {bits_for(m)}-bit indices over {n_tokens:,} tokens ({index_bytes:,} B)"
+              if pool_bytes <= index_bytes else
+              f"the smallest candidate ({m}): even it outweighs its indices over {n_tokens:,} tokens")
+    return make_plan_for(m), {"rule": BALANCED, "pool_size": m, "tokens": n_tokens, "width": width,
+                              "value_bytes": value_bytes, "candidates": list(CANDIDATES), "reason": reason}
 
 
 def auto_plan(model, make_plan_for, calib: FlatCache, n_tokens: int, seed: int, target: float = TARGET,
