@@ -138,3 +138,20 @@ class ItemKVModel:
         from ckv_cli.models.base import recompute_item_layer
 
         return recompute_item_layer(self.item_kv, names, ids, offsets), {}
+
+
+def rewrite(path, out, tensors=None, fields=None):
+    """A copy of an artifact with some tensors or field declarations replaced."""
+    from ckv_cli.io.safetensors import read_header
+
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    _, meta = read_header(path)
+    t = load_file(str(path))
+    t.update(tensors or {})
+    if fields is not None:
+        meta = {**meta, "fields": json.dumps(fields, sort_keys=True)}
+    save_file(t, str(out), metadata=meta)
+    return out

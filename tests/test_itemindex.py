@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
-from conftest import ItemKVModel, next_item_plan, untrained_checkpoint
+from conftest import ItemKVModel, next_item_plan, rewrite, untrained_checkpoint
 from ckv_cli import CacheStore
 from ckv_cli.artifact import Artifact, ArtifactWriter, write_artifact
 from ckv_cli.artifact.format import reorder_users
@@ -373,19 +373,6 @@ def test_streamed_batches_equal_one_write(written, tmp_path):
     finally:
         writer.discard()
     assert out.read_bytes() == Path(path).read_bytes()
-
-
-def rewrite(path, out, tensors=None, fields=None):
-    """A copy of an artifact with some tensors or field declarations replaced."""
-    from ckv_cli.io.safetensors import read_header
-
-    _, meta = read_header(path)
-    t = load_file(str(path))
-    t.update(tensors or {})
-    if fields is not None:
-        meta = {**meta, "fields": json.dumps(fields, sort_keys=True)}
-    save_file(t, str(out), metadata=meta)
-    return out
 
 
 def test_inconsistent_ragged_files_are_refused(written, tmp_path):

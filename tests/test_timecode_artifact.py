@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
-from conftest import cli_runner, make_model
+from conftest import cli_runner, make_model, rewrite
 from ckv_cli import CacheStore
 from ckv_cli.artifact import Artifact
 from ckv_cli.codecs.timecode import anchors_and_gaps, gap_bucket
@@ -131,25 +131,15 @@ def test_sharded_reads_equal_the_single_file(written, ds, tmp_path):
         many.close()
 
 
-def _rewrite(path, out, tensors):
-    from ckv_cli.io.safetensors import read_header
-
-    _, meta = read_header(path)
-    t = load_file(str(path))
-    t.update(tensors)
-    save_file(t, str(out), metadata=meta)
-    return out
-
-
 def test_damaged_intervals_and_plans_are_refused(written, tmp_path):
     _, path, _, _, _, _ = written
     t = load_file(str(path))
     bounds = t["shared/time/bounds"].copy()
     bounds[1] = bounds[0]  # no longer rising
     with pytest.raises(CkvError, match="event times: time codec: bounds do not rise"):
-        Artifact.open(_rewrite(path, tmp_path / "a.safetensors", {"shared/time/bounds": bounds}))
+        Artifact.open(rewrite(path, tmp_path / "a.safetensors", {"shared/time/bounds": bounds}))
     with pytest.raises(CkvError, match="representative gaps"):
-        Artifact.open(_rewrite(path, tmp_path / "b.safetensors",
+        Artifact.open(rewrite(path, tmp_path / "b.safetensors",
                                {"shared/time/gaps": np.full_like(t["shared/time/gaps"], -5)}))
     from ckv_cli.codecs.plan import plan_from_description
 
