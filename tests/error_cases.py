@@ -810,6 +810,12 @@ CASES: list[Case] = [
          "ckv: error: --pool-size takes an integer, auto or balanced, got 'big'"),
     Case(OPTIONS, "time_bits on a model that reads no event times", (*NEW, "--param", "time_bits=4"),
          "ckv: error: time_bits: this model's attention reads no event times (nothing to store)"),
+    Case(OPTIONS, "unknown pool metric", (*NEW, "--param", "metric=cosine"),
+         "ckv: error: metric must be one of l2, fisher, got 'cosine'"),
+    Case(OPTIONS, "the Fisher metric with --pool-size auto (sized by squared error)",
+         (*NEW, "--pool-size", "auto", "--param", "metric=fisher"),
+         "ckv: error: --pool-size auto sizes pools by their squared error; it does not take metric=fisher (use "
+         "--pool-size N or balanced)"),
     Case(OPTIONS, "--target on an unknown metric", (*NEW, "--target", "foo=1"),
          "ckv: error: bad --target 'foo=1': unknown metric 'foo' (known: overlap, kl, HR@10, NDCG@10, HR@50, NDCG@50, "
          "MRR)"),

@@ -1,5 +1,6 @@
 """What `ckv compress` does when it is told nothing (issue 18: data nobody tuned the defaults for): next-item pools
-sized to the log (`--pool-size balanced`) and stored in fp16, calibration held out of the reported users."""
+sized to the log (`--pool-size balanced`), stored in fp16 and fitted in the model's Fisher metric, calibration held out
+of the reported users."""
 from __future__ import annotations
 
 import json
@@ -42,15 +43,18 @@ def test_cli_defaults_size_the_pool_and_hold_calibration_out(ckpt, tmp_path):
     assert sizing["rule"] == "balanced" and sizing["pool_size"] == m and f"pool size balanced: {m:,}" in r.stdout
     assert all(rep["plan"]["streams"][s]["params"]["pool_size"] == m for s in ("L1.k", "L1.v"))
     assert rep["plan"]["streams"]["L1.k"]["params"]["pool_dtype"] == "fp16"
+    assert all(rep["plan"]["streams"][s]["params"]["metric"] == "fisher" for s in ("L1.k", "L1.v"))
+    assert rep["fisher"]["users"] == ds.n_users // 2 and "pool metric: Fisher" in r.stdout
     assert acct["shared_bytes"] <= acct["per_user_bytes"] and "warnings" not in rep
     cal = rep["metrics"]["calibration"]
     assert cal["users"] == ds.n_users // 2 and cal["held_out_users"] == ds.n_users - ds.n_users // 2
     r = run("compress", path, "--data", "ml-100k", "-o", "b.safetensors", "--json", "b.json", "--calib-in-sample",
-            "--pool-size", "64", "--param", "pool_dtype=fp32")
+            "--pool-size", "64", "--param", "pool_dtype=fp32", "--param", "metric=l2")
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "b.json").read_text())
     assert "pool_sizing" not in rep and rep["plan"]["streams"]["L1.k"]["params"]["pool_size"] == 64
     assert "pool_dtype" not in rep["plan"]["streams"]["L1.k"]["params"]  # fp32, as artifacts before the option
+    assert "metric" not in rep["plan"]["streams"]["L1.k"]["params"] and "fisher" not in rep  # plain squared error
     assert rep["metrics"]["calibration"]["in_sample"] and "in-sample" in r.stdout
 
 

@@ -43,15 +43,17 @@ def test_recorded_metrics_reproduce(path, ml1m):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CHECKPOINTS, ids=lambda p: p.stem)
 def test_compress_defaults(path, ml1m):
-    """Default `ckv compress` (a balanced fp16 pool: 8192 entries on ML-1M) meets the compress issue's bar on both
-    models: per-user bytes <= 2% of the fp16 cache and NDCG@10 within 1% relative (README: SASRec +0.37%, HSTU
-    -0.60%); the shared bytes do not exceed the per-user bytes."""
+    """Default `ckv compress` (a balanced fp16 pool, 8192 entries on ML-1M, fitted in the model's Fisher metric)
+    meets the compress issue's bar on both models: per-user bytes <= 2% of the fp16 cache and NDCG@10 within 1%
+    relative (README: SASRec -0.49%, HSTU -0.43%); the shared bytes do not exceed the per-user bytes; top-10 overlap
+    >= 0.87, which the plain squared-error pool missed (0.867, 0.865)."""
     model, meta = load_checkpoint(path)
-    params = {"pool_size": "balanced", "user_dim": 0, "layout": "residual", "pool_dtype": "fp16"}  # the CLI's
+    params = {"pool_size": "balanced", "user_dim": 0, "layout": "residual", "pool_dtype": "fp16",
+              "metric": "fisher"}  # the CLI's
     result = compress(model, ml1m, CompressOptions(params=params))
     acct, m = result.accounting, result.metrics
     assert result.plan.streams["L1.k"].pool_size == 8192 and acct["shared_bytes"] <= acct["per_user_bytes"]
     assert acct["per_user_ratio_fp16"] <= 0.02
     assert m["relative_delta"]["NDCG@10"] >= -0.01, m["relative_delta"]
-    assert m["fidelity"]["top10_overlap"] >= 0.83
+    assert m["fidelity"]["top10_overlap"] >= 0.87
     assert m["uncompressed"]["NDCG@10"] == pytest.approx(meta["metrics"]["test"]["NDCG@10"], abs=5e-4)

@@ -616,11 +616,14 @@ def compress(
     pool = _pool_size(pool_size)
     model, meta = load_checkpoint(checkpoint)
     task = task_of(model)
-    from ckv_cli.pipeline.sizing import BALANCED
+    from ckv_cli.pipeline.sizing import AUTO, BALANCED
 
     default_pool = task.default_pool if task is CTR else BALANCED  # next-item: sized to the log's tokens
+    # next-item: fp16 pools; fitted and routed in the model's Fisher metric where the layout and sizing allow
+    # (`--pool-size auto` sizes by squared error; the concat layout has its own basis)
+    fisher = {"metric": "fisher"} if layout == "residual" and pool != AUTO else {}
     params = ({"pool_size": default_pool if pool is None else pool, "user_dim": user_dim, "layout": layout,
-               "user_dtype": user_dtype, **({} if task is CTR else {"pool_dtype": "fp16"})}
+               "user_dtype": user_dtype, **({} if task is CTR else {"pool_dtype": "fp16", **fisher})}
               if codec == "collective" else {})
     if codec == "predictive" and pool is not None:
         params["pool_size"] = pool

@@ -241,6 +241,10 @@ def print_compress(report: dict) -> None:
         chosen = ", ".join(f"{n} {c['pool_size']}{'' if c['met'] else ' (target not met)'}"
                            for n, c in sizing["streams"].items())
         rows.append([f"pool size auto (held-out error <= {sizing['target_error']:g})", chosen])
+    if report.get("fisher"):
+        f = report["fisher"]
+        rows.append(["pool metric: Fisher", f"{', '.join(f['streams'])} fitted and routed in the model's Fisher metric "
+                                            f"({f['users']:,} calibration users)"])
     for w in report.get("warnings", []):
         rows.append(["warning", w])
     if report.get("student_checkpoint"):

@@ -9,7 +9,8 @@ Initialisation needs no gradients: k-means for the pool; the router `argmax(W x 
 exactly nearest-entry assignment. Per token it stores the index (packed at ceil(log2 m) bits) and r values
 (int8 with one fp16 scale per user, or fp16). `pool_dtype` fp16 stores the pool (and the router derived from
 it) at half the shared bytes; the pool is rounded to fp16 right after k-means, so the encoder routes to exactly
-the entries the reader holds. `index="item"` codes the index given the token's item instead
+the entries the reader holds. `metric="fisher"` fits the pool and routes in the model's Fisher metric
+(`ckv_cli.codecs.metric`; residual layout). `index="item"` codes the index given the token's item instead
 (`ckv_cli.codecs.itemindex`: a position in the item's list of pool entries, or an escape to the full index).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int, dequanti
 from ckv_cli.codecs.bits import bits_for
 from ckv_cli.codecs.itemindex import AUTO, IndexCoding, squared_error
 from ckv_cli.codecs.kmeans import kmeans
+from ckv_cli.codecs.metric import check_factor, check_metric, coords, factor, fit_pool, router
 from ckv_cli.codecs.nearest import linear_argmax
 from ckv_cli.errors import CkvError
 
@@ -30,7 +32,7 @@ class CollectiveCodec(IndexCoding, StreamCodec):
 
     def __init__(self, d: int, pool_size: int = 8192, user_dim: int = 0, layout: str = "residual",
                  user_dtype: str = "int8", iters: int = 20, pool_dtype: str = "fp32", index: str = "flat",
-                 index_bits=AUTO, escape_tol: float = 0.0):
+                 index_bits=AUTO, escape_tol: float = 0.0, metric: str = "l2"):
         self.d = check_positive_int("d", d)
         self.pool_size = check_positive_int("pool size", pool_size, 2)
         self.user_dim = check_positive_int("user dim", user_dim, 0)
@@ -43,6 +45,10 @@ class CollectiveCodec(IndexCoding, StreamCodec):
         if pool_dtype not in ("fp32", "fp16"):
             raise CkvError(f"pool dtype must be 'fp32' or 'fp16', got {pool_dtype!r}")
         self.layout, self.user_dtype, self.iters, self.pool_dtype = layout, user_dtype, iters, pool_dtype
+        self.metric = check_metric(metric)
+        if self.metric != "l2" and layout != "residual":
+            raise CkvError(f"metric={metric} needs the residual layout (the concat layout has its own basis)")
+        self.metric_L = None  # (d, d) factor of the Fisher metric (`metric="fisher"`), set by fit or load
         self.bits = bits_for(self.pool_size)
         self.pool = self.router_w = self.router_b = self.basis = self.mean = None
         self.user_coords = self.pool_coords = None
@@ -53,6 +59,8 @@ class CollectiveCodec(IndexCoding, StreamCodec):
                "user_dtype": self.user_dtype}
         if self.pool_dtype != "fp32":  # absent from artifacts written before the option existed
             out["pool_dtype"] = self.pool_dtype
+        if self.metric != "l2":
+            out["metric"] = self.metric
         return {**out, **self.index_params()}
 
     def _stored(self, pool: torch.Tensor) -> torch.Tensor:
@@ -60,18 +68,30 @@ class CollectiveCodec(IndexCoding, StreamCodec):
         return pool.half().float() if self.pool_dtype == "fp16" else pool
 
     # -- fitting -------------------------------------------------------------------------------------------
-    def fit(self, x: torch.Tensor, seed: int, items: np.ndarray | None = None) -> None:
+    @property
+    def needs_fisher(self) -> bool:
+        """The plan passes `fisher=` (the stream's Fisher matrix, `ckv_cli.tasks.fisher`) to `fit`."""
+        return self.metric == "fisher"
+
+    def fit(self, x: torch.Tensor, seed: int, items: np.ndarray | None = None, fisher: torch.Tensor | None = None) -> None:
         x = x.float()
+        if self.needs_fisher:
+            if fisher is None:
+                raise CkvError("metric=fisher needs the model's Fisher matrix of this stream (ckv compress computes it "
+                               "on the calibration users)")
+            self.metric_L = factor(fisher)
+            if self.metric_L.shape[0] != self.d:
+                raise CkvError(f"metric: a {self.metric_L.shape[0]}-wide Fisher matrix for {self.d}-wide vectors")
         if x.shape[0] < self.pool_size:  # k-means would return fewer entries than the metadata declares
             raise CkvError(f"a pool of {self.pool_size} entries needs at least as many calibration vectors, got "
                            f"{x.shape[0]} (use more calibration users or a smaller pool)")
         r = self.user_dim
         if self.layout == "residual":
-            if self.pool_dtype == "fp32":
+            if self.pool_dtype == "fp32" and self.metric_L is None:
                 pool, assign = kmeans(x, self.pool_size, seed=seed, iters=self.iters, return_assign=True)
                 self._set_pool(pool)
-            else:  # the rounded pool's nearest entries are the tied router's choice
-                self._set_pool(self._stored(kmeans(x, self.pool_size, seed=seed, iters=self.iters)))
+            else:  # the rounded pool's (or the metric's) nearest entries are the tied router's choice
+                self._set_pool(self._stored(fit_pool(x, self.pool_size, seed, self.iters, self.metric_L)))
                 assign = self._route(x)
             res = x - self.pool[assign]  # (N, d); assign is what the tied router picks
             self.basis = torch.linalg.svd(res, full_matrices=False).Vh[:r].T.contiguous() if r else torch.zeros(self.d, 0)
@@ -104,13 +124,13 @@ class CollectiveCodec(IndexCoding, StreamCodec):
         return z[:, self.pool_coords] if self.layout == "concat" else z
 
     def _error(self, zp: torch.Tensor):
-        """Squared error of tokens (rows of `zp`) against pool entries, for the item index's escape tolerance."""
-        return squared_error(zp, self.pool)
+        """Squared error of tokens (rows of `zp`) against pool entries (in the metric), for the item index's escape
+        tolerance."""
+        return squared_error(coords(zp, self.metric_L), coords(self.pool, self.metric_L))
 
     def _set_pool(self, pool: torch.Tensor) -> None:
         self.pool = pool.contiguous()  # (m, d) or (m, d - r)
-        self.router_w = 2 * self.pool  # router logits = x @ W^T + b, argmax = nearest entry
-        self.router_b = -(self.pool * self.pool).sum(1)
+        self.router_w, self.router_b = router(self.pool, self.metric_L)  # x @ W^T + b, argmax = nearest entry
         self.router_tied = True  # until distillation trains the router apart from the pool
 
     def _route(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,6 +225,8 @@ class CollectiveCodec(IndexCoding, StreamCodec):
 
     def shared(self) -> dict[str, torch.Tensor]:
         out = {"pool": self.pool.half() if self.pool_dtype == "fp16" else self.pool, "basis": self.basis, "mean": self.mean}
+        if self.metric_L is not None:
+            out["metric"] = self.metric_L
         if not self.router_tied:  # a tied router (W = 2P, b = -|P|^2) is derived from the pool on load
             out.update(router_w=self.router_w, router_b=self.router_b)
         if self.layout == "concat":
@@ -214,6 +236,8 @@ class CollectiveCodec(IndexCoding, StreamCodec):
         return out
 
     def load_shared(self, shared: dict[str, torch.Tensor]) -> None:
+        if self.needs_fisher:  # before the pool: the tied router is derived from both
+            self.metric_L = check_factor(shared["metric"], self.d)
         self._set_pool(shared["pool"].float())
         if "router_w" in shared:
             self.router_w, self.router_b, self.router_tied = shared["router_w"].float(), shared["router_b"].float(), False

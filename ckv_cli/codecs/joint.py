@@ -74,13 +74,22 @@ class JointCodec(StreamCodec):
             out["context"] = context
         return out
 
+    @property
+    def needs_fisher(self) -> bool:
+        """The inner codec fits in the Fisher metric: the plan passes `fisher=`, the (d + d_with)-wide Fisher matrix
+        of [k; v] (cross terms included)."""
+        return bool(getattr(self.inner, "needs_fisher", False))
+
     # -- fitting and coding (x: (N, d + d_with), K then V)
     def fit(self, x: torch.Tensor, seed: int, items: np.ndarray | None = None, context: torch.Tensor | None = None,
-            user_offsets: np.ndarray | None = None) -> None:
+            user_offsets: np.ndarray | None = None, fisher: torch.Tensor | None = None) -> None:
         x = x.float()
         rms = torch.stack([x[:, : self.d].pow(2).mean().sqrt(), x[:, self.d :].pow(2).mean().sqrt()])
         self.scale = rms.clamp(min=1e-8)
         extra = {"user_offsets": user_offsets} if self.needs_context else {}
+        if self.needs_fisher and fisher is not None:  # the error of x / s is s * error: F becomes S F S
+            s = self._vector_scale().double()
+            extra["fisher"] = fisher.double() * s[:, None] * s[None, :]
         self.inner.fit(x / self._vector_scale(), seed, **self._kw(items, context), **extra)
 
     def fields(self) -> list[Field]:

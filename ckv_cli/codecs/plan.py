@@ -220,7 +220,22 @@ class CachePlan:
             return torch.cat([streams[k].float(), streams[v].float()], 1)
         return None
 
-    def fit(self, flat: FlatCache, seed: int, progress: Callable[[str], None] | None = None) -> None:
+    def fisher_groups(self) -> dict[str, tuple[str, ...]]:
+        """Streams whose codec fits in the model's Fisher metric (`metric=fisher`): {stream: the streams whose
+        gradients its Fisher matrix spans} (a joint K/V codec: both). Empty when none does."""
+        out = {}
+        for name, codec in self.coded().items():
+            if getattr(codec, "needs_fisher", False):
+                out[name] = (name, codec.partner) if isinstance(codec, JointCodec) else (name,)
+        return out
+
+    def fit(self, flat: FlatCache, seed: int, progress: Callable[[str], None] | None = None,
+            fisher: dict[str, torch.Tensor] | None = None) -> None:
+        """`fisher`: each `fisher_groups()` stream's Fisher matrix (`ckv_cli.tasks.fisher`)."""
+        missing = set(self.fisher_groups()) - set(fisher or {})
+        if missing:
+            raise CkvError(f"metric=fisher: no Fisher matrix for {', '.join(sorted(missing))} (ckv compress computes "
+                           "it on the calibration users of a next-item model)")
         if self.time is not None:
             self.time.fit(np.asarray(flat.ids["timestamps"]), flat.offsets, self.time_weights)
         ctx = self.context(flat.streams)
@@ -231,6 +246,8 @@ class CachePlan:
                 progress(name)
             try:
                 extra = {"user_offsets": flat.offsets} if getattr(codec, "needs_context", False) else {}
+                if getattr(codec, "needs_fisher", False):
+                    extra["fisher"] = fisher[name]
                 codec.fit(self.codec_input(flat, name), seed + i, **_items(codec, flat.items), **_context(codec, ctx),
                           **extra)
             except CkvError as e:  # say which stream was refused

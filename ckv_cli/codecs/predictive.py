@@ -20,6 +20,8 @@ fitted and before any token is encoded, so the encoder sees exactly what the rea
 `index="item"` (`index_bits`, `escape_tol`; `ckv_cli.codecs.itemindex`) codes each token's pool index given its
 item: a position in the item's list of pool entries, or an escape to the full index. The lists are fitted on the
 calibration tokens' residuals against the same prediction (first-layer context included) that `encode` uses.
+
+`metric="fisher"` fits the pool and picks each token's entry in the model's Fisher metric (`ckv_cli.codecs.metric`).
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ import torch
 from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int
 from ckv_cli.codecs.bits import bits_for
 from ckv_cli.codecs.itemindex import AUTO, IndexCoding, squared_error
-from ckv_cli.codecs.kmeans import kmeans, nearest
+from ckv_cli.codecs.kmeans import nearest
+from ckv_cli.codecs.metric import check_factor, check_metric, coords, factor, fit_pool, router
+from ckv_cli.codecs.nearest import linear_argmax
 from ckv_cli.errors import CkvError
 from ckv_cli.spec import token_positions
 
@@ -52,7 +56,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
 
     def __init__(self, d: int, pool_size: int = 1024, predictor: str = "linear", dtype: str = "fp16",
                  shrink: float = 5.0, min_count: int = 1, iters: int = 20, index: str = "flat", index_bits=AUTO,
-                 escape_tol: float = 0.0):
+                 escape_tol: float = 0.0, metric: str = "l2"):
         self.d = check_positive_int("d", d)
         self.pool_size = check_positive_int("pool size", pool_size, 2)
         if predictor not in PREDICTORS:
@@ -66,6 +70,8 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         self.iters = check_positive_int("iters", iters, 1)
         self.bits = bits_for(self.pool_size)
         self.pool = self.weight = self.rows = self.table = self.pos_table = self.base = None
+        self.metric = check_metric(metric)
+        self.metric_L = self._router = None  # the Fisher metric's factor (`metric="fisher"`), its router
         self._init_index(self.pool_size, index, index_bits, escape_tol)
 
     @property
@@ -78,7 +84,13 @@ class PredictiveCodec(IndexCoding, StreamCodec):
 
     def params(self) -> dict:
         return {"d": self.d, "pool_size": self.pool_size, "predictor": self.predictor, "dtype": self.dtype,
-                "shrink": self.shrink, "min_count": self.min_count, **self.index_params()}
+                "shrink": self.shrink, "min_count": self.min_count, **self.index_params(),
+                **({"metric": self.metric} if self.metric != "l2" else {})}
+
+    @property
+    def needs_fisher(self) -> bool:
+        """The plan passes `fisher=` (the stream's Fisher matrix, `ckv_cli.tasks.fisher`) to `fit`."""
+        return self.metric == "fisher"
 
     def _stored(self, t: torch.Tensor) -> torch.Tensor:
         """Rounded to the storage dtype, kept as fp32 for arithmetic."""
@@ -91,8 +103,15 @@ class PredictiveCodec(IndexCoding, StreamCodec):
 
     # -- fitting -------------------------------------------------------------------------------------------
     def fit(self, x: torch.Tensor, seed: int, items: np.ndarray, context: torch.Tensor | None = None,
-            user_offsets: np.ndarray | None = None) -> None:
+            user_offsets: np.ndarray | None = None, fisher: torch.Tensor | None = None) -> None:
         x = x.float()
+        if self.needs_fisher:
+            if fisher is None:
+                raise CkvError("metric=fisher needs the model's Fisher matrix of this stream (ckv compress computes it "
+                               "on the calibration users)")
+            self.metric_L = factor(fisher)
+            if self.metric_L.shape[0] != self.d:
+                raise CkvError(f"metric: a {self.metric_L.shape[0]}-wide Fisher matrix for {self.d}-wide vectors")
         if x.shape[0] < self.pool_size:
             raise CkvError(f"a pool of {self.pool_size} entries needs at least as many calibration vectors, got "
                            f"{x.shape[0]} (use more calibration users or a smaller pool)")
@@ -127,7 +146,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
             self.pos_table = self._stored(sums / torch.bincount(pos, minlength=n_pos).clamp(min=1).float()[:, None])
             pred = pred + self._pos_rows(pos)
         torch.manual_seed(seed)
-        self.pool = self._stored(kmeans(x - pred, self.pool_size, seed=seed, iters=self.iters))  # (m, d)
+        self._set_pool(self._stored(fit_pool(x - pred, self.pool_size, seed, self.iters, self.metric_L)))  # (m, d)
         self.fit_index(x, items, user_offsets, context)  # item-coded: the lists, from the tokens' residual entries
 
     def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None,
@@ -135,7 +154,18 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         """Each calibration token's pool entry and the error function, on its residual against the prediction
         `encode` makes (the same first-layer `context` as `fit`)."""
         res = x.float() - self.predict(items, user_offsets, context)  # (N, d)
-        return nearest(res, self.pool), squared_error(res, self.pool)
+        return self._nearest(res), self._error(res)
+
+    def _set_pool(self, pool: torch.Tensor) -> None:
+        self.pool = pool
+        self._router = None if self.metric_L is None else router(pool, self.metric_L)
+
+    def _nearest(self, res: torch.Tensor) -> torch.Tensor:
+        """(N, d) residuals -> (N,) nearest pool entries (in the metric)."""
+        return nearest(res, self.pool) if self._router is None else linear_argmax(res, *self._router)
+
+    def _error(self, res: torch.Tensor):
+        return squared_error(coords(res, self.metric_L), coords(self.pool, self.metric_L))
 
     def _linear(self, context: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -174,7 +204,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
     def encode(self, x: torch.Tensor, user_offsets: np.ndarray, items: np.ndarray,
                context: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         res = x.float() - self.predict(items, user_offsets, context)  # (N, d)
-        return self.index_encode(nearest(res, self.pool), items, user_offsets, squared_error(res, self.pool))[0]
+        return self.index_encode(self._nearest(res), items, user_offsets, self._error(res))[0]
 
     def decode(self, fields: dict[str, np.ndarray], user_offsets: np.ndarray, items: np.ndarray,
                context: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,6 +214,8 @@ class PredictiveCodec(IndexCoding, StreamCodec):
     def shared(self) -> dict[str, torch.Tensor]:
         dt = DTYPES[self.dtype]
         out = {"pool": self.pool.to(dt)}
+        if self.metric_L is not None:
+            out["metric"] = self.metric_L
         if self.weight is not None:  # the linear map's last row is its bias: no separate base
             out["weight"] = self.weight.to(dt)
         else:
@@ -195,7 +227,9 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         return {**out, **self.index_shared()}
 
     def load_shared(self, shared: dict[str, torch.Tensor]) -> None:
-        self.pool = shared["pool"].float()
+        if self.needs_fisher:
+            self.metric_L = check_factor(shared["metric"], self.d)
+        self._set_pool(shared["pool"].float())
         self.weight = shared["weight"].float() if self.uses_context else None
         self.base = torch.zeros(self.d) if self.uses_context else shared["base"].float()
         if self.uses_items:

@@ -139,6 +139,11 @@ def fit(model, ds, opts: CompressOptions, on_stream=None, teacher=None,
     users = task.calibration_users(ds, opts) if calib_users is None else calib_users
     flat, info = task.calibration(model, ds, opts, users, teacher=teacher)
     sizing = None
+    groups = plan.fisher_groups()
+    fisher = task.fisher(model, ds, opts, users, groups) if groups else None
+    if fisher is not None and opts.params.get("pool_size") == AUTO:
+        raise CkvError("--pool-size auto sizes pools by their squared error; it does not take metric=fisher (use "
+                       "--pool-size N or balanced)")
     if opts.params.get("pool_size") == AUTO:
         plan, sizing = auto_plan(model, lambda m: make_plan(model, opts, m), flat, task.n_tokens(model, ds), opts.seed)
     elif opts.params.get("pool_size") == BALANCED:
@@ -146,7 +151,9 @@ def fit(model, ds, opts: CompressOptions, on_stream=None, teacher=None,
     if sizing is not None:
         info = {**info, "pool_sizing": sizing}
     torch.manual_seed(opts.seed)
-    plan.fit(flat, opts.seed, on_stream)
+    plan.fit(flat, opts.seed, on_stream, fisher=fisher)
+    if fisher is not None:
+        info = {**info, "fisher": {"streams": {k: list(v) for k, v in groups.items()}, "users": int(len(users))}}
     return plan, info
 
 
@@ -488,6 +495,8 @@ def compress_to_artifact(model, meta: dict, checkpoint_path, ds, opts: CompressO
                 report["codes"] = result.plan.side_mode
             if "pool_sizing" in result.calibration:
                 report["pool_sizing"] = result.calibration["pool_sizing"]
+            if "fisher" in result.calibration:
+                report["fisher"] = result.calibration["fisher"]
             report.update({"plan": result.plan.describe(), "accounting": acct, "metrics": result.metrics})
             warning = shared_warning(acct)
             if warning:

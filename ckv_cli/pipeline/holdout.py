@@ -27,7 +27,7 @@ from ckv_cli.codecs import CachePlan
 from ckv_cli.errors import CkvError
 from ckv_cli.metrics import paired_bootstrap, per_user_ranking, ranking_metrics
 from ckv_cli.pipeline.compress import CompressOptions, accounting, full_width, make_plan, run_plan
-from ckv_cli.tasks import calibration_sample
+from ckv_cli.tasks import calibration_sample, task_of
 from ckv_cli.tasks.next_item import Scored, Teacher, TeacherBatch, fidelity_summary
 
 
@@ -92,8 +92,11 @@ def fit_plan_on(model, teacher: Teacher, users: np.ndarray, opts: CompressOption
                 plan: CachePlan | None = None) -> CachePlan:
     """`plan` (default: `make_plan(model, opts)`) fitted on the teacher caches of `users` only."""
     plan = plan or make_plan(model, opts)
+    groups, fisher = plan.fisher_groups(), None
+    if groups:  # metric=fisher: the Fisher matrices of these users' teacher batches
+        fisher = task_of(model).fisher(model, None, opts, users, groups, batches=teacher_subset(teacher, users).batches)
     torch.manual_seed(opts.seed)
-    plan.fit(teacher.flat.select(np.asarray(users, dtype=np.int64)), opts.seed)
+    plan.fit(teacher.flat.select(np.asarray(users, dtype=np.int64)), opts.seed, fisher=fisher)
     return plan
 
 

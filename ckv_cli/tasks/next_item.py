@@ -97,6 +97,11 @@ def scores_after_last_event(model, cache, batch, exclude_seen: bool = True) -> t
     """Append each user's last event (a `CacheBatch`) through `cache` and score every item: (B, n_items + 1),
     the window's items (cached ones and the last event) masked unless `exclude_seen=False`. A model with
     next-event query time is asked at the held-out event's time (`batch.target_ts`)."""
+    return scores_with_grad(model, cache, batch, exclude_seen)
+
+
+def scores_with_grad(model, cache, batch, exclude_seen: bool = True) -> torch.Tensor:
+    """`scores_after_last_event` where autograd is on (gradients reach the cache: `ckv_cli.tasks.fisher`)."""
     query = getattr(batch, "target_ts", None)
     _, h = (model.extend(cache, batch.last_items, batch.last_ts, query_ts=query) if provisional(model)
             else model.extend(cache, batch.last_items, batch.last_ts))
