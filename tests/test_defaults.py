@@ -63,3 +63,6 @@ def test_target_grid_codes_event_times_for_models_that_read_them():
 
     assert {s.time_bits for s in default_settings(True)} == {0, 4, 6}
     assert {s.time_bits for s in default_settings(False)} == {0}
+    for s in default_settings(False):  # every setting in the Fisher metric but the concat layout's (its own basis)
+        p = dict(s.params)
+        assert (p.get("metric") == "fisher") == (p.get("layout", "residual") == "residual"), s.label

@@ -89,12 +89,18 @@ def teacher_subset(teacher: Teacher, users: np.ndarray) -> Teacher:
 
 
 def fit_plan_on(model, teacher: Teacher, users: np.ndarray, opts: CompressOptions,
-                plan: CachePlan | None = None) -> CachePlan:
-    """`plan` (default: `make_plan(model, opts)`) fitted on the teacher caches of `users` only."""
+                plan: CachePlan | None = None, fisher_cache: dict | None = None) -> CachePlan:
+    """`plan` (default: `make_plan(model, opts)`) fitted on the teacher caches of `users` only. `fisher_cache`
+    keeps the Fisher matrices (`metric=fisher`) of calls on the same users, by stream grouping."""
     plan = plan or make_plan(model, opts)
     groups, fisher = plan.fisher_groups(), None
     if groups:  # metric=fisher: the Fisher matrices of these users' teacher batches
-        fisher = task_of(model).fisher(model, None, opts, users, groups, batches=teacher_subset(teacher, users).batches)
+        key = tuple(sorted(groups.items()))
+        cache = {} if fisher_cache is None else fisher_cache
+        if key not in cache:
+            cache[key] = task_of(model).fisher(model, None, opts, users, groups,
+                                               batches=teacher_subset(teacher, users).batches)
+        fisher = cache[key]
     torch.manual_seed(opts.seed)
     plan.fit(teacher.flat.select(np.asarray(users, dtype=np.int64)), opts.seed, fisher=fisher)
     return plan

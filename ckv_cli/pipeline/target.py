@@ -91,15 +91,16 @@ class Setting:
 
 def default_settings(timestamps: bool) -> list[Setting]:
     """The grid searched when the caller gives none: collective (pool sizes, one user dim, concat layout) and
-    predictive (linear, linear+item) at fp16 pools; for models that read event times, times at 4 or 6 bits or int32."""
-    grid = []
+    predictive (linear, linear+item) at fp16 pools, fitted in the model's Fisher metric (but the concat layout's);
+    for models that read event times, times at 4 or 6 bits or int32."""
+    grid, fisher = [], ("metric", "fisher")
     for m in (256, 512, 1024, 2048, 4096, 8192):
-        grid.append(("collective", (("pool_size", m), ("pool_dtype", "fp16"))))
-        grid.append(("predictive", (("pool_size", m),)))
+        grid.append(("collective", (("pool_size", m), ("pool_dtype", "fp16"), fisher)))
+        grid.append(("predictive", (("pool_size", m), fisher)))
     for m in (1024, 4096):
-        grid.append(("collective", (("pool_size", m), ("user_dim", 1), ("pool_dtype", "fp16"))))
+        grid.append(("collective", (("pool_size", m), ("user_dim", 1), ("pool_dtype", "fp16"), fisher)))
         grid.append(("collective", (("pool_size", m), ("user_dim", 1), ("layout", "concat"), ("pool_dtype", "fp16"))))
-        grid.append(("predictive", (("pool_size", m), ("predictor", "linear+item"))))
+        grid.append(("predictive", (("pool_size", m), ("predictor", "linear+item"), fisher)))
     times = (4, 6, 0) if timestamps else (0,)  # 0: int32, the most bytes (skipped once a cheaper setting met it)
     return [Setting(c, p, t) for (c, p), t in itertools.product(grid, times)]
 
@@ -155,6 +156,7 @@ def search(model, teacher: Teacher, calib: np.ndarray, target: Target, base: Com
     ranked.sort(key=lambda r: (r[0], r[1].label))
     out = SearchResult(target, None, fit_users=len(fit_users), val_users=len(val_users))
     best_total = float("inf")
+    fisher: dict = {}  # the fitting users' Fisher matrices, per stream grouping: the same for every setting
     for per_user, s, opts in ranked:
         if isinstance(opts, CkvError):
             out.tried.append({"setting": s.label, "status": f"refused: {opts}"})
@@ -166,7 +168,7 @@ def search(model, teacher: Teacher, calib: np.ndarray, target: Target, base: Com
         if progress:
             progress(s.label)
         try:
-            plan = fit_plan_on(model, teacher, fit_rows, opts)
+            plan = fit_plan_on(model, teacher, fit_rows, opts, fisher_cache=fisher)
         except CkvError as e:
             out.tried.append({"setting": s.label, "per_user_bytes": per_user, "status": f"refused: {e}"})
             continue
