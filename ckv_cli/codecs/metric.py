@@ -46,6 +46,18 @@ def factor(gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(g).float()
 
 
+def fitted_factor(fisher: torch.Tensor | None, d: int) -> torch.Tensor:
+    """The factor a `metric="fisher"` codec fits with: from its stream's Fisher matrix, which must be there and
+    d wide."""
+    if fisher is None:
+        raise CkvError("metric=fisher needs the model's Fisher matrix of this stream (ckv compress computes it on the "
+                       "calibration users)")
+    L = factor(fisher)
+    if L.shape[0] != d:
+        raise CkvError(f"metric: a {L.shape[0]}-wide Fisher matrix for {d}-wide vectors")
+    return L
+
+
 def check_factor(L: torch.Tensor, d: int) -> torch.Tensor:
     """A loaded factor: (d, d), finite, lower-triangular with a positive diagonal (else the router is undefined)."""
     L = L.float()

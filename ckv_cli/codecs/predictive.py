@@ -32,7 +32,7 @@ from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int
 from ckv_cli.codecs.bits import bits_for
 from ckv_cli.codecs.itemindex import AUTO, IndexCoding, squared_error
 from ckv_cli.codecs.kmeans import nearest
-from ckv_cli.codecs.metric import check_factor, check_metric, coords, factor, fit_pool, router
+from ckv_cli.codecs.metric import check_factor, check_metric, coords, fit_pool, fitted_factor, router
 from ckv_cli.codecs.nearest import linear_argmax
 from ckv_cli.errors import CkvError
 from ckv_cli.spec import token_positions
@@ -106,12 +106,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
             user_offsets: np.ndarray | None = None, fisher: torch.Tensor | None = None) -> None:
         x = x.float()
         if self.needs_fisher:
-            if fisher is None:
-                raise CkvError("metric=fisher needs the model's Fisher matrix of this stream (ckv compress computes it "
-                               "on the calibration users)")
-            self.metric_L = factor(fisher)
-            if self.metric_L.shape[0] != self.d:
-                raise CkvError(f"metric: a {self.metric_L.shape[0]}-wide Fisher matrix for {self.d}-wide vectors")
+            self.metric_L = fitted_factor(fisher, self.d)
         if x.shape[0] < self.pool_size:
             raise CkvError(f"a pool of {self.pool_size} entries needs at least as many calibration vectors, got "
                            f"{x.shape[0]} (use more calibration users or a smaller pool)")
