@@ -243,3 +243,22 @@ def test_auto_pool_size_refuses_the_metric(written, ds):
     opts = CompressOptions(params={"pool_size": "auto", "metric": "fisher"}, calib_users=60)
     with pytest.raises(CkvError, match="does not take metric=fisher"):
         fit(model, ds, opts)
+
+
+def test_search_fits_on_the_fisher_of_the_rows_it_fits(written, ds):
+    """`fit_plan_on` (what --target and held-out sweeps fit with) takes teacher rows; on a calibration teacher (users
+    100..139, not in dataset positions) the Fisher matrices it caches are those of the users in those rows."""
+    from ckv_cli.pipeline.holdout import fit_plan_on, teacher_subset
+    from ckv_cli.pipeline.target import calibration_teacher
+    from ckv_cli.tasks.fisher import fisher_grams
+
+    _, _, model, _, _, opts = written
+    teacher = calibration_teacher(model, ds, np.arange(100, 140), batch_users=16)
+    cache: dict = {}
+    plan = fit_plan_on(model, teacher, np.arange(0, 40, 2), opts, fisher_cache=cache)  # rows: users 100, 102, ...
+    (grams,) = cache.values()
+    want = fisher_grams(model, teacher_subset(teacher, np.arange(100, 140, 2)).batches,
+                        {"L1.k": ("L1.k",), "L1.v": ("L1.v",)}, seed=opts.seed)
+    for s in ("L1.k", "L1.v"):
+        assert torch.equal(grams[s], want[s])
+        assert plan.streams[s].metric_L is not None

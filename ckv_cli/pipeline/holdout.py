@@ -97,9 +97,10 @@ def fit_plan_on(model, teacher: Teacher, users: np.ndarray, opts: CompressOption
     if groups:  # metric=fisher: the Fisher matrices of these users' teacher batches
         key = tuple(sorted(groups.items()))
         cache = {} if fisher_cache is None else fisher_cache
-        if key not in cache:
+        if key not in cache:  # `users` are rows of the teacher (its users in its order), as `select` takes them
+            of_rows = np.concatenate([np.asarray(tb.users) for tb in teacher.batches])[np.asarray(users, dtype=np.int64)]
             cache[key] = task_of(model).fisher(model, None, opts, users, groups,
-                                               batches=teacher_subset(teacher, users).batches)
+                                               batches=teacher_subset(teacher, of_rows).batches)
         fisher = cache[key]
     torch.manual_seed(opts.seed)
     plan.fit(teacher.flat.select(np.asarray(users, dtype=np.int64)), opts.seed, fisher=fisher)
