@@ -16,7 +16,8 @@ from conftest import make_model, rewrite, untrained_checkpoint
 from ckv_cli import CacheStore
 from ckv_cli.artifact import Artifact
 from ckv_cli.codecs.collective import CollectiveCodec
-from ckv_cli.codecs.metric import factor, fit_pool, route, router
+from ckv_cli.codecs.metric import factor, fit_pool, router
+from ckv_cli.codecs.nearest import linear_argmax as route
 from ckv_cli.codecs.predictive import PredictiveCodec
 from ckv_cli.data import load
 from ckv_cli.errors import CkvError

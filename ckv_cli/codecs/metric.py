@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from ckv_cli.codecs.kmeans import kmeans
-from ckv_cli.codecs.nearest import linear_argmax
 from ckv_cli.errors import CkvError
 
 METRICS = ("l2", "fisher")
@@ -83,11 +82,6 @@ def router(pool: torch.Tensor, L: torch.Tensor | None) -> tuple[torch.Tensor, to
         return 2 * pool, -(pool * pool).sum(1)
     pz = pool @ L  # (m, d)
     return 2 * pz @ L.T, -(pz * pz).sum(1)
-
-
-def route(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N, d) -> (N,) the router's entries (`ckv_cli.codecs.nearest.linear_argmax`)."""
-    return linear_argmax(x, w, b)
 
 
 def coords(x: torch.Tensor, L: torch.Tensor | None) -> torch.Tensor:

@@ -114,10 +114,18 @@ def make_plan(model, opts: CompressOptions, pool_size: int | None = None) -> Cac
         params["pool_size"] = pool_size or CANDIDATES[0]
     tables = getattr(model, "time_bias_tables", None)
     weights = tables() if opts.params.get("time_bits") and tables is not None else None
-    return build_plan(model.cache_spec(), opts.codec, params, n_items=model.config.n_items,
+    plan = build_plan(model.cache_spec(), opts.codec, params, n_items=model.config.n_items,
                       share=tuple(opts.share), recompute_free=opts.recompute_item_layers,
                       side_stored=opts.codes == "stored", layout=CTR_LAYOUT if ctr else NEXT_ITEM_LAYOUT,
                       arch=getattr(model, "arch", None) if ctr else None, time_weights=weights)
+    if plan.fisher_groups():  # refused here, before any data is read
+        if ctr:
+            raise CkvError(f"metric=fisher is for next-item models (it weighs errors by the next-item distribution); "
+                           f"this is a {task.name} model")
+        if opts.params.get("pool_size") == AUTO:
+            raise CkvError("--pool-size auto sizes pools by their squared error; it does not take metric=fisher (use "
+                           "--pool-size N or balanced)")
+    return plan
 
 
 def fit_plan(model, ds, opts: CompressOptions, on_stream: Callable[[str], None] | None = None,
@@ -139,11 +147,13 @@ def fit(model, ds, opts: CompressOptions, on_stream=None, teacher=None,
     users = task.calibration_users(ds, opts) if calib_users is None else calib_users
     flat, info = task.calibration(model, ds, opts, users, teacher=teacher)
     sizing = None
-    groups = plan.fisher_groups()
-    fisher = task.fisher(model, ds, opts, users, groups) if groups else None
-    if fisher is not None and opts.params.get("pool_size") == AUTO:
-        raise CkvError("--pool-size auto sizes pools by their squared error; it does not take metric=fisher (use "
-                       "--pool-size N or balanced)")
+    groups, fisher = plan.fisher_groups(), None
+    if groups:  # next-item only (make_plan refuses the others)
+        from ckv_cli.tasks.fisher import data_grams
+
+        if on_stream:
+            on_stream("the Fisher metric")
+        fisher = data_grams(model, ds, users, groups, opts.batch_users, opts.seed, opts.exclude_seen)
     if opts.params.get("pool_size") == AUTO:
         plan, sizing = auto_plan(model, lambda m: make_plan(model, opts, m), flat, task.n_tokens(model, ds), opts.seed)
     elif opts.params.get("pool_size") == BALANCED:

@@ -27,7 +27,8 @@ from ckv_cli.codecs import CachePlan
 from ckv_cli.errors import CkvError
 from ckv_cli.metrics import paired_bootstrap, per_user_ranking, ranking_metrics
 from ckv_cli.pipeline.compress import CompressOptions, accounting, full_width, make_plan, run_plan
-from ckv_cli.tasks import calibration_sample, task_of
+from ckv_cli.tasks import calibration_sample
+from ckv_cli.tasks.fisher import fisher_grams
 from ckv_cli.tasks.next_item import Scored, Teacher, TeacherBatch, fidelity_summary
 
 
@@ -99,8 +100,8 @@ def fit_plan_on(model, teacher: Teacher, users: np.ndarray, opts: CompressOption
         cache = {} if fisher_cache is None else fisher_cache
         if key not in cache:  # `users` are rows of the teacher (its users in its order), as `select` takes them
             of_rows = np.concatenate([np.asarray(tb.users) for tb in teacher.batches])[np.asarray(users, dtype=np.int64)]
-            cache[key] = task_of(model).fisher(model, None, opts, users, groups,
-                                               batches=teacher_subset(teacher, of_rows).batches)
+            cache[key] = fisher_grams(model, teacher_subset(teacher, of_rows).batches, groups, seed=opts.seed,
+                                      exclude_seen=opts.exclude_seen)
         fisher = cache[key]
     torch.manual_seed(opts.seed)
     plan.fit(teacher.flat.select(np.asarray(users, dtype=np.int64)), opts.seed, fisher=fisher)

@@ -42,12 +42,6 @@ class Task:
         """Cached tokens of every user of `data` (what an artifact of it encodes; `token_counts` summed)."""
         return int(np.sum(self.token_counts(model, data)(0, len(self.user_ids(data)))))
 
-    def fisher(self, model, data, opts, users, groups: dict, batches=None) -> dict:
-        """Each group's Fisher matrix on the calibration `users` (`ckv_cli.tasks.fisher`), or on `batches` (their
-        teacher batches) when given."""
-        raise CkvError(f"metric=fisher is for next-item models (it weighs errors by the next-item distribution); "
-                       f"this is a {self.name} model")
-
 
 class NextItemTask(Task):
     """Leave-one-out next-item ranking (`ckv_cli.tasks.next_item`)."""
@@ -88,14 +82,6 @@ class NextItemTask(Task):
             flat = FlatCache.concat([model.flatten(b.cache) for b in
                                      next_item_mod.iter_test_caches(model, data, users, opts.batch_users)])
         return flat, {"users": int(len(users)), "tokens": flat.n_tokens}
-
-    def fisher(self, model, data, opts, users, groups: dict, batches=None) -> dict:
-        from ckv_cli.tasks.fisher import data_grams, fisher_grams
-
-        exclude = getattr(opts, "exclude_seen", True)
-        if batches is not None:
-            return fisher_grams(model, batches, groups, seed=opts.seed, exclude_seen=exclude)
-        return data_grams(model, data, users, groups, opts.batch_users, opts.seed, exclude)
 
     def calibration_users(self, data, opts) -> np.ndarray:
         return calibration_sample(data.n_users, opts.calib_users, opts.seed, getattr(opts, "calib_holdout", False))

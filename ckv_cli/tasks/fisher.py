@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ckv_cli.errors import CkvError
 from ckv_cli.spec import FlatCache
-from ckv_cli.tasks.next_item import iter_test_caches, scores_with_grad, temperature_of
+from ckv_cli.tasks.next_item import TeacherBatch, iter_test_caches, scores_with_grad, temperature_of
 
 SAMPLES = 4  # items drawn per user
 
@@ -39,7 +39,8 @@ def fisher_grams(model, batches: Iterable, groups: dict[str, tuple[str, ...]], s
     model.eval()
     try:
         for b in batches:
-            flat = b.tokens if isinstance(getattr(b, "tokens", None), FlatCache) else model.flatten(b.cache)
+            teacher = isinstance(b, TeacherBatch)  # a flat cache already; else a prefilled one
+            flat = b.tokens if teacher else model.flatten(b.cache)
             read = FlatCache(flat.offsets, dict(flat.streams), dict(flat.ids))
             leaves = {}
             for n in names:
@@ -47,7 +48,7 @@ def fisher_grams(model, batches: Iterable, groups: dict[str, tuple[str, ...]], s
                     raise CkvError(f"Fisher metric: the model caches no stream {n}")
                 leaves[n] = flat.stream(n).detach().float().clone().requires_grad_(True)  # (N, d)
                 read.set_stream(n, leaves[n])
-            batch = replace(b, cache=model.unflatten(read)) if hasattr(b, "cache") else b.cache_batch(model.unflatten(read))
+            batch = b.cache_batch(model.unflatten(read)) if teacher else replace(b, cache=model.unflatten(read))
             with torch.enable_grad():
                 logp = F.log_softmax(scores_with_grad(model, batch.cache, batch, exclude_seen)[:, 1:] / T, -1)  # (B, n)
                 for s in range(samples):
