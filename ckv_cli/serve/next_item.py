@@ -35,6 +35,7 @@ by `extend`). A store is not safe to append to from several threads at once.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,7 @@ import torch
 
 from ckv_cli.codecs import CachePlan, CollectiveCodec, recomputed
 from ckv_cli.codecs.joint import JointCodec, JointPart
+from ckv_cli.codecs.predictive import PredictiveCodec
 from ckv_cli.codecs.base import dequantize_per_user
 from ckv_cli.errors import CkvError
 from ckv_cli.models.base import KVCache, item_layer_kv, last_hidden
@@ -67,9 +69,9 @@ class Ranking:
 @dataclass
 class CompressedCache:
     """A batch of users' caches as stored, right-padded to L tokens. Per layer, `keys[l]` / `values[l]` is a
-    `CompressedStream` (pool, indices, dequantised user part) for collective streams, a (B, L, d) tensor for
-    streams recomputed from item ids (None when fetched with `recompute_items=False`) or stored by
-    another codec (decoded)."""
+    `CompressedStream` (pool, indices, dequantised user part) for collective streams, a `PredictedStream` for
+    predictive ones, a (B, L, d) tensor for streams recomputed from item ids (None when fetched with
+    `recompute_items=False`, unless a predictive stream built them) or stored by another codec (decoded)."""
 
     keys: list
     values: list
@@ -88,7 +90,7 @@ class CompressedCache:
         def dense(x):
             if x is None:
                 raise CkvError("this compressed cache was fetched without its item-id layers (recompute_items=False)")
-            out = x.decode() if isinstance(x, CompressedStream) else x
+            out = x.decode() if isinstance(x, (CompressedStream, PredictedStream)) else x
             return out * valid.to(out.dtype)
 
         return KVCache([dense(k) for k in self.keys], [dense(v) for v in self.values], self.lengths, self.items,
@@ -121,6 +123,21 @@ class ItemLayer:
         self.h = model.layers[0].attention_spec().heads
         self.ak, self.ck, self.av, self.cv = tables["ak"], tables["ck"], tables["av"], tables["cv"]
 
+    def decode(self) -> torch.Tensor:
+        """The materialised vectors (B, L, H dh): r_j (a_i + p_j - mu_j) A^T + c per head (as the K side reads)."""
+        x = self.items.decode() + self.pos.decode()  # (B, L, d)
+        y = self.r[..., None] * (x - self.mu[..., None])
+        B, L = self.r.shape
+        return (torch.einsum("bld,hkd->blhk", y, self.ak) + self.ck[None, None]).reshape(B, L, -1)
+
+    def select(self, idx: torch.Tensor) -> "ItemLayer":
+        """Users `idx` of the batch."""
+        out = copy.copy(self)
+        out.mu, out.r = self.mu[idx], self.r[idx]
+        out.items = CompressedStream(self.items.pool, self.items.idx[idx])
+        out.pos = CompressedStream(self.pos.pool, self.pos.idx[idx])
+        return out
+
     def _fold(self, x: torch.Tensor) -> torch.Tensor:  # (H, B, T, ·) -> (1, B, H*T, ·): heads as more queries
         H, B, T = x.shape[:3]
         return x.permute(1, 0, 2, 3).reshape(1, B, H * T, x.shape[-1])
@@ -152,6 +169,85 @@ class ItemLayer:
         return torch.einsum("hbtd,hkd->hbtk", y, self.av) + self.cv[:, None, None, :] * w.sum(-1)[..., None]
 
 
+@dataclass
+class LinearSide:
+    """Cached vectors that are a linear map of a per-token context, x_j = ctx_j W + w (the predictive codec's
+    prediction from the first layer's [K, V]), attended without building x: per head h,
+    q . x_j = (q W_h^T) . ctx_j + q . w_h and sum_j a_j x_j = (sum_j a_j ctx_j) W_h + (sum_j a_j) w_h, so the map
+    is applied once per query, not once per cached token."""
+
+    ctx: torch.Tensor  # (B, L, c)
+    weight: torch.Tensor  # (c, d)
+    bias: torch.Tensor  # (d,)
+
+    def _heads(self, H: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c, d = self.weight.shape
+        return self.weight.view(c, H, d // H).permute(1, 0, 2), self.bias.view(H, d // H)  # (H, c, dh), (H, dh)
+
+    def scores(self, qh: torch.Tensor) -> torch.Tensor:
+        """Raw q . x_j (H, B, T, L) for head-split queries qh (H, B, T, dh)."""
+        w, b = self._heads(qh.shape[0])
+        qc = torch.einsum("hbtk,hck->hbtc", qh, w)  # (H, B, T, c)
+        return torch.einsum("hbtc,blc->hbtl", qc, self.ctx) + torch.einsum("hbtk,hk->hbt", qh, b)[..., None]
+
+    def values(self, a: torch.Tensor) -> torch.Tensor:
+        """Weights (H, B, T, L) -> sum_j a_j x_j (H, B, T, dh)."""
+        w, b = self._heads(a.shape[0])
+        y = torch.einsum("hbtl,blc->hbtc", a, self.ctx)  # (H, B, T, c)
+        return torch.einsum("hbtc,hck->hbtk", y, w) + a.sum(-1)[..., None] * b[:, None, None, :]
+
+    def decode(self) -> torch.Tensor:
+        return self.ctx @ self.weight + self.bias  # (B, L, d)
+
+    def select(self, idx: torch.Tensor) -> "LinearSide":
+        return LinearSide(self.ctx[idx], self.weight, self.bias)
+
+
+@dataclass
+class PredictedStream:
+    """A predictive stream (`ckv_cli.codecs.predictive`) of a batch of users as stored: each token's vector is the
+    sum of its parts, x_j = pred_j + T[row(item_j)] + P[idx_j], attended part by part and never built where the
+    parts allow (`CacheStore._predicted`): the first layer's linear map folded with the first layer itself into an
+    `ItemLayer` (SASRec's LayerNorm fold: the item and position tables as two pools), the per-item table and the
+    pool as `CompressedStream`s; the linear part as a `LinearSide` over the first layer's K/V where the first
+    layer has no fold (HSTU's SiLU: its K/V come from its tables, `tabled_kv`, and serve its own attention too)."""
+
+    parts: list  # ItemLayer | LinearSide | CompressedStream
+
+    def decode(self) -> torch.Tensor:
+        """The materialised vectors (B, L, d)."""
+        return sum(p if isinstance(p, torch.Tensor) else p.decode() for p in self.parts)
+
+    def select(self, idx: torch.Tensor) -> "PredictedStream":
+        """Users `idx` of the batch."""
+        return PredictedStream([_select_side(p, idx) for p in self.parts])
+
+
+def _select_side(x, idx: torch.Tensor):
+    """Users `idx` of one layer's cached side, whatever its form (None stays None)."""
+    if x is None:
+        return None
+    if isinstance(x, CompressedStream):
+        return CompressedStream(x.pool, x.idx[idx], None if x.user is None else x.user[idx], x.basis)
+    if isinstance(x, (ItemLayer, LinearSide, PredictedStream)):
+        return x.select(idx)
+    return x[idx]
+
+
+@torch.no_grad()
+def tabled_kv_rows(tables: dict, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[K, V] of the first layer (N, d_k + d_v) of N tokens (items, positions: (N,)) from a model's K/V tables
+    (`tabled_kv`)."""
+    n_pos = tables["max_len"]
+    i, j = items.long(), positions.long().clamp(max=n_pos - 1)
+    st = tables["stats"].index_select(0, i * n_pos + j)  # (N, 2)
+    pre = tables["items"].index_select(0, i).add_(tables["pos"].index_select(0, j))
+    pre.addcmul_(st[:, :1], tables["g1"][None, :], value=-1.0).mul_(st[:, 1:]).add_(tables["c"])  # (N, d_out)
+    if tables.get("act", "silu") != "silu":
+        raise CkvError(f"first-layer tables with activation {tables['act']!r} are not supported")
+    return torch.nn.functional.silu(pre, inplace=True)
+
+
 @torch.no_grad()
 def tabled_kv(tables: dict, items: torch.Tensor, positions: torch.Tensor,
               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,16 +256,10 @@ def tabled_kv(tables: dict, items: torch.Tensor, positions: torch.Tensor,
     running the layer: ((B, L, d_k), (B, L, d_v)). With `valid` (B, L) bool only those tokens are computed (the
     others are zero)."""
     B, L = items.shape
-    n_pos = tables["max_len"]
-    i, j = items.long(), positions.long().clamp(max=n_pos - 1)
+    i, j = items.long(), positions.long()
     if valid is not None:
         i, j = i[valid], j[valid]  # (N,)
-    st = tables["stats"].index_select(0, (i * n_pos + j).reshape(-1))  # (N, 2)
-    pre = tables["items"].index_select(0, i.reshape(-1)).add_(tables["pos"].index_select(0, j.reshape(-1)))
-    pre.addcmul_(st[:, :1], tables["g1"][None, :], value=-1.0).mul_(st[:, 1:]).add_(tables["c"])  # (N, d_out)
-    if tables.get("act", "silu") != "silu":
-        raise CkvError(f"first-layer tables with activation {tables['act']!r} are not supported")
-    kv = torch.nn.functional.silu(pre, inplace=True)  # (N, d_k + d_v)
+    kv = tabled_kv_rows(tables, i.reshape(-1), j.reshape(-1))  # (N, d_k + d_v)
     if valid is None:
         kv = kv.view(B, L, -1)
     else:
@@ -181,7 +271,9 @@ def tabled_kv(tables: dict, items: torch.Tensor, positions: torch.Tensor,
 
 
 def _cached_scores(side, qh: torch.Tensor, n_heads: int) -> torch.Tensor:
-    if isinstance(side, ItemLayer):
+    if isinstance(side, PredictedStream):
+        return sum(_cached_scores(p, qh, n_heads) for p in side.parts)
+    if isinstance(side, (ItemLayer, LinearSide)):
         return side.scores(qh)
     if isinstance(side, CompressedStream):
         H, B, T, _ = qh.shape
@@ -191,7 +283,9 @@ def _cached_scores(side, qh: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _cached_values(side, w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    if isinstance(side, ItemLayer):
+    if isinstance(side, PredictedStream):
+        return sum(_cached_values(p, w, n_heads) for p in side.parts)
+    if isinstance(side, (ItemLayer, LinearSide)):
         return side.values(w)
     if isinstance(side, CompressedStream):
         H, B, T, _ = w.shape
@@ -329,6 +423,7 @@ class CacheStore(Store):
         super().__init__(artifact, model, item_vocab, user_vocab)
         self._item_tables = None
         self._pools: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._item_rows: dict = {}  # predictive streams' item tables (`_item_table`)
 
     @staticmethod
     def _check_model(artifact, model) -> None:
@@ -364,6 +459,7 @@ class CacheStore(Store):
         rec = None
         keys, values = [], []
         joined = {}  # V streams of joint pairs, made with their K stream
+        memo = {}  # the first layer's K/V where a predictive stream built them
         item_ids = np.asarray(fields["tokens/items"], np.int64)
         for layer in range(self.plan.n_layers):
             for kind, dest in (("k", keys), ("v", values)):
@@ -388,6 +484,10 @@ class CacheStore(Store):
                     dest.append(streams[0])
                     if isinstance(codec, JointCodec):  # one index for K and V
                         joined[codec.partner] = streams[1]
+                elif isinstance(codec, PredictiveCodec) and (not codec.uses_context or self._first_recomputed()):
+                    sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
+                    dest.append(self._predicted(layer, codec, pad(codec.index_decode(sub, item_ids, offsets)), items,
+                                                slots, memo))
                 else:
                     sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
                     kw = {"items": item_ids} if codec.needs_items else {}
@@ -402,7 +502,71 @@ class CacheStore(Store):
                         joined[codec.partner] = out[..., codec.d :]
                     else:
                         dest.append(out)
+        if "kv" in memo and keys[0] is None and values[0] is None:  # built anyway: the first layer reads them too
+            keys[0], values[0] = memo["kv"]
         return CompressedCache(keys, values, lengths, items, ts)
+
+    def _first_recomputed(self) -> bool:
+        return all(recomputed(self.plan.streams.get(CachePlan.key(0, k))) for k in "kv")
+
+    def _predicted(self, layer: int, codec: PredictiveCodec, idx: torch.Tensor, items: torch.Tensor,
+                   slots: torch.Tensor, memo: dict) -> PredictedStream:
+        """A predictive stream of a batch (`PredictedStream`): its pool `idx` (B, L) and the batch's `items` (B, L);
+        `slots` are the real tokens of the padded (B*L) layout; `memo` keeps the first layer's K/V where they are
+        built (`memo["kv"]`), once per batch."""
+        B, L = items.shape
+        parts = [CompressedStream(codec.pool, idx)]
+        if codec.uses_context:
+            parts.append(self._linear_part(layer, codec, items, slots, memo))
+        if codec.uses_items:  # one row per item with a row, then a row for the others: zeros, or the mean
+            table, row_of = self._item_table(layer, codec)
+            parts.append(CompressedStream(table, row_of[items.long()]))
+        elif not codec.uses_context:  # the mean alone: a one-row pool
+            parts.append(CompressedStream(codec.base[None], torch.zeros(B, L, dtype=torch.long)))
+        if codec.pos_table is not None:
+            pos = torch.arange(L).clamp(max=len(codec.pos_table) - 1)[None].expand(B, L).contiguous()
+            parts.append(CompressedStream(codec.pos_table, pos))
+        return PredictedStream(parts)
+
+    def _item_table(self, layer: int, codec: PredictiveCodec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the item table as a pool (R + 1, d): the kept items' rows, then the row of every other item; each item
+        id's row (n_items + 1,)), computed once per stream."""
+        key = (layer, id(codec))
+        if key not in self._item_rows:
+            rows = codec.rows.long()
+            extra = torch.zeros(1, codec.d) if codec.uses_context else codec.base[None]
+            table = torch.cat([codec.table + (0 if codec.uses_context else codec.base), extra])  # (R + 1, d)
+            row_of = torch.full((self.plan.n_items + 1,), len(rows), dtype=torch.long)
+            row_of[rows[rows <= self.plan.n_items]] = torch.arange(len(rows))[rows <= self.plan.n_items]
+            self._item_rows[key] = (table, row_of)
+        return self._item_rows[key]
+
+    def _linear_part(self, layer: int, codec: PredictiveCodec, items: torch.Tensor, slots: torch.Tensor, memo: dict):
+        """The prediction's linear part [K0, V0] W + w of a batch: through the first layer's LayerNorm fold where
+        the model gives one (an `ItemLayer` whose projections are W's rows composed with the first layer's:
+        never built), else dense, the first layer's K/V from the model's K/V tables or recomputed."""
+        B, L = items.shape
+        w1, w0 = codec.weight[:-1], codec.weight[-1]  # (c, d), (d,)
+        tables = self._tables()
+        form = None if tables is None else tables.get("form", "fold")
+        if form == "fold":
+            heads = self.model.layers[layer].attention_spec().heads
+            a = torch.cat([tables["ak"].reshape(-1, tables["ak"].shape[-1]),
+                           tables["av"].reshape(-1, tables["av"].shape[-1])])  # (c, d_model): [K0; V0] rows
+            c = torch.cat([tables["ck"].reshape(-1), tables["cv"].reshape(-1)])  # (c,)
+            ak = (w1.T @ a).view(heads, -1, a.shape[1])  # (H, dh, d_model): x -> pred, per head of this layer
+            ck = (c @ w1 + w0).view(heads, -1)
+            return ItemLayer({**tables, "ak": ak, "ck": ck, "av": ak, "cv": ck}, self.model, items)
+        if "ctx" not in memo:  # [K0, V0] (B, L, c), zero on padding; K0 and V0 are views the first layer reads
+            pos = torch.arange(L)[None].expand(B, L)
+            if form == "kv":
+                rows = tabled_kv_rows(tables, items.reshape(-1)[slots], pos.reshape(-1)[slots])  # real tokens
+                ctx = rows.new_zeros(B * L, rows.shape[1]).index_copy_(0, slots, rows).view(B, L, -1)
+            else:
+                ctx = torch.cat(item_layer_kv(self.model, items, pos), -1)
+            d_k = self.model.kv_dims[0]
+            memo["ctx"], memo["kv"] = ctx, (ctx[..., :d_k], ctx[..., d_k:])
+        return LinearSide(memo["ctx"], w1, w0)
 
     def _pool_forms(self, name: str, codec) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(pool, basis)] in the residual form x = pool[idx] + basis u (`concat` folded), computed once per stream:
@@ -637,16 +801,9 @@ class CacheStore(Store):
 
 
 def _select_compressed(cc: CompressedCache, idx: torch.Tensor) -> CompressedCache:
-    def sel(x):
-        if x is None:
-            return None
-        if isinstance(x, CompressedStream):
-            return CompressedStream(x.pool, x.idx[idx], None if x.user is None else x.user[idx], x.basis)
-        return x[idx]
-
-    return CompressedCache([sel(k) for k in cc.keys], [sel(v) for v in cc.values], cc.lengths[idx], cc.items[idx],
-                           cc.timestamps[idx])
+    return CompressedCache([_select_side(k, idx) for k in cc.keys], [_select_side(v, idx) for v in cc.values],
+                           cc.lengths[idx], cc.items[idx], cc.timestamps[idx])
 
 
-__all__ = ["CacheStore", "CompressedCache", "ItemLayer", "Ranking", "extend_compressed", "hidden_after", "replay_hidden",
-           "rewind", "score_candidates", "tabled_kv"]
+__all__ = ["CacheStore", "CompressedCache", "ItemLayer", "LinearSide", "PredictedStream", "Ranking", "extend_compressed", "hidden_after", "replay_hidden",
+           "rewind", "score_candidates", "tabled_kv", "tabled_kv_rows"]

@@ -227,11 +227,12 @@ class Store:
     def _appendable(codec) -> bool:
         """Token-local fields only (a new token's fields do not change the old tokens'), where per-user fields are
         only the row counts of ragged fields (an item-coded index: the new escapes follow the user's old ones); not
-        a codec that reads the first layer's K/V or positions in the user's window (predictive: re-encoded whole)."""
+        a codec that reads positions in the user's window (`token_local` False: predictive `item+pos`, re-encoded
+        whole). A codec that reads the first layer's K/V (predictive `linear`) gets the new tokens' own."""
         fields = codec.fields()
         counts = {f.counts for f in fields if f.per == "ragged"}
         return (all(f.per != "user" or f.name in counts for f in fields)
-                and getattr(codec, "axis", "token") != "channel" and not getattr(codec, "needs_context", False))
+                and getattr(codec, "axis", "token") != "channel" and getattr(codec, "token_local", True))
 
     def _encode(self, flat: FlatCache) -> dict[str, np.ndarray]:
         """A whole user's record."""
@@ -257,7 +258,8 @@ class Store:
         for name, codec in self.plan.coded().items():
             names = [f"{name}/{f.name}" for f in codec.fields()]
             if self._appendable(codec):
-                enc = codec.encode(self.plan.codec_input(new, name), new.offsets, **_items(codec, new.items))  # token-local
+                enc = codec.encode(self.plan.codec_input(new, name), new.offsets, **_items(codec, new.items),
+                                   **_context(codec, self.plan.context(new.streams)))  # token-local
                 out.update(self._appended(name, codec.fields(), old, enc))
             elif isinstance(codec, CollectiveCodec) and codec.user_dtype == "int8":
                 out.update(self._merge_int8(name, codec, old, new.stream(name), new.items))
