@@ -796,7 +796,7 @@ CASES: list[Case] = [
     Case(OPTIONS, "unknown codec", (*NEW, "--codec", "zip"),
          "ckv: error: unknown codec 'zip' (known: <the registered codecs>)"),
     Case(OPTIONS, "unknown codec parameter", (*NEW, "--param", "colour=red"),
-         "ckv: error: bad parameters for codec 'collective': CollectiveCodec.__init__() got an unexpected keyword "
+         "ckv: error: bad parameters for codec 'predictive': PredictiveCodec.__init__() got an unexpected keyword "
          "argument 'colour'"),
     Case(OPTIONS, "codec parameter of the wrong type", (*NEW, "--param", "pool_size=big"),
          "ckv: error: pool size must be an integer >= 2, got 'big'"),
@@ -816,6 +816,8 @@ CASES: list[Case] = [
          (*NEW, "--pool-size", "auto", "--param", "metric=fisher"),
          "ckv: error: --pool-size auto sizes pools by their squared error; it does not take metric=fisher (use "
          "--pool-size N or balanced)"),
+    Case(OPTIONS, "a negative cap on the predictive codec's item table", (*NEW, "--param", "max_rows=-1"),
+         "ckv: error: max_rows must be an integer >= 0 (0: no cap) or 'pool', got -1"),
     Case(OPTIONS, "--target on an unknown metric", (*NEW, "--target", "foo=1"),
          "ckv: error: bad --target 'foo=1': unknown metric 'foo' (known: overlap, kl, HR@10, NDCG@10, HR@50, NDCG@50, "
          "MRR)"),

@@ -153,6 +153,37 @@ def test_predictive_fp16_costs_half_the_shared_bytes():
     assert sizes["fp16"] * 2 == sizes["fp32"]
 
 
+def test_predictive_max_rows_keeps_the_most_frequent_items():
+    """`max_rows` keeps that many table rows, the most frequent items' (ties: the lower id); "pool": the pool's
+    entries. Items past the cap fall back to the prediction without a row."""
+    from ckv_cli.codecs.predictive import PredictiveCodec
+
+    x, ctx, items, off = synthetic()
+    counts = np.bincount(items)
+    for cap, want in ((5, 5), ("pool", 16)):
+        c = PredictiveCodec(d=8, pool_size=16, predictor="item", max_rows=cap)
+        c.fit(x, 0, items=items, user_offsets=off)
+        rows = c.rows.numpy()
+        assert len(rows) == want and np.all(np.diff(rows) > 0)
+        order = np.lexsort((np.arange(len(counts)), -counts))  # by count, then id
+        assert set(rows) == set(order[:want])
+        again = PredictiveCodec(**c.params())
+        again.load_shared(c.shared())
+        assert torch.equal(again.decode(c.encode(x, off, items), off, items), c.decode(c.encode(x, off, items), off, items))
+    with pytest.raises(CkvError, match="max_rows"):
+        PredictiveCodec(d=8, max_rows=-1)
+
+
+def test_predictive_is_token_local_unless_it_reads_positions():
+    """A store appends to a predictive stream without re-encoding the user, except with `item+pos` (positions in
+    the user's window)."""
+    from ckv_cli.codecs.predictive import PredictiveCodec
+    from ckv_cli.serve.store import Store
+
+    assert [Store._appendable(PredictiveCodec(8, 4, predictor=p)) for p in ("linear", "item", "linear+item", "item+pos")] \
+        == [True, True, True, False]
+
+
 @pytest.mark.parametrize("bad", [{"predictor": "mlp"}, {"dtype": "bf16"}, {"shrink": -1}, {"min_count": 0},
                                  {"pool_size": 1}])
 def test_predictive_refuses_bad_parameters(bad):
@@ -381,6 +412,32 @@ def test_target_parsing():
             parse_target(bad)
 
 
+def test_target_needs_its_measure_to_clear_it_by_a_margin_of_standard_errors():
+    """A setting meets a target when its measure, moved `margin` standard errors of the mean toward failing,
+    still meets it (the search keeps the cheapest of many noisy passes); margin 0 compares the mean alone."""
+    from ckv_cli.pipeline.target import MARGIN
+
+    over = np.array([0.8, 1.0] * 50)  # mean 0.9, standard error 0.01005
+    se = over.std(ddof=1) / np.sqrt(len(over))
+    t = parse_target("overlap=0.9")
+    met, measured, bound = t.met({"top10_overlap": 0.9}, {}, {}, {"top10_overlap": over})
+    assert not met and measured == 0.9 and bound == pytest.approx(0.9 - MARGIN * se)
+    assert t.met({"top10_overlap": 0.9}, {}, {}, {"top10_overlap": over}, margin=0)[0]
+    assert parse_target("overlap=0.885").met({"top10_overlap": 0.9}, {}, {}, {"top10_overlap": over})[0]
+    assert t.met({"top10_overlap": 0.9}, {}, {})[:2] == (True, 0.9)  # no per-user values: the mean
+    kl = parse_target("kl=0.02").met({"kl_mean": 0.019}, {}, {}, {"kl": np.array([0.009, 0.029] * 50)})
+    assert not kl[0] and kl[2] > 0.019
+    ref_r, new_r = np.ones(100), np.where(np.arange(100) % 10 == 0, 20.0, 1.0)  # 10 of 100 hits lost at rank 20
+    per = {"rank_ref": ref_r, "rank_new": new_r}
+    ref, new = {"HR@10": 1.0}, {"HR@10": 0.9}
+    met, drop, bound = parse_target("HR@10=0.12").met({}, ref, new, per)
+    lost = (new_r > 10).astype(float)  # the paired per-user drop of HR@10
+    assert drop == pytest.approx(0.1) and bound == pytest.approx(0.1 + MARGIN * lost.std(ddof=1) / 10)
+    assert not met and parse_target("HR@10=0.12").met({}, ref, new, per, margin=0)[0]
+    rel = parse_target("HR@10=10%").met({}, ref, new, per)
+    assert rel[1] == pytest.approx(0.1) and rel[2] == pytest.approx(bound)  # the reference is 1: relative = absolute
+
+
 def test_target_search_keeps_the_smallest_setting_that_meets_it(teachers):
     model, teacher = teachers["sasrec"]
     settings = [Setting("collective", (("pool_size", 16),)), Setting("collective", (("pool_size", 256),)),
@@ -482,6 +539,7 @@ def test_store_serves_and_appends_to_a_predictive_artifact(teachers, ds, tmp_pat
         assert after.n_tokens == n + 1
         for name in ("L1.k", "L1.v"):
             assert torch.allclose(after.stream(name)[:n], before.stream(name), atol=1e-5)
+        assert store._appendable(store.plan.streams["L1.k"])  # token-local: the old tokens' codes are kept
         # the new token as the plan codes it with its first layer: re-encoding the user gives the same record
         again = store.plan.decode(store.plan.encode(after), after.offsets, model)
         assert torch.allclose(again.stream("L1.k"), after.stream("L1.k"), atol=1e-5)

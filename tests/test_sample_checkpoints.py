@@ -43,17 +43,21 @@ def test_recorded_metrics_reproduce(path, ml1m):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CHECKPOINTS, ids=lambda p: p.stem)
 def test_compress_defaults(path, ml1m):
-    """Default `ckv compress` (a balanced fp16 pool, 8192 entries on ML-1M, fitted in the model's Fisher metric)
-    meets the compress issue's bar on both models: per-user bytes <= 2% of the fp16 cache and NDCG@10 within 1%
-    relative (README: SASRec -0.49%, HSTU -0.43%); the shared bytes do not exceed the per-user bytes; top-10 overlap
-    >= 0.87, which the plain squared-error pool missed (0.867, 0.865)."""
+    """Default `ckv compress` (the CLI's codec and parameters: predictive, a balanced fp16 pool kept within 1% of
+    fp16 per user, fitted in the model's Fisher metric; HSTU's event times at 4 bits; calibration held out) meets
+    issue 18's bars on both models: per-user bytes <= 1% of the fp16 cache, NDCG@10 within 1% relative and top-10
+    overlap >= 0.90 (measured 0.919 and 0.902 with one thread; the floor here is 0.895, leaving room for the float
+    sums of another thread count); the shared bytes stay under 2% of the fp16 cache."""
+    from ckv_cli.pipeline.defaults import default_params
+    from ckv_cli.tasks import task_of
+
     model, meta = load_checkpoint(path)
-    params = {"pool_size": "balanced", "user_dim": 0, "layout": "residual", "pool_dtype": "fp16",
-              "metric": "fisher"}  # the CLI's
-    result = compress(model, ml1m, CompressOptions(params=params))
+    codec, params = default_params(model, task_of(model), None, None, 0, "residual", "int8", True)
+    result = compress(model, ml1m, CompressOptions(codec=codec, params=params, calib_holdout=True))
     acct, m = result.accounting, result.metrics
-    assert result.plan.streams["L1.k"].pool_size == 8192 and acct["shared_bytes"] <= acct["per_user_bytes"]
-    assert acct["per_user_ratio_fp16"] <= 0.02
+    size = {"sasrec": 8192, "hstu": 4096}[meta["arch"]]  # HSTU: 8192 would take 1.05% with its 4-bit times
+    assert codec == "predictive" and result.plan.streams["L1.k"].pool_size == size
+    assert acct["per_user_ratio_fp16"] <= 0.01 and acct["shared_bytes"] <= 0.02 * acct["full_fp16_bytes"]
     assert m["relative_delta"]["NDCG@10"] >= -0.01, m["relative_delta"]
-    assert m["fidelity"]["top10_overlap"] >= 0.87
+    assert m["fidelity"]["top10_overlap"] >= 0.895
     assert m["uncompressed"]["NDCG@10"] == pytest.approx(meta["metrics"]["test"]["NDCG@10"], abs=5e-4)

@@ -515,8 +515,8 @@ def compress(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `ckv train`.")],
     data: DataOpt,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact to write (.safetensors; an index .json with --shard-size, --shards or --engine ray).")] = None,
-    codec: Annotated[str, typer.Option(help="Compression method (collective, predictive, recompute, plain, bf16, int8, int4, lowrank, pq, itemid: docs/baselines.md); recompute (eventid) stores the ids a stream is a function of.")] = "collective",
-    pool_size: Annotated[Optional[str], typer.Option(help="Global pool entries per stream (collective; predictive, default 1024); auto: per stream the size with the least total bytes whose held-out reconstruction error is <= 0.10; balanced: the largest pool (64 to 8192) whose entries take no more bytes than its indices over the log's tokens (next-item models; docs/fidelity.md) [next-item models balanced (8192 when the workers read a Parquet dataset), CTR models 4096].")] = None,
+    codec: Annotated[Optional[str], typer.Option(help="Compression method (collective, predictive, recompute, plain, bf16, int8, int4, lowrank, pq, itemid: docs/baselines.md); recompute (eventid) stores the ids a stream is a function of [next-item models: predictive, or collective with --user-dim, --layout or --user-dtype; CTR models: collective].", show_default=False)] = None,
+    pool_size: Annotated[Optional[str], typer.Option(help="Global pool entries per stream (collective, predictive); auto: per stream the size with the least total bytes whose held-out reconstruction error is <= 0.10; balanced: the largest pool (64 to 8192) whose entries take no more bytes than its indices over the log's tokens, halved while that keeps the per-user bytes within 1% of fp16 (next-item models; docs/fidelity.md) [next-item models balanced (8192 when the workers read a Parquet dataset), CTR models 4096].")] = None,
     user_dim: Annotated[int, typer.Option(min=0, max=65535, help="User-specific dims per token per stream (collective).")] = 0,
     layout: Annotated[str, typer.Option(help="residual (pool + low-rank basis) or concat (the paper's).")] = "residual",
     user_dtype: Annotated[str, typer.Option(help="Storage of the user dims: int8 (per-user scale) or fp16.")] = "int8",
@@ -563,7 +563,7 @@ def compress(
             raise CkvError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to next-item models; "
                            f"{checkpoint} is a CTR model")
     if update is not None:
-        plan_given = {k: v for k, v in {"codec": codec if codec != "collective" else None, "pool_size": _pool_size(pool_size),
+        plan_given = {k: v for k, v in {"codec": codec, "pool_size": _pool_size(pool_size),
                                         "user_dim": user_dim or None, "layout": layout if layout != "residual" else None,
                                         "user_dtype": user_dtype if user_dtype != "int8" else None,
                                         "share": [x.strip() for x in share.split(",") if x.strip()] if share != "k,v" else None,
@@ -616,17 +616,10 @@ def compress(
     pool = _pool_size(pool_size)
     model, meta = load_checkpoint(checkpoint)
     task = task_of(model)
-    from ckv_cli.pipeline.sizing import AUTO, BALANCED
+    from ckv_cli.pipeline.defaults import default_params
+    from ckv_cli.pipeline.sizing import BALANCED
 
-    default_pool = task.default_pool if task is CTR else BALANCED  # next-item: sized to the log's tokens
-    # next-item: fp16 pools; fitted and routed in the model's Fisher metric where the layout and sizing allow
-    # (`--pool-size auto` sizes by squared error; the concat layout has its own basis)
-    fisher = {"metric": "fisher"} if layout == "residual" and pool != AUTO else {}
-    params = ({"pool_size": default_pool if pool is None else pool, "user_dim": user_dim, "layout": layout,
-               "user_dtype": user_dtype, **({} if task is CTR else {"pool_dtype": "fp16", **fisher})}
-              if codec == "collective" else {})
-    if codec == "predictive" and pool is not None:
-        params["pool_size"] = pool
+    codec, params = default_params(model, task, codec, pool, user_dim, layout, user_dtype, recompute_item_layers)
     params.update(parse_params(param or []))
     extra = {}
     if task is CTR:

@@ -10,9 +10,11 @@ Predictors (`predictor`), all fitted on the calibration tokens:
 - `item`: a per-item mean, shrunk toward the global mean by `shrink` pseudo-tokens.
 - `item+pos`: `item`, plus the mean residual of each position in the user's window.
 - `linear+item`: `linear`, plus each item's mean residual shrunk toward 0 by `shrink` pseudo-tokens.
-Items without a row in the table (unseen in calibration, or seen fewer than `min_count` times) fall back to
-the global mean (`item`, `item+pos`) or to no correction (`linear+item`): the table keeps only rows with at
-least `min_count` calibration tokens, stored as (row ids int32, rows) so an unseen item costs nothing.
+Items without a row in the table (unseen in calibration, seen fewer than `min_count` times, or past `max_rows`)
+fall back to the global mean (`item`, `item+pos`) or to no correction (`linear+item`): the table keeps only rows
+with at least `min_count` calibration tokens, stored as (row ids int32, rows) so an unseen item costs nothing.
+`max_rows` caps the rows at that many of the most frequent items (ties: the lower id), or at the pool's entries
+with "pool" (`ckv compress`'s default: the table then weighs no more than the pool, which is sized to the log).
 
 Every shared tensor (W, tables, pool) is stored at `dtype` (fp16 or fp32) and rounded to it before the pool is
 fitted and before any token is encoded, so the encoder sees exactly what the reader will.
@@ -56,7 +58,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
 
     def __init__(self, d: int, pool_size: int = 1024, predictor: str = "linear", dtype: str = "fp16",
                  shrink: float = 5.0, min_count: int = 1, iters: int = 20, index: str = "flat", index_bits=AUTO,
-                 escape_tol: float = 0.0, metric: str = "l2"):
+                 escape_tol: float = 0.0, metric: str = "l2", max_rows: int | str = 0):
         self.d = check_positive_int("d", d)
         self.pool_size = check_positive_int("pool size", pool_size, 2)
         if predictor not in PREDICTORS:
@@ -68,6 +70,9 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         self.predictor, self.dtype, self.shrink = predictor, dtype, float(shrink)
         self.min_count = check_positive_int("min count", min_count, 1)
         self.iters = check_positive_int("iters", iters, 1)
+        if max_rows != "pool" and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0):
+            raise CkvError(f"max_rows must be an integer >= 0 (0: no cap) or 'pool', got {max_rows!r}")
+        self.max_rows = max_rows
         self.bits = bits_for(self.pool_size)
         self.pool = self.weight = self.rows = self.table = self.pos_table = self.base = None
         self.metric = check_metric(metric)
@@ -79,12 +84,19 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         return self.predictor.startswith("linear")
 
     @property
+    def token_local(self) -> bool:
+        """A token's code depends on that token alone (its vector, item, first-layer K/V), not on its position in
+        the user's window: a store appends new tokens without re-encoding the user's old ones."""
+        return self.predictor != "item+pos"
+
+    @property
     def uses_items(self) -> bool:
         return "item" in self.predictor
 
     def params(self) -> dict:
         return {"d": self.d, "pool_size": self.pool_size, "predictor": self.predictor, "dtype": self.dtype,
                 "shrink": self.shrink, "min_count": self.min_count, **self.index_params(),
+                **({"max_rows": self.max_rows} if self.max_rows else {}),
                 **({"metric": self.metric} if self.metric != "l2" else {})}
 
     @property
@@ -128,6 +140,10 @@ class PredictiveCodec(IndexCoding, StreamCodec):
             counts = torch.bincount(ids)  # (n_rows,)
             sums = torch.zeros(len(counts), self.d).index_add_(0, ids, res)
             keep = (counts >= self.min_count).nonzero().squeeze(1)
+            cap = self.pool_size if self.max_rows == "pool" else self.max_rows
+            if cap and len(keep) > cap:  # the most frequent items (stable: ties keep the lower id), in id order
+                order = torch.sort(counts[keep], descending=True, stable=True).indices[:cap]
+                keep = keep[order].sort().values
             self.rows = keep.to(torch.int32)
             self.table = self._stored(sums[keep] / (counts[keep].float() + self.shrink)[:, None])  # (R, d)
             pred = pred + self._item_rows(ids)

@@ -157,7 +157,8 @@ def fit(model, ds, opts: CompressOptions, on_stream=None, teacher=None,
     if opts.params.get("pool_size") == AUTO:
         plan, sizing = auto_plan(model, lambda m: make_plan(model, opts, m), flat, task.n_tokens(model, ds), opts.seed)
     elif opts.params.get("pool_size") == BALANCED:
-        plan, sizing = balanced_plan(lambda m: make_plan(model, opts, m), task.n_tokens(model, ds))
+        plan, sizing = balanced_plan(lambda m: make_plan(model, opts, m), task.n_tokens(model, ds),
+                                     len(task.user_ids(ds)), full_width(model))
     if sizing is not None:
         info = {**info, "pool_sizing": sizing}
     torch.manual_seed(opts.seed)

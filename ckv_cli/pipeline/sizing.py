@@ -14,10 +14,12 @@ stream is where the top-10 overlap with the uncompressed model reaches 0.9 on th
 `auto_plan` is what `ckv compress` runs: sizes on the calibration caches, then an unfitted plan with the chosen
 size per stream (its description records them; readers need nothing new).
 
-`--pool-size balanced` (the default of `ckv compress` for next-item models' collective pools) needs no fitting: the
-largest candidate pool whose stored entries take no more bytes than the indices that address it over the log's
-tokens (`balanced_pool_size`), so the shared part never outweighs the per-user indices it serves. On the ML-1M
-samples (650,526 tokens, 64 wide, fp16) that is 8192; on ML-100K (83,940 tokens) 512 (docs/fidelity.md).
+`--pool-size balanced` (the default of `ckv compress` for next-item models' pools) needs no fitting: the largest
+candidate pool whose stored entries take no more bytes than the indices that address it over the log's tokens
+(`balanced_pool_size`), so the shared part never outweighs the per-user indices it serves; then halved while the
+plan's per-user bytes exceed `BUDGET` (1%) of the fp16 cache and a smaller candidate brings them within it. On the
+ML-1M samples (650,526 tokens, 64 wide, fp16) that is 8192 (SASRec; HSTU with 4-bit event times: 4096, 8192
+taking 1.05%); on ML-100K (83,940 tokens) 512 (docs/fidelity.md).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ CANDIDATES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 TARGET = 0.10
 AUTO = "auto"
 BALANCED = "balanced"
+BUDGET = 0.01  # `balanced` keeps the per-user bytes within 1% of the fp16 cache where a smaller pool can
 
 
 @dataclass
@@ -200,9 +203,29 @@ def balanced_pool_size(n_tokens: int, width: int, value_bytes: int, candidates: 
     return max(fits, default=min(candidates))
 
 
-def balanced_plan(make_plan_for, n_tokens: int) -> tuple[CachePlan, dict]:
+def declared_bytes(plan: CachePlan, n_users: int, n_tokens: int) -> int:
+    """Per-user bytes of a log of `n_users` users and `n_tokens` tokens from `plan`'s declared fields, no fitting
+    needed (as `ckv_cli.pipeline.compress.accounting` counts them; a field per kept token counts every token, a
+    ragged one a row per user)."""
+    return sum(f.nbytes(n_tokens if f.per in ("token", "kept") else n_users + (name == "users/offsets"))
+               for name, f in plan.fields().items())
+
+
+def within_per_user_budget(plan: CachePlan, n_users: int, n_tokens: int, full_width: int, budget: float) -> bool | None:
+    """Whether `plan`'s per-user bytes over `n_users` users and `n_tokens` tokens are at most `budget` of the fp16
+    cache (`full_width` values per token); None where they depend on the fit (escaped indices, kept tokens)."""
+    if any(f.per in ("ragged", "kept") for f in plan.fields().values()):
+        return None
+    return declared_bytes(plan, n_users, n_tokens) <= budget * n_tokens * full_width * 2
+
+
+def balanced_plan(make_plan_for, n_tokens: int, n_users: int | None = None, full_width: int | None = None,
+                  budget: float = BUDGET) -> tuple[CachePlan, dict]:
     """(unfitted plan whose pools all have `balanced_pool_size` entries for the widest pooled stream, what was chosen
-    and why); `make_plan_for(pool_size)` as in `choose_pool_sizes`."""
+    and why); `make_plan_for(pool_size)` as in `choose_pool_sizes`. With `n_users` and `full_width` (values per
+    token of the full cache) the pool is then halved while the per-user bytes exceed `budget` of the fp16 cache
+    and a smaller candidate brings them within it (HSTU's 4-bit event times: 8192 -> 4096); where no candidate
+    does, the balanced size stays and the reason says so."""
     probe = make_plan_for(max(CANDIDATES))
     pooled = {n: getattr(c, "inner", c) for n, c in probe.coded().items() if hasattr(getattr(c, "inner", c), "pool_size")}
     if not pooled:
@@ -216,8 +239,22 @@ def balanced_plan(make_plan_for, n_tokens: int) -> tuple[CachePlan, dict]:
               f"than its {bits_for(m)}-bit indices over {n_tokens:,} tokens ({index_bytes:,} B)"
               if pool_bytes <= index_bytes else
               f"the smallest candidate ({m}): even it outweighs its indices over {n_tokens:,} tokens")
-    return make_plan_for(m), {"rule": BALANCED, "pool_size": m, "tokens": n_tokens, "width": width,
-                              "value_bytes": value_bytes, "candidates": list(CANDIDATES), "reason": reason}
+    info = {"rule": BALANCED, "pool_size": m, "tokens": n_tokens, "width": width, "value_bytes": value_bytes,
+            "candidates": list(CANDIDATES)}
+    if n_users is not None and full_width is not None:
+        fits = {c: within_per_user_budget(make_plan_for(c), n_users, n_tokens, full_width, budget)
+                for c in CANDIDATES if c <= m}
+        info["per_user_budget_fp16"] = budget
+        if fits[m] is False:
+            smaller = [c for c, ok in fits.items() if ok]
+            if smaller:
+                reason += (f"; halved to {max(smaller):,}, the largest whose per-user bytes stay within "
+                           f"{budget:.0%} of the fp16 cache (with {m:,} they do not)")
+                m = max(smaller)
+            else:
+                reason += f"; no candidate pool brings the per-user bytes within {budget:.0%} of the fp16 cache"
+    info.update(pool_size=m, reason=reason)
+    return make_plan_for(m), info
 
 
 def auto_plan(model, make_plan_for, calib: FlatCache, n_tokens: int, seed: int, target: float = TARGET,
