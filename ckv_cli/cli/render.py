@@ -181,12 +181,13 @@ def print_target_search(search: dict) -> None:
     for r in search["tried"]:
         if r.get("status") == "ok":
             rows.append([r["setting"], f"{r['per_user_ratio_fp16']:.2%}", f"{r['total_ratio_fp16']:.2%}",
-                         f"{r['measured']:.4f}", "yes" if r["met"] else "no"])
+                         f"{r['measured']:.4f}", f"{r['bound']:.4f}", "yes" if r["met"] else "no"])
         else:
-            rows.append([r["setting"], "", "", "", r["status"]])
+            rows.append([r["setting"], "", "", "", "", r["status"]])
     print_table(f"--target {goal} on {search['validation_users']:,} held-out calibration users (fitted on "
-                f"{search['fit_users']:,}); kept: {search['chosen']}",
-                ["setting", "per-user / fp16", "total / fp16", "measured", "met"], rows)
+                f"{search['fit_users']:,}; met when the measure clears it by {t['margin_se']:g} standard errors); "
+                f"kept: {search['chosen']}",
+                ["setting", "per-user / fp16", "total / fp16", "measured", "bound", "met"], rows)
 
 
 def print_compress(report: dict) -> None:
