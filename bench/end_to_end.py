@@ -23,7 +23,8 @@ file is unmapped, its pages dropped with posix_fadvise(POSIX_FADV_DONTNEED) and 
 from the disk; the share of the file still resident after the drop (mincore) is printed, so a drop the kernel
 ignored shows. The sides take turns within each of --repeats rounds (load from other processes falls on all
 alike); times are medians, "paired" is the median of the per-round ratios. The artifact (`ckv compress
---pool-size 4096`, other options default) and the full-cache file are built once and kept under --out-dir.
+--codec collective --pool-size 4096`, other options default; or the one `--artifact` names) and the full-cache
+file are built once and kept under --out-dir.
 
     python bench/end_to_end.py                 # ML-1M, sample_checkpoints/sasrec-ml1m.safetensors (builds ~3 min once)
     python bench/end_to_end.py --data ml-100k --checkpoint CKPT --pool-size 64 --out-dir /tmp/b   # quick mode
@@ -67,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=ROOT / "sample_checkpoints" / "sasrec-ml1m.safetensors")
     p.add_argument("--data", default="ml-1m")
     p.add_argument("--pool-size", type=int, default=4096)
+    p.add_argument("--artifact", type=Path, help="time this artifact of --checkpoint (e.g. one `ckv compress` wrote with "
+                   "its defaults) instead of building `--codec collective --pool-size N`")
     p.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench", help="where the artifact and full file live")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 512])
     p.add_argument("--candidates", type=int, default=100)
@@ -84,9 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_artifact(args, model, meta, ds, path: Path) -> None:
     opts = CompressOptions(params={"pool_size": args.pool_size, "user_dim": 0, "layout": "residual", "user_dtype": "int8"})
     t = time.perf_counter()
-    print(f"building {path} (ckv compress --pool-size {args.pool_size}) ...", file=sys.stderr)
+    print(f"building {path} (ckv compress --codec collective --pool-size {args.pool_size}) ...", file=sys.stderr)
     compress_to_artifact(model, meta, args.checkpoint, ds, opts, path,
-                         command=f"ckv compress {args.checkpoint} --data {args.data} -o {path} --pool-size {args.pool_size}")
+                         command=f"ckv compress {args.checkpoint} --data {args.data} -o {path} --codec collective --pool-size {args.pool_size}")
     print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr)
 
 
@@ -202,10 +205,12 @@ def run(args) -> dict:
     ds = load(args.data, item_vocab=meta["item_vocab"])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{args.checkpoint.stem}-{ds.name}"
-    art_path = args.out_dir / f"{stem}-pool{args.pool_size}.ckv.safetensors"
+    art_path = args.artifact or args.out_dir / f"{stem}-pool{args.pool_size}.ckv.safetensors"
     full_path = args.out_dir / f"{stem}.full-fp16.safetensors"
     digest = sha256_file(args.checkpoint)
-    if art_path.exists():
+    if args.artifact is not None:  # given: used as it is
+        CacheStore.open(art_path, model, checkpoint=args.checkpoint).close()
+    elif art_path.exists():
         try:
             CacheStore.open(art_path, model, checkpoint=args.checkpoint).close()
         except CkvError as e:
