@@ -171,36 +171,45 @@ class ItemLayer:
 
 @dataclass
 class LinearSide:
-    """Cached vectors that are a linear map of a per-token context, x_j = ctx_j W + w (the predictive codec's
-    prediction from the first layer's [K, V]), attended without building x: per head h,
-    q . x_j = (q W_h^T) . ctx_j + q . w_h and sum_j a_j x_j = (sum_j a_j ctx_j) W_h + (sum_j a_j) w_h, so the map
-    is applied once per query, not once per cached token."""
+    """Cached vectors that are a linear map of per-token contexts, x_j = sum_i ctx_i[j] W_i + w (the predictive
+    codec's prediction from the first layer's K and V), attended without building x: per head h,
+    q . x_j = sum_i (q W_ih^T) . ctx_i[j] + q . w_h and sum_j a_j x_j = sum_i (sum_j a_j ctx_i[j]) W_ih +
+    (sum_j a_j) w_h, so the map is applied once per query, not once per cached token."""
 
-    ctx: torch.Tensor  # (B, L, c)
-    weight: torch.Tensor  # (c, d)
+    ctx: list  # [(B, L, c_i)]: contiguous, zero on padding
+    weight: list  # [(c_i, d)]
     bias: torch.Tensor  # (d,)
 
-    def _heads(self, H: int) -> tuple[torch.Tensor, torch.Tensor]:
-        c, d = self.weight.shape
-        return self.weight.view(c, H, d // H).permute(1, 0, 2), self.bias.view(H, d // H)  # (H, c, dh), (H, dh)
+    @staticmethod
+    def _head(w: torch.Tensor, H: int) -> torch.Tensor:
+        c, d = w.shape
+        return w.view(c, H, d // H).permute(1, 0, 2)  # (H, c, dh)
 
     def scores(self, qh: torch.Tensor) -> torch.Tensor:
         """Raw q . x_j (H, B, T, L) for head-split queries qh (H, B, T, dh)."""
-        w, b = self._heads(qh.shape[0])
-        qc = torch.einsum("hbtk,hck->hbtc", qh, w)  # (H, B, T, c)
-        return torch.einsum("hbtc,blc->hbtl", qc, self.ctx) + torch.einsum("hbtk,hk->hbt", qh, b)[..., None]
+        H, B, T, _ = qh.shape
+        s = 0
+        for ctx, w in zip(self.ctx, self.weight):
+            qc = torch.einsum("hbtk,hck->bcht", qh, self._head(w, H)).reshape(B, -1, H * T)  # (B, c, H T)
+            s = s + torch.bmm(ctx, qc)  # (B, L, H T): ctx read in place
+        s = s.view(B, -1, H, T).permute(2, 0, 3, 1)  # (H, B, T, L)
+        return s + torch.einsum("hbtk,hk->hbt", qh, self.bias.view(H, -1))[..., None]
 
     def values(self, a: torch.Tensor) -> torch.Tensor:
         """Weights (H, B, T, L) -> sum_j a_j x_j (H, B, T, dh)."""
-        w, b = self._heads(a.shape[0])
-        y = torch.einsum("hbtl,blc->hbtc", a, self.ctx)  # (H, B, T, c)
-        return torch.einsum("hbtc,hck->hbtk", y, w) + a.sum(-1)[..., None] * b[:, None, None, :]
+        H, B, T, L = a.shape
+        af = a.permute(1, 0, 2, 3).reshape(B, H * T, L)
+        out = a.sum(-1)[..., None] * self.bias.view(H, -1)[:, None, None, :]
+        for ctx, w in zip(self.ctx, self.weight):
+            y = torch.bmm(af, ctx).view(B, H, T, -1)  # (B, H, T, c)
+            out = out + torch.einsum("bhtc,hck->hbtk", y, self._head(w, H))
+        return out
 
     def decode(self) -> torch.Tensor:
-        return self.ctx @ self.weight + self.bias  # (B, L, d)
+        return sum(ctx @ w for ctx, w in zip(self.ctx, self.weight)) + self.bias  # (B, L, d)
 
     def select(self, idx: torch.Tensor) -> "LinearSide":
-        return LinearSide(self.ctx[idx], self.weight, self.bias)
+        return LinearSide([ctx[idx] for ctx in self.ctx], self.weight, self.bias)
 
 
 @dataclass
@@ -502,7 +511,7 @@ class CacheStore(Store):
                         joined[codec.partner] = out[..., codec.d :]
                     else:
                         dest.append(out)
-        if "kv" in memo and keys[0] is None and values[0] is None:  # built anyway: the first layer reads them too
+        if "kv" in memo and keys[0] is None and values[0] is None:  # built for a prediction: the first layer's own
             keys[0], values[0] = memo["kv"]
         return CompressedCache(keys, values, lengths, items, ts)
 
@@ -557,16 +566,19 @@ class CacheStore(Store):
             ak = (w1.T @ a).view(heads, -1, a.shape[1])  # (H, dh, d_model): x -> pred, per head of this layer
             ck = (c @ w1 + w0).view(heads, -1)
             return ItemLayer({**tables, "ak": ak, "ck": ck, "av": ak, "cv": ck}, self.model, items)
-        if "ctx" not in memo:  # [K0, V0] (B, L, c), zero on padding; K0 and V0 are views the first layer reads
+        d_k = self.model.kv_dims[0]
+        if "kv" not in memo:  # K0, V0 (B, L, d_k), (B, L, d_v), zero on padding: the first layer reads them too
             pos = torch.arange(L)[None].expand(B, L)
             if form == "kv":
                 rows = tabled_kv_rows(tables, items.reshape(-1)[slots], pos.reshape(-1)[slots])  # real tokens
-                ctx = rows.new_zeros(B * L, rows.shape[1]).index_copy_(0, slots, rows).view(B, L, -1)
+
+                def padded(x):
+                    return x.new_zeros(B * L, x.shape[1]).index_copy_(0, slots, x).view(B, L, -1)
+
+                memo["kv"] = (padded(rows[:, :d_k]), padded(rows[:, d_k:]))
             else:
-                ctx = torch.cat(item_layer_kv(self.model, items, pos), -1)
-            d_k = self.model.kv_dims[0]
-            memo["ctx"], memo["kv"] = ctx, (ctx[..., :d_k], ctx[..., d_k:])
-        return LinearSide(memo["ctx"], w1, w0)
+                memo["kv"] = tuple(x.contiguous() for x in item_layer_kv(self.model, items, pos))
+        return LinearSide(list(memo["kv"]), [w1[:d_k], w1[d_k:]], w0)
 
     def _pool_forms(self, name: str, codec) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(pool, basis)] in the residual form x = pool[idx] + basis u (`concat` folded), computed once per stream:
