@@ -89,6 +89,7 @@ def test_default_codec_follows_the_model_and_the_options():
     for given in ((4, "residual", "int8"), (0, "concat", "int8"), (0, "residual", "fp16")):
         assert default_params(sasrec, task_of(sasrec), None, None, *given, True)[0] == "collective"
     assert "metric" not in default_params(sasrec, task_of(sasrec), None, None, 0, "concat", "int8", True)[1]
+    assert default_params(sasrec, task_of(sasrec), "predictive", None, 0, "concat", "int8", True)[1]["metric"] == "fisher"
     assert "metric" not in default_params(sasrec, task_of(sasrec), None, "auto", 0, "residual", "int8", True)[1]
     assert default_params(sasrec, task_of(sasrec), "predictive", 512, 0, "residual", "int8", True)[1]["pool_size"] == 512
     assert default_params(sasrec, CTR, None, None, 0, "residual", "int8", True) == (

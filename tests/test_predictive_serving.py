@@ -1,7 +1,8 @@
 """The predictive codec served in stored form (`ckv_cli.serve.next_item.PredictedStream`): each token's vector is
 its prediction plus a pool entry, attended part by part. SASRec's linear prediction goes through the first
 layer's LayerNorm fold, HSTU's through its first-layer K/V (built from its tables), the map applied per query; the
-item table and the pool are read as pools; nothing of the stream is built. Against the decoded cache: the same vectors and the same scores, for every predictor."""
+item table and the pool are read as pools; nothing of the stream is built. Against the decoded cache: the same
+vectors and the same scores, for every predictor."""
 from __future__ import annotations
 
 import numpy as np

@@ -27,10 +27,11 @@ def default_params(model, task, codec: str | None, pool, user_dim: int, layout: 
         collective_asked = user_dim > 0 or layout != "residual" or user_dtype != "int8"
         codec = "collective" if task is CTR or collective_asked else "predictive"
     size = (task.default_pool if task is CTR else BALANCED) if pool is None else pool  # next-item: sized to the log
-    fisher = {"metric": "fisher"} if layout == "residual" and pool != AUTO else {}
+    fisher = {"metric": "fisher"} if pool != AUTO else {}
     if codec == "collective":
         params = {"pool_size": size, "user_dim": user_dim, "layout": layout, "user_dtype": user_dtype}
-        return codec, params if task is CTR else {**params, "pool_dtype": "fp16", **fisher}
+        metric = fisher if layout == "residual" else {}
+        return codec, params if task is CTR else {**params, "pool_dtype": "fp16", **metric}
     if codec == "predictive" and task is not CTR:
         times = {"time_bits": 4} if reads_time_buckets(model) else {}
         return codec, {"pool_size": size, "predictor": "linear+item" if recompute_item_layers else "item",

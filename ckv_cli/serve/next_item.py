@@ -176,7 +176,7 @@ class LinearSide:
     q . x_j = sum_i (q W_ih^T) . ctx_i[j] + q . w_h and sum_j a_j x_j = sum_i (sum_j a_j ctx_i[j]) W_ih +
     (sum_j a_j) w_h, so the map is applied once per query, not once per cached token."""
 
-    ctx: list  # [(B, L, c_i)]: contiguous, zero on padding
+    ctx: list  # [(B, L, c_i)], contiguous (padding is masked by the attention weights)
     weight: list  # [(c_i, d)]
     bias: torch.Tensor  # (d,)
 
@@ -551,9 +551,10 @@ class CacheStore(Store):
         return self._item_rows[key]
 
     def _linear_part(self, layer: int, codec: PredictiveCodec, items: torch.Tensor, slots: torch.Tensor, memo: dict):
-        """The prediction's linear part [K0, V0] W + w of a batch: through the first layer's LayerNorm fold where
-        the model gives one (an `ItemLayer` whose projections are W's rows composed with the first layer's:
-        never built), else dense, the first layer's K/V from the model's K/V tables or recomputed."""
+        """The prediction's linear part [K0, V0] W + w of a batch, never built: through the first layer's LayerNorm
+        fold where the model gives one (an `ItemLayer` whose projections are W composed with the first layer's),
+        else a `LinearSide` over the first layer's K0 and V0, from the model's K/V tables (real tokens only) or
+        recomputed by the layer."""
         B, L = items.shape
         w1, w0 = codec.weight[:-1], codec.weight[-1]  # (c, d), (d,)
         tables = self._tables()
@@ -567,7 +568,7 @@ class CacheStore(Store):
             ck = (c @ w1 + w0).view(heads, -1)
             return ItemLayer({**tables, "ak": ak, "ck": ck, "av": ak, "cv": ck}, self.model, items)
         d_k = self.model.kv_dims[0]
-        if "kv" not in memo:  # K0, V0 (B, L, d_k), (B, L, d_v), zero on padding: the first layer reads them too
+        if "kv" not in memo:  # K0, V0 (B, L, d_k), (B, L, d_v), contiguous: the first layer reads them too
             pos = torch.arange(L)[None].expand(B, L)
             if form == "kv":
                 rows = tabled_kv_rows(tables, items.reshape(-1)[slots], pos.reshape(-1)[slots])  # real tokens
