@@ -242,15 +242,17 @@ def balanced_plan(make_plan_for, n_tokens: int, n_users: int | None = None, full
     info = {"rule": BALANCED, "pool_size": m, "tokens": n_tokens, "width": width, "value_bytes": value_bytes,
             "candidates": list(CANDIDATES)}
     if n_users is not None and full_width is not None:
-        fits = {c: within_per_user_budget(make_plan_for(c), n_users, n_tokens, full_width, budget)
-                for c in CANDIDATES if c <= m}
         info["per_user_budget_fp16"] = budget
-        if fits[m] is False:
-            smaller = [c for c, ok in fits.items() if ok]
+
+        def fits(c: int) -> bool | None:
+            return within_per_user_budget(make_plan_for(c), n_users, n_tokens, full_width, budget)
+
+        if fits(m) is False:
+            smaller = next((c for c in sorted(CANDIDATES, reverse=True) if c < m and fits(c)), None)
             if smaller:
-                reason += (f"; halved to {max(smaller):,}, the largest whose per-user bytes stay within "
+                reason += (f"; halved to {smaller:,}, the largest whose per-user bytes stay within "
                            f"{budget:.0%} of the fp16 cache (with {m:,} they do not)")
-                m = max(smaller)
+                m = smaller
             else:
                 reason += f"; no candidate pool brings the per-user bytes within {budget:.0%} of the fp16 cache"
     info.update(pool_size=m, reason=reason)

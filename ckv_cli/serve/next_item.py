@@ -225,7 +225,7 @@ class PredictedStream:
 
     def decode(self) -> torch.Tensor:
         """The materialised vectors (B, L, d)."""
-        return sum(p if isinstance(p, torch.Tensor) else p.decode() for p in self.parts)
+        return sum(p.decode() for p in self.parts)
 
     def select(self, idx: torch.Tensor) -> "PredictedStream":
         """Users `idx` of the batch."""
@@ -262,21 +262,22 @@ def tabled_kv(tables: dict, items: torch.Tensor, positions: torch.Tensor,
               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """First-layer K, V of tokens (B, L) from a model's K/V tables (`first_layer_tables()` with `form` "kv":
     K/V = act(r (items[i] + pos[j] - mu g1) + c), mu and r the token's LayerNorm statistics; HSTU's), without
-    running the layer: ((B, L, d_k), (B, L, d_v)). With `valid` (B, L) bool only those tokens are computed (the
-    others are zero)."""
+    running the layer: ((B, L, d_k), (B, L, d_v)), each contiguous. With `valid` (B, L) bool only those tokens are
+    computed (the others are zero)."""
     B, L = items.shape
-    i, j = items.long(), positions.long()
-    if valid is not None:
-        i, j = i[valid], j[valid]  # (N,)
-    kv = tabled_kv_rows(tables, i.reshape(-1), j.reshape(-1))  # (N, d_k + d_v)
-    if valid is None:
-        kv = kv.view(B, L, -1)
-    else:
-        full = kv.new_zeros(B, L, kv.shape[-1])
-        full[valid] = kv
-        kv = full
+    i, j = items.long().reshape(-1), positions.long().reshape(-1)
+    slots = None if valid is None else valid.reshape(-1).nonzero().squeeze(1)  # real tokens of the (B*L) layout
+    if slots is not None:
+        i, j = i[slots], j[slots]  # (N,)
+    kv = tabled_kv_rows(tables, i, j)  # (N, d_k + d_v)
     d_k = tables["d_k"]
-    return kv[..., :d_k], kv[..., d_k:]  # (B, L, d_k), (B, L, d_v)
+
+    def padded(x):  # (N, c) -> (B, L, c), contiguous, zero where not valid
+        if slots is None:
+            return x.contiguous().view(B, L, -1)
+        return x.new_zeros(B * L, x.shape[1]).index_copy_(0, slots, x).view(B, L, -1)
+
+    return padded(kv[:, :d_k]), padded(kv[:, d_k:])
 
 
 def _cached_scores(side, qh: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -457,7 +458,8 @@ class CacheStore(Store):
     def _compressed(self, fields, offsets, recompute_items: bool) -> CompressedCache:
         lengths = torch.from_numpy(np.diff(offsets))
         B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
-        slots = (torch.arange(L)[None, :] < lengths[:, None]).view(-1).nonzero().squeeze(1)  # real tokens in (B*L)
+        valid = torch.arange(L)[None, :] < lengths[:, None]  # (B, L) real tokens
+        slots = valid.view(-1).nonzero().squeeze(1)  # their places in (B*L)
 
         def pad(flat) -> torch.Tensor:  # (N, ...) -> (B, L, ...), zero padding
             x = flat if isinstance(flat, torch.Tensor) else torch.from_numpy(np.asarray(flat, np.int64))
@@ -493,10 +495,10 @@ class CacheStore(Store):
                     dest.append(streams[0])
                     if isinstance(codec, JointCodec):  # one index for K and V
                         joined[codec.partner] = streams[1]
-                elif isinstance(codec, PredictiveCodec) and (not codec.uses_context or self._first_recomputed()):
+                elif isinstance(codec, PredictiveCodec):
                     sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
-                    dest.append(self._predicted(layer, codec, pad(codec.index_decode(sub, item_ids, offsets)), items,
-                                                slots, memo))
+                    dest.append(self._predicted(name, layer, codec, pad(codec.index_decode(sub, item_ids, offsets)),
+                                                items, valid, memo))
                 else:
                     sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
                     kw = {"items": item_ids} if codec.needs_items else {}
@@ -515,20 +517,17 @@ class CacheStore(Store):
             keys[0], values[0] = memo["kv"]
         return CompressedCache(keys, values, lengths, items, ts)
 
-    def _first_recomputed(self) -> bool:
-        return all(recomputed(self.plan.streams.get(CachePlan.key(0, k))) for k in "kv")
-
-    def _predicted(self, layer: int, codec: PredictiveCodec, idx: torch.Tensor, items: torch.Tensor,
-                   slots: torch.Tensor, memo: dict) -> PredictedStream:
-        """A predictive stream of a batch (`PredictedStream`): its pool `idx` (B, L) and the batch's `items` (B, L);
-        `slots` are the real tokens of the padded (B*L) layout; `memo` keeps the first layer's K/V where they are
-        built (`memo["kv"]`), once per batch."""
+    def _predicted(self, name: str, layer: int, codec: PredictiveCodec, idx: torch.Tensor, items: torch.Tensor,
+                   valid: torch.Tensor, memo: dict) -> PredictedStream:
+        """Stream `name` of a batch as a `PredictedStream`: its pool `idx` (B, L), the batch's `items` (B, L) and
+        real tokens `valid` (B, L); `memo` keeps the first layer's K/V where they are built (`memo["kv"]`), once
+        per batch."""
         B, L = items.shape
         parts = [CompressedStream(codec.pool, idx)]
         if codec.uses_context:
-            parts.append(self._linear_part(layer, codec, items, slots, memo))
+            parts.append(self._linear_part(layer, codec, items, valid, memo))
         if codec.uses_items:  # one row per item with a row, then a row for the others: zeros, or the mean
-            table, row_of = self._item_table(layer, codec)
+            table, row_of = self._item_table(name, codec)
             parts.append(CompressedStream(table, row_of[items.long()]))
         elif not codec.uses_context:  # the mean alone: a one-row pool
             parts.append(CompressedStream(codec.base[None], torch.zeros(B, L, dtype=torch.long)))
@@ -537,20 +536,20 @@ class CacheStore(Store):
             parts.append(CompressedStream(codec.pos_table, pos))
         return PredictedStream(parts)
 
-    def _item_table(self, layer: int, codec: PredictiveCodec) -> tuple[torch.Tensor, torch.Tensor]:
+    def _item_table(self, name: str, codec: PredictiveCodec) -> tuple[torch.Tensor, torch.Tensor]:
         """(the item table as a pool (R + 1, d): the kept items' rows, then the row of every other item; each item
         id's row (n_items + 1,)), computed once per stream."""
-        key = (layer, id(codec))
-        if key not in self._item_rows:
+        if name not in self._item_rows:
             rows = codec.rows.long()
             extra = torch.zeros(1, codec.d) if codec.uses_context else codec.base[None]
             table = torch.cat([codec.table + (0 if codec.uses_context else codec.base), extra])  # (R + 1, d)
             row_of = torch.full((self.plan.n_items + 1,), len(rows), dtype=torch.long)
-            row_of[rows[rows <= self.plan.n_items]] = torch.arange(len(rows))[rows <= self.plan.n_items]
-            self._item_rows[key] = (table, row_of)
-        return self._item_rows[key]
+            known = rows <= self.plan.n_items  # (a row id past the vocabulary is never read)
+            row_of[rows[known]] = torch.arange(len(rows))[known]
+            self._item_rows[name] = (table, row_of)
+        return self._item_rows[name]
 
-    def _linear_part(self, layer: int, codec: PredictiveCodec, items: torch.Tensor, slots: torch.Tensor, memo: dict):
+    def _linear_part(self, layer: int, codec: PredictiveCodec, items: torch.Tensor, valid: torch.Tensor, memo: dict):
         """The prediction's linear part [K0, V0] W + w of a batch, never built: through the first layer's LayerNorm
         fold where the model gives one (an `ItemLayer` whose projections are W composed with the first layer's),
         else a `LinearSide` over the first layer's K0 and V0, from the model's K/V tables (real tokens only) or
@@ -570,13 +569,8 @@ class CacheStore(Store):
         d_k = self.model.kv_dims[0]
         if "kv" not in memo:  # K0, V0 (B, L, d_k), (B, L, d_v), contiguous: the first layer reads them too
             pos = torch.arange(L)[None].expand(B, L)
-            if form == "kv":
-                rows = tabled_kv_rows(tables, items.reshape(-1)[slots], pos.reshape(-1)[slots])  # real tokens
-
-                def padded(x):
-                    return x.new_zeros(B * L, x.shape[1]).index_copy_(0, slots, x).view(B, L, -1)
-
-                memo["kv"] = (padded(rows[:, :d_k]), padded(rows[:, d_k:]))
+            if form == "kv":  # real tokens only
+                memo["kv"] = tabled_kv(tables, items, pos, valid)
             else:
                 memo["kv"] = tuple(x.contiguous() for x in item_layer_kv(self.model, items, pos))
         return LinearSide(list(memo["kv"]), [w1[:d_k], w1[d_k:]], w0)
