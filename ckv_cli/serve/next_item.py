@@ -244,16 +244,33 @@ def _select_side(x, idx: torch.Tensor):
 
 
 @torch.no_grad()
+def _kv_bags(tables: dict, items: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of N tokens (items, positions: (N,)) as a bag of four rows of `_bag_table` with weights, so that one
+    weighted `embedding_bag` sum gives its pre-activation r (items[i] + pos[j] - mu g1) + c: rows (N * 4,) and
+    weights (N * 4,)."""
+    n_pos, n_items = tables["max_len"], tables["items"].shape[0]
+    i, j = items.long(), positions.long().clamp(max=n_pos - 1)
+    mu, r = tables["stats"].index_select(0, i * n_pos + j).unbind(1)  # (N,) each
+    g1 = torch.full_like(i, n_items + n_pos)  # the g1 row, then the c row
+    rows = torch.stack([i, j + n_items, g1, g1 + 1], 1).reshape(-1)
+    weights = torch.stack([r, r, -r * mu, torch.ones_like(r)], 1).reshape(-1)
+    return rows, weights
+
+
+def _bag_table(tables: dict) -> torch.Tensor:
+    """[items; pos; g1; c] (n + 1 + max_len + 2, d_k + d_v): what a token's bag (`_kv_bags`) sums."""
+    if tables.get("act", "silu") != "silu":
+        raise CkvError(f"first-layer tables with activation {tables['act']!r} are not supported")
+    return torch.cat([tables["items"], tables["pos"], tables["g1"][None], tables["c"][None]])
+
+
 def tabled_kv_rows(tables: dict, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """[K, V] of the first layer (N, d_k + d_v) of N tokens (items, positions: (N,)) from a model's K/V tables
     (`tabled_kv`)."""
-    n_pos = tables["max_len"]
-    i, j = items.long(), positions.long().clamp(max=n_pos - 1)
-    st = tables["stats"].index_select(0, i * n_pos + j)  # (N, 2)
-    pre = tables["items"].index_select(0, i).add_(tables["pos"].index_select(0, j))
-    pre.addcmul_(st[:, :1], tables["g1"][None, :], value=-1.0).mul_(st[:, 1:]).add_(tables["c"])  # (N, d_out)
-    if tables.get("act", "silu") != "silu":
-        raise CkvError(f"first-layer tables with activation {tables['act']!r} are not supported")
+    rows, weights = _kv_bags(tables, items, positions)
+    offsets = torch.arange(0, len(rows), 4)
+    pre = torch.nn.functional.embedding_bag(rows, _bag_table(tables), offsets, mode="sum",
+                                            per_sample_weights=weights)  # (N, d_out)
     return torch.nn.functional.silu(pre, inplace=True)
 
 
@@ -263,21 +280,25 @@ def tabled_kv(tables: dict, items: torch.Tensor, positions: torch.Tensor,
     """First-layer K, V of tokens (B, L) from a model's K/V tables (`first_layer_tables()` with `form` "kv":
     K/V = act(r (items[i] + pos[j] - mu g1) + c), mu and r the token's LayerNorm statistics; HSTU's), without
     running the layer: ((B, L, d_k), (B, L, d_v)), each contiguous. With `valid` (B, L) bool only those tokens are
-    computed (the others are zero)."""
+    computed (the others are zero). One weighted `embedding_bag` sum per half writes the padded layout directly:
+    a padding slot is an empty bag (zero), so nothing is zero-filled or copied afterwards."""
     B, L = items.shape
-    i, j = items.long().reshape(-1), positions.long().reshape(-1)
-    slots = None if valid is None else valid.reshape(-1).nonzero().squeeze(1)  # real tokens of the (B*L) layout
-    if slots is not None:
-        i, j = i[slots], j[slots]  # (N,)
-    kv = tabled_kv_rows(tables, i, j)  # (N, d_k + d_v)
-    d_k = tables["d_k"]
+    i, j = items.reshape(-1), positions.reshape(-1)
+    if valid is None:
+        counts = torch.full((B * L,), 4, dtype=torch.long)
+    else:
+        keep = valid.reshape(-1)
+        i, j = i[keep], j[keep]  # (N,)
+        counts = keep.long() * 4
+    rows, weights = _kv_bags(tables, i, j)
+    offsets = counts.cumsum(0) - counts  # (B L,): an invalid slot's bag is empty
+    table, d_k = _bag_table(tables), tables["d_k"]
 
-    def padded(x):  # (N, c) -> (B, L, c), contiguous, zero where not valid
-        if slots is None:
-            return x.contiguous().view(B, L, -1)
-        return x.new_zeros(B * L, x.shape[1]).index_copy_(0, slots, x).view(B, L, -1)
+    def half(t):  # (B, L, c), contiguous
+        pre = torch.nn.functional.embedding_bag(rows, t.contiguous(), offsets, mode="sum", per_sample_weights=weights)
+        return torch.nn.functional.silu(pre, inplace=True).view(B, L, -1)
 
-    return padded(kv[:, :d_k]), padded(kv[:, d_k:])
+    return half(table[:, :d_k]), half(table[:, d_k:])
 
 
 def _cached_scores(side, qh: torch.Tensor, n_heads: int) -> torch.Tensor:

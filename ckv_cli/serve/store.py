@@ -148,9 +148,8 @@ class Store:
         if isinstance(items, (str, int, np.integer)):
             items = [items]
         n = self.plan.n_items
-        arr = np.asarray(items, dtype=object)
-        has_str = any(isinstance(x, str) for x in arr.ravel())
-        if not has_str:
+        numeric = isinstance(items, np.ndarray) and items.dtype.kind in "iu"  # no per-element scan for strings
+        if numeric or not any(isinstance(x, str) for x in np.asarray(items, dtype=object).ravel()):
             arr = np.asarray(items)
             if arr.size and arr.dtype.kind not in "iu":
                 raise CkvError(f"items must be raw item ids (strings) or item indices (integers), got {arr.dtype}")
@@ -161,6 +160,7 @@ class Store:
         if self.item_vocab is None:
             raise CkvError("raw item ids need the checkpoint's item vocabulary: open the store with a checkpoint "
                            "path or item_vocab, or pass item indices")
+        arr = np.asarray(items, dtype=object)
         if self._item_lookup is None:
             self._item_lookup = {str(v): i for i, v in enumerate(self.item_vocab) if i > 0}
         out = np.empty(arr.shape, np.int64)
