@@ -119,3 +119,18 @@ def test_balanced_pool_keeps_per_user_bytes_within_one_percent_where_it_can(arch
         assert "halved to 4,096" in info["reason"]
     elif not fits:
         assert "no candidate pool" in info["reason"]
+
+
+def test_balanced_sizing_accepts_an_index_width_its_smallest_candidate_could_not():
+    """`--pool-size balanced --param index=item --param index_bits=6`: the options are checked on the largest
+    candidate pool (a 64-entry pool takes only 6 bits, so it would refuse the width), and the size is chosen after."""
+    from conftest import make_model
+    from ckv_cli.pipeline.compress import CompressOptions, full_width, make_plan
+    from ckv_cli.pipeline.sizing import balanced_plan
+
+    model = make_model("sasrec", d=64, n_items=3706)
+    params = {"pool_size": "balanced", "predictor": "item", "joint": "kv", "index": "item", "index_bits": 6}
+    opts = CompressOptions(codec="predictive", params=params)
+    assert make_plan(model, opts).streams["L1.k"].inner.pool_size == max(CANDIDATES)
+    plan, info = balanced_plan(lambda m: make_plan(model, opts, m), 650_526, 6040, full_width(model))
+    assert info["pool_size"] == 2048  # joint: one 128-wide pool, as heavy as its indices

@@ -85,6 +85,7 @@ def test_compress_reports_the_held_out_users_apart(teachers, ds):
 from ckv_cli.codecs.collective import CollectiveCodec  # noqa: E402
 from ckv_cli.codecs.plan import build_plan  # noqa: E402
 from ckv_cli.codecs.predictive import PredictiveCodec, positions  # noqa: E402
+from ckv_cli.codecs.joint import JointCodec  # noqa: E402
 from ckv_cli.codecs.timecode import (BucketTimeCodec, anchors_and_gaps, candidate_gaps, fit_intervals,  # noqa: E402
                                      gap_bucket, query_delays)
 from ckv_cli.pipeline.compress import accounting, full_width, make_plan, run_plan  # noqa: E402
@@ -182,10 +183,60 @@ def test_predictive_is_token_local_unless_it_reads_positions():
 
     assert [Store._appendable(PredictiveCodec(8, 4, predictor=p)) for p in ("linear", "item", "linear+item", "item+pos")] \
         == [True, True, True, False]
+    assert not Store._appendable(PredictiveCodec(8, 4, predictor="linear+item", ema=0.1))  # reads earlier tokens
+    assert not Store._appendable(JointCodec(8, 8, "L1.v", "predictive", {"pool_size": 4, "predictor": "item+pos"}))
+
+
+def test_causal_ema_is_the_recurrence_per_window():
+    """`causal_ema` equals e_j = (1 - a) e_{j-1} + a x_j per window, across its chunk boundaries; the flat form
+    restarts at each user and equals the padded one."""
+    from ckv_cli.codecs.predictive import causal_ema, causal_ema_flat
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [150, 1, 0, 64, 65]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    x = torch.randn(int(offsets[-1]), 6, generator=g)
+    for alpha in (0.1, 0.5):
+        want = torch.empty_like(x)
+        for b in range(len(lengths)):
+            e = torch.zeros(6)
+            for t in range(offsets[b], offsets[b + 1]):
+                e = (1 - alpha) * e + alpha * x[t]
+                want[t] = e
+        got = causal_ema_flat(x, offsets, alpha)
+        assert torch.allclose(got, want, atol=1e-5)
+        padded = torch.zeros(len(lengths), 150, 6)
+        for b in range(len(lengths)):
+            padded[b, : lengths[b]] = x[offsets[b] : offsets[b + 1]]
+        out = causal_ema(padded, alpha)
+        assert all(torch.allclose(out[b, : lengths[b]], want[offsets[b] : offsets[b + 1]], atol=1e-5)
+                   for b in range(len(lengths)))
+
+
+def test_predictive_ema_context_predicts_what_the_token_alone_cannot():
+    """Vectors that carry a moving average of the earlier tokens' context: the linear predictor with `ema` of that
+    rate predicts them (a small pool then suffices), without it the residual keeps the history."""
+    from ckv_cli.codecs.predictive import causal_ema_flat
+
+    x, ctx, items, off = synthetic()
+    w = torch.randn(ctx.shape[1], 8, generator=torch.Generator().manual_seed(5))
+    y = x + 3 * causal_ema_flat(ctx, off, 0.2) @ w
+    err = {}
+    for ema in (0.0, 0.2):
+        c = PredictiveCodec(d=8, pool_size=16, predictor="linear+item", dtype="fp32", ema=ema)
+        c.fit(y, 0, items=items, context=ctx, user_offsets=off)
+        err[ema] = rel(y, c.decode(c.encode(y, off, items=items, context=ctx), off, items=items, context=ctx))
+        assert c.weight.shape[0] == ctx.shape[1] * (2 if ema else 1) + 1
+    assert err[0.2] < 0.01 < err[0.0]
+    again = PredictiveCodec(**c.params())
+    again.load_shared(c.shared())
+    enc = c.encode(y, off, items=items, context=ctx)
+    assert torch.equal(again.decode(enc, off, items=items, context=ctx), c.decode(enc, off, items=items, context=ctx))
 
 
 @pytest.mark.parametrize("bad", [{"predictor": "mlp"}, {"dtype": "bf16"}, {"shrink": -1}, {"min_count": 0},
-                                 {"pool_size": 1}])
+                                 {"pool_size": 1}, {"ema": 1.0}, {"ema": -0.1}, {"ema": "0.1"},
+                                 {"ema": 0.1, "predictor": "item"}])
 def test_predictive_refuses_bad_parameters(bad):
     with pytest.raises(CkvError):
         PredictiveCodec(d=8, **bad)

@@ -68,6 +68,11 @@ class JointCodec(StreamCodec):
             raise CkvError("codec used before fit or load")
         return torch.cat([self.scale[0].expand(self.d), self.scale[1].expand(self.d_with)])  # (d + d_with,)
 
+    @property
+    def token_local(self) -> bool:
+        """As the inner codec: whether a store may append a user's new tokens without re-encoding the old ones."""
+        return getattr(self.inner, "token_local", True)
+
     def _kw(self, items, context=None) -> dict:
         out = {"items": items} if self.inner.needs_items else {}
         if self.needs_context:

@@ -10,6 +10,11 @@ Predictors (`predictor`), all fitted on the calibration tokens:
 - `item`: a per-item mean, shrunk toward the global mean by `shrink` pseudo-tokens.
 - `item+pos`: `item`, plus the mean residual of each position in the user's window.
 - `linear+item`: `linear`, plus each item's mean residual shrunk toward 0 by `shrink` pseudo-tokens.
+With `ema=a` (0 < a < 1; the linear predictors) the context also holds each token's exponential moving average of
+the first-layer K/V over its user's window so far, e_j = (1 - a) e_{j-1} + a c_j (`causal_ema`): what the first
+layer's attention mixes into a token is recent history, which a token's own K/V do not carry. The prediction then
+reads the tokens before it (still nothing the reader does not recompute from the item ids), so a store re-encodes
+a user on append (`token_local` False).
 Items without a row in the table (unseen in calibration, seen fewer than `min_count` times, or past `max_rows`)
 fall back to the global mean (`item`, `item+pos`) or to no correction (`linear+item`): the table keeps only rows
 with at least `min_count` calibration tokens, stored as (row ids int32, rows) so an unseen item costs nothing.
@@ -49,6 +54,34 @@ def positions(user_offsets: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(token_positions(user_offsets))
 
 
+def causal_ema(x: torch.Tensor, alpha: float, chunk: int = 64) -> torch.Tensor:
+    """(B, L, c) right-padded windows -> (B, L, c): each position's exponential moving average over its window so
+    far, e_j = (1 - alpha) e_{j-1} + alpha x_j from e_{-1} = 0 (padding after a window changes nothing before it).
+    A chunk of positions at a time is one product with the chunk's decay weights plus the carried state."""
+    B, L, c = x.shape
+    k = max(1, min(chunk, L))
+    t = torch.arange(k, dtype=torch.float64)
+    lag = t[:, None] - t[None, :]
+    decay = torch.where(lag >= 0, alpha * (1 - alpha) ** lag.clamp(min=0), 0.0).to(x.dtype)  # (k, k)
+    carry = ((1 - alpha) ** (t + 1)).to(x.dtype)[:, None]  # (k, 1)
+    out, state = torch.empty_like(x), x.new_zeros(B, 1, c)
+    for a in range(0, L, k):
+        n = min(k, L - a)
+        out[:, a : a + n] = torch.matmul(decay[:n, :n], x[:, a : a + n]) + carry[:n] * state  # (B, n, c)
+        state = out[:, a + n - 1 : a + n]
+    return out
+
+
+def causal_ema_flat(x: torch.Tensor, user_offsets: np.ndarray, alpha: float) -> torch.Tensor:
+    """`causal_ema` of tokens stored back to back (N, c), user b's at [offsets[b], offsets[b+1])."""
+    offsets = np.asarray(user_offsets, np.int64)
+    lengths = np.diff(offsets)
+    B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
+    slot = torch.from_numpy(np.repeat(np.arange(B, dtype=np.int64), lengths) * L + token_positions(offsets))
+    padded = x.new_zeros(B * L, x.shape[1]).index_copy_(0, slot, x).view(B, L, -1)
+    return causal_ema(padded, alpha).view(B * L, -1).index_select(0, slot)
+
+
 class PredictiveCodec(IndexCoding, StreamCodec):
     """Prediction from stored ids (and the recomputed first layer) + a k-means pool on the residual."""
 
@@ -58,7 +91,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
 
     def __init__(self, d: int, pool_size: int = 1024, predictor: str = "linear", dtype: str = "fp16",
                  shrink: float = 5.0, min_count: int = 1, iters: int = 20, index: str = "flat", index_bits=AUTO,
-                 escape_tol: float = 0.0, metric: str = "l2", max_rows: int | str = 0):
+                 escape_tol: float = 0.0, metric: str = "l2", max_rows: int | str = 0, ema: float = 0.0):
         self.d = check_positive_int("d", d)
         self.pool_size = check_positive_int("pool size", pool_size, 2)
         if predictor not in PREDICTORS:
@@ -73,6 +106,12 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         if max_rows != "pool" and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0):
             raise CkvError(f"max_rows must be an integer >= 0 (0: no cap) or 'pool', got {max_rows!r}")
         self.max_rows = max_rows
+        if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
+            raise CkvError(f"ema must be a number in [0, 1) (0: no moving average), got {ema!r}")
+        if ema and not predictor.startswith("linear"):
+            raise CkvError(f"ema extends the linear predictors' context: use predictor linear or linear+item, "
+                           f"not {predictor!r}")
+        self.ema = float(ema)
         self.bits = bits_for(self.pool_size)
         self.pool = self.weight = self.rows = self.table = self.pos_table = self.base = None
         self.metric = check_metric(metric)
@@ -87,7 +126,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
     def token_local(self) -> bool:
         """A token's code depends on that token alone (its vector, item, first-layer K/V), not on its position in
         the user's window: a store appends new tokens without re-encoding the user's old ones."""
-        return self.predictor != "item+pos"
+        return self.predictor != "item+pos" and not self.ema
 
     @property
     def uses_items(self) -> bool:
@@ -96,7 +135,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
     def params(self) -> dict:
         return {"d": self.d, "pool_size": self.pool_size, "predictor": self.predictor, "dtype": self.dtype,
                 "shrink": self.shrink, "min_count": self.min_count, **self.index_params(),
-                **({"max_rows": self.max_rows} if self.max_rows else {}),
+                **({"max_rows": self.max_rows} if self.max_rows else {}), **({"ema": self.ema} if self.ema else {}),
                 **({"metric": self.metric} if self.metric != "l2" else {})}
 
     @property
@@ -125,11 +164,12 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         self._check_context(context, x.shape[0])
         ids = torch.from_numpy(np.asarray(items, dtype=np.int64))
         if self.uses_context:
-            a = torch.cat([context.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)  # (N, c + 1)
+            feats = self.features(context, user_offsets)  # (N, c) or with the moving average (N, 2c)
+            a = torch.cat([feats.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)  # (N, c + 1)
             gram = a.T @ a
             gram += RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
             self.weight = self._stored(torch.linalg.solve(gram, a.T @ x.double()).float())  # (c + 1, d)
-            pred = self._linear(context)
+            pred = self._linear(feats)
             self.base = self._stored(torch.zeros(self.d))
         else:
             self.weight = None
@@ -178,8 +218,20 @@ class PredictiveCodec(IndexCoding, StreamCodec):
     def _error(self, res: torch.Tensor):
         return squared_error(coords(res, self.metric_L), coords(self.pool, self.metric_L))
 
+    def features(self, context: torch.Tensor, user_offsets: np.ndarray | None) -> torch.Tensor:
+        """What the linear map reads: the first layer's K/V (N, c), and with `ema` their moving average beside them
+        (N, 2c)."""
+        if not self.ema:
+            return context
+        if user_offsets is None:
+            raise CkvError("internal: ema needs the users' offsets")
+        return torch.cat([context.float(), causal_ema_flat(context.float(), user_offsets, self.ema)], 1)
+
     def _linear(self, context: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if context.shape[1] + 1 != w.shape[0]:
+            raise CkvError(f"the linear predictor reads {w.shape[0] - 1} context columns, got {context.shape[1]} (an "
+                           "artifact written with another ema setting, or another first layer)")
         return context.float() @ w[:-1] + w[-1]  # (N, d)
 
     def _item_rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -201,7 +253,8 @@ class PredictiveCodec(IndexCoding, StreamCodec):
             raise CkvError("codec used before fit or load")
         ids = torch.from_numpy(np.asarray(items, dtype=np.int64))
         self._check_context(context, len(ids))
-        pred = self._linear(context) if self.uses_context else self.base.expand(len(ids), self.d).clone()
+        pred = (self._linear(self.features(context, user_offsets)) if self.uses_context
+                else self.base.expand(len(ids), self.d).clone())
         if self.uses_items:
             pred = pred + self._item_rows(ids)
         if self.predictor == "item+pos":

@@ -98,7 +98,8 @@ def parse_params(specs: list[str], what: str = "--param") -> dict:
 
 def make_plan(model, opts: CompressOptions, pool_size: int | None = None) -> CachePlan:
     """The unfitted plan of `opts`. With `params['pool_size']` 'auto' or 'balanced' (`ckv_cli.pipeline.sizing`) every
-    pool gets `pool_size` (default: the smallest candidate); `fit` chooses the size."""
+    pool gets `pool_size` (default: the largest candidate, which every other parameter accepts, e.g. `index_bits`
+    up to its width); `fit` chooses the size."""
     from ckv_cli.pipeline.sizing import AUTO, BALANCED, CANDIDATES
 
     task = task_of(model)
@@ -111,7 +112,7 @@ def make_plan(model, opts: CompressOptions, pool_size: int | None = None) -> Cac
         if ctr:
             raise CkvError(f"--pool-size {params['pool_size']} is for next-item models (a CTR model calibrates on "
                            "sampled tokens)")
-        params["pool_size"] = pool_size or CANDIDATES[0]
+        params["pool_size"] = pool_size or max(CANDIDATES)
     tables = getattr(model, "time_bias_tables", None)
     weights = tables() if opts.params.get("time_bits") and tables is not None else None
     plan = build_plan(model.cache_spec(), opts.codec, params, n_items=model.config.n_items,

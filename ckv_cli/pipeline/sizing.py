@@ -245,7 +245,11 @@ def balanced_plan(make_plan_for, n_tokens: int, n_users: int | None = None, full
         info["per_user_budget_fp16"] = budget
 
         def fits(c: int) -> bool | None:
-            return within_per_user_budget(make_plan_for(c), n_users, n_tokens, full_width, budget)
+            try:
+                plan = make_plan_for(c)
+            except CkvError:  # a size the other options refuse (index_bits wider than its indices)
+                return False
+            return within_per_user_budget(plan, n_users, n_tokens, full_width, budget)
 
         if fits(m) is False:
             smaller = next((c for c in sorted(CANDIDATES, reverse=True) if c < m and fits(c)), None)

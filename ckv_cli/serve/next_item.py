@@ -43,7 +43,7 @@ import torch
 
 from ckv_cli.codecs import CachePlan, CollectiveCodec, recomputed
 from ckv_cli.codecs.joint import JointCodec, JointPart
-from ckv_cli.codecs.predictive import PredictiveCodec
+from ckv_cli.codecs.predictive import PredictiveCodec, causal_ema
 from ckv_cli.codecs.base import dequantize_per_user
 from ckv_cli.errors import CkvError
 from ckv_cli.models.base import KVCache, item_layer_kv, last_hidden
@@ -213,6 +213,38 @@ class LinearSide:
 
 
 @dataclass
+class EmaSide:
+    """The moving average over each window (`ckv_cli.codecs.predictive.causal_ema`) of a linear side's vectors,
+    e_j = sum_{i <= j} a (1 - a)^(j - i) y_i, attended without building e: it is linear, so q . e_j is the moving
+    average of the scores q . y_i, and sum_j w_j e_j = sum_i w~_i y_i with w~ the weights' moving average run
+    backwards over the window (padding after a window is masked, so it adds nothing)."""
+
+    inner: object  # ItemLayer | LinearSide | CompressedStream
+    alpha: float
+
+    def scores(self, qh: torch.Tensor) -> torch.Tensor:
+        return _ema_last(_cached_scores(self.inner, qh, qh.shape[0]), self.alpha)  # (H, B, T, L)
+
+    def values(self, a: torch.Tensor) -> torch.Tensor:
+        return _cached_values(self.inner, _ema_last(a, self.alpha, backwards=True), a.shape[0])
+
+    def decode(self) -> torch.Tensor:
+        return causal_ema(self.inner.decode(), self.alpha)  # (B, L, d)
+
+    def select(self, idx: torch.Tensor) -> "EmaSide":
+        return EmaSide(_select_side(self.inner, idx), self.alpha)
+
+
+def _ema_last(s: torch.Tensor, alpha: float, backwards: bool = False) -> torch.Tensor:
+    """`causal_ema` along the last dimension of s (..., L) (from the window's end with `backwards`)."""
+    shape, L = s.shape, s.shape[-1]
+    x = s.reshape(-1, L)
+    x = x.flip(1) if backwards else x
+    e = causal_ema(x.T.contiguous()[None], alpha)[0].T  # (M, L): positions as the rows of one product
+    return (e.flip(1) if backwards else e).reshape(shape)
+
+
+@dataclass
 class PredictedStream:
     """A predictive stream (`ckv_cli.codecs.predictive`) of a batch of users as stored: each token's vector is the
     sum of its parts, x_j = pred_j + T[row(item_j)] + P[idx_j], attended part by part and never built where the
@@ -221,7 +253,7 @@ class PredictedStream:
     pool as `CompressedStream`s; the linear part as a `LinearSide` over the first layer's K/V where the first
     layer has no fold (HSTU's SiLU: its K/V come from its tables, `tabled_kv`, and serve its own attention too)."""
 
-    parts: list  # ItemLayer | LinearSide | CompressedStream
+    parts: list  # ItemLayer | LinearSide | EmaSide | CompressedStream
 
     def decode(self) -> torch.Tensor:
         """The materialised vectors (B, L, d)."""
@@ -238,7 +270,7 @@ def _select_side(x, idx: torch.Tensor):
         return None
     if isinstance(x, CompressedStream):
         return CompressedStream(x.pool, x.idx[idx], None if x.user is None else x.user[idx], x.basis)
-    if isinstance(x, (ItemLayer, LinearSide, PredictedStream)):
+    if isinstance(x, (ItemLayer, LinearSide, PredictedStream, EmaSide)):
         return x.select(idx)
     return x[idx]
 
@@ -301,10 +333,41 @@ def tabled_kv(tables: dict, items: torch.Tensor, positions: torch.Tensor,
     return half(table[:, :d_k]), half(table[:, d_k:])
 
 
+@dataclass
+class PredictiveHalf:
+    """The K or the V half of a joint predictive codec (`joint=kv` over `predictive`) in each stream's own space:
+    every shared tensor's columns of that half times the stream's scale, so it is read as a `PredictiveCodec` is
+    (the prediction and the pool are linear in them)."""
+
+    d: int
+    pool: torch.Tensor  # (m, d)
+    weight: torch.Tensor | None  # (c + 1, d): the linear map, its last row the bias
+    base: torch.Tensor | None  # (d,)
+    rows: torch.Tensor | None  # (R,) item ids with a table row
+    table: torch.Tensor | None  # (R, d)
+    pos_table: torch.Tensor | None
+    uses_context: bool
+    uses_items: bool
+    ema: float
+
+
+def predictive_halves(codec) -> tuple[PredictiveHalf, PredictiveHalf]:
+    """(K half, V half) of a joint codec whose inner codec is predictive."""
+    inner, d = codec.inner, codec.d
+
+    def half(cols: slice, scale: torch.Tensor) -> PredictiveHalf:
+        cut = (lambda t: None if t is None else t[..., cols] * scale)
+        return PredictiveHalf(scale.shape[0], cut(inner.pool), cut(inner.weight), cut(inner.base), inner.rows,
+                              cut(inner.table), cut(inner.pos_table), inner.uses_context, inner.uses_items, inner.ema)
+
+    sk, sv = codec.stream_scales()
+    return half(slice(0, d), sk), half(slice(d, None), sv)
+
+
 def _cached_scores(side, qh: torch.Tensor, n_heads: int) -> torch.Tensor:
     if isinstance(side, PredictedStream):
         return sum(_cached_scores(p, qh, n_heads) for p in side.parts)
-    if isinstance(side, (ItemLayer, LinearSide)):
+    if isinstance(side, (ItemLayer, LinearSide, EmaSide)):
         return side.scores(qh)
     if isinstance(side, CompressedStream):
         H, B, T, _ = qh.shape
@@ -316,7 +379,7 @@ def _cached_scores(side, qh: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _cached_values(side, w: torch.Tensor, n_heads: int) -> torch.Tensor:
     if isinstance(side, PredictedStream):
         return sum(_cached_values(p, w, n_heads) for p in side.parts)
-    if isinstance(side, (ItemLayer, LinearSide)):
+    if isinstance(side, (ItemLayer, LinearSide, EmaSide)):
         return side.values(w)
     if isinstance(side, CompressedStream):
         H, B, T, _ = w.shape
@@ -455,6 +518,7 @@ class CacheStore(Store):
         self._item_tables = None
         self._pools: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._item_rows: dict = {}  # predictive streams' item tables (`_item_table`)
+        self._halves: dict = {}  # joint predictive streams' K and V halves (`predictive_halves`)
 
     @staticmethod
     def _check_model(artifact, model) -> None:
@@ -516,10 +580,17 @@ class CacheStore(Store):
                     dest.append(streams[0])
                     if isinstance(codec, JointCodec):  # one index for K and V
                         joined[codec.partner] = streams[1]
-                elif isinstance(codec, PredictiveCodec):
-                    sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
-                    dest.append(self._predicted(name, layer, codec, pad(codec.index_decode(sub, item_ids, offsets)),
-                                                items, valid, memo))
+                elif isinstance(inner, PredictiveCodec):
+                    sub = {f.name: fields[f"{name}/{f.name}"] for f in inner.fields()}
+                    idx = pad(inner.index_decode(sub, item_ids, offsets))
+                    if isinstance(codec, JointCodec):  # one index for K and V: each half apart
+                        if name not in self._halves:
+                            self._halves[name] = predictive_halves(codec)
+                        k_half, v_half = self._halves[name]
+                        dest.append(self._predicted(name, layer, k_half, idx, items, valid, memo))
+                        joined[codec.partner] = self._predicted(codec.partner, layer, v_half, idx, items, valid, memo)
+                    else:
+                        dest.append(self._predicted(name, layer, codec, idx, items, valid, memo))
                 else:
                     sub = {f.name: fields[f"{name}/{f.name}"] for f in codec.fields()}
                     kw = {"items": item_ids} if codec.needs_items else {}
@@ -538,15 +609,20 @@ class CacheStore(Store):
             keys[0], values[0] = memo["kv"]
         return CompressedCache(keys, values, lengths, items, ts)
 
-    def _predicted(self, name: str, layer: int, codec: PredictiveCodec, idx: torch.Tensor, items: torch.Tensor,
+    def _predicted(self, name: str, layer: int, codec: PredictiveCodec | PredictiveHalf, idx: torch.Tensor, items: torch.Tensor,
                    valid: torch.Tensor, memo: dict) -> PredictedStream:
-        """Stream `name` of a batch as a `PredictedStream`: its pool `idx` (B, L), the batch's `items` (B, L) and
-        real tokens `valid` (B, L); `memo` keeps the first layer's K/V where they are built (`memo["kv"]`), once
+        """Stream `name` of a batch as a `PredictedStream` (`codec`: its predictive codec, or its half of a joint
+        one): its pool `idx` (B, L), the batch's `items` (B, L) and real tokens `valid` (B, L); `memo` keeps the first layer's K/V where they are built (`memo["kv"]`), once
         per batch."""
         B, L = items.shape
         parts = [CompressedStream(codec.pool, idx)]
-        if codec.uses_context:
-            parts.append(self._linear_part(layer, codec, items, valid, memo))
+        if codec.uses_context:  # [c, e] W + w: c the first layer's K/V, e their moving average (`ema`)
+            c = sum(self.model.kv_dims)
+            w1, w0 = codec.weight[:-1], codec.weight[-1]
+            parts.append(self._linear_part(layer, w1[:c], w0, items, valid, memo))
+            if codec.ema:
+                parts.append(EmaSide(self._linear_part(layer, w1[c:], torch.zeros_like(w0), items, valid, memo),
+                                     codec.ema))
         if codec.uses_items:  # one row per item with a row, then a row for the others: zeros, or the mean
             table, row_of = self._item_table(name, codec)
             parts.append(CompressedStream(table, row_of[items.long()]))
@@ -570,13 +646,13 @@ class CacheStore(Store):
             self._item_rows[name] = (table, row_of)
         return self._item_rows[name]
 
-    def _linear_part(self, layer: int, codec: PredictiveCodec, items: torch.Tensor, valid: torch.Tensor, memo: dict):
-        """The prediction's linear part [K0, V0] W + w of a batch, never built: through the first layer's LayerNorm
-        fold where the model gives one (an `ItemLayer` whose projections are W composed with the first layer's),
-        else a `LinearSide` over the first layer's K0 and V0, from the model's K/V tables (real tokens only) or
-        recomputed by the layer."""
+    def _linear_part(self, layer: int, w1: torch.Tensor, w0: torch.Tensor, items: torch.Tensor, valid: torch.Tensor,
+                     memo: dict):
+        """A linear map of the first layer's K/V, [K0, V0] w1 + w0 ((c, d), (d,)), of a batch, never built: through
+        the first layer's LayerNorm fold where the model gives one (an `ItemLayer` whose projections are w1 composed
+        with the first layer's), else a `LinearSide` over the first layer's K0 and V0, from the model's K/V tables
+        (real tokens only) or recomputed by the layer."""
         B, L = items.shape
-        w1, w0 = codec.weight[:-1], codec.weight[-1]  # (c, d), (d,)
         tables = self._tables()
         form = None if tables is None else tables.get("form", "fold")
         if form == "fold":
@@ -833,5 +909,5 @@ def _select_compressed(cc: CompressedCache, idx: torch.Tensor) -> CompressedCach
                            cc.lengths[idx], cc.items[idx], cc.timestamps[idx])
 
 
-__all__ = ["CacheStore", "CompressedCache", "ItemLayer", "LinearSide", "PredictedStream", "Ranking", "extend_compressed", "hidden_after", "replay_hidden",
-           "rewind", "score_candidates", "tabled_kv", "tabled_kv_rows"]
+__all__ = ["CacheStore", "CompressedCache", "EmaSide", "ItemLayer", "LinearSide", "PredictedStream", "PredictiveHalf", "Ranking", "extend_compressed", "hidden_after", "replay_hidden",
+           "predictive_halves", "rewind", "score_candidates", "tabled_kv", "tabled_kv_rows"]
