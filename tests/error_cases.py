@@ -818,6 +818,11 @@ CASES: list[Case] = [
          "--pool-size N or balanced)"),
     Case(OPTIONS, "a negative cap on the predictive codec's item table", (*NEW, "--param", "max_rows=-1"),
          "ckv: error: max_rows must be an integer >= 0 (0: no cap) or 'pool', got -1"),
+    Case(OPTIONS, "a moving-average rate of 1 for the predictive codec's context", (*NEW, "--param", "ema=1"),
+         "ckv: error: ema must be a number in [0, 1) (0: no moving average), got 1"),
+    Case(OPTIONS, "a moving average with the per-item predictor (no linear map to extend)",
+         (*NEW, "--param", "ema=0.1", "--param", "predictor=item"),
+         "ckv: error: ema extends the linear predictors' context: use predictor linear or linear+item, not 'item'"),
     Case(OPTIONS, "--target on an unknown metric", (*NEW, "--target", "foo=1"),
          "ckv: error: bad --target 'foo=1': unknown metric 'foo' (known: overlap, kl, HR@10, NDCG@10, HR@50, NDCG@50, "
          "MRR)"),
