@@ -251,7 +251,8 @@ class PredictedStream:
     parts allow (`CacheStore._predicted`): the first layer's linear map folded with the first layer itself into an
     `ItemLayer` (SASRec's LayerNorm fold: the item and position tables as two pools), the per-item table and the
     pool as `CompressedStream`s; the linear part as a `LinearSide` over the first layer's K/V where the first
-    layer has no fold (HSTU's SiLU: its K/V come from its tables, `tabled_kv`, and serve its own attention too)."""
+    layer has no fold (HSTU's SiLU: its K/V come from its tables, `tabled_kv`, and serve its own attention too);
+    with the codec's `ema`, an `EmaSide` over a second such linear part (the map's rows for the moving average)."""
 
     parts: list  # ItemLayer | LinearSide | EmaSide | CompressedStream
 
@@ -275,7 +276,6 @@ def _select_side(x, idx: torch.Tensor):
     return x[idx]
 
 
-@torch.no_grad()
 def _kv_bags(tables: dict, items: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each of N tokens (items, positions: (N,)) as a bag of four rows of `_bag_table` with weights, so that one
     weighted `embedding_bag` sum gives its pre-activation r (items[i] + pos[j] - mu g1) + c: rows (N * 4,) and
@@ -296,6 +296,7 @@ def _bag_table(tables: dict) -> torch.Tensor:
     return torch.cat([tables["items"], tables["pos"], tables["g1"][None], tables["c"][None]])
 
 
+@torch.no_grad()
 def tabled_kv_rows(tables: dict, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """[K, V] of the first layer (N, d_k + d_v) of N tokens (items, positions: (N,)) from a model's K/V tables
     (`tabled_kv`)."""
@@ -609,16 +610,16 @@ class CacheStore(Store):
             keys[0], values[0] = memo["kv"]
         return CompressedCache(keys, values, lengths, items, ts)
 
-    def _predicted(self, name: str, layer: int, codec: PredictiveCodec | PredictiveHalf, idx: torch.Tensor, items: torch.Tensor,
-                   valid: torch.Tensor, memo: dict) -> PredictedStream:
+    def _predicted(self, name: str, layer: int, codec: PredictiveCodec | PredictiveHalf, idx: torch.Tensor,
+                   items: torch.Tensor, valid: torch.Tensor, memo: dict) -> PredictedStream:
         """Stream `name` of a batch as a `PredictedStream` (`codec`: its predictive codec, or its half of a joint
-        one): its pool `idx` (B, L), the batch's `items` (B, L) and real tokens `valid` (B, L); `memo` keeps the first layer's K/V where they are built (`memo["kv"]`), once
-        per batch."""
+        one): its pool `idx` (B, L), the batch's `items` (B, L) and real tokens `valid` (B, L); `memo` keeps the
+        first layer's K/V where they are built (`memo["kv"]`), once per batch."""
         B, L = items.shape
         parts = [CompressedStream(codec.pool, idx)]
         if codec.uses_context:  # [c, e] W + w: c the first layer's K/V, e their moving average (`ema`)
-            c = sum(self.model.kv_dims)
-            w1, w0 = codec.weight[:-1], codec.weight[-1]
+            w1, w0 = codec.weight[:-1], codec.weight[-1]  # (c or 2c, d), (d,)
+            c = len(w1) // 2 if codec.ema else len(w1)
             parts.append(self._linear_part(layer, w1[:c], w0, items, valid, memo))
             if codec.ema:
                 parts.append(EmaSide(self._linear_part(layer, w1[c:], torch.zeros_like(w0), items, valid, memo),
@@ -909,5 +910,6 @@ def _select_compressed(cc: CompressedCache, idx: torch.Tensor) -> CompressedCach
                            cc.lengths[idx], cc.items[idx], cc.timestamps[idx])
 
 
-__all__ = ["CacheStore", "CompressedCache", "EmaSide", "ItemLayer", "LinearSide", "PredictedStream", "PredictiveHalf", "Ranking", "extend_compressed", "hidden_after", "replay_hidden",
-           "predictive_halves", "rewind", "score_candidates", "tabled_kv", "tabled_kv_rows"]
+__all__ = ["CacheStore", "CompressedCache", "EmaSide", "ItemLayer", "LinearSide", "PredictedStream", "PredictiveHalf",
+           "Ranking", "extend_compressed", "hidden_after", "predictive_halves", "replay_hidden", "rewind",
+           "score_candidates", "tabled_kv", "tabled_kv_rows"]
