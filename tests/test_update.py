@@ -172,6 +172,24 @@ def test_update_of_item_coded_indices(logs, tmp_path):
             assert s.meta["accounting"]["per_user_breakdown"][esc] == (rows * s.plan.streams["L1.k"].index.full_bits + 7) // 8
 
 
+def test_update_of_a_predictive_stream_with_a_moving_average(logs, tmp_path):
+    """`ema`: a token's prediction reads the tokens before it, so an update re-encodes every touched user; the
+    result equals compressing the extended log with the same plan, bit for bit (the moving average does not depend
+    on the batch a user is encoded in)."""
+    d, paths, ckpt, _, _ = logs
+    opts = {**OPTS, "codec": "predictive", "params": {"pool_size": 40, "predictor": "linear+item", "ema": 0.2}}
+    out = tmp_path / "a" / "x.index.json"
+    model, meta = compressed(logs, "old", out, "hash", opts=opts)
+    assert not read_shared(out.parent / "x.shared.safetensors")[0].streams["L1.k"].token_local
+    new = load_new_events(str(paths["new"]), None, meta["item_vocab"])
+    update_artifact(model, ckpt, out, new, batch_users=8, command="t")
+    assert verify_path(out)[0] == []
+    ref = tmp_path / "b" / "x.index.json"
+    compressed(logs, "full", ref, "hash", plan=read_shared(out.parent / "x.shared.safetensors")[0], opts=opts)
+    with open_artifact(out) as updated, open_artifact(ref) as reference:
+        same_users(updated, reference, model)
+
+
 def test_only_shards_of_touched_users_are_rewritten(logs, tmp_path):
     d, paths, ckpt, _, _ = logs
     out = tmp_path / "x.index.json"

@@ -57,19 +57,22 @@ def positions(user_offsets: np.ndarray) -> torch.Tensor:
 def causal_ema(x: torch.Tensor, alpha: float, chunk: int = 64) -> torch.Tensor:
     """(B, L, c) right-padded windows -> (B, L, c): each position's exponential moving average over its window so
     far, e_j = (1 - alpha) e_{j-1} + alpha x_j from e_{-1} = 0 (padding after a window changes nothing before it).
-    A chunk of positions at a time is one product with the chunk's decay weights plus the carried state."""
+    A chunk of `chunk` positions at a time is one product with the chunk's decay weights plus the carried state;
+    the last chunk is zero-padded to full size, so a window's values do not depend on the length of the batch it
+    is computed in (an update re-encodes a user in another batch than compress did: the same bits)."""
     B, L, c = x.shape
-    k = max(1, min(chunk, L))
+    k = chunk
     t = torch.arange(k, dtype=torch.float64)
     lag = t[:, None] - t[None, :]
     decay = torch.where(lag >= 0, alpha * (1 - alpha) ** lag.clamp(min=0), 0.0).to(x.dtype)  # (k, k)
     carry = ((1 - alpha) ** (t + 1)).to(x.dtype)[:, None]  # (k, 1)
-    out, state = torch.empty_like(x), x.new_zeros(B, 1, c)
+    padded = -L % k
+    xp = torch.cat([x, x.new_zeros(B, padded, c)], 1) if padded else x  # (B, L + padded, c)
+    out, state = torch.empty_like(xp), x.new_zeros(B, 1, c)
     for a in range(0, L, k):
-        n = min(k, L - a)
-        out[:, a : a + n] = torch.matmul(decay[:n, :n], x[:, a : a + n]) + carry[:n] * state  # (B, n, c)
-        state = out[:, a + n - 1 : a + n]
-    return out
+        out[:, a : a + k] = torch.matmul(decay, xp[:, a : a + k]) + carry * state  # (B, k, c)
+        state = out[:, a + k - 1 : a + k]
+    return out[:, :L]
 
 
 def causal_ema_flat(x: torch.Tensor, user_offsets: np.ndarray, alpha: float) -> torch.Tensor:
@@ -79,7 +82,7 @@ def causal_ema_flat(x: torch.Tensor, user_offsets: np.ndarray, alpha: float) -> 
     B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
     slot = torch.from_numpy(np.repeat(np.arange(B, dtype=np.int64), lengths) * L + token_positions(offsets))
     padded = x.new_zeros(B * L, x.shape[1]).index_copy_(0, slot, x).view(B, L, -1)
-    return causal_ema(padded, alpha).view(B * L, -1).index_select(0, slot)
+    return causal_ema(padded, alpha).reshape(B * L, -1).index_select(0, slot)
 
 
 class PredictiveCodec(IndexCoding, StreamCodec):
