@@ -54,7 +54,10 @@ def positions(user_offsets: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(token_positions(user_offsets))
 
 
-def causal_ema(x: torch.Tensor, alpha: float, chunk: int = 64) -> torch.Tensor:
+EMA_CHUNK = 64  # positions per product in `causal_ema`
+
+
+def causal_ema(x: torch.Tensor, alpha: float, chunk: int = EMA_CHUNK) -> torch.Tensor:
     """(B, L, c) right-padded windows -> (B, L, c): each position's exponential moving average over its window so
     far, e_j = (1 - alpha) e_{j-1} + alpha x_j from e_{-1} = 0 (padding after a window changes nothing before it).
     A chunk of `chunk` positions at a time is one product with the chunk's decay weights plus the carried state;
@@ -80,6 +83,7 @@ def causal_ema_flat(x: torch.Tensor, user_offsets: np.ndarray, alpha: float) -> 
     offsets = np.asarray(user_offsets, np.int64)
     lengths = np.diff(offsets)
     B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
+    L += -L % EMA_CHUNK  # whole chunks: `causal_ema` pads nothing (no copy)
     slot = torch.from_numpy(np.repeat(np.arange(B, dtype=np.int64), lengths) * L + token_positions(offsets))
     padded = x.new_zeros(B * L, x.shape[1]).index_copy_(0, slot, x).view(B, L, -1)
     return causal_ema(padded, alpha).reshape(B * L, -1).index_select(0, slot)
