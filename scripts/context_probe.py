@@ -30,8 +30,9 @@ from ckv_cli.tasks.next_item import iter_test_caches  # noqa: E402
 
 
 def caches(model, ds, users: np.ndarray, layer: int):
-    """(x (N, 2d) the layer's [K, V], c (N, c) the first layer's [K, V], items (N,), offsets (U + 1,)) of `users`."""
-    xs, cs, items, lengths = [], [], [], []
+    """(x (N, 2d) the layer's [K, V], c (N, c) the first layer's [K, V], items (N,), offsets (U + 1,), event times
+    (N,)) of `users`."""
+    xs, cs, items, lengths, times = [], [], [], [], []
     for b in iter_test_caches(model, ds, users, 250):
         kv = b.cache
         for u in range(len(b.users)):
@@ -39,8 +40,23 @@ def caches(model, ds, users: np.ndarray, layer: int):
             xs.append(torch.cat([kv.keys[layer][u, :n], kv.values[layer][u, :n]], 1))
             cs.append(torch.cat([kv.keys[0][u, :n], kv.values[0][u, :n]], 1))
             items.append(kv.items[u, :n])
+            times.append(kv.timestamps[u, :n])
             lengths.append(n)
-    return torch.cat(xs), torch.cat(cs), torch.cat(items), np.concatenate([[0], np.cumsum(lengths)])
+    return (torch.cat(xs), torch.cat(cs), torch.cat(items), np.concatenate([[0], np.cumsum(lengths)]),
+            torch.cat(times).double())
+
+
+def time_decayed(c: torch.Tensor, offsets: np.ndarray, times: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:
+    """e_j = (1 - alpha) exp(-(t_j - t_{j-1}) / tau) e_{j-1} + alpha c_j per window: the moving average, also
+    decayed by the time between events (a candidate context for models whose first layer weighs by time)."""
+    out = torch.empty_like(c)
+    for b in range(len(offsets) - 1):
+        e, prev = torch.zeros(c.shape[1]), None
+        for j in range(int(offsets[b]), int(offsets[b + 1])):
+            d = (1 - alpha) * (1.0 if prev is None else float(np.exp(-max(float(times[j]) - prev, 0.0) / tau)))
+            e = d * e + alpha * c[j]
+            out[j], prev = e, float(times[j])
+    return out
 
 
 def residual_energy(x, feats, items, split: int, shrink: float = 5.0) -> float:
@@ -64,22 +80,30 @@ def main(argv=None) -> int:
     p.add_argument("--users", type=int, default=2000, help="half fit, half scored")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.3, 0.15, 0.1, 0.05, 0.02])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-taus", type=float, nargs="*", default=[],
+                   help="also a moving average decayed by the time between events, for each tau (seconds)")
+    p.add_argument("--time-alpha", type=float, default=0.15, help="its rate per event (default 0.15)")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     model, meta = load_checkpoint(args.checkpoint)
     ds = load(args.data, item_vocab=meta["item_vocab"])
     users = np.random.default_rng(args.seed).permutation(ds.n_users)[: args.users]
     half = len(users) // 2
-    fit, held = caches(model, ds, np.sort(users[:half]), args.layer), caches(model, ds, np.sort(users[half:]), args.layer)
+    fit = caches(model, ds, np.sort(users[:half]), args.layer)
+    held = caches(model, ds, np.sort(users[half:]), args.layer)
     x, c, items = (torch.cat([a, b]) for a, b in zip(fit[:3], held[:3]))
     split = len(fit[0])
-    ema = {a: torch.cat([causal_ema_flat(fit[1], fit[3], a), causal_ema_flat(held[1], held[3], a)]) for a in args.alphas}
+    ema = {a: torch.cat([causal_ema_flat(part[1], part[3], a) for part in (fit, held)]) for a in args.alphas}
     print(f"{args.checkpoint.name} layer {args.layer}: {split:,} fitting tokens, {len(x) - split:,} scored")
     print("context\tresidual energy / variance (held out)")
     print(f"item only\t{residual_energy(x, c[:, :0], items, split):.4f}")
     print(f"first-layer K/V (linear+item)\t{residual_energy(x, c, items, split):.4f}")
     for a in args.alphas:
         print(f"  + ema {a}\t{residual_energy(x, torch.cat([c, ema[a]], 1), items, split):.4f}")
+    for tau in args.time_taus:
+        e = torch.cat([time_decayed(part[1], part[3], part[4], args.time_alpha, tau) for part in (fit, held)])
+        energy = residual_energy(x, torch.cat([c, e], 1), items, split)
+        print(f"  + ema {args.time_alpha}, time-decayed, tau {tau:g} s\t{energy:.4f}")
     return 0
 
 
