@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     ds = load(args.data, item_vocab=meta["item_vocab"])
     users = np.random.default_rng(args.seed).permutation(ds.n_users)[: args.users]
     half = len(users) // 2
+    print(f"teacher caches of {len(users):,} users ...", flush=True)
     fit = caches(model, ds, np.sort(users[:half]), args.layer)
     held = caches(model, ds, np.sort(users[half:]), args.layer)
     x, c, items = (torch.cat([a, b]) for a, b in zip(fit[:3], held[:3]))
@@ -96,14 +97,14 @@ def main(argv=None) -> int:
     ema = {a: torch.cat([causal_ema_flat(part[1], part[3], a) for part in (fit, held)]) for a in args.alphas}
     print(f"{args.checkpoint.name} layer {args.layer}: {split:,} fitting tokens, {len(x) - split:,} scored")
     print("context\tresidual energy / variance (held out)")
-    print(f"item only\t{residual_energy(x, c[:, :0], items, split):.4f}")
-    print(f"first-layer K/V (linear+item)\t{residual_energy(x, c, items, split):.4f}")
+    print(f"item only\t{residual_energy(x, c[:, :0], items, split):.4f}", flush=True)
+    print(f"first-layer K/V (linear+item)\t{residual_energy(x, c, items, split):.4f}", flush=True)
     for a in args.alphas:
-        print(f"  + ema {a}\t{residual_energy(x, torch.cat([c, ema[a]], 1), items, split):.4f}")
+        print(f"  + ema {a}\t{residual_energy(x, torch.cat([c, ema[a]], 1), items, split):.4f}", flush=True)
     for tau in args.time_taus:
         e = torch.cat([time_decayed(part[1], part[3], part[4], args.time_alpha, tau) for part in (fit, held)])
         energy = residual_energy(x, torch.cat([c, e], 1), items, split)
-        print(f"  + ema {args.time_alpha}, time-decayed, tau {tau:g} s\t{energy:.4f}")
+        print(f"  + ema {args.time_alpha}, time-decayed, tau {tau:g} s\t{energy:.4f}", flush=True)
     return 0
 
 

@@ -130,6 +130,13 @@ class ItemLayer:
         B, L = self.r.shape
         return (torch.einsum("bld,hkd->blhk", y, self.ak) + self.ck[None, None]).reshape(B, L, -1)
 
+    def projected(self, ak: torch.Tensor, ck: torch.Tensor) -> "ItemLayer":
+        """The same tokens (their gathered statistics shared) through other projections, K and V alike: (H, dh, d)
+        and (H, dh) (a predictive stream's linear map composed with this layer's)."""
+        out = copy.copy(self)
+        out.ak, out.ck, out.av, out.cv = ak, ck, ak, ck
+        return out
+
     def select(self, idx: torch.Tensor) -> "ItemLayer":
         """Users `idx` of the batch."""
         out = copy.copy(self)
@@ -277,7 +284,7 @@ def _select_side(x, idx: torch.Tensor):
 
 
 def _kv_bags(tables: dict, items: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each of N tokens (items, positions: (N,)) as a bag of four rows of `_bag_table` with weights, so that one
+    """Each of N tokens (items, positions: (N,)) as a bag of four rows of `_bag_tables` with weights, so that one
     weighted `embedding_bag` sum gives its pre-activation r (items[i] + pos[j] - mu g1) + c: rows (N * 4,) and
     weights (N * 4,)."""
     n_pos, n_items = tables["max_len"], tables["items"].shape[0]
@@ -289,22 +296,16 @@ def _kv_bags(tables: dict, items: torch.Tensor, positions: torch.Tensor) -> tupl
     return rows, weights
 
 
-def _bag_table(tables: dict) -> torch.Tensor:
-    """[items; pos; g1; c] (n + 1 + max_len + 2, d_k + d_v): what a token's bag (`_kv_bags`) sums."""
+def _bag_tables(tables: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and the V columns of [items; pos; g1; c] ((n + 1 + max_len + 2, d_k), (..., d_v)), each contiguous:
+    what a token's bag (`_kv_bags`) sums. Built once per tables dict and kept in it (`bags`): serving reads them for
+    every batch."""
     if tables.get("act", "silu") != "silu":
         raise CkvError(f"first-layer tables with activation {tables['act']!r} are not supported")
-    return torch.cat([tables["items"], tables["pos"], tables["g1"][None], tables["c"][None]])
-
-
-@torch.no_grad()
-def tabled_kv_rows(tables: dict, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[K, V] of the first layer (N, d_k + d_v) of N tokens (items, positions: (N,)) from a model's K/V tables
-    (`tabled_kv`)."""
-    rows, weights = _kv_bags(tables, items, positions)
-    offsets = torch.arange(0, len(rows), 4)
-    pre = torch.nn.functional.embedding_bag(rows, _bag_table(tables), offsets, mode="sum",
-                                            per_sample_weights=weights)  # (N, d_out)
-    return torch.nn.functional.silu(pre, inplace=True)
+    if "bags" not in tables:
+        table, d_k = torch.cat([tables["items"], tables["pos"], tables["g1"][None], tables["c"][None]]), tables["d_k"]
+        tables["bags"] = (table[:, :d_k].contiguous(), table[:, d_k:].contiguous())
+    return tables["bags"]
 
 
 @torch.no_grad()
@@ -325,13 +326,12 @@ def tabled_kv(tables: dict, items: torch.Tensor, positions: torch.Tensor,
         counts = keep.long() * 4
     rows, weights = _kv_bags(tables, i, j)
     offsets = counts.cumsum(0) - counts  # (B L,): an invalid slot's bag is empty
-    table, d_k = _bag_table(tables), tables["d_k"]
 
     def half(t):  # (B, L, c), contiguous
-        pre = torch.nn.functional.embedding_bag(rows, t.contiguous(), offsets, mode="sum", per_sample_weights=weights)
+        pre = torch.nn.functional.embedding_bag(rows, t, offsets, mode="sum", per_sample_weights=weights)
         return torch.nn.functional.silu(pre, inplace=True).view(B, L, -1)
 
-    return half(table[:, :d_k]), half(table[:, d_k:])
+    return tuple(half(t) for t in _bag_tables(tables))
 
 
 @dataclass
@@ -650,8 +650,8 @@ class CacheStore(Store):
     def _linear_part(self, layer: int, w1: torch.Tensor, w0: torch.Tensor, items: torch.Tensor, valid: torch.Tensor,
                      memo: dict):
         """A linear map of the first layer's K/V, [K0, V0] w1 + w0 ((c, d), (d,)), of a batch, never built: through
-        the first layer's LayerNorm fold where the model gives one (an `ItemLayer` whose projections are w1 composed
-        with the first layer's), else a `LinearSide` over the first layer's K0 and V0, from the model's K/V tables
+        the first layer's LayerNorm fold where the model gives one (the batch's `ItemLayer`, `memo["items"]`, with
+        projections w1 composed with the first layer's), else a `LinearSide` over the first layer's K0 and V0, from the model's K/V tables
         (real tokens only) or recomputed by the layer."""
         B, L = items.shape
         tables = self._tables()
@@ -663,7 +663,9 @@ class CacheStore(Store):
             c = torch.cat([tables["ck"].reshape(-1), tables["cv"].reshape(-1)])  # (c,)
             ak = (w1.T @ a).view(heads, -1, a.shape[1])  # (H, dh, d_model): x -> pred, per head of this layer
             ck = (c @ w1 + w0).view(heads, -1)
-            return ItemLayer({**tables, "ak": ak, "ck": ck, "av": ak, "cv": ck}, self.model, items)
+            if "items" not in memo:  # the batch's tokens through the fold, once: each linear part reprojects them
+                memo["items"] = ItemLayer(tables, self.model, items)
+            return memo["items"].projected(ak, ck)
         d_k = self.model.kv_dims[0]
         if "kv" not in memo:  # K0, V0 (B, L, d_k), (B, L, d_v), contiguous: the first layer reads them too
             pos = torch.arange(L)[None].expand(B, L)
@@ -912,4 +914,4 @@ def _select_compressed(cc: CompressedCache, idx: torch.Tensor) -> CompressedCach
 
 __all__ = ["CacheStore", "CompressedCache", "EmaSide", "ItemLayer", "LinearSide", "PredictedStream", "PredictiveHalf",
            "Ranking", "extend_compressed", "hidden_after", "predictive_halves", "replay_hidden", "rewind",
-           "score_candidates", "tabled_kv", "tabled_kv_rows"]
+           "score_candidates", "tabled_kv"]

@@ -149,7 +149,8 @@ class Store:
             items = [items]
         n = self.plan.n_items
         numeric = isinstance(items, np.ndarray) and items.dtype.kind in "iu"  # no per-element scan for strings
-        if numeric or not any(isinstance(x, str) for x in np.asarray(items, dtype=object).ravel()):
+        objs = None if numeric else np.asarray(items, dtype=object)
+        if objs is None or not any(isinstance(x, str) for x in objs.ravel()):
             arr = np.asarray(items)
             if arr.size and arr.dtype.kind not in "iu":
                 raise CkvError(f"items must be raw item ids (strings) or item indices (integers), got {arr.dtype}")
@@ -160,11 +161,10 @@ class Store:
         if self.item_vocab is None:
             raise CkvError("raw item ids need the checkpoint's item vocabulary: open the store with a checkpoint "
                            "path or item_vocab, or pass item indices")
-        arr = np.asarray(items, dtype=object)
         if self._item_lookup is None:
             self._item_lookup = {str(v): i for i, v in enumerate(self.item_vocab) if i > 0}
-        out = np.empty(arr.shape, np.int64)
-        for pos, x in np.ndenumerate(arr):
+        out = np.empty(objs.shape, np.int64)
+        for pos, x in np.ndenumerate(objs):
             if not isinstance(x, str) or x not in self._item_lookup:
                 raise CkvError(f"item {x!r} is not in the checkpoint's item vocabulary")
             out[pos] = self._item_lookup[x]
