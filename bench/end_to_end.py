@@ -252,7 +252,7 @@ def run(args) -> dict:
         fns = {"full": lambda: full.score(users, cand), "full_read": lambda: full.read(users),
                "ckv_decoded": decoded, "ckv_compressed": lambda: store.score_items(uid, cand_np),
                "ckv_compressed_no_tables": compressed_no_tables,
-               "ckv_read": lambda: store._compressed(*store._read(users), recompute_items=False)}
+               "ckv_read": lambda: store._compressed(*store._read(users), recompute_items=False, kept_buffers=True)}
         maps = {"full": full.map, "full_read": full.map}
         for mode in args.modes:
             row = {"batch": len(users), "mode": mode, "tokens": n_tok,

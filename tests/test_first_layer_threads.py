@@ -9,6 +9,7 @@ import torch
 
 from ckv_cli.errors import CkvError
 from ckv_cli.models.base import item_layer_kv
+from ckv_cli.serve import next_item
 from ckv_cli.serve.next_item import CompressedCache, replay_hidden, tabled_kv
 from conftest import N_ITEMS, make_model
 
@@ -17,7 +18,7 @@ GR_HSTU = {"ln_affine": False, "ln_eps": 1e-6, "uvqk_bias": False, "attn_norm": 
 
 
 @pytest.mark.parametrize("over", [{}, GR_HSTU], ids=["ckv", "gr-layout"])
-def test_hstu_first_layer_from_tables_matches_the_layer(over):
+def test_hstu_first_layer_from_tables_matches_the_layer(over, monkeypatch):
     model = make_model("hstu", **over)
     with torch.no_grad():  # LayerNorm and bias away from their init values, so that every term matters
         if model.layers[0].ln_in.weight is not None:
@@ -41,6 +42,17 @@ def test_hstu_first_layer_from_tables_matches_the_layer(over):
     kv_, vv_ = tabled_kv(tables, items, pos, valid)
     assert torch.equal(kv_[valid], k[valid]) and torch.equal(vv_[valid], v[valid])
     assert not kv_[~valid].any() and not vv_[~valid].any()
+    # into kept buffers (a server's, from batch to batch), a few tokens per embedding_bag call: the same values in
+    # the real tokens' slots, the padding slots left as they were
+    monkeypatch.setattr(next_item, "_BAG_CHUNK", 7)
+    d_k, d_v = model.kv_dims
+    kb, vb = torch.full((B * L + 5, d_k), 3.0), torch.full((B * L + 5, d_v), -2.0)
+    kk, vv = tabled_kv(tables, items, pos, valid, out=(kb, vb))
+    assert kk.shape == k.shape and vv.shape == v.shape and kk.data_ptr() == kb.data_ptr()
+    assert torch.equal(kk[valid], k[valid]) and torch.equal(vv[valid], v[valid])
+    assert (kk[~valid] == 3.0).all() and (vv[~valid] == -2.0).all() and (kb[B * L :] == 3.0).all()
+    with pytest.raises(ValueError, match="needs `valid`"):
+        tabled_kv(tables, items, pos, out=(kb, vb))
 
 
 def test_sasrec_tables_are_a_fold_not_kv():

@@ -14,7 +14,8 @@ from ckv_cli.data import load
 from ckv_cli.models.checkpoint import save_checkpoint
 from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact
 from ckv_cli.serve.attention import CompressedStream
-from ckv_cli.serve.next_item import CacheStore, EmaSide, ItemLayer, LinearSide, PredictedStream
+from ckv_cli.serve.next_item import (CacheStore, EmaSide, ItemLayer, LinearSide, PredictedStream, _dense_scores,
+                                     _dense_values)
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,59 @@ def test_predicted_streams_decode_and_score_as_the_decoded_cache(ds, tmp_path, a
         cand = [[1, 5, 9]] * len(users)  # item indices
         assert np.allclose(store.score_items(users, cand), store.score_items(users, cand, attention="decoded"),
                            atol=1e-4)
+
+
+@pytest.mark.parametrize("heads,queries", [(1, 1), (2, 1), (4, 3), (2, 40)])
+def test_a_dense_side_read_in_place_gives_the_per_head_products(heads, queries):
+    """`_dense_scores` / `_dense_values`: one bmm against block-diagonal queries (or every head's weights)
+    instead of a per-head copy of the cache; the per-head products past `_BLOCK_COLUMNS` query columns."""
+    g = torch.Generator().manual_seed(heads * 10 + queries)
+    B, L, dh = 3, 11, 4
+    x = torch.randn(B, L, heads * dh, generator=g)
+    qh = torch.randn(heads, B, queries, dh, generator=g)
+    w = torch.randn(heads, B, queries, L, generator=g)
+    per_head = x.view(B, L, heads, dh).permute(2, 0, 1, 3)  # (H, B, L, dh)
+    assert torch.allclose(_dense_scores(x, qh), qh @ per_head.transpose(-1, -2), atol=1e-5)
+    assert torch.allclose(_dense_values(x, w), w @ per_head, atol=1e-5)
+    strided = torch.cat([x, torch.randn_like(x)], -1)[..., : heads * dh]  # a half of a wider buffer
+    assert torch.allclose(_dense_scores(strided, qh), qh @ per_head.transpose(-1, -2), atol=1e-5)
+
+
+def _hstu_store(ds, tmp_path, codec: str):
+    model = make_model("hstu", n_items=ds.n_items, max_len=48)
+    ckpt = tmp_path / "hstu48.safetensors"
+    save_checkpoint(model, ckpt, dataset=ds.name, fingerprint=ds.fingerprint, item_vocab=list(ds.item_ids),
+                    metrics={}, train={})
+    params = {"pool_size": 32} if codec == "collective" else {"pool_size": 32, "predictor": "linear+item",
+                                                              "max_rows": 200}
+    out = tmp_path / f"hstu48-{codec}.safetensors"
+    compress_to_artifact(model, {"arch": "hstu", "item_vocab": list(ds.item_ids)}, ckpt, ds,
+                         CompressOptions(codec=codec, params=params, calib_users=200), out)
+    return model, out
+
+
+@pytest.mark.parametrize("codec", ["predictive", "collective"])
+def test_kept_first_layer_buffers_change_no_score(ds, tmp_path, codec):
+    """HSTU's first-layer K/V go into buffers the store keeps per thread (`_kv_buffers`): a batch scored after a
+    longer one (stale values in its padding slots) gives the very scores a fresh store gives, in any thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, path = _hstu_store(ds, tmp_path, codec)
+    with CacheStore.open(path, model) as store:
+        lengths = np.diff(store.artifact.offsets)
+        order = np.argsort(lengths, kind="stable")
+        mixed = np.concatenate([order[:6], order[len(order) // 2 :][:6]])  # padding slots in its batch
+        short, long = [[store.user_ids[u] for u in users] for users in (mixed, order[-12:])]
+        assert lengths[mixed].min() + 5 < lengths[mixed].max() <= lengths[order[-12:]].min()
+        cand = [[1, 5, 9, 33]] * 12
+        long_first = store.score_items(long, cand)
+        kept = store._local.kv[0]
+        after_long = store.score_items(short, cand)
+        assert store._local.kv[0] is kept  # the same buffers, reused
+    with CacheStore.open(path, model) as fresh:
+        short_only = fresh.score_items(short, cand)
+        assert np.array_equal(after_long, short_only)
+        assert np.allclose(short_only, fresh.score_items(short, cand, attention="decoded"), atol=1e-4)
+        with ThreadPoolExecutor(2) as pool:  # each thread its own buffers
+            runs = list(pool.map(lambda users: fresh.score_items(users, cand), [long, short] * 4))
+    assert all(np.array_equal(r, long_first if i % 2 == 0 else short_only) for i, r in enumerate(runs))
