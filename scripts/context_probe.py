@@ -59,6 +59,14 @@ def time_decayed(c: torch.Tensor, offsets: np.ndarray, times: torch.Tensor, alph
     return out
 
 
+def causal_sum(c: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
+    """sum_{i <= j} c_i over each window (N, c), divided by the longest window (a scale the least squares absorbs)."""
+    lengths = torch.from_numpy(np.diff(offsets))
+    start = torch.repeat_interleave(torch.from_numpy(np.asarray(offsets[:-1], np.int64)), lengths)
+    total = torch.cat([torch.zeros(1, c.shape[1], dtype=torch.float64), c.double().cumsum(0)])  # (N + 1, c)
+    return ((total[1:] - total[start]) / max(int(lengths.max()), 1)).float()
+
+
 def residual_energy(x, feats, items, split: int, shrink: float = 5.0) -> float:
     """Held-out residual energy / variance after [feats, 1] W (least squares) and a per-item mean residual."""
     a = torch.cat([feats.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
@@ -83,6 +91,9 @@ def main(argv=None) -> int:
     p.add_argument("--time-taus", type=float, nargs="*", default=[],
                    help="also a moving average decayed by the time between events, for each tau (seconds)")
     p.add_argument("--time-alpha", type=float, default=0.15, help="its rate per event (default 0.15)")
+    p.add_argument("--cumsum", action="store_true",
+                   help="also the running sum of the first-layer K/V over the window (HSTU's SiLU attention sums "
+                        "its weighted values, it does not average them), alone and beside each moving average")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     model, meta = load_checkpoint(args.checkpoint)
@@ -101,6 +112,12 @@ def main(argv=None) -> int:
     print(f"first-layer K/V (linear+item)\t{residual_energy(x, c, items, split):.4f}", flush=True)
     for a in args.alphas:
         print(f"  + ema {a}\t{residual_energy(x, torch.cat([c, ema[a]], 1), items, split):.4f}", flush=True)
+    if args.cumsum:
+        cu = torch.cat([causal_sum(part[1], part[3]) for part in (fit, held)])
+        print(f"  + running sum\t{residual_energy(x, torch.cat([c, cu], 1), items, split):.4f}", flush=True)
+        for a in args.alphas:
+            energy = residual_energy(x, torch.cat([c, ema[a], cu], 1), items, split)
+            print(f"  + ema {a} + running sum\t{energy:.4f}", flush=True)
     for tau in args.time_taus:
         e = torch.cat([time_decayed(part[1], part[3], part[4], args.time_alpha, tau) for part in (fit, held)])
         energy = residual_energy(x, torch.cat([c, e], 1), items, split)

@@ -176,15 +176,16 @@ def test_predictive_max_rows_keeps_the_most_frequent_items():
 
 
 def test_predictive_is_token_local_unless_it_reads_positions():
-    """A store appends to a predictive stream without re-encoding the user, except with `item+pos` (positions in
-    the user's window)."""
+    """A store appends to a predictive stream token by token, except with `item+pos` (positions in the user's
+    window) or `ema` (earlier tokens), whose new tokens it codes from the whole window (`codes_tail`)."""
     from ckv_cli.codecs.predictive import PredictiveCodec
     from ckv_cli.serve.store import Store
 
     assert [Store._appendable(PredictiveCodec(8, 4, predictor=p)) for p in ("linear", "item", "linear+item", "item+pos")] \
         == [True, True, True, False]
     assert not Store._appendable(PredictiveCodec(8, 4, predictor="linear+item", ema=0.1))  # reads earlier tokens
-    assert not Store._appendable(JointCodec(8, 8, "L1.v", "predictive", {"pool_size": 4, "predictor": "item+pos"}))
+    joint = JointCodec(8, 8, "L1.v", "predictive", {"pool_size": 4, "predictor": "item+pos"})
+    assert not Store._appendable(joint) and joint.codes_tail
 
 
 def test_causal_ema_is_the_recurrence_per_window():
@@ -232,6 +233,29 @@ def test_predictive_ema_context_predicts_what_the_token_alone_cannot():
     again.load_shared(c.shared())
     enc = c.encode(y, off, items=items, context=ctx)
     assert torch.equal(again.decode(enc, off, items=items, context=ctx), c.decode(enc, off, items=items, context=ctx))
+
+
+@pytest.mark.parametrize("predictor,ema", [("linear+item", 0.2), ("item+pos", 0.0)])
+def test_predictive_codes_a_tail_as_the_whole_window_codes_it(predictor, ema):
+    """`encode(..., tail=)`: each user's newest tokens coded alone, their prediction read off the whole window
+    (the earlier tokens' context, their positions), give the codes the whole window's encode gives them; a tail
+    longer than its window is refused."""
+    from ckv_cli.codecs.predictive import _tail_rows
+
+    x, ctx, items, off = synthetic()
+    c = PredictiveCodec(d=8, pool_size=16, predictor=predictor, dtype="fp32", ema=ema)
+    c.fit(x, 0, items=items, context=ctx if c.uses_context else None, user_offsets=off)
+    kw = {"context": ctx} if c.uses_context else {}
+    whole = c.encode(x, off, items=items, **kw)["idx"]
+    tail = np.minimum(np.diff(off), np.arange(len(off) - 1) % 4)  # 0 to 3 newest tokens per user
+    rows = _tail_rows(off, tail)
+    assert len(rows) == tail.sum() and all(
+        (rows[a:b] == torch.arange(off[u + 1] - tail[u], off[u + 1])).all()
+        for u, (a, b) in enumerate(zip(np.cumsum(tail) - tail, np.cumsum(tail))))
+    got = c.encode(x[rows], off, items=items, tail=tail, **kw)["idx"]
+    assert np.array_equal(got, whole[rows.numpy()])
+    with pytest.raises(CkvError, match="tail longer"):
+        c.encode(x[rows], off, items=items, tail=np.diff(off) + 1, **kw)
 
 
 @pytest.mark.parametrize("bad", [{"predictor": "mlp"}, {"dtype": "bf16"}, {"shrink": -1}, {"min_count": 0},

@@ -263,3 +263,23 @@ def test_search_fits_on_the_fisher_of_the_rows_it_fits(written, ds):
     for s in ("L1.k", "L1.v"):
         assert torch.equal(grams[s], want[s])
         assert plan.streams[s].metric_L is not None
+
+
+def test_pool_coordinates_are_kept_until_the_pool_or_metric_changes():
+    """`pool_coords`: one (m, d) x (d, d) product per pool and metric, not per encode call (an append codes a token
+    at a time); a pool changed in place (distillation's optimiser) or replaced is computed again."""
+    from ckv_cli.codecs.metric import pool_coords
+
+    class Owner:
+        pass
+
+    g = torch.Generator().manual_seed(0)
+    owner, pool, L = Owner(), torch.randn(5, 3, generator=g), torch.randn(3, 3, generator=g)
+    first = pool_coords(owner, pool, L)
+    assert torch.equal(first, pool @ L) and pool_coords(owner, pool, L) is first
+    pool.add_(1.0)  # in place: the version counter moves
+    assert torch.allclose(pool_coords(owner, pool, L), pool @ L)
+    other = pool.clone()
+    assert pool_coords(owner, other, None) is other  # no metric: the pool itself
+    L.mul_(2.0)
+    assert torch.allclose(pool_coords(owner, pool, L), pool @ L)

@@ -172,22 +172,41 @@ def test_update_of_item_coded_indices(logs, tmp_path):
             assert s.meta["accounting"]["per_user_breakdown"][esc] == (rows * s.plan.streams["L1.k"].index.full_bits + 7) // 8
 
 
-def test_update_of_a_predictive_stream_with_a_moving_average(logs, tmp_path):
-    """`ema`: a token's prediction reads the tokens before it, so an update re-encodes every touched user; the
-    result equals compressing the extended log with the same plan, bit for bit (the moving average does not depend
-    on the batch a user is encoded in)."""
-    d, paths, ckpt, _, _ = logs
-    opts = {**OPTS, "codec": "predictive", "params": {"pool_size": 40, "predictor": "linear+item", "ema": 0.2}}
+@pytest.mark.parametrize("params", [{"predictor": "linear+item", "ema": 0.2}, {"predictor": "item+pos"},
+                                    {"predictor": "linear+item", "ema": 0.2, "joint": "kv", "index": "item",
+                                     "index_bits": 3, "escape_tol": 0.5}], ids=["ema", "item+pos", "ema-joint-item"])
+def test_update_of_a_predictive_stream_that_reads_the_window(logs, tmp_path, monkeypatch, params):
+    """`ema` (a token's prediction reads the tokens before it) and `item+pos` (its position): not token-local, but
+    an update routes only the new tokens, predicted from the whole window (`codes_tail`); a user whose window
+    slides, or a new one, is encoded whole. The result equals compressing the extended log with the same plan,
+    bit for bit (the moving average does not depend on the batch a user is encoded in)."""
+    from ckv_cli.codecs.predictive import PredictiveCodec
+
+    d, paths, ckpt, touched, born = logs
+    opts = {**OPTS, "codec": "predictive", "params": {"pool_size": 40, **params}}
     out = tmp_path / "a" / "x.index.json"
     model, meta = compressed(logs, "old", out, "hash", opts=opts)
-    assert not read_shared(out.parent / "x.shared.safetensors")[0].streams["L1.k"].token_local
+    plan = read_shared(out.parent / "x.shared.safetensors")[0]
+    assert not plan.streams["L1.k"].token_local and plan.streams["L1.k"].codes_tail
+    with open_artifact(out) as before:
+        n_old = np.diff(before.read_fields(np.array([before.lookup[u] for u in touched]))[1])
+    routed = []
+    nearest = PredictiveCodec._nearest
+    monkeypatch.setattr(PredictiveCodec, "_nearest", lambda self, res: routed.append(len(res)) or nearest(self, res))
     new = load_new_events(str(paths["new"]), None, meta["item_vocab"])
     update_artifact(model, ckpt, out, new, batch_users=8, command="t")
+    monkeypatch.undo()
     assert verify_path(out)[0] == []
     ref = tmp_path / "b" / "x.index.json"
-    compressed(logs, "full", ref, "hash", plan=read_shared(out.parent / "x.shared.safetensors")[0], opts=opts)
+    compressed(logs, "full", ref, "hash", plan=plan, opts=opts)
     with open_artifact(out) as updated, open_artifact(ref) as reference:
         same_users(updated, reference, model)
+        n_born = np.diff(reference.read_fields(np.array([reference.lookup[u] for u in born]))[1])
+    window = MAX_LEN - 1  # what an update keeps (`ckv_cli.serve.update`)
+    slid = n_old + 3 > window
+    assert slid.any() and not slid.all()  # both paths are taken
+    streams = 1 if "joint" in params else 2  # L1.k and L1.v, or one joint index
+    assert sum(routed) == streams * (3 * int((~slid).sum()) + window * int(slid.sum()) + int(n_born.sum()))
 
 
 def test_only_shards_of_touched_users_are_rewritten(logs, tmp_path):
@@ -309,3 +328,23 @@ def test_cli_update_and_refusals(logs, tmp_path):
     assert report["update"]["users_appended"] == 10 and report["generation"] == 1
     assert "users appended to / created" in proc.stdout
     assert run_ckv("verify", out, cwd=tmp_path).returncode == 0
+
+
+def test_bench_append_plumbing(logs, tmp_path):
+    """bench/append.py on an `ema` artifact: one event for each of B users with room in their window, the routed
+    rows counted (the new tokens alone: one per user and stream), the JSON written."""
+    import importlib.util
+
+    d, paths, ckpt, _, _ = logs
+    art = tmp_path / "ema.safetensors"
+    compressed(logs, "old", art, "file", opts={**OPTS, "codec": "predictive",
+                                               "params": {"pool_size": 40, "predictor": "linear+item", "ema": 0.2}})
+    spec = importlib.util.spec_from_file_location("bench_append", Path(__file__).parents[1] / "bench" / "append.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "append.json"
+    assert bench.main(["--artifact", str(art), "--checkpoint", str(ckpt), "--users", "1", "3", "--repeats", "2",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["users"] for r in rows] == [1, 3] and all(r["ms"] > 0 for r in rows)
+    assert [r["routed_rows"] for r in rows] == [2, 6]  # L1.k and L1.v: the new token of each user

@@ -22,7 +22,7 @@ from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int, dequanti
 from ckv_cli.codecs.bits import bits_for
 from ckv_cli.codecs.itemindex import AUTO, IndexCoding, squared_error
 from ckv_cli.codecs.kmeans import kmeans
-from ckv_cli.codecs.metric import check_factor, check_metric, coords, fit_pool, fitted_factor, router
+from ckv_cli.codecs.metric import check_factor, check_metric, coords, fit_pool, fitted_factor, pool_coords, router
 from ckv_cli.codecs.nearest import linear_argmax
 from ckv_cli.errors import CkvError
 
@@ -121,7 +121,7 @@ class CollectiveCodec(IndexCoding, StreamCodec):
     def _error(self, zp: torch.Tensor):
         """Squared error of tokens (rows of `zp`) against pool entries (in the metric), for the item index's escape
         tolerance."""
-        return squared_error(coords(zp, self.metric_L), coords(self.pool, self.metric_L))
+        return squared_error(coords(zp, self.metric_L), pool_coords(self, self.pool, self.metric_L))
 
     def _set_pool(self, pool: torch.Tensor) -> None:
         self.pool = pool.contiguous()  # (m, d) or (m, d - r)

@@ -73,6 +73,11 @@ class JointCodec(StreamCodec):
         """As the inner codec: whether a store may append a user's new tokens without re-encoding the old ones."""
         return getattr(self.inner, "token_local", True)
 
+    @property
+    def codes_tail(self) -> bool:
+        """As the inner codec: whether `encode` codes a user's newest tokens alone (`tail`, a store's append)."""
+        return getattr(self.inner, "codes_tail", False)
+
     def _kw(self, items, context=None) -> dict:
         out = {"items": items} if self.inner.needs_items else {}
         if self.needs_context:
@@ -101,8 +106,9 @@ class JointCodec(StreamCodec):
         return self.inner.fields()
 
     def encode(self, x: torch.Tensor, user_offsets: np.ndarray, items: np.ndarray | None = None,
-               context: torch.Tensor | None = None) -> dict:
-        return self.inner.encode(x.float() / self._vector_scale(), user_offsets, **self._kw(items, context))
+               context: torch.Tensor | None = None, tail: np.ndarray | None = None) -> dict:
+        extra = {} if tail is None else {"tail": tail}  # `codes_tail` inner codecs only
+        return self.inner.encode(x.float() / self._vector_scale(), user_offsets, **self._kw(items, context), **extra)
 
     def decode(self, fields: dict, user_offsets: np.ndarray, items: np.ndarray | None = None,
                context: torch.Tensor | None = None) -> torch.Tensor:

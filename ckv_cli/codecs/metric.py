@@ -87,3 +87,14 @@ def router(pool: torch.Tensor, L: torch.Tensor | None) -> tuple[torch.Tensor, to
 def coords(x: torch.Tensor, L: torch.Tensor | None) -> torch.Tensor:
     """Vectors in the metric's coordinates (squared errors there are the metric's)."""
     return x if L is None else x.float() @ L
+
+
+def pool_coords(owner, pool: torch.Tensor, L: torch.Tensor | None) -> torch.Tensor:
+    """`coords(pool, L)`, kept on `owner` (a codec) while its pool and metric are these tensors, unchanged in place
+    (their version counters): an append encodes a few tokens at a time, and the pool's (m, d) x (d, d) product
+    would otherwise cost more than their routing."""
+    key = (pool, L, pool._version, None if L is None else L._version)
+    memo = getattr(owner, "_pool_coords", None)
+    if memo is None or memo[0] is not pool or memo[1] is not L or memo[2:4] != key[2:]:
+        memo = owner._pool_coords = (*key, coords(pool, L))
+    return memo[4]

@@ -13,8 +13,9 @@ Predictors (`predictor`), all fitted on the calibration tokens:
 With `ema=a` (0 < a < 1; the linear predictors) the context also holds each token's exponential moving average of
 the first-layer K/V over its user's window so far, e_j = (1 - a) e_{j-1} + a c_j (`causal_ema`): what the first
 layer's attention mixes into a token is recent history, which a token's own K/V do not carry. The prediction then
-reads the tokens before it (still nothing the reader does not recompute from the item ids), so a store re-encodes
-a user on append (`token_local` False).
+reads the tokens before it (still nothing the reader does not recompute from the item ids): not token-local, but
+causal, so a store's append routes only the new tokens, their prediction read off the whole window (`encode`'s
+`tail`, `codes_tail`); the older tokens' codes stay as they are. So does `item+pos` (a token's position).
 Items without a row in the table (unseen in calibration, seen fewer than `min_count` times, or past `max_rows`)
 fall back to the global mean (`item`, `item+pos`) or to no correction (`linear+item`): the table keeps only rows
 with at least `min_count` calibration tokens, stored as (row ids int32, rows) so an unseen item costs nothing.
@@ -39,10 +40,10 @@ from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int
 from ckv_cli.codecs.bits import bits_for
 from ckv_cli.codecs.itemindex import AUTO, IndexCoding, squared_error
 from ckv_cli.codecs.kmeans import nearest
-from ckv_cli.codecs.metric import check_factor, check_metric, coords, fit_pool, fitted_factor, router
+from ckv_cli.codecs.metric import check_factor, check_metric, coords, fit_pool, fitted_factor, pool_coords, router
 from ckv_cli.codecs.nearest import linear_argmax
 from ckv_cli.errors import CkvError
-from ckv_cli.spec import token_positions
+from ckv_cli.spec import token_index, token_positions
 
 PREDICTORS = ("linear", "item", "item+pos", "linear+item")
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -55,6 +56,15 @@ def positions(user_offsets: np.ndarray) -> torch.Tensor:
 
 
 EMA_CHUNK = 64  # positions per product in `causal_ema`
+
+
+def _tail_rows(user_offsets: np.ndarray, tail: np.ndarray) -> torch.Tensor:
+    """Rows of each user's `tail[u]` newest tokens in the flat windows at `user_offsets`, user after user."""
+    ends = np.asarray(user_offsets[1:], np.int64)
+    tail = np.asarray(tail, np.int64)
+    if (tail < 0).any() or (tail > np.diff(user_offsets)).any():
+        raise CkvError("internal: a tail longer than its user's window")
+    return torch.from_numpy(token_index(ends - tail, tail))
 
 
 def causal_ema(x: torch.Tensor, alpha: float, chunk: int = EMA_CHUNK) -> torch.Tensor:
@@ -134,6 +144,13 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         """A token's code depends on that token alone (its vector, item, first-layer K/V), not on its position in
         the user's window: a store appends new tokens without re-encoding the user's old ones."""
         return self.predictor != "item+pos" and not self.ema
+
+    @property
+    def codes_tail(self) -> bool:
+        """`encode` codes a user's newest tokens alone (`tail`) from the whole window's items and context: a
+        token's prediction reads only its own and earlier tokens and its position, so an append leaves the older
+        tokens' codes as they are and routes only the new ones."""
+        return True
 
     @property
     def uses_items(self) -> bool:
@@ -223,7 +240,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         return nearest(res, self.pool) if self._router is None else linear_argmax(res, *self._router)
 
     def _error(self, res: torch.Tensor):
-        return squared_error(coords(res, self.metric_L), coords(self.pool, self.metric_L))
+        return squared_error(coords(res, self.metric_L), pool_coords(self, self.pool, self.metric_L))
 
     def features(self, context: torch.Tensor, user_offsets: np.ndarray | None) -> torch.Tensor:
         """What the linear map reads: the first layer's K/V (N, c), and with `ema` their moving average beside them
@@ -255,7 +272,8 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         return self.pos_table[pos.clamp(max=len(self.pos_table) - 1)]  # positions past calibration: the last row
 
     def predict(self, items: np.ndarray, user_offsets: np.ndarray, context: torch.Tensor | None) -> torch.Tensor:
-        """(N, d) prediction of each token from its item id, position and first-layer K/V."""
+        """(N, d) prediction of each token from its item id, position and first-layer K/V (and, with `ema`, the
+        earlier tokens' first-layer K/V)."""
         if self.pool is None:
             raise CkvError("codec used before fit or load")
         ids = torch.from_numpy(np.asarray(items, dtype=np.int64))
@@ -273,8 +291,16 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         return self.index_fields()
 
     def encode(self, x: torch.Tensor, user_offsets: np.ndarray, items: np.ndarray,
-               context: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-        res = x.float() - self.predict(items, user_offsets, context)  # (N, d)
+               context: torch.Tensor | None = None, tail: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Fields of the tokens x (N, d) of users at `user_offsets`. With `tail` (U,) the windows (`user_offsets`,
+        `items`, `context`: every token) are predicted whole and only each user's `tail[u]` newest tokens are
+        coded: x holds those alone, user after user (`codes_tail`; a store's append)."""
+        pred = self.predict(items, user_offsets, context)  # (N, d) over the whole windows
+        if tail is not None:
+            rows = _tail_rows(user_offsets, tail)
+            pred, items = pred[rows], np.asarray(items)[rows.numpy()]
+            user_offsets = np.concatenate([[0], np.cumsum(tail)]).astype(np.int64)
+        res = x.float() - pred  # (n, d)
         return self.index_encode(self._nearest(res), items, user_offsets, self._error(res))[0]
 
     def decode(self, fields: dict[str, np.ndarray], user_offsets: np.ndarray, items: np.ndarray,

@@ -26,7 +26,8 @@ at `query_timestamps` (the request time; default the newest event's own time).
 
 Appending (`append`): the user's current cache is decoded, the new events are run through `model.extend` over it,
 and the new tokens' K/V are encoded by the plan (`Store._merge`). With no overflow the old tokens' fields stay as
-they are (token-local codecs) and the new tokens' fields are `plan.encode` of the new tokens' K/V as `model.extend`
+they are (token-local codecs, and predictive ones whose prediction reads the window, which code the new tokens
+from it) and the new tokens' fields are `plan.encode` of the new tokens' K/V as `model.extend`
 computes them over the decoded cache; with the first layer recomputed from item ids (the default) and two layers,
 those K/V equal the teacher's (a prefill of the extended history) to float tolerance. On overflow (cached + new >
 max_len) the window slides as in `extend`: the most recent `max_len` events are re-prefilled from their item ids

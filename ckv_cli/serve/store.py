@@ -7,9 +7,11 @@ Subclasses add the task's scoring: `ckv_cli.serve.next_item.CacheStore` (`rank_n
 the old tokens' fields bit for bit for token-local codecs (plain, bf16, lowrank, pq, collective without user
 dims: the router picks each new token's pool entry; with `index=item` the new token gets its item's list position
 or an escape, appended after the user's old escapes), which is exactly what `ckv compress` of the extended log
-stores for them; collective's int8 user part keeps the user's scale when the new values fit under it (else the
-user's part is requantised); other per-user or per-group codecs (KIVI keys per channel) re-encode the user's
-whole stream from the decoded old vectors and the new ones.
+stores for them; predictive streams whose prediction reads the window (`ema`, `item+pos`: `codes_tail`) keep the
+old tokens' fields too and code only the new tokens, predicted from the whole window; collective's int8 user part
+keeps the user's scale when the new values fit under it (else the user's part is requantised); other per-user or
+per-group codecs (KIVI keys per channel) re-encode the user's whole stream from the decoded old vectors and the
+new ones.
 """
 from __future__ import annotations
 
@@ -227,8 +229,9 @@ class Store:
     def _appendable(codec) -> bool:
         """Token-local fields only (a new token's fields do not change the old tokens'), where per-user fields are
         only the row counts of ragged fields (an item-coded index: the new escapes follow the user's old ones); not
-        a codec that reads positions in the user's window (`token_local` False: predictive `item+pos`, re-encoded
-        whole). A codec that reads the first layer's K/V (predictive `linear`) gets the new tokens' own."""
+        a codec that reads positions or earlier tokens in the user's window (`token_local` False: predictive
+        `item+pos` or `ema`, whose new tokens `_merge` codes from the whole window, `codes_tail`). A codec that
+        reads the first layer's K/V (predictive `linear`) gets the new tokens' own."""
         fields = codec.fields()
         counts = {f.counts for f in fields if f.per == "ragged"}
         return (all(f.per != "user" or f.name in counts for f in fields)
@@ -260,6 +263,11 @@ class Store:
             if self._appendable(codec):
                 enc = codec.encode(self.plan.codec_input(new, name), new.offsets, **_items(codec, new.items),
                                    **_context(codec, self.plan.context(new.streams)))  # token-local
+                out.update(self._appended(name, codec.fields(), old, enc))
+            elif getattr(codec, "codes_tail", False):  # the new tokens alone, predicted from the whole window
+                cache = whole() if cache is None else cache
+                enc = codec.encode(self.plan.codec_input(new, name), cache.offsets, **_items(codec, cache.items),
+                                   **_context(codec, self.plan.context(cache.streams)), tail=np.diff(new.offsets))
                 out.update(self._appended(name, codec.fields(), old, enc))
             elif isinstance(codec, CollectiveCodec) and codec.user_dtype == "int8":
                 out.update(self._merge_int8(name, codec, old, new.stream(name), new.items))

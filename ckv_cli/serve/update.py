@@ -14,10 +14,11 @@ token-local (plain, fp16, pq, collective with no or an fp16 user part) the new t
 stores, up to float rounding of the K/V (the appended tokens' K/V come from `extend` over the decoded cache:
 equal to the teacher's to float tolerance when the first layer is recomputed from item ids and the model has two
 layers, like the sample models; deeper models carry the codec's error into later layers); per-user codecs
-follow `_merge` (collective int8 keeps the user's scale when the new values fit under it; KIVI re-encodes the
-user). The new events must not be older than the user's cached history (refused with one line where the
-artifact keeps event times: models whose attention reads them, e.g. HSTU; SASRec artifacts keep none, and the
-order is then the caller's to keep).
+follow `_merge` (collective int8 keeps the user's scale when the new values fit under it; predictive `ema` and
+`item+pos` code only the new tokens, predicted from the whole window; KIVI re-encodes the user). The new events
+must not be older than the user's cached history (refused with one line where the artifact keeps event times:
+models whose attention reads them, e.g. HSTU; SASRec artifacts keep none, and the order is then the caller's to
+keep).
 
 Sharded artifacts: only the shards holding touched users are opened and rewritten, each into a new file beside
 the old one (`ckv_cli.artifact.sharded.updated_shard_path`), one at a time (memory: one shard's users, not the
