@@ -127,3 +127,25 @@ def test_kept_first_layer_buffers_change_no_score(ds, tmp_path, codec):
         with ThreadPoolExecutor(2) as pool:  # each thread its own buffers
             runs = list(pool.map(lambda users: fresh.score_items(users, cand), [long, short] * 4))
     assert all(np.array_equal(r, long_first if i % 2 == 0 else short_only) for i, r in enumerate(runs))
+
+
+def test_bench_dense_heads_plumbing(tmp_path):
+    """bench/dense_heads.py on tiny tensors: a row per head count, both forms timed, their results equal."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_dense_heads",
+                                                  Path(__file__).parents[1] / "bench" / "dense_heads.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "dense.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--users", "3", "--history", "5", "--d", "8", "--heads", "1", "2", "--repeats", "2",
+                           "--threads", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["heads"] for r in rows] == [1, 2]
+    assert all(r["scores_served"] > 0 and r["values_per_head"] > 0 and r["max_abs_diff"] < 1e-5 for r in rows)
