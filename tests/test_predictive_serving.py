@@ -121,7 +121,10 @@ def test_kept_first_layer_buffers_change_no_score(ds, tmp_path, codec):
         after_long = store.score_items(short, cand)
         assert store._local.kv[0] is kept  # the same buffers, reused
     with CacheStore.open(path, model) as fresh:
-        short_only = fresh.score_items(short, cand)
+        fresh.score_items(short[:6], cand[:6])  # the six shortest users: small buffers
+        small = fresh._local.kv[0].shape[0]
+        short_only = fresh.score_items(short, cand)  # they grow
+        assert fresh._local.kv[0].shape[0] > small
         assert np.array_equal(after_long, short_only)
         assert np.allclose(short_only, fresh.score_items(short, cand, attention="decoded"), atol=1e-4)
         with ThreadPoolExecutor(2) as pool:  # each thread its own buffers
