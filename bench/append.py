@@ -53,8 +53,7 @@ def run(args) -> dict:
     with CacheStore.open(args.artifact, model, checkpoint=args.checkpoint) as store:
         lengths = np.diff(store.artifact.offsets)
         room = np.flatnonzero(lengths + 1 <= model.config.max_len - 1)  # the event fits: no window slides
-        n_items, user_ids = store.plan.n_items, list(store.user_ids)
-        _, offsets = store._read(np.array([0]))  # touch the file once
+        n_items, user_ids, reads_times = store.plan.n_items, list(store.user_ids), store.plan.timestamps
     if len(room) == 0:
         raise CkvError("no user has room in its window for one more event")
     rng = np.random.default_rng(args.seed)
@@ -72,14 +71,15 @@ def run(args) -> dict:
             users = np.sort(rng.choice(room, size=min(B, len(room)), replace=False))
             uids = [user_ids[u] for u in users]
             items = [[int(i)] for i in rng.integers(1, n_items + 1, size=len(users))]
+            ts = None
+            if reads_times:  # a minute after each user's newest cached event
+                with CacheStore.open(args.artifact, model) as store:
+                    cached = store.fetch(uids)
+                last = cached.timestamps.gather(1, (cached.lengths - 1).clamp(min=0)[:, None])[:, 0]
+                ts = [[int(t) + 60] for t in last]
             times = []
             for _ in range(args.repeats):
                 with CacheStore.open(args.artifact, model) as store:
-                    ts = None
-                    if store.plan.timestamps:
-                        cached = store.fetch(uids)
-                        last = cached.timestamps.gather(1, (cached.lengths - 1).clamp(min=0)[:, None])[:, 0]
-                        ts = [[int(t) + 60] for t in last]
                     routed.clear()
                     t = time.perf_counter()
                     store.append_many(uids, items, ts)

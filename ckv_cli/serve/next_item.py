@@ -623,9 +623,7 @@ class CacheStore(Store):
         rec = None
         keys, values = [], []
         joined = {}  # V streams of joint pairs, made with their K stream
-        memo = {}  # the first layer's K/V where a predictive stream built them
-        if kept_buffers:  # K/V from tables go into this thread's kept buffers (`_kv_buffers`)
-            memo["out"] = self._kv_buffers(B * L)
+        memo = {"kept": kept_buffers}  # the first layer's K/V where they are built (`_first_kv`), once
         item_ids = np.asarray(fields["tokens/items"], np.int64)
         for layer in range(self.plan.n_layers):
             for kind, dest in (("k", keys), ("v", values)):
@@ -675,8 +673,10 @@ class CacheStore(Store):
                         joined[codec.partner] = out[..., codec.d :]
                     else:
                         dest.append(out)
-        if "kv" in memo and keys[0] is None and values[0] is None:  # built for a prediction: the first layer's own
-            keys[0], values[0] = memo["kv"]
+        tables = self._tables()
+        if keys[0] is None and values[0] is None and (
+                "kv" in memo or kept_buffers and tables is not None and tables.get("form") == "kv"):
+            keys[0], values[0] = self._first_kv(items, valid, memo)  # built for a prediction, or into kept buffers
         return CompressedCache(keys, values, lengths, items, ts)
 
     def _predicted(self, name: str, layer: int, codec: PredictiveCodec | PredictiveHalf, idx: torch.Tensor,
@@ -720,9 +720,8 @@ class CacheStore(Store):
                      memo: dict):
         """A linear map of the first layer's K/V, [K0, V0] w1 + w0 ((c, d), (d,)), of a batch, never built: through
         the first layer's LayerNorm fold where the model gives one (the batch's `ItemLayer`, `memo["items"]`, with
-        projections w1 composed with the first layer's), else a `LinearSide` over the first layer's K0 and V0, from the model's K/V tables
-        (real tokens only) or recomputed by the layer."""
-        B, L = items.shape
+        projections w1 composed with the first layer's), else a `LinearSide` over the first layer's K0 and V0
+        (`_first_kv`)."""
         tables = self._tables()
         form = None if tables is None else tables.get("form", "fold")
         if form == "fold":
@@ -736,13 +735,22 @@ class CacheStore(Store):
                 memo["items"] = ItemLayer(tables, self.model, items)
             return memo["items"].projected(ak, ck)
         d_k = self.model.kv_dims[0]
-        if "kv" not in memo:  # K0, V0 (B, L, d_k), (B, L, d_v), contiguous: the first layer reads them too
+        return LinearSide(list(self._first_kv(items, valid, memo)), [w1[:d_k], w1[d_k:]], w0)
+
+    def _first_kv(self, items: torch.Tensor, valid: torch.Tensor, memo: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's first-layer K0, V0 (B, L, d_k), (B, L, d_v), contiguous, built once (`memo["kv"]`; the first
+        layer reads them too): from the model's K/V tables (real tokens only; into this thread's kept buffers when
+        `memo["kept"]`, `_kv_buffers`), else recomputed by the layer."""
+        if "kv" not in memo:
+            B, L = items.shape
             pos = torch.arange(L)[None].expand(B, L)
-            if form == "kv":  # real tokens only
-                memo["kv"] = tabled_kv(tables, items, pos, valid, out=memo.get("out"))
+            tables = self._tables()
+            if tables is not None and tables.get("form") == "kv":
+                out = self._kv_buffers(B * L) if memo.get("kept") else None
+                memo["kv"] = tabled_kv(tables, items, pos, valid, out=out)
             else:
                 memo["kv"] = tuple(x.contiguous() for x in item_layer_kv(self.model, items, pos))
-        return LinearSide(list(memo["kv"]), [w1[:d_k], w1[d_k:]], w0)
+        return memo["kv"]
 
     def _pool_forms(self, name: str, codec) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(pool, basis)] in the residual form x = pool[idx] + basis u (`concat` folded), computed once per stream:
@@ -808,11 +816,6 @@ class CacheStore(Store):
         else:
             cc = self._compressed(fields, offsets, recompute_items=False, kept_buffers=True)
             seen = cc.items
-            tables = self._tables()
-            if cc.keys[0] is None and tables is not None and tables.get("form") == "kv":  # into the kept buffers
-                pos = torch.arange(cc.items.shape[1])[None].expand_as(cc.items)
-                cc.keys[0], cc.values[0] = tabled_kv(tables, cc.items, pos, cc.valid,
-                                                     out=self._kv_buffers(cc.items.numel()))
             if items is None:
                 cc, items, ts = rewind(cc)
                 new_lengths = torch.ones(len(users), dtype=torch.long)
