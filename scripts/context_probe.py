@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from ckv_cli.codecs.predictive import causal_ema_flat  # noqa: E402
 from ckv_cli.data import load  # noqa: E402
@@ -71,13 +72,49 @@ def residual_energy(x, feats, items, split: int, shrink: float = 5.0) -> float:
     """Held-out residual energy / variance after [feats, 1] W (least squares) and a per-item mean residual."""
     a = torch.cat([feats.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
     w = torch.linalg.lstsq(a[:split], x[:split].double()).solution
-    r = x.double() - a @ w
+    return _held_out_energy(x.double() - a @ w, x, items, split, shrink)
+
+
+def _held_out_energy(r, x, items, split: int, shrink: float) -> float:
+    """The residuals r (N, d) less each item's mean residual over the first `split` tokens (shrunk by `shrink`
+    pseudo-tokens): their energy on the other tokens, relative to those tokens' variance of x."""
     n = int(items.max()) + 1
     sums = torch.zeros(n, x.shape[1], dtype=torch.float64).index_add_(0, items[:split], r[:split])
     counts = torch.bincount(items[:split], minlength=n).double()
     r = r - (sums / (counts[:, None] + shrink))[items]
     held = x[split:].double()
     return float((r[split:] ** 2).sum(1).mean() / ((held - held.mean(0)) ** 2).sum(1).mean())
+
+
+SILU_KNEE = -1.2784645  # SiLU's minimum: it is increasing on [SILU_KNEE, inf), where `inverse_silu` inverts it
+
+
+def inverse_silu(y: torch.Tensor, steps: int = 50) -> torch.Tensor:
+    """z >= SILU_KNEE with silu(z) = y (float64, Newton's method), for y >= silu(SILU_KNEE); lower y clamp to it.
+    A value from SiLU's other branch (z < SILU_KNEE) maps to the same output on this one."""
+    y = y.double().clamp(min=float(F.silu(torch.tensor(SILU_KNEE, dtype=torch.float64))))
+    z = torch.where(y > 0, y + 0.5, torch.full_like(y, -0.5))
+    for _ in range(steps):
+        s = torch.sigmoid(z)
+        z = (z - (z * s - y) / (s * (1 + z * (1 - s))).clamp(min=1e-3)).clamp(min=SILU_KNEE)
+    return z
+
+
+def silu_residual_energy(x, feats, items, split: int, gauss_newton: int = 0, shrink: float = 5.0) -> float:
+    """`residual_energy` with the map applied before a SiLU, x ~ silu([feats, 1] W): the pooled layer's K/V are
+    SiLU outputs, so a linear map of the pre-activation may fit better. W is fitted by least squares on
+    `inverse_silu(x)`, then refined by `gauss_newton` Gauss-Newton steps on |x - silu([feats, 1] W)|^2 (per output
+    column); the per-item mean residual is then taken after the SiLU."""
+    a = torch.cat([feats.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    xd = x.double()
+    w = torch.linalg.lstsq(a[:split], inverse_silu(x[:split])).solution
+    for _ in range(gauss_newton):
+        z = a[:split] @ w
+        s = torch.sigmoid(z)
+        grad, r = s * (1 + z * (1 - s)), xd[:split] - z * s  # d silu / dz, residual
+        for j in range(w.shape[1]):
+            w[:, j] += torch.linalg.lstsq(a[:split] * grad[:, j : j + 1], r[:, j : j + 1]).solution[:, 0]
+    return _held_out_energy(xd - F.silu(a @ w), x, items, split, shrink)
 
 
 def main(argv=None) -> int:
@@ -94,6 +131,9 @@ def main(argv=None) -> int:
     p.add_argument("--cumsum", action="store_true",
                    help="also the running sum of the first-layer K/V over the window (HSTU's SiLU attention sums "
                         "its weighted values, it does not average them), alone and beside each moving average")
+    p.add_argument("--silu", type=int, nargs="?", const=2, default=None, metavar="STEPS",
+                   help="also the map before a SiLU (HSTU's K/V are SiLU outputs), fitted on the inverted targets, "
+                        "then with STEPS Gauss-Newton steps (default 2), beside each moving average")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     model, meta = load_checkpoint(args.checkpoint)
@@ -118,6 +158,13 @@ def main(argv=None) -> int:
         for a in args.alphas:
             energy = residual_energy(x, torch.cat([c, ema[a], cu], 1), items, split)
             print(f"  + ema {a} + running sum\t{energy:.4f}", flush=True)
+    if args.silu is not None:
+        for a in args.alphas:
+            feats = torch.cat([c, ema[a]], 1)
+            print(f"  + ema {a}, before a SiLU\t{silu_residual_energy(x, feats, items, split):.4f}", flush=True)
+            if args.silu:
+                energy = silu_residual_energy(x, feats, items, split, args.silu)
+                print(f"  + ema {a}, before a SiLU, {args.silu} Gauss-Newton steps\t{energy:.4f}", flush=True)
     for tau in args.time_taus:
         e = torch.cat([time_decayed(part[1], part[3], part[4], args.time_alpha, tau) for part in (fit, held)])
         energy = residual_energy(x, torch.cat([c, e], 1), items, split)
