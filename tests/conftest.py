@@ -1,8 +1,10 @@
 """Shared fixtures: small models, a tiny checkpoint, and a one-thread environment for subprocesses."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: the suite is small, threads only add overhead
 
@@ -27,6 +29,19 @@ def pytest_configure(config):
 
 N_ITEMS = 50
 TINY_VOCAB = ["<pad>"] + [f"i{k}" for k in range(1, 21)]  # raw ids of the tiny checkpoint's 20 items
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str, name: str | None = None):
+    """A repository script that is not a package module (bench/*.py, scripts/*.py), loaded from its path and run
+    as a module (its `__main__` guard stays shut)."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_model(arch: str, seed: int = 0, **overrides):

@@ -3,28 +3,24 @@ made them) still read: every tensor checks out, every user decodes to what that 
 `ckv evaluate` gives against the same data are those that release's `ckv compress` recorded."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import load_script
 from ckv_cli.artifact import open_artifact, verify_path
 from ckv_cli.evaluate.compare import compare_artifact
 from ckv_cli.models.checkpoint import load_checkpoint
 from ckv_cli.tasks import task_of
 
 HERE = Path(__file__).parent / "fixtures" / "v1"
-MAKER = Path(__file__).parents[1] / "scripts" / "fixtures" / "make_v1_artifacts.py"
 
 
 @pytest.fixture(scope="module")
 def log(tmp_path_factory):
     """The synthetic log the fixtures were made from, written again (seeded)."""
-    spec = importlib.util.spec_from_file_location("make_v1_artifacts", MAKER)
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
-    return maker.write_log(tmp_path_factory.mktemp("v1log"))
+    return load_script("scripts/fixtures/make_v1_artifacts.py").write_log(tmp_path_factory.mktemp("v1log"))
 
 
 @pytest.mark.parametrize("arch", ["sasrec", "hstu", "sim", "eta"])

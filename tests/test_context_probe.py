@@ -1,22 +1,17 @@
 """scripts/context_probe.py's SiLU-outside predictor (`--silu`): the inversion and the fit it ranks contexts with."""
-import importlib.util
-from pathlib import Path
-
+import pytest
 import torch
 import torch.nn.functional as F
 
-PROBE = Path(__file__).parents[1] / "scripts" / "context_probe.py"
+from conftest import load_script
 
 
-def _probe():
-    spec = importlib.util.spec_from_file_location("context_probe", PROBE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def probe():
+    return load_script("scripts/context_probe.py")
 
 
-def test_inverse_silu_inverts_the_increasing_branch():
-    probe = _probe()
+def test_inverse_silu_inverts_the_increasing_branch(probe):
     z = torch.linspace(probe.SILU_KNEE, 6.0, 2001, dtype=torch.float64)
     assert torch.allclose(F.silu(probe.inverse_silu(F.silu(z))), F.silu(z), atol=1e-9)
     away = z[z > -1.0]  # near the minimum the inverse is ill-conditioned; away from it, z itself comes back
@@ -26,8 +21,7 @@ def test_inverse_silu_inverts_the_increasing_branch():
     assert (probe.inverse_silu(torch.tensor([-1.0])) >= probe.SILU_KNEE).all()  # below SiLU's minimum: clamped
 
 
-def test_a_map_before_a_silu_fits_what_a_linear_map_cannot():
-    probe = _probe()
+def test_a_map_before_a_silu_fits_what_a_linear_map_cannot(probe):
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(4000, 6, generator=gen)
     z = feats @ torch.randn(6, 4, generator=gen) * 0.4  # (N, 4); about 9% on SiLU's decreasing branch

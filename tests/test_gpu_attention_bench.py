@@ -2,21 +2,17 @@
 script's whole path on Triton's interpreter is in test_triton_attention.py."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).parents[1] / "bench" / "gpu_attention.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu_attention", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/gpu_attention.py", "bench_gpu_attention")
 
 
 def test_defaults_are_the_target_grid(bench):

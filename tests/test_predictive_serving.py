@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import load_script, make_model
 from ckv_cli.data import load
 from ckv_cli.models.checkpoint import save_checkpoint
 from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact
@@ -134,14 +134,9 @@ def test_kept_first_layer_buffers_change_no_score(ds, tmp_path, codec):
 
 def test_bench_dense_heads_plumbing(tmp_path):
     """bench/dense_heads.py on tiny tensors: a row per head count, both forms timed, their results equal."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_dense_heads",
-                                                  Path(__file__).parents[1] / "bench" / "dense_heads.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/dense_heads.py", "bench_dense_heads")
     out = tmp_path / "dense.json"
     threads = torch.get_num_threads()
     try:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import load_script, make_model
 from ckv_cli import CacheStore
 from ckv_cli.artifact import Artifact
 from ckv_cli.models.checkpoint import load_checkpoint, save_checkpoint
@@ -434,11 +434,7 @@ def test_bench_end_to_end_quick_mode(setup, tmp_path):
     """bench/end_to_end.py's quick mode: builds its two files, prints the table, writes the JSON."""
     if setup.arch != "sasrec":
         pytest.skip("one architecture is enough for the benchmark's plumbing")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_end_to_end", Path(__file__).parents[1] / "bench" / "end_to_end.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/end_to_end.py", "bench_end_to_end")
     out = tmp_path / "e2e.json"
     args = ["--data", "ml-100k", "--checkpoint", str(setup.ckpt), "--pool-size", "32", "--out-dir", str(tmp_path),
             "--batch", "1", "8", "--repeats", "1", "--candidates", "5", "--json", str(out)]

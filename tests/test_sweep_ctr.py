@@ -18,7 +18,7 @@ from ckv_cli.pipeline.compress import CompressOptions, compress
 from ckv_cli.tasks import CTR
 from ckv_cli.tasks.ctr import sweep_users
 from ckv_cli.train.ctr import build_model
-from conftest import cli_runner
+from conftest import cli_runner, load_script
 from test_cli import assert_one_line_error
 
 SMALL = {"d": 16, "d_attn": 32, "n_heads": 4, "top_k": 10, "max_len": 100}
@@ -168,12 +168,7 @@ def test_cli(ckpts, tmp_path):
 def test_bench_sweep_ctr_sections(ckpts, tmp_path):
     """bench/sweep.py on the CTR checkpoints: JSON/CSV per model, a short section for the model that caches nothing,
     and --render-only rebuilds sweep.md from the JSONs."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_sweep", Path(__file__).parents[1] / "bench" / "sweep.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/sweep.py", "bench_sweep")
     args = ["--checkpoints", str(ckpts["sdim"]), str(ckpts["nohistory"]), "--data", "ml-100k", "--out", str(tmp_path),
             "--ctr-spec", "collective:pool_size=16;eventid", "--sweep-users", "20", "--calib-users", "30",
             "--bootstrap", "10", "--no-plot"]

@@ -34,6 +34,7 @@ def _interpreted_module():
 
 ta = _interpreted_module()
 
+from conftest import load_script  # noqa: E402
 from ckv_cli.serve.attention import (GATHER, SCATTER, SILU, SOFTMAX, CompressedStream,  # noqa: E402
                                      compressed_attention, decode_then_attend)
 
@@ -209,13 +210,9 @@ def test_auto_matches_torch_path():
 def test_bench_script_runs_on_the_interpreter(tmp_path):
     """bench/gpu_attention.py end to end on tiny shapes (CPU, interpreter): every variant agrees with
     decode-then-attend, the JSON and the table are written."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_gpu_attention", Path(__file__).parents[1] / "bench" / "gpu_attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/gpu_attention.py", "bench_gpu_attention")
     argv = ["--device", "cpu", "--dtype", "fp32", "--batch", "2", "--history", "24", "--d", "16", "--pool", "8",
             "--kind", "softmax", "silu", "--forms", "gather/gather", "scatter/scatter", "auto", "--repeats", "1",
             "--min-sample-ms", "0", "--out", str(tmp_path)]

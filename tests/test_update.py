@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import untrained_checkpoint
+from conftest import load_script, untrained_checkpoint
 from ckv_cli.artifact.sharded import open_artifact, read_shared, verify_path
 from ckv_cli.data import load
 from ckv_cli.data.datasets import fetch
@@ -333,15 +333,11 @@ def test_cli_update_and_refusals(logs, tmp_path):
 def test_bench_append_plumbing(logs, tmp_path):
     """bench/append.py on an `ema` artifact: one event for each of B users with room in their window, the routed
     rows counted (the new tokens alone: one per user and stream), the JSON written."""
-    import importlib.util
-
     d, paths, ckpt, _, _ = logs
     art = tmp_path / "ema.safetensors"
     compressed(logs, "old", art, "file", opts={**OPTS, "codec": "predictive",
                                                "params": {"pool_size": 40, "predictor": "linear+item", "ema": 0.2}})
-    spec = importlib.util.spec_from_file_location("bench_append", Path(__file__).parents[1] / "bench" / "append.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/append.py", "bench_append")
     out = tmp_path / "append.json"
     assert bench.main(["--artifact", str(art), "--checkpoint", str(ckpt), "--users", "1", "3", "--repeats", "2",
                        "--json", str(out)]) == 0

@@ -286,6 +286,12 @@ def _select_side(x, idx: torch.Tensor):
     return x[idx]
 
 
+def tables_form(tables: dict | None) -> str | None:
+    """How a model's first-layer tables (`first_layer_tables()`) give its K/V: "fold" (attended through them,
+    `ItemLayer`), "kv" (built from them, `tabled_kv`), or None without tables."""
+    return None if tables is None else tables.get("form", "fold")
+
+
 def _kv_bags(tables: dict, items: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each of N tokens (items, positions: (N,)) as a bag of four rows of `_bag_tables` with weights, so that one
     weighted `embedding_bag` sum gives its pre-activation r (items[i] + pos[j] - mu g1) + c: rows (N * 4,) and
@@ -473,7 +479,7 @@ def extend_compressed(model, cc: CompressedCache, items: torch.Tensor, timestamp
             kc, vc = k.new_zeros(B, 0, d_k), v.new_zeros(B, 0, d_v)
         if kc is None or vc is None:  # an item-id layer, not recomputed yet
             tables = item_tables if kc is None and vc is None and i == 0 else None
-            form = None if tables is None else tables.get("form", "fold")
+            form = tables_form(tables)
             if form == "fold" and kind == SOFTMAX:  # attended through the tables, K/V never built
                 kc = vc = ItemLayer(tables, model, cc.items)
             else:
@@ -673,9 +679,8 @@ class CacheStore(Store):
                         joined[codec.partner] = out[..., codec.d :]
                     else:
                         dest.append(out)
-        tables = self._tables()
-        if keys[0] is None and values[0] is None and (
-                "kv" in memo or kept_buffers and tables is not None and tables.get("form") == "kv"):
+        tabled = kept_buffers and tables_form(self._tables()) == "kv"
+        if keys[0] is None and values[0] is None and ("kv" in memo or tabled):
             keys[0], values[0] = self._first_kv(items, valid, memo)  # built for a prediction, or into kept buffers
         return CompressedCache(keys, values, lengths, items, ts)
 
@@ -723,8 +728,7 @@ class CacheStore(Store):
         projections w1 composed with the first layer's), else a `LinearSide` over the first layer's K0 and V0
         (`_first_kv`)."""
         tables = self._tables()
-        form = None if tables is None else tables.get("form", "fold")
-        if form == "fold":
+        if tables_form(tables) == "fold":
             heads = self.model.layers[layer].attention_spec().heads
             a = torch.cat([tables["ak"].reshape(-1, tables["ak"].shape[-1]),
                            tables["av"].reshape(-1, tables["av"].shape[-1])])  # (c, d_model): [K0; V0] rows
@@ -745,7 +749,7 @@ class CacheStore(Store):
             B, L = items.shape
             pos = torch.arange(L)[None].expand(B, L)
             tables = self._tables()
-            if tables is not None and tables.get("form") == "kv":
+            if tables_form(tables) == "kv":
                 out = self._kv_buffers(B * L) if memo.get("kept") else None
                 memo["kv"] = tabled_kv(tables, items, pos, valid, out=out)
             else:
