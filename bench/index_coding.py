@@ -10,9 +10,11 @@ from one teacher pass, and the row reports:
 - held-out metrics: NDCG@10 / HR@10 deltas with 95% paired-bootstrap CIs, top-10 overlap, mean KL and hit@10
   flips over the users *not* used for calibration (the calibration users' metrics are in the all-users block,
   which is what `ckv compress` / `ckv evaluate` report);
-- per item-coded stream: the list width, the escape rate on held-out and on calibration tokens, the entries listed.
+- per item-coded stream: the list width, the escape rate on held-out and on calibration tokens, the held-out tokens
+  and escapes by their item's list (none, room left below the width, full), the entries listed.
 
-Specs that differ only in the index coding (`index`, `index_bits`, `escape_tol`) share one fitted pool: the
+Specs that differ only in the index coding (`index`, `index_bits`, `escape_tol`, `index_lists`,
+`index_fill`) share one fitted pool: the
 first is fitted, the others take its pool and fit only their lists (`IndexCoding.set_index` + `fit_index`), so a
 sweep of widths and tolerances costs one k-means. The JSON goes to `--out`; a Markdown table is printed.
 
@@ -47,7 +49,7 @@ from ckv_cli.pipeline.compress import CompressOptions, compress  # noqa: E402
 from ckv_cli.tasks import task_of  # noqa: E402
 from ckv_cli.tasks.next_item import fidelity_summary  # noqa: E402
 
-INDEX_PARAMS = ("index", "index_bits", "escape_tol")
+INDEX_PARAMS = ("index", "index_bits", "escape_tol", "index_lists", "index_fill")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,7 +93,8 @@ def variant(base_plan, params: dict, calib) -> object:
     for name, codec in plan.coded().items():
         if not hasattr(codec, "set_index"):
             continue
-        codec.set_index(params.get("index", "flat"), params.get("index_bits", "auto"), params.get("escape_tol", 0.0))
+        codec.set_index(params.get("index", "flat"), params.get("index_bits", "auto"), params.get("escape_tol", 0.0),
+                        params.get("index_lists", "count"), params.get("index_fill", 0))
         ctx = plan.context(calib.streams) if getattr(codec, "needs_context", False) else None  # predictive
         codec.fit_index(plan.codec_input(calib, name) if hasattr(plan, "codec_input") else calib.stream(name),
                         calib.items, calib.offsets, ctx)
@@ -126,9 +129,14 @@ def escapes(plan, fields: dict, offsets: np.ndarray, users: np.ndarray, calib: n
         if index is None or f"{name}/pos" not in fields:
             continue
         esc = np.asarray(fields[f"{name}/pos"]) == index.escape
+        lengths = np.diff(index.offsets)[index._rows(fields["tokens/items"])]  # (N,) each token's list length
+        parts = {"no list": lengths == 0, "room left": (lengths > 0) & (lengths < index.capacity),
+                 "full": lengths >= index.capacity}
+        split = {k: {"tokens": int((held & m).sum()), "escapes": int((esc & held & m).sum())} for k, m in parts.items()}
         out[name] = {"index_bits": index.bits, "escape_rate_held_out": float(esc[held].mean()),
                      "escape_rate_calibration": float(esc[cal].mean()) if cal.any() else None,
-                     "list_entries": int(len(index.entries)), "selection": index.selection or None}
+                     "held_out_by_list": split, "list_entries": int(len(index.entries)),
+                     "selection": index.selection or None}
     return out
 
 
@@ -203,8 +211,10 @@ def run(args) -> dict:
               f"{h['fidelity']['top10_overlap']:.3f}, KL {h['fidelity']['kl_mean']:.4f}, dNDCG@10 {d['delta']:+.4f} "
               f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], {row['seconds']:.0f} s", flush=True)
         for s, e in row["index"].items():
+            by = ", ".join(f"{k} {v['escapes']:,}/{v['tokens']:,}" for k, v in e["held_out_by_list"].items())
             print(f"    {s}: {e['index_bits']} bits, escapes {e['escape_rate_held_out']:.3f} held out / "
-                  f"{e['escape_rate_calibration']:.3f} calibration, {e['list_entries']:,} entries", flush=True)
+                  f"{e['escape_rate_calibration']:.3f} calibration, {e['list_entries']:,} entries; held-out "
+                  f"escapes/tokens by list: {by}", flush=True)
     return {"checkpoint": str(args.checkpoint), "data": args.data, "users": int(ds.n_users),
             "calib_users": int(len(calib_users)), "held_out_users": int(len(held)), "seed": args.seed,
             "bootstrap": args.bootstrap, "machine": machine(),

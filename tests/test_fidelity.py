@@ -214,6 +214,26 @@ def test_causal_ema_is_the_recurrence_per_window():
                    for b in range(len(lengths)))
 
 
+def test_least_squares_in_blocks_is_the_one_block_solution(monkeypatch):
+    """The predictor's normal equations summed over row blocks (memory bounded by a block) give the one-block
+    solution, for N a multiple of the block, not a multiple, and under one block; the fit recovers a known map."""
+    from ckv_cli.codecs import predictive
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    for n in (96, 100, 20):
+        feats = torch.randn(n, 6, generator=g)
+        x = (torch.cat([feats.double(), torch.ones(n, 1, dtype=torch.float64)], 1) @ w).float()
+        x += 0.01 * torch.randn(n, 4, generator=g)
+        monkeypatch.setattr(predictive, "LSQ_ROWS", 1 << 20)
+        whole = predictive.least_squares(feats, x)
+        monkeypatch.setattr(predictive, "LSQ_ROWS", 32)
+        blocks = predictive.least_squares(feats, x)
+        assert whole.dtype == torch.float64 and whole.shape == (7, 4)
+        assert torch.allclose(blocks, whole, rtol=1e-10, atol=1e-12), n
+        assert torch.allclose(whole, w, atol=0.05)
+
+
 def test_predictive_ema_context_predicts_what_the_token_alone_cannot():
     """Vectors that carry a moving average of the earlier tokens' context: the linear predictor with `ema` of that
     rate predicts them (a small pool then suffices), without it the residual keeps the history."""

@@ -8,7 +8,7 @@ import torch
 
 from ckv_cli.codecs.collective import CollectiveCodec
 from ckv_cli.codecs.kmeans import BoundedAssign, kmeans, kmeans_pp
-from ckv_cli.codecs.nearest import argmax_rows, linear_argmax, nearest
+from ckv_cli.codecs.nearest import argmax_rows, linear_argmax, linear_topk, nearest
 
 
 # ---------------------------------------------------------------- the reference: the code at 0652c50
@@ -82,6 +82,19 @@ def test_untied_router_argmax_equals_the_reference():
     g = torch.Generator().manual_seed(2)
     x, w, b = torch.randn(3000, 32, generator=g), torch.randn(1500, 32, generator=g), torch.randn(1500, generator=g)
     assert torch.equal(linear_argmax(x, w, b), ref_route(x, w, b))
+
+
+def test_linear_topk_is_the_plain_topk_in_chunks():
+    """The k best rows of the chunked scores are those of the plain expression (in chunks of 7 rows and of one,
+    scaled or not); the first is the argmax; k past m is cut to m."""
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(300, 16, generator=g), torch.randn(90, 16, generator=g), torch.randn(90, generator=g)
+    for chunk, scale in ((7, 1.0), (1, 2.0), (None, 1.0)):
+        got = linear_topk(x, w, b, 5, chunk=chunk, x_scale=scale)
+        want = torch.topk((scale * x) @ w.T + b, 5, dim=1).indices
+        assert got.shape == (300, 5) and torch.equal(got, want), chunk
+        assert torch.equal(got[:, 0], linear_argmax(x, w, b, x_scale=scale))
+    assert linear_topk(x[:4], w, b, 500).shape == (4, 90)
 
 
 def test_collective_router_tied_and_untied():

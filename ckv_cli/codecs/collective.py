@@ -23,7 +23,7 @@ from ckv_cli.codecs.bits import bits_for
 from ckv_cli.codecs.itemindex import AUTO, IndexCoding, squared_error
 from ckv_cli.codecs.kmeans import kmeans
 from ckv_cli.codecs.metric import check_factor, check_metric, coords, fit_pool, fitted_factor, pool_coords, router
-from ckv_cli.codecs.nearest import linear_argmax
+from ckv_cli.codecs.nearest import linear_argmax, linear_topk
 from ckv_cli.errors import CkvError
 
 
@@ -32,7 +32,8 @@ class CollectiveCodec(IndexCoding, StreamCodec):
 
     def __init__(self, d: int, pool_size: int = 8192, user_dim: int = 0, layout: str = "residual",
                  user_dtype: str = "int8", iters: int = 20, pool_dtype: str = "fp32", index: str = "flat",
-                 index_bits=AUTO, escape_tol: float = 0.0, metric: str = "l2"):
+                 index_bits=AUTO, escape_tol: float = 0.0, metric: str = "l2", index_lists: str = "count",
+                 index_fill: int = 0):
         self.d = check_positive_int("d", d)
         self.pool_size = check_positive_int("pool size", pool_size, 2)
         self.user_dim = check_positive_int("user dim", user_dim, 0)
@@ -52,7 +53,7 @@ class CollectiveCodec(IndexCoding, StreamCodec):
         self.bits = bits_for(self.pool_size)
         self.pool = self.router_w = self.router_b = self.basis = self.mean = None
         self.user_coords = self.pool_coords = None
-        self._init_index(self.pool_size, index, index_bits, escape_tol)
+        self._init_index(self.pool_size, index, index_bits, escape_tol, index_lists, index_fill)
 
     def params(self) -> dict:
         out = {"d": self.d, "pool_size": self.pool_size, "user_dim": self.user_dim, "layout": self.layout,
@@ -109,9 +110,10 @@ class CollectiveCodec(IndexCoding, StreamCodec):
         self.fit_index(x, items)  # item-coded: the item lists, from the calibration tokens' entries
 
     def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None,
-                     context: torch.Tensor | None = None):
+                     context: torch.Tensor | None = None, neighbours: int = 0):
         zp = self._pool_part(x)
-        return self._route(zp), self._error(zp)
+        near = linear_topk(zp, self.router_w, self.router_b, neighbours) if neighbours else None  # (N, k)
+        return self._route(zp), self._error(zp), near
 
     def _pool_part(self, x: torch.Tensor) -> torch.Tensor:
         """The coordinates the pool approximates: (N, d) or (N, d - r)."""

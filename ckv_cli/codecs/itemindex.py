@@ -19,6 +19,15 @@ error of those tokens' vectors against those pool entries), a token whose best e
 takes the best listed entry instead when that entry's squared error is at most (1 + tol) x the best one's: fewer
 escapes for a little more error (tol 0: exactly the pool's own choice, no added error).
 
+How the lists are fitted (`lists`): `count` ranks each item's entries by how many of its calibration tokens chose
+them; `cover` (with `tol` > 0) ranks them greedily by coverage, an entry covering a token when its squared error is
+within (1 + tol) of the token's own entry's (what `encode` accepts instead of an escape): each next entry is the one
+covering most of the item's tokens not covered yet (ties: more own tokens, then the smaller entry), and entries that
+cover nothing new follow by use. Candidates are the entries the item's tokens chose. With `fill` k > 0, the
+entries among each calibration token's k nearest that its item's tokens did not choose follow (most often among
+them first, ties: the smaller entry): a list shorter than the width allows takes them into slots that cost
+nothing (a held-out token of the item may choose them). Decoding does not depend on how the lists were fitted.
+
 Shared tensors: `list_offsets` (items + 2,) int32 (item i's list is entries [offsets[i], offsets[i + 1]); the last
 row is the fallback for ids past the table) and `list_entries` (the entries bit-packed at the pool's width,
 uint8). Both are counted in shared bytes. `IndexCoding` is the mixin a pool codec with one `idx` per token uses
@@ -37,6 +46,7 @@ from ckv_cli.errors import CkvError
 
 AUTO = "auto"
 INDEXES = ("flat", "item", "auto")
+LISTS = ("count", "cover")
 COUNT_DTYPE = "uint16"  # escapes per user: a user caches at most 65,535 tokens here (max_len is 200)
 PAIR_CHUNK = 1 << 16  # (token, entry) pairs per call of the error function: memory stays bounded
 ErrorFn = Callable[[np.ndarray, np.ndarray], torch.Tensor]  # (tokens (P,), entries (P,)) -> squared errors (P,)
@@ -54,11 +64,70 @@ def _ranked_lists(idx: np.ndarray, items: np.ndarray, m: int) -> tuple[np.ndarra
     return item, entry, rank
 
 
+def _covering_lists(idx: np.ndarray, items: np.ndarray, m: int, tol: float,
+                    error: ErrorFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """As `_ranked_lists`, each item's entries ranked greedily by coverage (module docstring): token t of item i is
+    covered by entry e when error(t, e) <= (1 + tol) x error(t, idx[t]). Tokens are positions 0..N-1 of `idx`."""
+    item, entry, rank = _ranked_lists(idx, items, m)  # the candidates, by use: the tie-break
+    tok = np.argsort(np.asarray(items, np.int64), kind="stable")  # tokens grouped by item
+    tok_items = np.asarray(items, np.int64)[tok]
+    bounds = np.searchsorted(item, np.unique(item), "left").tolist() + [len(item)]
+    out = entry.copy()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b - a < 2:
+            continue
+        lo, hi = np.searchsorted(tok_items, item[a], "left"), np.searchsorted(tok_items, item[a], "right")
+        out[a:b] = entry[a:b][_greedy_cover(tok[lo:hi], entry[a:b], idx, tol, error)]
+    return item, out, rank
+
+
+def _greedy_cover(tokens: np.ndarray, cands: np.ndarray, idx: np.ndarray, tol: float, error: ErrorFn) -> np.ndarray:
+    """The order of `cands` (c,) (given by use) by greedy coverage of `tokens` (n,): positions into `cands`."""
+    n, c = len(tokens), len(cands)
+    own = ItemIndex._errors(tokens, np.asarray(idx, np.int64)[tokens], error)  # (n,)
+    err = ItemIndex._errors(np.repeat(tokens, c), np.tile(cands, n), error).reshape(n, c)  # (n, c)
+    covers = err <= (1.0 + tol) * own[:, None]  # (n, c)
+    gains = covers.sum(0).astype(np.int64)  # (c,) tokens each candidate covers that are not covered yet
+    covered, taken = np.zeros(n, bool), []
+    while True:
+        j = int(np.argmax(gains))  # the first of the largest: by use among equal gains
+        if gains[j] <= 0:
+            break
+        taken.append(j)
+        new = covers[:, j] & ~covered
+        covered |= new
+        gains -= covers[new].sum(0)
+        gains[taken] = -1
+    rest = np.setdiff1d(np.arange(c), taken)  # ascending: by use
+    return np.concatenate([np.asarray(taken, np.int64), rest])
+
+
+def _with_neighbours(item: np.ndarray, entry: np.ndarray, rank: np.ndarray, items: np.ndarray, near: np.ndarray,
+                     m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(item, entry, rank) lists followed, per item, by the entries in its tokens' `near` (N, k) rows that are not in
+    them yet, most often first (ties: the smaller entry)."""
+    near = np.asarray(near, np.int64)
+    pair_item = np.repeat(np.asarray(items, np.int64), near.shape[1])  # (N k,)
+    key = pair_item * m + near.reshape(-1)
+    uniq, counts = np.unique(key, return_counts=True)
+    fresh = ~np.isin(uniq, item * m + entry)
+    x_item, x_entry, counts = uniq[fresh] // m, uniq[fresh] % m, counts[fresh]
+    order = np.lexsort((x_entry, -counts, x_item))
+    x_item, x_entry = x_item[order], x_entry[order]
+    listed = np.bincount(item, minlength=int(x_item.max(initial=-1)) + 1)  # (items,) entries each item lists
+    x_rank = listed[x_item] + np.arange(len(x_item)) - np.searchsorted(x_item, x_item, "left")  # after its list
+    all_item, all_entry, all_rank = (np.concatenate(a) for a in ((item, x_item), (entry, x_entry), (rank, x_rank)))
+    order = np.lexsort((all_rank, all_item))
+    return all_item[order], all_entry[order], all_rank[order]
+
+
 class ItemIndex:
     """Pool indices coded given the token's item (module docstring). `pool_size` m; `bits` the list width w (an
-    int in 1..ceil(log2 m) - 1, or "auto"); `tol` the escape tolerance (>= 0)."""
+    int in 1..ceil(log2 m) - 1, or "auto"); `tol` the escape tolerance (>= 0); `lists` how the lists are fitted
+    ("count" or "cover", which needs `tol` > 0); `fill` how many nearest entries of each calibration token may
+    fill its item's spare list slots (0: none)."""
 
-    def __init__(self, pool_size: int, bits=AUTO, tol: float = 0.0):
+    def __init__(self, pool_size: int, bits=AUTO, tol: float = 0.0, lists: str = "count", fill: int = 0):
         self.pool_size = int(pool_size)
         self.full_bits = bits_for(self.pool_size)
         if bits != AUTO and (isinstance(bits, bool) or not isinstance(bits, (int, np.integer))
@@ -67,15 +136,26 @@ class ItemIndex:
                            f"{self.pool_size} entries takes {self.full_bits} bits), got {bits!r}")
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0 or tol == float("inf"):
             raise CkvError(f"escape_tol must be a finite number >= 0, got {tol!r}")
+        if lists not in LISTS:
+            raise CkvError(f"index_lists must be one of {', '.join(LISTS)}, got {lists!r}")
+        if lists == "cover" and not tol:
+            raise CkvError("index_lists=cover needs escape_tol > 0 (with no tolerance a token is covered by its own "
+                           "entry alone: the lists by use, index_lists=count)")
+        if isinstance(fill, bool) or not isinstance(fill, (int, np.integer)) or not 0 <= fill <= self.pool_size:
+            raise CkvError(f"index_fill must be an integer in 0..{self.pool_size} (nearest entries per calibration "
+                           f"token), got {fill!r}")
         self.bits = bits if bits == AUTO else int(bits)
         self.tol = float(tol)
+        self.lists, self.fill = lists, int(fill)
         self.offsets = self.entries = None  # (R + 1,) int64, (E,) int64
         self._keys = self._codes = None  # sorted item * m + entry -> code (position + 1), for encoding
         self.selection: dict = {}  # how `auto` chose the width (calibration), for reports
 
     # -- what it is
     def params(self) -> dict:
-        return {"index": "item", "index_bits": self.bits, "escape_tol": self.tol}
+        return {"index": "item", "index_bits": self.bits, "escape_tol": self.tol,
+                **({"index_lists": self.lists} if self.lists != "count" else {}),  # absent before the options
+                **({"index_fill": self.fill} if self.fill else {})}
 
     @property
     def escape(self) -> int:
@@ -93,21 +173,36 @@ class ItemIndex:
                 Field("esc_n", "user", dtype=COUNT_DTYPE, width=1)]
 
     # -- fitting
-    def fit(self, idx: np.ndarray, items: np.ndarray, error: ErrorFn | None = None) -> None:
-        """Lists from calibration tokens' pool indices (N,) and items (N,); `auto` picks the width first."""
+    def fit(self, idx: np.ndarray, items: np.ndarray, error: ErrorFn | None = None,
+            near: np.ndarray | None = None) -> None:
+        """Lists from calibration tokens' pool indices (N,) and items (N,) (and with `fill`, their nearest entries
+        `near` (N, >= fill)); `auto` picks the width first."""
         idx, items = np.asarray(idx, np.int64), np.asarray(items, np.int64)
+        if self.fill and (near is None or len(near) != len(idx)):
+            raise CkvError("internal: index_fill needs each calibration token's nearest entries")
         if self.bits == AUTO:
-            self.bits = self._choose_width(idx, items, error)
-        self._set_lists(*_ranked_lists(idx, items, self.pool_size), n_rows=int(items.max()) + 1 if len(items) else 1)
+            self.bits = self._choose_width(idx, items, error, near)
+        self._set_lists(*self._ranking(idx, items, error, near), n_rows=int(items.max()) + 1 if len(items) else 1)
 
-    def _choose_width(self, idx: np.ndarray, items: np.ndarray, error: ErrorFn | None) -> int:
+    def _ranking(self, idx: np.ndarray, items: np.ndarray, error: ErrorFn | None, near: np.ndarray | None = None):
+        """(item, entry, rank) of the lists fitted on these tokens (positions 0..N-1 for `error`)."""
+        if self.lists == "cover" and error is not None:
+            ranked = _covering_lists(idx, items, self.pool_size, self.tol, error)
+        else:
+            ranked = _ranked_lists(idx, items, self.pool_size)
+        if self.fill:
+            ranked = _with_neighbours(*ranked, items, np.asarray(near, np.int64)[:, : self.fill], self.pool_size)
+        return ranked
+
+    def _choose_width(self, idx: np.ndarray, items: np.ndarray, error: ErrorFn | None,
+                      near: np.ndarray | None = None) -> int:
         """The width minimising expected bits per token (w + escape rate x full bits) with lists fitted on the
         first half of the calibration tokens and escapes counted on the second half."""
         half = len(idx) // 2
         if half < 1:
             self.selection = {"rule": "too few calibration tokens: the narrowest width"}
             return 1
-        item, entry, rank = _ranked_lists(idx[:half], items[:half], self.pool_size)
+        item, entry, rank = self._ranking(idx[:half], items[:half], error, None if near is None else near[:half])
         rows = np.arange(half, len(idx))
         own_rank = self._rank_of(item, entry, rank, items[half:], idx[half:])  # (H,) the own entry's rank in the list
         out = []
@@ -181,7 +276,8 @@ class ItemIndex:
         ok[has] = best_listed[has][:, 0] <= (1.0 + self.tol) * own[has]
         return ok
 
-    def _errors(self, tokens: np.ndarray, entries: np.ndarray, error: ErrorFn) -> np.ndarray:
+    @staticmethod
+    def _errors(tokens: np.ndarray, entries: np.ndarray, error: ErrorFn) -> np.ndarray:
         out = np.empty(len(tokens), np.float64)
         for a in range(0, len(tokens), PAIR_CHUNK):
             out[a : a + PAIR_CHUNK] = error(tokens[a : a + PAIR_CHUNK], entries[a : a + PAIR_CHUNK]).detach().double().numpy()
@@ -320,21 +416,23 @@ class IndexCoding:
     index_auto = False
     index_selection: dict | None = None  # index=auto that chose flat: the width table it compared
 
-    def _init_index(self, pool_size: int, index: str, index_bits, escape_tol) -> None:
+    def _init_index(self, pool_size: int, index: str, index_bits, escape_tol, index_lists: str = "count",
+                    index_fill: int = 0) -> None:
         if index not in INDEXES:
             raise CkvError(f"index must be one of {', '.join(INDEXES)}, got {index!r}")
-        if index == "flat" and (index_bits != AUTO or escape_tol):
-            raise CkvError("index_bits and escape_tol go with index=item")
+        if index == "flat" and (index_bits != AUTO or escape_tol or index_lists != "count" or index_fill):
+            raise CkvError("index_bits, escape_tol, index_lists and index_fill go with index=item")
         if index == "auto" and index_bits != AUTO:
             raise CkvError("index=auto chooses the width too: leave index_bits out (or use index=item)")
         self.index_auto = index == "auto"  # item-coded where that is cheaper on held-out calibration, else flat
-        self.index = ItemIndex(pool_size, index_bits, escape_tol) if index != "flat" else None
+        self.index = ItemIndex(pool_size, index_bits, escape_tol, index_lists, index_fill) if index != "flat" else None
         self.needs_items = self.index is not None or type(self).needs_items
 
-    def set_index(self, index: str = "item", index_bits=AUTO, escape_tol: float = 0.0) -> None:
+    def set_index(self, index: str = "item", index_bits=AUTO, escape_tol: float = 0.0,
+                  index_lists: str = "count", index_fill: int = 0) -> None:
         """Another index coding over the same fitted pool (then `fit_index` on calibration tokens): how a sweep
         of index parameters reuses one pool."""
-        self._init_index(self.pool_size, index, index_bits, escape_tol)
+        self._init_index(self.pool_size, index, index_bits, escape_tol, index_lists, index_fill)
 
     def fit_index(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None,
                   context: torch.Tensor | None = None) -> None:
@@ -342,26 +440,28 @@ class IndexCoding:
         codec's `index_inputs` gives each vector's pool entry and the error function of the tolerance. `context`:
         what the codec's `fit` got as `context=` (the predictive codec's first-layer K/V), None for the others."""
         if self.index is not None:
-            idx, error = self.index_inputs(x, items, user_offsets, context)
-            self.index_fit(idx, items, error)
+            idx, error, near = self.index_inputs(x, items, user_offsets, context, self.index.fill)
+            self.index_fit(idx, items, error, near)
 
     def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None,
-                     context: torch.Tensor | None = None):
-        """(pool index (N,) of each vector, error function over (tokens, entries)): what the codec routes."""
+                     context: torch.Tensor | None = None, neighbours: int = 0):
+        """(pool index (N,) of each vector, error function over (tokens, entries), and with `neighbours` k > 0 the k
+        nearest entries of each vector (N, k), else None): what the codec routes."""
         raise NotImplementedError
 
     def index_params(self) -> dict:
         if self.index is not None and self.index_auto and self.index.bits == AUTO:
-            return {"index": "auto", "escape_tol": self.index.tol}  # not fitted yet
+            fitted = self.index.params()  # not fitted yet: the width is still to choose
+            return {"index": "auto", **{k: v for k, v in fitted.items() if k not in ("index", "index_bits")}}
         return self.index.params() if self.index is not None else {}
 
     def index_fields(self) -> list[Field]:
         return self.index.fields() if self.index is not None else [Field("idx", "token", bits=self.bits)]
 
-    def index_fit(self, idx, items, error: ErrorFn | None = None) -> None:
+    def index_fit(self, idx, items, error: ErrorFn | None = None, near=None) -> None:
         if self.index is None:
             return
-        self.index.fit(np.asarray(idx), items, error)
+        self.index.fit(np.asarray(idx), items, error, None if near is None else np.asarray(near))
         if self.index_auto:  # flat where the lists do not pay on the held-out half (positions + escapes >= full)
             best = min((r["bits_per_token"] for r in self.index.selection.get("widths", [])), default=float("inf"))
             if best >= self.index.full_bits:

@@ -62,6 +62,21 @@ def linear_argmax(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, chunk: int 
     return out
 
 
+def linear_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int, chunk: int | None = None,
+                x_scale: float = 1.0) -> torch.Tensor:
+    """(N, d), (m, d), (m,) -> (N, k) the rows of the k largest `(x_scale x) @ w.T + b` (largest first), chunked as
+    `linear_argmax`: a router's k best entries."""
+    x, w, b = x.detach().float(), w.detach(), b.detach()
+    k = min(int(k), len(w))
+    rows = chunk_rows(len(w), chunk)
+    out = torch.empty(x.shape[0], k, dtype=torch.long)
+    buf = torch.empty(max(2, min(rows, x.shape[0])), len(w))  # (rows, m) reused
+    for a in range(0, x.shape[0], rows):
+        xa = x[a : a + rows] if x_scale == 1.0 else x_scale * x[a : a + rows]
+        out[a : a + rows] = torch.topk(scores_into(xa, w, b, buf), k, dim=1).indices  # (rows, k)
+    return out
+
+
 def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """(N, d), (m, d) -> (N,) index of the nearest centroid: argmax of the float32 scores `(2 x) @ c.T - |c|^2`
     (a linear layer with a bias; first index on ties)."""

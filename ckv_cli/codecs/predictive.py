@@ -41,13 +41,14 @@ from ckv_cli.codecs.bits import bits_for
 from ckv_cli.codecs.itemindex import AUTO, IndexCoding, squared_error
 from ckv_cli.codecs.kmeans import nearest
 from ckv_cli.codecs.metric import check_factor, check_metric, coords, fit_pool, fitted_factor, pool_coords, router
-from ckv_cli.codecs.nearest import linear_argmax
+from ckv_cli.codecs.nearest import linear_argmax, linear_topk
 from ckv_cli.errors import CkvError
 from ckv_cli.spec import token_index, token_positions
 
 PREDICTORS = ("linear", "item", "item+pos", "linear+item")
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 RIDGE = 1e-6  # relative ridge on the least-squares normal equations (rank-deficient contexts stay solvable)
+LSQ_ROWS = 1 << 15  # rows per float64 block of the normal equations: memory stays bounded by the block
 
 
 def positions(user_offsets: np.ndarray) -> torch.Tensor:
@@ -99,6 +100,21 @@ def causal_ema_flat(x: torch.Tensor, user_offsets: np.ndarray, alpha: float) -> 
     return causal_ema(padded, alpha).reshape(B * L, -1).index_select(0, slot)
 
 
+def least_squares(feats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(c + 1, d) float64 W minimising |[feats, 1] W - x|^2 (ridge RIDGE): the normal equations summed in float64 over
+    blocks of LSQ_ROWS rows, so no (N, c + 1) float64 copy is made."""
+    c = feats.shape[1]
+    gram = torch.zeros(c + 1, c + 1, dtype=torch.float64)
+    rhs = torch.zeros(c + 1, x.shape[1], dtype=torch.float64)
+    for a in range(0, len(x), LSQ_ROWS):
+        f = feats[a : a + LSQ_ROWS].double()
+        block = torch.cat([f, torch.ones(len(f), 1, dtype=torch.float64)], 1)  # (B, c + 1)
+        gram += block.T @ block
+        rhs += block.T @ x[a : a + LSQ_ROWS].double()  # (c + 1, d)
+    gram += RIDGE * gram.diagonal().mean() * torch.eye(c + 1, dtype=torch.float64)
+    return torch.linalg.solve(gram, rhs)
+
+
 class PredictiveCodec(IndexCoding, StreamCodec):
     """Prediction from stored ids (and the recomputed first layer) + a k-means pool on the residual."""
 
@@ -108,7 +124,8 @@ class PredictiveCodec(IndexCoding, StreamCodec):
 
     def __init__(self, d: int, pool_size: int = 1024, predictor: str = "linear", dtype: str = "fp16",
                  shrink: float = 5.0, min_count: int = 1, iters: int = 20, index: str = "flat", index_bits=AUTO,
-                 escape_tol: float = 0.0, metric: str = "l2", max_rows: int | str = 0, ema: float = 0.0):
+                 escape_tol: float = 0.0, metric: str = "l2", max_rows: int | str = 0, ema: float = 0.0,
+                 index_lists: str = "count", index_fill: int = 0):
         self.d = check_positive_int("d", d)
         self.pool_size = check_positive_int("pool size", pool_size, 2)
         if predictor not in PREDICTORS:
@@ -133,7 +150,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         self.pool = self.weight = self.rows = self.table = self.pos_table = self.base = None
         self.metric = check_metric(metric)
         self.metric_L = self._router = None  # the Fisher metric's factor (`metric="fisher"`), its router
-        self._init_index(self.pool_size, index, index_bits, escape_tol)
+        self._init_index(self.pool_size, index, index_bits, escape_tol, index_lists, index_fill)
 
     @property
     def uses_context(self) -> bool:
@@ -189,10 +206,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         ids = torch.from_numpy(np.asarray(items, dtype=np.int64))
         if self.uses_context:
             feats = self.features(context, user_offsets)  # (N, c) or with the moving average (N, 2c)
-            a = torch.cat([feats.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)  # (N, c + 1)
-            gram = a.T @ a
-            gram += RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
-            self.weight = self._stored(torch.linalg.solve(gram, a.T @ x.double()).float())  # (c + 1, d)
+            self.weight = self._stored(least_squares(feats, x).float())  # (c + 1, d)
             pred = self._linear(feats)
             self.base = self._stored(torch.zeros(self.d))
         else:
@@ -225,11 +239,15 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         self.fit_index(x, items, user_offsets, context)  # item-coded: the lists, from the tokens' residual entries
 
     def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None,
-                     context: torch.Tensor | None = None):
-        """Each calibration token's pool entry and the error function, on its residual against the prediction
-        `encode` makes (the same first-layer `context` as `fit`)."""
+                     context: torch.Tensor | None = None, neighbours: int = 0):
+        """Each calibration token's pool entry, the error function and (with `neighbours` k) its k nearest entries
+        (N, k), on its residual against the prediction `encode` makes (the same first-layer `context` as `fit`)."""
         res = x.float() - self.predict(items, user_offsets, context)  # (N, d)
-        return self._nearest(res), self._error(res)
+        near = None
+        if neighbours:
+            w, b, scale = (self.pool, -(self.pool**2).sum(1), 2.0) if self._router is None else (*self._router, 1.0)
+            near = linear_topk(res, w, b, neighbours, x_scale=scale)  # (N, k)
+        return self._nearest(res), self._error(res), near
 
     def _set_pool(self, pool: torch.Tensor) -> None:
         self.pool = pool
