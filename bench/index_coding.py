@@ -13,10 +13,9 @@ from one teacher pass, and the row reports:
 - per item-coded stream: the list width, the escape rate on held-out and on calibration tokens, the held-out tokens
   and escapes by their item's list (none, room left below the width, full), the entries listed.
 
-Specs that differ only in the index coding (`index`, `index_bits`, `escape_tol`, `index_lists`,
-`index_fill`) share one fitted pool: the
-first is fitted, the others take its pool and fit only their lists (`IndexCoding.set_index` + `fit_index`), so a
-sweep of widths and tolerances costs one k-means. The JSON goes to `--out`; a Markdown table is printed.
+Specs that differ only in the index coding (`index`, `index_bits`, `escape_tol`, `index_lists`, `index_fill`)
+share one fitted pool: the first is fitted, the others take its pool and fit only their lists
+(`IndexCoding.set_index` + `fit_index`), so a sweep of widths and tolerances costs one k-means. The JSON goes to `--out`; a Markdown table is printed.
 
     python bench/index_coding.py sample_checkpoints/sasrec-ml1m.safetensors --data ml-1m \\
         --specs "collective:pool_size=8192;collective:pool_size=8192,index=item,escape_tol=0.3" \\
