@@ -64,6 +64,14 @@ def _ranked_lists(idx: np.ndarray, items: np.ndarray, m: int) -> tuple[np.ndarra
     return item, entry, rank
 
 
+def pair_errors(tokens: np.ndarray, entries: np.ndarray, error: ErrorFn) -> np.ndarray:
+    """(P,) float64 squared errors of token/entry pairs, PAIR_CHUNK pairs per call of `error`."""
+    out = np.empty(len(tokens), np.float64)
+    for a in range(0, len(tokens), PAIR_CHUNK):
+        out[a : a + PAIR_CHUNK] = error(tokens[a : a + PAIR_CHUNK], entries[a : a + PAIR_CHUNK]).detach().double().numpy()
+    return out
+
+
 def _covering_lists(idx: np.ndarray, items: np.ndarray, m: int, tol: float,
                     error: ErrorFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """As `_ranked_lists`, each item's entries ranked greedily by coverage (module docstring): token t of item i is
@@ -84,8 +92,8 @@ def _covering_lists(idx: np.ndarray, items: np.ndarray, m: int, tol: float,
 def _greedy_cover(tokens: np.ndarray, cands: np.ndarray, idx: np.ndarray, tol: float, error: ErrorFn) -> np.ndarray:
     """The order of `cands` (c,) (given by use) by greedy coverage of `tokens` (n,): positions into `cands`."""
     n, c = len(tokens), len(cands)
-    own = ItemIndex._errors(tokens, np.asarray(idx, np.int64)[tokens], error)  # (n,)
-    err = ItemIndex._errors(np.repeat(tokens, c), np.tile(cands, n), error).reshape(n, c)  # (n, c)
+    own = pair_errors(tokens, np.asarray(idx, np.int64)[tokens], error)  # (n,)
+    err = pair_errors(np.repeat(tokens, c), np.tile(cands, n), error).reshape(n, c)  # (n, c)
     covers = err <= (1.0 + tol) * own[:, None]  # (n, c)
     gains = covers.sum(0).astype(np.int64)  # (c,) tokens each candidate covers that are not covered yet
     covered, taken = np.zeros(n, bool), []
@@ -271,17 +279,10 @@ class ItemIndex:
         if not lengths.any():
             return ok
         best_listed = self._best_listed(tokens, starts, lengths, entry, error)
-        own = self._errors(tokens, idx, error)
+        own = pair_errors(tokens, idx, error)
         has = lengths > 0
         ok[has] = best_listed[has][:, 0] <= (1.0 + self.tol) * own[has]
         return ok
-
-    @staticmethod
-    def _errors(tokens: np.ndarray, entries: np.ndarray, error: ErrorFn) -> np.ndarray:
-        out = np.empty(len(tokens), np.float64)
-        for a in range(0, len(tokens), PAIR_CHUNK):
-            out[a : a + PAIR_CHUNK] = error(tokens[a : a + PAIR_CHUNK], entries[a : a + PAIR_CHUNK]).detach().double().numpy()
-        return out
 
     def _best_listed(self, tokens, starts, lengths, entries: np.ndarray, error: ErrorFn) -> np.ndarray:
         """(T, 2): the smallest squared error over each token's list entries [starts, starts + lengths) of
@@ -319,7 +320,7 @@ class ItemIndex:
             tokens, starts, lengths = tokens[has], starts[has], lengths[has]
             if len(tokens):
                 best = self._best_listed(tokens, starts, lengths, self.entries, error)
-                take = best[:, 0] <= (1.0 + self.tol) * self._errors(tokens, idx[tokens], error)
+                take = best[:, 0] <= (1.0 + self.tol) * pair_errors(tokens, idx[tokens], error)
                 pos = best[take, 1].astype(np.int64)
                 code[tokens[take]] = pos + 1
                 idx[tokens[take]] = self.entries[starts[take] + pos]

@@ -48,17 +48,23 @@ def scores_into(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.Te
     return s.add_(b)[:n]
 
 
-def linear_argmax(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, chunk: int | None = None,
-                  x_scale: float = 1.0) -> torch.Tensor:
-    """(N, d), (m, d), (m,) -> (N,) `((x_scale x) @ w.T + b).argmax(1)` (a router's choice), in chunks of rows
-    (each chunk scaled on its own: no scaled copy of x)."""
+def _chunked_scores(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, chunk: int | None, x_scale: float):
+    """Yields (first row, (rows, m) float32 `(x_scale x) @ w.T + b`) chunk by chunk, into one reused buffer (each
+    chunk scaled on its own: no scaled copy of x)."""
     x, w, b = x.detach().float(), w.detach(), b.detach()
     rows = chunk_rows(len(w), chunk)
-    out = torch.empty(x.shape[0], dtype=torch.long)
     buf = torch.empty(max(2, min(rows, x.shape[0])), len(w))  # (rows, m) reused
     for a in range(0, x.shape[0], rows):
         xa = x[a : a + rows] if x_scale == 1.0 else x_scale * x[a : a + rows]
-        out[a : a + rows] = argmax_rows(scores_into(xa, w, b, buf))
+        yield a, scores_into(xa, w, b, buf)
+
+
+def linear_argmax(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, chunk: int | None = None,
+                  x_scale: float = 1.0) -> torch.Tensor:
+    """(N, d), (m, d), (m,) -> (N,) `((x_scale x) @ w.T + b).argmax(1)` (a router's choice), in chunks of rows."""
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    for a, s in _chunked_scores(x, w, b, chunk, x_scale):
+        out[a : a + len(s)] = argmax_rows(s)
     return out
 
 
@@ -66,14 +72,9 @@ def linear_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int, chunk
                 x_scale: float = 1.0) -> torch.Tensor:
     """(N, d), (m, d), (m,) -> (N, k) the rows of the k largest `(x_scale x) @ w.T + b` (largest first), chunked as
     `linear_argmax`: a router's k best entries."""
-    x, w, b = x.detach().float(), w.detach(), b.detach()
-    k = min(int(k), len(w))
-    rows = chunk_rows(len(w), chunk)
-    out = torch.empty(x.shape[0], k, dtype=torch.long)
-    buf = torch.empty(max(2, min(rows, x.shape[0])), len(w))  # (rows, m) reused
-    for a in range(0, x.shape[0], rows):
-        xa = x[a : a + rows] if x_scale == 1.0 else x_scale * x[a : a + rows]
-        out[a : a + rows] = torch.topk(scores_into(xa, w, b, buf), k, dim=1).indices  # (rows, k)
+    out = torch.empty(x.shape[0], min(int(k), len(w)), dtype=torch.long)
+    for a, s in _chunked_scores(x, w, b, chunk, x_scale):
+        out[a : a + len(s)] = torch.topk(s, out.shape[1], dim=1).indices  # (rows, k)
     return out
 
 
@@ -82,6 +83,12 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int | None = None) 
     (a linear layer with a bias; first index on ties)."""
     c = centroids.detach()
     return linear_argmax(x, c, -(c * c).sum(1), chunk, x_scale=2.0)
+
+
+def nearest_k(x: torch.Tensor, centroids: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
+    """(N, d), (m, d) -> (N, k) the k nearest centroids, nearest first (the scores of `nearest`)."""
+    c = centroids.detach()
+    return linear_topk(x, c, -(c * c).sum(1), k, chunk, x_scale=2.0)
 
 
 def score_rounding(d: int) -> float:

@@ -41,7 +41,7 @@ from ckv_cli.codecs.bits import bits_for
 from ckv_cli.codecs.itemindex import AUTO, IndexCoding, squared_error
 from ckv_cli.codecs.kmeans import nearest
 from ckv_cli.codecs.metric import check_factor, check_metric, coords, fit_pool, fitted_factor, pool_coords, router
-from ckv_cli.codecs.nearest import linear_argmax, linear_topk
+from ckv_cli.codecs.nearest import linear_argmax, linear_topk, nearest_k
 from ckv_cli.errors import CkvError
 from ckv_cli.spec import token_index, token_positions
 
@@ -244,9 +244,9 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         (N, k), on its residual against the prediction `encode` makes (the same first-layer `context` as `fit`)."""
         res = x.float() - self.predict(items, user_offsets, context)  # (N, d)
         near = None
-        if neighbours:
-            w, b, scale = (self.pool, -(self.pool**2).sum(1), 2.0) if self._router is None else (*self._router, 1.0)
-            near = linear_topk(res, w, b, neighbours, x_scale=scale)  # (N, k)
+        if neighbours:  # (N, k)
+            near = nearest_k(res, self.pool, neighbours) if self._router is None else linear_topk(res, *self._router,
+                                                                                                   neighbours)
         return self._nearest(res), self._error(res), near
 
     def _set_pool(self, pool: torch.Tensor) -> None:
