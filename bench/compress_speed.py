@@ -11,9 +11,12 @@ processes on a shared machine falls on both alike. Reported per side: wall secon
 (baseline / current) of both; the metrics each run reported (NDCG@10 and HR@10 without and with compression,
 top-10 overlap, KL); whether the two artifacts hold identical tensors (then every metric is identical too).
 With --evaluate, `ckv evaluate` runs on both artifacts for the paired-bootstrap 95% CI of each NDCG@10 delta.
+With --param KEY=VALUE (repeatable) a third side, "options", runs this tree with those `--param`s after each round's
+current side (e.g. `--param probes=8`, the approximate cell search) and is reported against both.
 
     python bench/compress_speed.py                                   # SASRec sample, ML-1M, 1 thread, 1 round
     python bench/compress_speed.py --repeats 3 --json docs/bench/compress-speed-cpu.json
+    python bench/compress_speed.py --param probes=8 --param iters=10 --evaluate   # and the approximate search
 Runs from the repository root (needs the baseline checkout, or git and the baseline commit in this repository's
 history). The machine's load average is recorded before and after (other processes slow both sides alike, but
 they make wall times upper bounds).
@@ -59,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="rounds (each runs both sides); medians reported")
     p.add_argument("--out-dir", type=Path, help="where artifacts go (default: a temporary folder)")
     p.add_argument("--evaluate", action="store_true", help="also `ckv evaluate` both artifacts (bootstrap CIs)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a third side: this tree with these `ckv compress --param`s (repeatable)")
     p.add_argument("--json", type=Path, help="write every run and the summary here")
     return p.parse_args(argv)
 
@@ -100,11 +105,12 @@ def run_fresh(name: str, tree: Path, threads: int, argv: list[str], log: Path) -
             "imported_from": origin}
 
 
-def run_side(name: str, tree: Path, args, out: Path) -> dict:
-    """One `ckv compress` in a fresh process; wall and CPU seconds, peak RSS, its JSON report."""
+def run_side(name: str, tree: Path, args, out: Path, params: list[str] = ()) -> dict:
+    """One `ckv compress` (with `--param`s) in a fresh process; wall and CPU seconds, peak RSS, its JSON report."""
     report = out.with_suffix(".json")
+    extra = [a for kv in params for a in ("--param", kv)]
     run = run_fresh(name, tree, args.threads, ["compress", str(args.checkpoint), "--data", args.data, "-o", str(out),
-                                               "--force", "--json", str(report)], out.with_suffix(".log"))
+                                               "--force", "--json", str(report), *extra], out.with_suffix(".log"))
     rep = json.loads(report.read_text())
     return {"side": name, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "peak_rss_mb": run["peak_rss_mb"],
             "metrics": rep["metrics"], "artifact": str(out), "imported_from": run["imported_from"]}
@@ -145,14 +151,16 @@ def main(argv=None) -> dict:
         base = baseline_of(args, tmp)
         load_before = os.getloadavg()
         runs = []
+        sides = [("baseline", base, []), ("current", ROOT, [])] + ([("options", ROOT, args.param)] if args.param else [])
+        names = [name for name, _, _ in sides]
         for r in range(args.repeats):
-            for name, tree in (("baseline", base), ("current", ROOT)):
-                run = run_side(name, tree, args, out_dir / f"{name}-{r}.safetensors")
+            for name, tree, params in sides:
+                run = run_side(name, tree, args, out_dir / f"{name}-{r}.safetensors", params)
                 runs.append(run)
                 print(f"round {r + 1} {name}: wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s, "
                       f"peak {run['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
         med = {s: {k: statistics.median(x[k] for x in runs if x["side"] == s) for k in ("wall_s", "cpu_s", "peak_rss_mb")}
-               for s in ("baseline", "current")}
+               for s in names}
         identical, differing = same_tensors(out_dir / "baseline-0.safetensors", out_dir / "current-0.safetensors")
         reruns_identical = (same_tensors(out_dir / "current-0.safetensors", out_dir / "current-1.safetensors")[0]
                             if args.repeats > 1 else None)
@@ -165,19 +173,27 @@ def main(argv=None) -> dict:
             "ratio_cpu": med["baseline"]["cpu_s"] / med["current"]["cpu_s"],
             "artifacts_identical_tensors": identical, "differing_tensors": differing,
             "current_reruns_identical_tensors": reruns_identical,
-            "metrics": {s: key_metrics(next(x for x in runs if x["side"] == s)["metrics"]) for s in ("baseline", "current")},
+            "metrics": {s: key_metrics(next(x for x in runs if x["side"] == s)["metrics"]) for s in names},
             "runs": runs,
         }
+        if args.param:
+            summary.update(params=args.param, ratio_cpu_options=med["baseline"]["cpu_s"] / med["options"]["cpu_s"],
+                           ratio_wall_options=med["baseline"]["wall_s"] / med["options"]["wall_s"],
+                           ratio_cpu_current_over_options=med["current"]["cpu_s"] / med["options"]["cpu_s"])
         if args.evaluate:
-            ev = evaluate(args, [out_dir / "baseline-0.safetensors", out_dir / "current-0.safetensors"], tmp / "eval.json")
+            ev = evaluate(args, [out_dir / f"{name}-0.safetensors" for name in names], tmp / "eval.json")
             summary["evaluate"] = ev
     print(f"baseline {args.baseline}: wall {med['baseline']['wall_s']:.1f} s, cpu {med['baseline']['cpu_s']:.1f} s | "
           f"current: wall {med['current']['wall_s']:.1f} s, cpu {med['current']['cpu_s']:.1f} s | "
           f"ratio wall {summary['ratio_wall']:.2f}x, cpu {summary['ratio_cpu']:.2f}x ({args.threads} thread(s))")
     print(f"load average (1, 5, 15 min) before {summary['load_avg_before']}, after {summary['load_avg_after']}")
+    if args.param:
+        print(f"options {' '.join(args.param)}: wall {med['options']['wall_s']:.1f} s, cpu {med['options']['cpu_s']:.1f} s"
+              f" | ratio to baseline cpu {summary['ratio_cpu_options']:.2f}x, current / options cpu "
+              f"{summary['ratio_cpu_current_over_options']:.2f}x")
     print(f"artifacts hold identical tensors: {identical}" + (f" (differ: {differing})" if differing else ""))
     for k in summary["metrics"]["baseline"]:
-        print(f"  {k}: baseline {summary['metrics']['baseline'][k]:.4f}  current {summary['metrics']['current'][k]:.4f}")
+        print(f"  {k}: " + "  ".join(f"{name} {summary['metrics'][name][k]:.4f}" for name in names))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=1, default=str))

@@ -1043,6 +1043,8 @@ CASES: list[Case] = [
          "ckv: error: Invalid value for '--negatives': Input should be greater than or equal to 0"),
     Case(OPTIONS, "negative --bootstrap", (*EVALUATE_ART[:-6], "--bootstrap", "-1"),
          "ckv: error: Invalid value for '--bootstrap': Input should be greater than or equal to 0"),
+    Case(OPTIONS, "cell search probes not a count", (*NEW, "--param", "probes=-1"),
+         "ckv: error: probes must be an integer >= 0, got -1"),
 ]
 
 

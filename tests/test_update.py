@@ -209,6 +209,27 @@ def test_update_of_a_predictive_stream_that_reads_the_window(logs, tmp_path, mon
     assert sum(routed) == streams * (3 * int((~slid).sum()) + window * int(slid.sum()) + int(n_born.sum()))
 
 
+def test_update_with_the_cell_search_routes_as_compress(logs, tmp_path, monkeypatch):
+    """`probes` (the approximate cell search, recorded in the artifact): an update rebuilds the cells from the stored
+    pool and routes the new tokens through them, so it equals compressing the extended log with the same plan."""
+    from ckv_cli.codecs import cells
+
+    monkeypatch.setattr(cells, "ENTRIES_PER_CELL", 8)  # a 40-entry pool in 5 cells, 2 probed: not the exact search
+    opts = {**OPTS, "codec": "predictive", "params": {"pool_size": 40, "probes": 2}}
+    out = tmp_path / "a" / "x.index.json"
+    model, meta = compressed(logs, "old", out, "hash", opts=opts)
+    plan = read_shared(out.parent / "x.shared.safetensors")[0]
+    codec = plan.streams["L1.k"]
+    assert codec.params()["probes"] == 2 and not codec._cell_index().exact
+    new = load_new_events(str(logs[1]["new"]), None, meta["item_vocab"])
+    update_artifact(model, logs[2], out, new, batch_users=8, command="t")
+    assert verify_path(out)[0] == []
+    ref = tmp_path / "b" / "x.index.json"
+    compressed(logs, "full", ref, "hash", plan=plan, opts=opts)
+    with open_artifact(out) as updated, open_artifact(ref) as reference:
+        same_users(updated, reference, model)
+
+
 def test_only_shards_of_touched_users_are_rewritten(logs, tmp_path):
     d, paths, ckpt, _, _ = logs
     out = tmp_path / "x.index.json"

@@ -81,7 +81,7 @@ class StreamCodec:
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if not isinstance(value, (int, np.integer)) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise CkvError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 

@@ -10,11 +10,15 @@ the bound by how far any other centroid moved (triangle inequality) and keeps th
 by more than float32 rounding can explain (`ckv_cli.codecs.nearest.score_rounding`, on both the float32 scores
 `nearest` would compute and the distances computed here): `nearest` would return that centroid. Every other
 point is recomputed in full. The centroids are therefore those of plain Lloyd, bit for bit.
+
+With `probes` (opt-in) every assignment goes through an approximate cell search instead (`ckv_cli.codecs.cells`):
+not plain Lloyd any more, but seeded and deterministic.
 """
 from __future__ import annotations
 
 import torch
 
+from ckv_cli.codecs.cells import CellAssign
 from ckv_cli.codecs.nearest import argmax_rows, chunk_rows, nearest, score_rounding, scores_into
 
 __all__ = ["kmeans", "kmeans_pp", "nearest"]
@@ -42,18 +46,19 @@ def kmeans_pp(x: torch.Tensor, m: int, gen: torch.Generator, candidates: int = 4
 
 
 def kmeans(x: torch.Tensor, m: int, seed: int = 0, iters: int = 20, seed_sample: int = 20000,
-           return_assign: bool = False, stats: list | None = None):
+           return_assign: bool = False, stats: list | None = None, probes: int = 0):
     """Centroids (m, d) of (N, d). Seeding runs on a seeded sample of at most `seed_sample` points. With
     `return_assign`, (centroids, nearest(x, centroids)). `stats`, when given, receives the number of points
-    computed in full at each assignment."""
+    computed in full at each assignment. `probes` > 0: every assignment is approximate, through a `CellIndex` of the
+    centroids searching that many cells (ckv_cli.codecs.cells; the returned assignment too)."""
     x = x.float().contiguous()
     gen = torch.Generator().manual_seed(seed)
     m = min(m, x.shape[0])
     sample = x[torch.randperm(x.shape[0], generator=gen)[: max(seed_sample, m)]]
     centroids = kmeans_pp(sample, m, gen) if m <= 512 else sample[:m].clone()
-    assigner = BoundedAssign(x)
+    assigner = CellAssign(x, probes, seed) if probes else BoundedAssign(x)
     for _ in range(iters):
-        assign = assigner(centroids)  # (N,) == nearest(x, centroids)
+        assign = assigner(centroids)  # (N,) == nearest(x, centroids) (with `probes`, mostly)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=m).float()
         empty = counts == 0

@@ -67,11 +67,12 @@ def check_factor(L: torch.Tensor, d: int) -> torch.Tensor:
     return L
 
 
-def fit_pool(x: torch.Tensor, m: int, seed: int, iters: int, L: torch.Tensor | None) -> torch.Tensor:
-    """(N, d) -> (m, d) k-means pool in x's coordinates, fitted in the metric (z = x L) when L is given."""
+def fit_pool(x: torch.Tensor, m: int, seed: int, iters: int, L: torch.Tensor | None, probes: int = 0) -> torch.Tensor:
+    """(N, d) -> (m, d) k-means pool in x's coordinates, fitted in the metric (z = x L) when L is given (`probes`:
+    approximate assignments, `kmeans`)."""
     if L is None:
-        return kmeans(x, m, seed=seed, iters=iters)
-    pool_z = kmeans(x.float() @ L, m, seed=seed, iters=iters)  # (m, d) in metric coordinates
+        return kmeans(x, m, seed=seed, iters=iters, probes=probes)
+    pool_z = kmeans(x.float() @ L, m, seed=seed, iters=iters, probes=probes)  # (m, d) in metric coordinates
     return torch.linalg.solve_triangular(L.double(), pool_z.double(), upper=False, left=False).float()  # z L^-1
 
 

@@ -30,6 +30,10 @@ item: a position in the item's list of pool entries, or an escape to the full in
 calibration tokens' residuals against the same prediction (first-layer context included) that `encode` uses.
 
 `metric="fisher"` fits the pool and picks each token's entry in the model's Fisher metric (`ckv_cli.codecs.metric`).
+
+`probes=P` (0, exact, by default) makes the pool's k-means and every token's routing approximate: a token is scored
+only against the entries of the P cells nearest it (`ckv_cli.codecs.cells`); the artifact records it, so an append
+routes as compress did. Decoding does not depend on it.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import torch
 
 from ckv_cli.codecs.base import Field, StreamCodec, check_positive_int
 from ckv_cli.codecs.bits import bits_for
+from ckv_cli.codecs.cells import CellIndex
 from ckv_cli.codecs.itemindex import AUTO, IndexCoding, squared_error
 from ckv_cli.codecs.kmeans import nearest
 from ckv_cli.codecs.metric import check_factor, check_metric, coords, fit_pool, fitted_factor, pool_coords, router
@@ -125,7 +130,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
     def __init__(self, d: int, pool_size: int = 1024, predictor: str = "linear", dtype: str = "fp16",
                  shrink: float = 5.0, min_count: int = 1, iters: int = 20, index: str = "flat", index_bits=AUTO,
                  escape_tol: float = 0.0, metric: str = "l2", max_rows: int | str = 0, ema: float = 0.0,
-                 index_lists: str = "count", index_fill: int = 0):
+                 index_lists: str = "count", index_fill: int = 0, probes: int = 0):
         self.d = check_positive_int("d", d)
         self.pool_size = check_positive_int("pool size", pool_size, 2)
         if predictor not in PREDICTORS:
@@ -137,6 +142,7 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         self.predictor, self.dtype, self.shrink = predictor, dtype, float(shrink)
         self.min_count = check_positive_int("min count", min_count, 1)
         self.iters = check_positive_int("iters", iters, 1)
+        self.probes = check_positive_int("probes", probes, 0)
         if max_rows != "pool" and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0):
             raise CkvError(f"max_rows must be an integer >= 0 (0: no cap) or 'pool', got {max_rows!r}")
         self.max_rows = max_rows
@@ -177,7 +183,8 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         return {"d": self.d, "pool_size": self.pool_size, "predictor": self.predictor, "dtype": self.dtype,
                 "shrink": self.shrink, "min_count": self.min_count, **self.index_params(),
                 **({"max_rows": self.max_rows} if self.max_rows else {}), **({"ema": self.ema} if self.ema else {}),
-                **({"metric": self.metric} if self.metric != "l2" else {})}
+                **({"metric": self.metric} if self.metric != "l2" else {}),
+                **({"probes": self.probes} if self.probes else {})}
 
     @property
     def needs_fisher(self) -> bool:
@@ -235,7 +242,8 @@ class PredictiveCodec(IndexCoding, StreamCodec):
             self.pos_table = self._stored(sums / torch.bincount(pos, minlength=n_pos).clamp(min=1).float()[:, None])
             pred = pred + self._pos_rows(pos)
         torch.manual_seed(seed)
-        self._set_pool(self._stored(fit_pool(x - pred, self.pool_size, seed, self.iters, self.metric_L)))  # (m, d)
+        self._set_pool(self._stored(fit_pool(x - pred, self.pool_size, seed, self.iters, self.metric_L,
+                                             self.probes)))  # (m, d)
         self.fit_index(x, items, user_offsets, context)  # item-coded: the lists, from the tokens' residual entries
 
     def index_inputs(self, x: torch.Tensor, items: np.ndarray, user_offsets: np.ndarray | None = None,
@@ -254,8 +262,20 @@ class PredictiveCodec(IndexCoding, StreamCodec):
         self._router = None if self.metric_L is None else router(pool, self.metric_L)
 
     def _nearest(self, res: torch.Tensor) -> torch.Tensor:
-        """(N, d) residuals -> (N,) nearest pool entries (in the metric)."""
+        """(N, d) residuals -> (N,) nearest pool entries (in the metric; with `probes`, among the entries of that many
+        cells: `ckv_cli.codecs.cells`)."""
+        if self.probes:
+            return self._cell_index().search(coords(res, self.metric_L))
         return nearest(res, self.pool) if self._router is None else linear_argmax(res, *self._router)
+
+    def _cell_index(self) -> CellIndex:
+        """The pool's cells (in the metric's coordinates), kept while the pool is this tensor. Seeded with 0, not the
+        fit's seed: an append, which reads only the artifact, searches the cells that compress searched."""
+        entries = pool_coords(self, self.pool, self.metric_L)
+        memo = getattr(self, "_cells", None)
+        if memo is None or memo[0] is not entries:
+            memo = self._cells = (entries, CellIndex(entries, self.probes, seed=0))
+        return memo[1]
 
     def _error(self, res: torch.Tensor):
         return squared_error(coords(res, self.metric_L), pool_coords(self, self.pool, self.metric_L))
