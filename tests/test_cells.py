@@ -1,6 +1,8 @@
 """The approximate cell search (ckv_cli.codecs.cells, `--param probes=N`): what it promises and what it does not."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,22 @@ def test_probes_must_be_a_count(bad):
         PredictiveCodec(d=8, probes=bad)
     with pytest.raises(CkvError, match="probes"):
         CellIndex(torch.zeros(300, 4), probes=bad if bad != -1 else 0)  # the index needs at least one probe
+
+
+def test_bench_compress_speed_runs_an_options_side(tmp_path):
+    """bench/compress_speed.py --param: a third side, this tree with the options, in its own fresh process (here the
+    "baseline" is this tree too, on an untrained model of ML-100K: the plumbing, not the speed)."""
+    from conftest import REPO, load_script, untrained_checkpoint
+    from ckv_cli.data import load
+
+    ckpt = untrained_checkpoint("sasrec", load("ml-100k"), tmp_path / "sasrec.safetensors", 16)
+    bench = load_script("bench/compress_speed.py", "bench_compress_speed")
+    out = tmp_path / "speed.json"
+    summary = bench.main(["--checkpoint", str(ckpt), "--data", "ml-100k", "--baseline-tree", str(REPO), "--param",
+                          "probes=2", "--out-dir", str(tmp_path / "runs"), "--json", str(out)])
+    assert [r["side"] for r in summary["runs"]] == ["baseline", "current", "options"]
+    assert summary["artifacts_identical_tensors"]  # the same tree and command: the same artifact
+    report = json.loads((tmp_path / "runs" / "options-0.json").read_text())
+    assert report["params"]["probes"] == 2 and "probes" not in json.loads((tmp_path / "runs" / "current-0.json")
+                                                                          .read_text())["params"]
+    assert summary["ratio_cpu_options"] > 0 and json.loads(out.read_text())["params"] == ["probes=2"]
