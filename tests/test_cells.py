@@ -100,6 +100,7 @@ def test_predictive_probes_round_trip_and_stay_close(metric):
     for c in (exact, approx):
         c.fit(x, 0, items=items, context=ctx, user_offsets=off, fisher=fisher)
     assert "probes" not in exact.params() and approx.params()["probes"] == 2
+    assert not approx._cell_index().exact  # 8 cells of the 512 entries, 2 probed
     enc = approx.encode(x, off, items=items, context=ctx)
     again = PredictiveCodec(**approx.params())  # what a reader or an append builds from the artifact
     again.load_shared({k: v.clone() for k, v in approx.shared().items()})

@@ -1,13 +1,13 @@
 """Approximate nearest-entry search over a pool: an inverted file (Sivic and Zisserman 2003, "Video Google"; the
-IVF of Jégou, Douze and Schmid 2011, "Product quantization for nearest neighbor search"), opt-in (`search=cells`).
+IVF of Jégou, Douze and Schmid 2011, "Product quantization for nearest neighbor search"), opt-in (`probes=P`).
 
 The pool's m entries are grouped into about m / ENTRIES_PER_CELL cells by a small seeded k-means over the entries
 themselves; a vector's scores `2 x.e - |e|^2` are computed against the cells' centroids, then against the entries
 of its `probes` best cells only, one GEMM per cell over every vector that probes it. With 8,192 entries, 128 cells
 and 8 probes a vector is scored against 128 + about 512 vectors instead of 8,192. The answer is the exact
 nearest entry whenever that entry lies in a probed cell, another close entry otherwise: an approximation, measured
-where it is offered (docs/speed.md), never a default. Deterministic: the cells come from a seed, and every
-product's rows do not depend on the others.
+where it is offered (docs/speed.md), never a default. Deterministic: the cells come from a seed, so the same
+entries, vectors and thread count give the same answers.
 """
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ class CellIndex:
 
 
 class CellAssign:
-    """Lloyd's assignment step (`kmeans`, `search="cells"`) through a `CellIndex` of the current centroids, rebuilt
-    at every step: approximate, unlike `BoundedAssign`."""
+    """Lloyd's assignment step (`kmeans(..., probes=P)`) through a `CellIndex` of the current centroids, rebuilt at
+    every step: approximate, unlike `BoundedAssign`."""
 
     def __init__(self, x: torch.Tensor, probes: int, seed: int = 0):
         self.x, self.probes, self.seed = x.float().contiguous(), probes, seed
