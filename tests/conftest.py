@@ -170,3 +170,10 @@ def rewrite(path, out, tensors=None, fields=None):
         meta = {**meta, "fields": json.dumps(fields, sort_keys=True)}
     save_file(t, str(out), metadata=meta)
     return out
+
+
+def clustered(n: int, d: int, centres: int, seed: int, spread: float = 0.3) -> torch.Tensor:
+    """(n, d) points around `centres` seeded Gaussian centres (scale 3), each with Gaussian noise of `spread`."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centres, d, generator=g) * 3
+    return c[torch.randint(centres, (n,), generator=g)] + spread * torch.randn(n, d, generator=g)

@@ -7,23 +7,19 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO, clustered, load_script, untrained_checkpoint
 from ckv_cli.codecs import cells
 from ckv_cli.codecs.cells import CellIndex
 from ckv_cli.codecs.kmeans import kmeans
 from ckv_cli.codecs.nearest import nearest
 from ckv_cli.codecs.predictive import PredictiveCodec
+from ckv_cli.data import load
 from ckv_cli.errors import CkvError
-
-
-def clustered(n, d, centres, seed, spread=0.4):
-    g = torch.Generator().manual_seed(seed)
-    c = 3 * torch.randn(centres, d, generator=g)
-    return c[torch.randint(centres, (n,), generator=g)] + spread * torch.randn(n, d, generator=g)
 
 
 @pytest.fixture(scope="module")
 def pool_and_points():
-    x = clustered(6000, 16, 300, 0)
+    x = clustered(6000, 16, 300, 0, spread=0.4)
     return kmeans(x[:4000], 1024, iters=3), x
 
 
@@ -67,12 +63,12 @@ def test_deterministic_and_independent_of_the_chunk(pool_and_points, monkeypatch
 
 
 def test_kmeans_with_every_cell_probed_is_plain_kmeans():
-    x = clustered(3000, 8, 40, 1)
+    x = clustered(3000, 8, 40, 1, spread=0.4)
     assert torch.equal(kmeans(x, 256, seed=2, iters=4, probes=4), kmeans(x, 256, seed=2, iters=4))  # 4 cells
 
 
 def test_kmeans_with_few_probes_fits_nearly_as_well():
-    x = clustered(8000, 16, 400, 2)
+    x = clustered(8000, 16, 400, 2, spread=0.4)
     exact, ea = kmeans(x, 1024, seed=0, iters=8, return_assign=True)
     approx, aa = kmeans(x, 1024, seed=0, iters=8, return_assign=True, probes=3)
     assert not torch.equal(exact, approx)  # it is an approximation
@@ -84,7 +80,7 @@ def synthetic(n=3000, d=8, n_items=50, seed=0):
     g = torch.Generator().manual_seed(seed)
     ctx = torch.randn(n, 6, generator=g)
     items = torch.randint(1, n_items, (n,), generator=g).numpy()
-    x = ctx @ torch.randn(6, d, generator=g) + clustered(n, d, 200, seed + 1)
+    x = ctx @ torch.randn(6, d, generator=g) + clustered(n, d, 200, seed + 1, spread=0.4)
     return x, ctx, items, np.arange(0, n + 1, 30)
 
 
@@ -123,9 +119,6 @@ def test_probes_must_be_a_count(bad):
 def test_bench_compress_speed_runs_an_options_side(tmp_path):
     """bench/compress_speed.py --param: a third side, this tree with the options, in its own fresh process (here the
     "baseline" is this tree too, on an untrained model of ML-100K: the plumbing, not the speed)."""
-    from conftest import REPO, load_script, untrained_checkpoint
-    from ckv_cli.data import load
-
     ckpt = untrained_checkpoint("sasrec", load("ml-100k"), tmp_path / "sasrec.safetensors", 16)
     bench = load_script("bench/compress_speed.py", "bench_compress_speed")
     out = tmp_path / "speed.json"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import clustered
 from ckv_cli.codecs.collective import CollectiveCodec
 from ckv_cli.codecs.kmeans import BoundedAssign, kmeans, kmeans_pp
 from ckv_cli.codecs.nearest import argmax_rows, linear_argmax, linear_topk, nearest
@@ -41,12 +42,6 @@ def ref_kmeans(x, m, seed=0, iters=20, seed_sample=20000):
             err = ((x - centroids[assign]) ** 2).sum(1)
             centroids[empty] = x[err.topk(int(empty.sum())).indices]
     return centroids
-
-
-def clustered(n, d, centres, seed, spread=0.3):
-    g = torch.Generator().manual_seed(seed)
-    c = torch.randn(centres, d, generator=g) * 3
-    return c[torch.randint(centres, (n,), generator=g)] + spread * torch.randn(n, d, generator=g)
 
 
 # ---------------------------------------------------------------- argmax and nearest

@@ -22,15 +22,22 @@ CELL_ITERS = 10  # Lloyd steps of the cells' k-means
 CHUNK = 1 << 16  # vectors per chunk (its (chunk x probes, d) gathered rows: 128 MB at 8 probes, d 64)
 
 
+def cell_count(m: int, probes: int, cells: int | None = None) -> tuple[int, int, bool]:
+    """(cells, probes, exact) for m entries: `cells` (default about m / ENTRIES_PER_CELL) and `probes` capped at m
+    and at the cells; exact when there are fewer than MIN_CELLS cells or every cell is probed (then `search` is
+    `nearest`)."""
+    n = min(m, check_positive_int("cells", cells) if cells is not None else max(1, m // ENTRIES_PER_CELL))
+    p = min(check_positive_int("probes", probes), n)
+    return n, p, n < MIN_CELLS or p == n
+
+
 class CellIndex:
     """The entries (m, d) grouped into cells for `search`; `probes` cells are searched per vector."""
 
     def __init__(self, entries: torch.Tensor, probes: int, seed: int = 0, cells: int | None = None):
         e = entries.detach().float().contiguous()  # (m, d)
         m = len(e)
-        self.cells = min(m, check_positive_int("cells", cells) if cells is not None else max(1, m // ENTRIES_PER_CELL))
-        self.probes = min(check_positive_int("probes", probes), self.cells)
-        self.exact = self.cells < MIN_CELLS or self.probes == self.cells
+        self.cells, self.probes, self.exact = cell_count(m, probes, cells)
         self.entries = e
         if self.exact:
             return
@@ -83,7 +90,8 @@ class CellIndex:
 
 class CellAssign:
     """Lloyd's assignment step (`kmeans(..., probes=P)`) through a `CellIndex` of the current centroids, rebuilt at
-    every step: approximate, unlike `BoundedAssign`."""
+    every step: approximate, unlike `BoundedAssign` (which `kmeans` keeps where the cells would be searched whole:
+    `cell_count`)."""
 
     def __init__(self, x: torch.Tensor, probes: int, seed: int = 0):
         self.x, self.probes, self.seed = x.float().contiguous(), probes, seed

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ckv_cli.codecs.cells import CellAssign
+from ckv_cli.codecs.cells import CellAssign, cell_count
 from ckv_cli.codecs.nearest import argmax_rows, chunk_rows, nearest, score_rounding, scores_into
 
 __all__ = ["kmeans", "kmeans_pp", "nearest"]
@@ -56,7 +56,8 @@ def kmeans(x: torch.Tensor, m: int, seed: int = 0, iters: int = 20, seed_sample:
     m = min(m, x.shape[0])
     sample = x[torch.randperm(x.shape[0], generator=gen)[: max(seed_sample, m)]]
     centroids = kmeans_pp(sample, m, gen) if m <= 512 else sample[:m].clone()
-    assigner = CellAssign(x, probes, seed) if probes else BoundedAssign(x)
+    approx = probes and not cell_count(m, probes)[2]  # a cell search of every cell is `nearest`: keep the bounds
+    assigner = CellAssign(x, probes, seed) if approx else BoundedAssign(x)
     for _ in range(iters):
         assign = assigner(centroids)  # (N,) == nearest(x, centroids) (with `probes`, mostly)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
