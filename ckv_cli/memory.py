@@ -7,6 +7,12 @@ training run's RSS climbs well above its live peak (HSTU on ML-100k, one epoch: 
 1.2 GB live). Fixing the threshold (`mallopt(M_MMAP_THRESHOLD)`, which also stops the adjustment) returns
 every large tensor's pages when it is freed. Nothing computed changes, only where memory comes from; the
 price is the kernel zero-filling fresh pages for each large tensor (see bench/train_memory.py).
+
+Tensors under the threshold (HSTU's and SASRec's (B, L, d) activations, 6.5 MB at batch 128) still come from the
+heap, and a step's freed ones stay resident, scattered, into the next step: `trim_heap()` after each next-item
+training step hands the heap's free pages back (glibc's `malloc_trim(0)`), so every step starts from the live
+tensors alone. Its price is the same kind: the next step faults those pages in again (docs/speed.md). Lowering
+the threshold instead pays that for every small tensor, not once per step.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import sys
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 _done = False
+_libc = None
 
 
 def release_large_blocks(threshold: int = 8 << 20) -> bool:
@@ -24,11 +31,28 @@ def release_large_blocks(threshold: int = 8 << 20) -> bool:
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _done = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    _done = libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
     return _done
+
+
+def trim_heap() -> bool:
+    """Return the heap's free pages to the kernel now (`malloc_trim(0)`); call it between training steps.
+    Returns whether it applied (False off glibc: nothing happens)."""
+    libc = _glibc()
+    return libc is not None and libc.malloc_trim(0) >= 0
+
+
+def _glibc():
+    """glibc through ctypes, or None (another platform, or a libc without mallopt / malloc_trim)."""
+    global _libc
+    if _libc is None:
+        _libc = False
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim"):
+                    _libc = lib
+            except OSError:
+                pass
+    return _libc or None
