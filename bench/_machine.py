@@ -1,6 +1,7 @@
-"""The machine a benchmark ran on, for its table and JSON (shared by the scripts in `bench/`)."""
+"""The machine a benchmark ran on, for its table and JSON, and the JSON writer (shared by the scripts in `bench/`)."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -27,3 +28,10 @@ def machine(device: str = "cpu") -> dict:
     if str(device).startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(device)
     return out
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    """A benchmark's result as indented JSON at `path` (its folder made), or nothing without a path."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._machine import machine  # noqa: E402
+from bench._machine import machine, write_json  # noqa: E402
 from bench.compress_speed import DEFAULT_TREE, baseline_of, run_fresh  # noqa: E402
 
 CTR_ARCHS = {"sim", "eta", "sdim", "twin", "nohistory"}
@@ -99,9 +99,7 @@ def main(argv=None) -> dict:
                   f"{row['identical_tensors']}, metadata equal but timing {row['metadata_equal_but_timing']}", flush=True)
     out = {"machine": machine(), "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "threads": args.threads, "epochs": args.epochs, "baseline_commit": args.baseline,
            "rows": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+    write_json(args.json, out)
     return out
 
 

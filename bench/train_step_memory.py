@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench._machine import machine, write_json  # noqa: E402
 from ckv_cli.data import load  # noqa: E402
 from ckv_cli.data.batching import history_batch  # noqa: E402
 from ckv_cli.memory import release_large_blocks, trim_heap  # noqa: E402
@@ -114,11 +114,9 @@ def main(argv=None) -> dict:
     print(f"saved for the backward: {sum(r['mb'] for r in saved):.0f} MB")
     for r in saved[:12]:
         print(f"  {r['mb']:7.1f} MB  {r['at']:18s} {r['dtype']:8s} {tuple(r['shape'])}")
-    out = {"arch": args.arch, "data": args.data, "threshold": args.threshold, "trim": not args.no_trim,
-           "phases": rows, "saved": saved}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+    out = {"machine": machine(), "arch": args.arch, "data": args.data, "threshold": args.threshold,
+           "trim": not args.no_trim, "phases": rows, "saved": saved}
+    write_json(args.json, out)
     return out
 
 

@@ -67,7 +67,7 @@ def test_pick_columns_is_gather_bit_for_bit_and_keeps_only_the_index():
     assert out["pick"][2] == [((5, 9, 13), torch.int64)]  # ...the pick only the index
 
 
-def test_small_catalogue_loss_keeps_no_full_score_matrix(monkeypatch):
+def test_small_catalogue_loss_keeps_no_full_score_matrix():
     """The loss over a catalogue of N items with n sampled negatives (N + 1 <= 32 n: every item scored once) keeps
     nothing of shape (B, L, N + 1) for the backward."""
     model = make_model("sasrec").train()
@@ -102,9 +102,10 @@ def _rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-@pytest.mark.skipif(not release_large_blocks(), reason="glibc's malloc settings only apply on Linux with glibc")
 def test_trim_heap_returns_freed_heap_memory():
     """Blocks under the mmap threshold come from the heap and stay resident when freed; a trim returns them."""
+    if not release_large_blocks():
+        pytest.skip("glibc's malloc settings only apply on Linux with glibc")
     kept = [torch.ones(1 << 18) for _ in range(200)]  # 200 x 1 MB, each under the 8 MB threshold: heap memory
     pin = torch.ones(1 << 18)  # allocated last, kept: the freed blocks sit below it, not at the heap's top
     del kept
