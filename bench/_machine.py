@@ -35,3 +35,32 @@ def write_json(path: Path | None, result: dict) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
+
+
+def reset_peak() -> bool:
+    """Start a new peak-RSS window (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_mb() -> float:
+    """This process's peak resident set since `reset_peak()` (VmHWM), MB; NaN off Linux."""
+    return _status_mb("VmHWM:")
+
+
+def resident_mb() -> float:
+    """This process's resident set now (VmRSS), MB; NaN off Linux."""
+    return _status_mb("VmRSS:")
+
+
+def _status_mb(field: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 2**10  # kB
+    except (OSError, ValueError):
+        pass
+    return float("nan")

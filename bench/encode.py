@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._machine import machine as bench_machine  # noqa: E402
+from bench._machine import machine as bench_machine, reset_peak, window_peak_mb  # noqa: E402
 
 from ckv_cli.codecs.bits import pack  # noqa: E402
 from ckv_cli.codecs.collective import CollectiveCodec  # noqa: E402
@@ -76,25 +76,6 @@ def rss_mb() -> float:
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
         return float("nan")
-
-
-def reset_peak() -> bool:
-    """Start a new peak-RSS window (Linux >= 4.0); False where the kernel does not allow it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def window_peak_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10  # kB
-    except (OSError, ValueError):
-        pass
-    return float("nan")
 
 
 def peak_rss_mb() -> float:

@@ -24,28 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench._machine import machine, write_json  # noqa: E402
+from bench._machine import machine, reset_peak, resident_mb, window_peak_mb, write_json  # noqa: E402
 from ckv_cli.data import load  # noqa: E402
-from ckv_cli.data.batching import history_batch  # noqa: E402
 from ckv_cli.memory import release_large_blocks, trim_heap  # noqa: E402
 from ckv_cli.models import REGISTRY  # noqa: E402
 from ckv_cli.tasks.next_item import evaluate_model  # noqa: E402
-from ckv_cli.train.next_item import TrainConfig, model_config, sampled_softmax_loss  # noqa: E402
-
-
-def memory_mb() -> dict:
-    """Peak (VmHWM) and current (VmRSS) resident set, MB."""
-    with open("/proc/self/status") as f:
-        return {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in f) if k in ("VmHWM", "VmRSS")}
+from ckv_cli.train.next_item import TrainConfig, model_config, sampled_softmax_loss, training_batch  # noqa: E402
 
 
 def phase(rows: list, name: str, fn):
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak restarts from the current resident set
+    reset_peak()  # the peak restarts from the current resident set
     out = fn()
-    m = memory_mb()
-    rows.append({"phase": name, "peak_mb": round(m["VmHWM"]), "after_mb": round(m["VmRSS"])})
-    print(f"{name:24s} peak {m['VmHWM']:7.0f} MB   after {m['VmRSS']:7.0f} MB", flush=True)
+    peak, now = window_peak_mb(), resident_mb()
+    rows.append({"phase": name, "peak_mb": round(peak), "after_mb": round(now)})
+    print(f"{name:24s} peak {peak:7.0f} MB   after {now:7.0f} MB", flush=True)
     return out
 
 
@@ -92,11 +84,7 @@ def main(argv=None) -> dict:
     max_len = model.config.max_len
 
     def batch(a: int):
-        seqs = [train_items[u][-(max_len + 1):] for u in users[a : a + cfg.batch_size]]
-        times = [train_times[u][-(max_len + 1):] for u in users[a : a + cfg.batch_size]]
-        items, ts, lengths = history_batch([s[:-1] for s in seqs], [t[:-1] for t in times], max_len)
-        targets = history_batch([s[1:] for s in seqs], [t[1:] for t in times], max_len)[0]
-        return items, ts, lengths, targets, torch.arange(items.shape[1])[None] < lengths[:, None]
+        return training_batch(train_items, train_times, users[a : a + cfg.batch_size], max_len)
 
     def loss_of(b):
         items, ts, lengths, targets, valid = b

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 _done = False
-_libc = None
 
 
 def release_large_blocks(threshold: int = 8 << 20) -> bool:
@@ -43,16 +43,13 @@ def trim_heap() -> bool:
     return libc is not None and libc.malloc_trim(0) >= 0
 
 
+@functools.cache
 def _glibc():
     """glibc through ctypes, or None (another platform, or a libc without mallopt / malloc_trim)."""
-    global _libc
-    if _libc is None:
-        _libc = False
-        if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim"):
-                    _libc = lib
-            except OSError:
-                pass
-    return _libc or None
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None

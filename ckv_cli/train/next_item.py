@@ -137,21 +137,28 @@ def sampled_softmax_loss(model, h, targets, valid, n_neg, temperature, gen, shar
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
+def training_batch(train_items, train_times, users, max_len: int, device: str = "cpu"):
+    """The training batch of `users`: each one's last `max_len + 1` training events, every position predicting the
+    next. (items, timestamps, lengths, targets, valid): (B, L) right-padded inputs, (B,) lengths, (B, L) next
+    items and (B, L) bool real positions, on `device`."""
+    seqs = [train_items[u][-(max_len + 1):] for u in users]
+    times = [train_times[u][-(max_len + 1):] for u in users]
+    items, ts, lengths = history_batch([s[:-1] for s in seqs], [t[:-1] for t in times], max_len)
+    targets = history_batch([s[1:] for s in seqs], [t[1:] for t in times], max_len)[0]  # (B, L) next items
+    items, ts, lengths, targets = (t.to(device) for t in (items, ts, lengths, targets))
+    valid = torch.arange(items.shape[1], device=device)[None] < lengths[:, None]  # (B, L)
+    return items, ts, lengths, targets, valid
+
+
 def run_epoch(model, opt, cfg: TrainConfig, train_items, train_times, order, gen, on_step=None,
               epoch: int = 0) -> list[float]:
     """One pass over the users in `order`: every position of each user's last `max_len + 1` training events
     predicts the next one. A NaN or infinite loss or weight stops it with one line (`check_loss`)."""
     model.train()
-    max_len = model.config.max_len
     losses = []
     for a in range(0, len(order), cfg.batch_size):
-        batch = order[a : a + cfg.batch_size]
-        seqs = [train_items[u][-(max_len + 1):] for u in batch]
-        times = [train_times[u][-(max_len + 1):] for u in batch]
-        items, ts, lengths = history_batch([s[:-1] for s in seqs], [t[:-1] for t in times], max_len)
-        targets = history_batch([s[1:] for s in seqs], [t[1:] for t in times], max_len)[0]  # (B, L) next items
-        items, ts, lengths, targets = (t.to(cfg.device) for t in (items, ts, lengths, targets))
-        valid = torch.arange(items.shape[1], device=cfg.device)[None] < lengths[:, None]  # (B, L)
+        items, ts, lengths, targets, valid = training_batch(train_items, train_times, order[a : a + cfg.batch_size],
+                                                            model.config.max_len, cfg.device)
         h = model(items, ts, lengths)  # (B, L, d)
         loss = sampled_softmax_loss(model, h, targets, valid, cfg.n_negatives, cfg.temperature, gen,
                                     cfg.shared_negatives)
