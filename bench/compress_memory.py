@@ -34,7 +34,6 @@ Runs from the repository root without installing ckv (it puts the root on sys.pa
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -47,7 +46,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._machine import machine as bench_machine  # noqa: E402
+from bench._machine import machine as bench_machine, reset_peak, resident_mb, window_peak_mb  # noqa: E402
+from ckv_cli.memory import trim_heap  # noqa: E402  (the C heap's free memory back before counting)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,34 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path)
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one count in this process
     return p.parse_args(argv)
-
-
-# ---------------------------------------------------------------------------------------------- memory
-
-
-def status_mb(key: str) -> float:
-    """A /proc/self/status entry in MB (VmRSS: resident now; VmHWM: peak since start or the last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def trim_heap() -> None:
-    """Give the C heap's free memory back to the kernel (glibc `malloc_trim`), so that "before" counts what is
-    in use, not what building the data freed: compress would reuse those pages without raising the RSS."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------- one count
@@ -149,20 +121,20 @@ def run_one(args) -> dict:
 
     def advance(n, *rest):
         if not fit_phase:  # the first batch is done: close the fit phase's window
-            fit_phase.update(peak=status_mb("VmHWM"), rss=status_mb("VmRSS"))
+            fit_phase.update(peak=window_peak_mb(), rss=resident_mb())
             reset_peak()
 
     gc.collect()
     trim_heap()
-    setup_peak = status_mb("VmHWM")
-    before = status_mb("VmRSS")
+    setup_peak = window_peak_mb()
+    before = resident_mb()
     if not reset_peak():
         raise SystemExit("this kernel does not let the peak resident set be reset (/proc/self/clear_refs)")
     t0 = time.perf_counter()
     report = compress_to_artifact(model, {"arch": "sasrec"}, ckpt, ds, opts, out, command="bench/compress_memory.py",
                                   advance=advance)
     seconds = time.perf_counter() - t0
-    stream_peak = status_mb("VmHWM")
+    stream_peak = window_peak_mb()
     peak = max(fit_phase["peak"], stream_peak)
     tokens = report["accounting"]["tokens"]
     row = {"users": n_users, "events": int(ds.offsets[-1]), "tokens": tokens, "compress_s": seconds,
