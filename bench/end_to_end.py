@@ -18,6 +18,11 @@ concatenated), and the candidates are scored against the output (`score_candidat
 "read" columns time the read alone: full = gather + cast + pad into the model's layout; ckv = gather + unpack
 + the padded index tensors (`CompressedCache`).
 
+`--parts` (warm only) also times each part of one batch's attention, one query per user, the parts taking turns:
+every layer's stored-form parts (a predictive stream's pool, item table and linear part; a first layer read
+through the fold tables or as the real tokens' rows) against the fp16 side's dense K and V of the same layer, and
+a first layer built from "kv" tables (HSTU's). JSON: each warm row's `parts_ms`.
+
 `warm`: the files are in the page cache (one untimed call first). `cold`: before every timed call that side's
 file is unmapped, its pages dropped with posix_fadvise(POSIX_FADV_DONTNEED) and mapped again, so its reads come
 from the disk; the share of the file still resident after the drop (mincore) is printed, so a drop the kernel
@@ -56,7 +61,9 @@ from ckv_cli.io.files import sha256_file  # noqa: E402
 from ckv_cli.errors import CkvError  # noqa: E402
 from ckv_cli.io.safetensors import SafetensorsMap  # noqa: E402
 from ckv_cli.models.base import KVCache  # noqa: E402
-from ckv_cli.serve.next_item import CacheStore, replay_hidden, score_candidates  # noqa: E402
+from ckv_cli.serve.attention import CompressedStream  # noqa: E402
+from ckv_cli.serve.next_item import (CacheStore, ItemLayer, PredictedStream, _cached_scores, _cached_values,  # noqa: E402
+                                     first_layer_streams, replay_hidden, score_candidates, tables_form)
 from ckv_cli.spec import token_index  # noqa: E402
 from ckv_cli.tasks.next_item import iter_test_caches  # noqa: E402
 
@@ -78,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write every row and the machine here")
+    p.add_argument("--parts", action="store_true", help="also time each part of one batch's attention (warm): every "
+                   "layer's stored-form parts and fp16 K/V, one query per user, and a first layer built from tables")
     return p.parse_args(argv)
 
 
@@ -194,6 +203,48 @@ def interleaved(fns: dict, repeats: int, before: dict | None = None) -> dict[str
     return times
 
 
+def _label(part, n_tokens: int) -> str:
+    if isinstance(part, CompressedStream):
+        rows = part.pool.shape[0]
+        return f"the real tokens' rows ({rows}x{part.pool.shape[1]})" if rows == n_tokens else f"pool {rows}x{part.pool.shape[1]}"
+    return type(part).__name__
+
+
+@torch.no_grad()
+def part_times(store: CacheStore, full: FullCache, users: np.ndarray, repeats: int) -> dict[str, float]:
+    """Median ms of each part of one batch's attention, one query per user, the parts taking turns: every layer's
+    stored-form K parts (scores) and V parts (values) as `score_items` reads them (`_cached_scores`,
+    `_cached_values`), the fp16 side's dense K and V of the same layer, and the first layer's K/V built from a
+    model's "kv" tables (`first_layer_streams`, into the store's kept buffers). Queries and weights are random:
+    the times do not depend on their values."""
+    cc = store._compressed(*store._read(users), recompute_items=False, kept_buffers=True)
+    dense = full.read(users)
+    tables = store._tables()
+    B, L = cc.items.shape
+    valid, n_tokens = cc.valid, int(cc.valid.sum())
+    g = torch.Generator().manual_seed(0)
+    fns = {}
+    if tables_form(tables) == "kv":
+        tokens = cc.items[valid], torch.arange(L)[None].expand(B, L)[valid]
+        fns["first layer K/V from the tables"] = lambda: first_layer_streams(tables, cc.items, valid,
+                                                                            store._kv_buffers(n_tokens), tokens)
+    for i, layer in enumerate(store.model.layers):
+        H = layer.attention_spec().heads
+        for kind, side, fp16 in (("k", cc.keys[i], dense.keys[i]), ("v", cc.values[i], dense.values[i])):
+            if side is None:  # an item-id layer that `extend_compressed` reads through the fold tables
+                if tables_form(tables) != "fold":
+                    continue
+                side = ItemLayer(tables, store.model, cc.items)
+            qh = torch.randn(H, B, 1, fp16.shape[-1] // H, generator=g)
+            w = torch.rand(H, B, 1, L, generator=g) * valid[None, :, None, :]
+            read = (lambda x, q=qh: _cached_scores(x, q, H)) if kind == "k" else (lambda x, a=w: _cached_values(x, a, H))
+            parts = side.parts if isinstance(side, PredictedStream) else [side]
+            for j, part in enumerate(parts):
+                fns[f"L{i}.{kind} ckv {j}: {_label(part, n_tokens)}"] = lambda x=part, f=read: f(x)
+            fns[f"L{i}.{kind} fp16 dense"] = lambda x=fp16, f=read: f(x)
+    return {name: statistics.median(ts) for name, ts in interleaved(fns, repeats).items()}
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -272,6 +323,8 @@ def run(args) -> dict:
             row["ratio_compressed"] = row["full_ms"] / row["ckv_compressed_ms"]
             row["ratio_decoded"] = row["full_ms"] / row["ckv_decoded_ms"]
             row["ratio_compressed_no_tables"] = row["full_ms"] / row["ckv_compressed_no_tables_ms"]
+            if args.parts and mode == "warm":
+                row["parts_ms"] = part_times(store, full, users, args.repeats)
             rows.append(row)
             print(f"  B={len(users)} {mode}: full {row['full_ms']:.2f} ms, ckv {row['ckv_compressed_ms']:.2f} ms "
                   f"({row['ratio_compressed']:.1f}x, paired {row['paired_ratio_compressed']:.1f}x)", file=sys.stderr)
@@ -315,6 +368,9 @@ def print_table(result: dict) -> None:
         if r["mode"] == "cold":
             print(f"B={r['batch']} cold: resident after the drop: full {r['full_resident_after_drop']:.1%}, "
                   f"artifact {r['ckv_resident_after_drop']:.1%}")
+    for r in result["rows"]:
+        for name, ms in r.get("parts_ms", {}).items():
+            print(f"B={r['batch']} part: {name}\t{ms:.2f} ms")
     worst = max(r["max_abs_compressed_vs_decoded"] for r in result["rows"])
     print(f"compressed-domain vs decoded scores: max |diff| {worst:.2e}; ckv vs full scores: mean |diff| "
           f"{statistics.mean(r['mean_abs_ckv_vs_full'] for r in result['rows']):.4f} (compression error)")

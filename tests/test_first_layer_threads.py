@@ -10,7 +10,7 @@ import torch
 from ckv_cli.errors import CkvError
 from ckv_cli.models.base import item_layer_kv
 from ckv_cli.serve import next_item
-from ckv_cli.serve.next_item import CompressedCache, replay_hidden, tabled_kv
+from ckv_cli.serve.next_item import CompressedCache, first_layer_streams, replay_hidden, tabled_kv, token_rows
 from conftest import N_ITEMS, make_model
 
 GR_HSTU = {"ln_affine": False, "ln_eps": 1e-6, "uvqk_bias": False, "attn_norm": 43, "rel_pos": "toeplitz",
@@ -34,25 +34,32 @@ def test_hstu_first_layer_from_tables_matches_the_layer(over, monkeypatch):
     pos = torch.arange(L)[None].expand(B, L)
     with torch.no_grad():
         k_ref, v_ref = item_layer_kv(model, items, pos)
-    k, v = tabled_kv(tables, items, pos)
-    assert k.shape == k_ref.shape and v.shape == v_ref.shape
+    k, v = tabled_kv(tables, items, pos)  # flat: (B L, d_k), (B L, d_v)
+    assert k.shape == (B * L, k_ref.shape[-1]) and v.shape == (B * L, v_ref.shape[-1])
+    k, v = k.view(k_ref.shape), v.view(v_ref.shape)
     assert torch.allclose(k, k_ref, atol=1e-5, rtol=1e-4) and torch.allclose(v, v_ref, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(k, v[..., : k.shape[-1]])  # K and V rows are not mixed up
+    # into kept buffers (a server's, from batch to batch), a few tokens per embedding_bag call: the same values
+    # in the first N rows, the rows past them left as they were
     valid = torch.rand(B, L, generator=g) < 0.6
-    kv_, vv_ = tabled_kv(tables, items, pos, valid)
-    assert torch.equal(kv_[valid], k[valid]) and torch.equal(vv_[valid], v[valid])
-    assert not kv_[~valid].any() and not vv_[~valid].any()
-    # into kept buffers (a server's, from batch to batch), a few tokens per embedding_bag call: the same values in
-    # the real tokens' slots, the padding slots left as they were
     monkeypatch.setattr(next_item, "_BAG_CHUNK", 7)
     d_k, d_v = model.kv_dims
-    kb, vb = torch.full((B * L + 5, d_k), 3.0), torch.full((B * L + 5, d_v), -2.0)
-    kk, vv = tabled_kv(tables, items, pos, valid, out=(kb, vb))
-    assert kk.shape == k.shape and vv.shape == v.shape and kk.data_ptr() == kb.data_ptr()
-    assert torch.equal(kk[valid], k[valid]) and torch.equal(vv[valid], v[valid])
-    assert (kk[~valid] == 3.0).all() and (vv[~valid] == -2.0).all() and (kb[B * L :] == 3.0).all()
-    with pytest.raises(ValueError, match="needs `valid`"):
-        tabled_kv(tables, items, pos, out=(kb, vb))
+    n = int(valid.sum())
+    kb, vb = torch.full((n + 5, d_k), 3.0), torch.full((n + 5, d_v), -2.0)
+    kk, vv = tabled_kv(tables, items[valid], pos[valid], out=(kb, vb))
+    assert kk.shape == (n, d_k) and kk.data_ptr() == kb.data_ptr() and vv.data_ptr() == vb.data_ptr()
+    assert torch.equal(kk, k[valid]) and torch.equal(vv, v[valid])
+    assert (kb[n:] == 3.0).all() and (vb[n:] == -2.0).all()
+    # as streams over the real tokens' rows: each slot reads its own token's row; padding slots read a real row
+    ks, vs = first_layer_streams(tables, items, valid)
+    assert ks.pool.shape == (n, d_k) and torch.equal(ks.idx, vs.idx) and int(ks.idx.max()) == n - 1
+    assert torch.equal(ks.decode()[valid], k[valid]) and torch.equal(vs.decode()[valid], v[valid])
+
+
+def test_token_rows():
+    valid = torch.tensor([[True, True, False, False], [False, False, False, False], [True, True, True, False]])
+    assert token_rows(valid).tolist() == [[0, 1, 1, 1], [1, 1, 1, 1], [2, 3, 4, 4]]
+    assert token_rows(torch.zeros(2, 3, dtype=torch.bool)).tolist() == [[0] * 3] * 2
 
 
 def test_sasrec_tables_are_a_fold_not_kv():

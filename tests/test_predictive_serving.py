@@ -15,7 +15,7 @@ from ckv_cli.models.checkpoint import save_checkpoint
 from ckv_cli.pipeline.compress import CompressOptions, compress_to_artifact
 from ckv_cli.serve.attention import CompressedStream
 from ckv_cli.serve.next_item import (CacheStore, EmaSide, ItemLayer, LinearSide, PredictedStream, _dense_scores,
-                                     _dense_values)
+                                     _dense_values, token_rows)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,31 @@ def test_a_dense_side_read_in_place_gives_the_per_head_products(heads, queries):
     assert torch.allclose(_dense_values(x, w), w @ per_head, atol=1e-5)
     strided = torch.cat([x, torch.randn_like(x)], -1)[..., : heads * dh]  # a half of a wider buffer
     assert torch.allclose(_dense_scores(strided, qh), qh @ per_head.transpose(-1, -2), atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,queries", [(1, 1), (2, 1), (2, 3)])
+def test_a_linear_side_over_the_real_tokens_rows_equals_it_over_dense_contexts(heads, queries):
+    """`LinearSide` with contexts held as the real tokens' own rows (`first_layer_streams`' form: a
+    `CompressedStream` whose pool is the flat (N, c) rows, each slot indexing its token's row) scores and sums
+    values as over the same contexts padded densely (B, L, c); padding slots read a real row and are masked."""
+    g = torch.Generator().manual_seed(heads * 10 + queries)
+    B, L, c, dh = 4, 9, 6, 4
+    valid = torch.arange(L)[None] < torch.tensor([9, 3, 1, 6])[:, None]  # (B, L)
+    flat = [torch.randn(int(valid.sum()), c, generator=g) for _ in range(2)]  # K0, V0 of the real tokens
+    rows = token_rows(valid)
+    dense = [torch.zeros(B, L, c).index_put_((valid,), x) for x in flat]
+    weight = [torch.randn(c, heads * dh, generator=g) for _ in range(2)]
+    bias = torch.randn(heads * dh, generator=g)
+    as_rows = LinearSide([CompressedStream(x, rows) for x in flat], weight, bias)
+    padded = LinearSide(dense, weight, bias)
+    qh = torch.randn(heads, B, queries, dh, generator=g)
+    w = torch.randn(heads, B, queries, L, generator=g) * valid[None, :, None, :]
+    m = valid[None, :, None, :]
+    assert torch.allclose(as_rows.scores(qh) * m, padded.scores(qh) * m, atol=1e-5)
+    assert torch.allclose(as_rows.values(w), padded.values(w), atol=1e-5)
+    assert torch.allclose(as_rows.decode()[valid], padded.decode()[valid], atol=1e-6)
+    assert torch.allclose(as_rows.select(torch.tensor([2, 0])).values(w[:, [2, 0]]), padded.values(w)[:, [2, 0]],
+                          atol=1e-5)
 
 
 def _hstu_store(ds, tmp_path, codec: str):

@@ -431,18 +431,31 @@ def test_small_cases(setup, ds):
 
 
 def test_bench_end_to_end_quick_mode(setup, tmp_path):
-    """bench/end_to_end.py's quick mode: builds its two files, prints the table, writes the JSON."""
-    if setup.arch != "sasrec":
-        pytest.skip("one architecture is enough for the benchmark's plumbing")
+    """bench/end_to_end.py's quick mode: builds its two files, prints the table, writes the JSON; `--parts` times
+    every layer's stored-form parts beside the fp16 K/V (and HSTU's first layer built from its tables)."""
+    if setup.arch not in ("sasrec", "hstu"):
+        pytest.skip("the two next-item architectures are enough for the benchmark's plumbing")
     bench = load_script("bench/end_to_end.py", "bench_end_to_end")
     out = tmp_path / "e2e.json"
     args = ["--data", "ml-100k", "--checkpoint", str(setup.ckpt), "--pool-size", "32", "--out-dir", str(tmp_path),
             "--batch", "1", "8", "--repeats", "1", "--candidates", "5", "--json", str(out)]
-    assert bench.main(args) == 0
+    assert bench.main(args + ["--parts"]) == 0
     result = json.loads(out.read_text())
     assert [(r["batch"], r["mode"]) for r in result["rows"]] == [(1, "warm"), (1, "cold"), (8, "warm"), (8, "cold")]
     for r in result["rows"]:
         assert r["full_ms"] > 0 and r["ckv_compressed_ms"] > 0 and r["ratio_compressed"] > 0
         assert r["max_abs_compressed_vs_decoded"] < 1e-4
-        assert r["full_bytes"] > 20 * r["ckv_bytes"]  # d 16 here: 128 bytes per token at fp16
+        assert r["full_bytes"] > 10 * r["ckv_bytes"]  # d 16 here: a few bytes per token against 128 at fp16
+        parts = r.get("parts_ms", {})
+        assert (r["mode"] == "warm") == bool(parts) and all(ms > 0 for ms in parts.values())
+        if parts:  # both layers' K and V, stored form and fp16
+            for layer in ("L0", "L1"):
+                for kind in "kv":
+                    assert any(n.startswith(f"{layer}.{kind} ckv") for n in parts)
+                    assert f"{layer}.{kind} fp16 dense" in parts
+            first = [n for n in parts if n.startswith("L0.k ckv")]
+            if setup.arch == "hstu":  # built from the tables, read as the real tokens' rows
+                assert "first layer K/V from the tables" in parts and "real tokens' rows" in first[0]
+            else:  # attended through the fold tables
+                assert "first layer K/V from the tables" not in parts and first == ["L0.k ckv 0: ItemLayer"]
     assert bench.main(args) == 0  # the second run reuses both files

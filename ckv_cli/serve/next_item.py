@@ -16,7 +16,8 @@ over pooled streams in the compressed domain (`ckv_cli.serve.attention`: one pro
 per token, K/V never built), how each layer reads its cache coming from the layer itself (`attention_spec()`),
 and over a first layer recomputed from item ids without building its K/V either where the model gives the tables
 for it (`model.first_layer_tables()`, SASRec's LayerNorm fold: `ItemLayer`); from K/V tables where the model gives
-those instead (`form` "kv", HSTU's: `tabled_kv`, real tokens only, no LayerNorm or projection per token);
+those instead (`form` "kv", HSTU's: `tabled_kv`, real tokens only, no LayerNorm or projection per token, read as
+pools of their own rows: `first_layer_streams`);
 otherwise it is recomputed per token by the layer. `attention="decoded"` decodes the cache and runs the model's
 own `extend` (the reference; what `ckv_cli.tasks.next_item.scores_after_last_event` does). A batch whose new
 events would overflow a user's window (`max_len`) goes through the decoded path for those users (re-prefill from
@@ -53,6 +54,7 @@ from ckv_cli.models.base import KVCache, item_layer_kv, last_hidden
 from ckv_cli.serve.attention import (SCORES, SOFTMAX, VALUES, CompressedStream, choose_form, compressed_scores,
                                      compressed_values, pool_and_basis)
 from ckv_cli.serve.store import Store
+from ckv_cli.spec import token_positions
 from ckv_cli.tasks.next_item import mask_seen, provisional
 
 DECODED, COMPRESSED = "decoded", "compressed"
@@ -74,7 +76,8 @@ class CompressedCache:
     """A batch of users' caches as stored, right-padded to L tokens. Per layer, `keys[l]` / `values[l]` is a
     `CompressedStream` (pool, indices, dequantised user part) for collective streams, a `PredictedStream` for
     predictive ones, a (B, L, d) tensor for streams recomputed from item ids (None when fetched with
-    `recompute_items=False`, unless a predictive stream built them) or stored by another codec (decoded)."""
+    `recompute_items=False`, unless a predictive stream built them: then from the model's K/V tables, a
+    `CompressedStream` over the real tokens' own rows, `first_layer_streams`) or stored by another codec (decoded)."""
 
     keys: list
     values: list
@@ -179,14 +182,34 @@ class ItemLayer:
         return torch.einsum("hbtd,hkd->hbtk", y, self.av) + self.cv[:, None, None, :] * w.sum(-1)[..., None]
 
 
+def _side_scores(ctx, q: torch.Tensor) -> torch.Tensor:
+    """Raw products of per-user queries q (B, Q, c) with each cached vector of a side (B, L, c) -> (B, Q, L): a
+    dense side read in place, or a `CompressedStream` (a pool's rows, or the real tokens' own: `first_layer_streams`)."""
+    if isinstance(ctx, CompressedStream):
+        B, Q, _ = q.shape
+        form = choose_form(ctx.idx.shape[1], ctx.pool.shape[0], Q, SCORES, "cpu", B)
+        return compressed_scores(q[None], ctx, 1, form)[0]
+    return torch.bmm(q, ctx.transpose(1, 2))
+
+
+def _side_values(ctx, a: torch.Tensor) -> torch.Tensor:
+    """sum_j a_j x_j of weights a (B, Q, L) over a side's cached vectors x (B, L, c) -> (B, Q, c), as `_side_scores`."""
+    if isinstance(ctx, CompressedStream):
+        B, Q, L = a.shape
+        form = choose_form(L, ctx.pool.shape[0], Q, VALUES, "cpu", B)
+        return compressed_values(a[None], ctx, 1, form)[0]
+    return torch.bmm(a, ctx)
+
+
 @dataclass
 class LinearSide:
     """Cached vectors that are a linear map of per-token contexts, x_j = sum_i ctx_i[j] W_i + w (the predictive
     codec's prediction from the first layer's K and V), attended without building x: per head h,
     q . x_j = sum_i (q W_ih^T) . ctx_i[j] + q . w_h and sum_j a_j x_j = sum_i (sum_j a_j ctx_i[j]) W_ih +
-    (sum_j a_j) w_h, so the map is applied once per query, not once per cached token."""
+    (sum_j a_j) w_h, so the map is applied once per query, not once per cached token. A context is dense
+    (B, L, c_i) or a `CompressedStream` (HSTU's first-layer K/V from its tables: the real tokens' rows)."""
 
-    ctx: list  # [(B, L, c_i)], contiguous (padding is masked by the attention weights)
+    ctx: list  # [(B, L, c_i) contiguous, or CompressedStream]; padding is masked by the attention weights
     weight: list  # [(c_i, d)]
     bias: torch.Tensor  # (d,)
 
@@ -197,29 +220,31 @@ class LinearSide:
 
     def scores(self, qh: torch.Tensor) -> torch.Tensor:
         """Raw q . x_j (H, B, T, L) for head-split queries qh (H, B, T, dh)."""
-        H, B, T, _ = qh.shape
+        H, B, T, dh = qh.shape
+        q = qh.reshape(H, B * T, dh)
         s = 0
         for ctx, w in zip(self.ctx, self.weight):
-            qc = torch.einsum("hbtk,hck->bcht", qh, self._head(w, H)).reshape(B, -1, H * T)  # (B, c, H T)
-            s = s + torch.bmm(ctx, qc)  # (B, L, H T): ctx read in place
-        s = s.view(B, -1, H, T).permute(2, 0, 3, 1)  # (H, B, T, L)
-        return s + torch.einsum("hbtk,hk->hbt", qh, self.bias.view(H, -1))[..., None]
+            qc = torch.bmm(q, self._head(w, H).transpose(1, 2))  # (H, B T, c): the map applied to the queries
+            s = s + _side_scores(ctx, qc.view(H, B, T, -1).transpose(0, 1).reshape(B, H * T, -1))  # (B, H T, L)
+        s = s.view(B, H, T, -1).transpose(0, 1)  # (H, B, T, L)
+        return s + torch.bmm(q, self.bias.view(H, dh, 1)).view(H, B, T, 1)
 
     def values(self, a: torch.Tensor) -> torch.Tensor:
         """Weights (H, B, T, L) -> sum_j a_j x_j (H, B, T, dh)."""
         H, B, T, L = a.shape
-        af = a.permute(1, 0, 2, 3).reshape(B, H * T, L)
+        af = a.transpose(0, 1).reshape(B, H * T, L)
         out = a.sum(-1)[..., None] * self.bias.view(H, -1)[:, None, None, :]
         for ctx, w in zip(self.ctx, self.weight):
-            y = torch.bmm(af, ctx).view(B, H, T, -1)  # (B, H, T, c)
-            out = out + torch.einsum("bhtc,hck->hbtk", y, self._head(w, H))
+            y = _side_values(ctx, af).view(B, H, T, -1).transpose(0, 1).reshape(H, B * T, -1)  # (H, B T, c)
+            out = out + torch.bmm(y, self._head(w, H)).view(H, B, T, -1)  # (H, B, T, dh)
         return out
 
     def decode(self) -> torch.Tensor:
-        return sum(ctx @ w for ctx, w in zip(self.ctx, self.weight)) + self.bias  # (B, L, d)
+        return sum((ctx.decode() if isinstance(ctx, CompressedStream) else ctx) @ w
+                   for ctx, w in zip(self.ctx, self.weight)) + self.bias  # (B, L, d)
 
     def select(self, idx: torch.Tensor) -> "LinearSide":
-        return LinearSide([ctx[idx] for ctx in self.ctx], self.weight, self.bias)
+        return LinearSide([_select_side(ctx, idx) for ctx in self.ctx], self.weight, self.bias)
 
 
 @dataclass
@@ -261,7 +286,8 @@ class PredictedStream:
     parts allow (`CacheStore._predicted`): the first layer's linear map folded with the first layer itself into an
     `ItemLayer` (SASRec's LayerNorm fold: the item and position tables as two pools), the per-item table and the
     pool as `CompressedStream`s; the linear part as a `LinearSide` over the first layer's K/V where the first
-    layer has no fold (HSTU's SiLU: its K/V come from its tables, `tabled_kv`, and serve its own attention too);
+    layer has no fold (HSTU's SiLU: its K/V come from its tables as pools of the real tokens' rows,
+    `first_layer_streams`, and serve its own attention too);
     with the codec's `ema`, an `EmaSide` over a second such linear part (the map's rows for the moving average)."""
 
     parts: list  # ItemLayer | LinearSide | EmaSide | CompressedStream
@@ -305,67 +331,68 @@ def _kv_bags(tables: dict, items: torch.Tensor, positions: torch.Tensor) -> tupl
     return rows, weights
 
 
-def _bag_tables(tables: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The K and the V columns of [items; pos; g1; c] ((n + 1 + max_len + 2, d_k), (..., d_v)), each contiguous, and
-    the whole table (..., d_k + d_v): what a token's bag (`_kv_bags`) sums. Built once per tables dict and kept in
-    it (`bags`): serving reads them for every batch."""
+def _bag_tables(tables: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and the V columns of [items; pos; g1; c] ((n + 1 + max_len + 2, d_k), (..., d_v)), each contiguous:
+    what a token's bag (`_kv_bags`) sums. Built once per tables dict and kept in it (`bags`): serving reads them
+    for every batch."""
     if tables.get("act", "silu") != "silu":
         raise CkvError(f"first-layer tables with activation {tables['act']!r} are not supported")
     if "bags" not in tables:
         table, d_k = torch.cat([tables["items"], tables["pos"], tables["g1"][None], tables["c"][None]]), tables["d_k"]
-        tables["bags"] = (table[:, :d_k].contiguous(), table[:, d_k:].contiguous(), table.contiguous())
+        tables["bags"] = (table[:, :d_k].contiguous(), table[:, d_k:].contiguous())
     return tables["bags"]
 
 
-_BAG_CHUNK = 4096  # tokens per `embedding_bag` call when writing into kept buffers (a few MB of fresh memory each)
+_BAG_CHUNK = 8192  # tokens per `embedding_bag` call: each half's sums (2 MB at d 64) stay in cache for the SiLU
 
 
 @torch.no_grad()
-def tabled_kv(tables: dict, items: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None,
+def tabled_kv(tables: dict, items: torch.Tensor, positions: torch.Tensor,
               out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """First-layer K, V of tokens (B, L) from a model's K/V tables (`first_layer_tables()` with `form` "kv":
-    K/V = act(r (items[i] + pos[j] - mu g1) + c), mu and r the token's LayerNorm statistics; HSTU's), without
-    running the layer: ((B, L, d_k), (B, L, d_v)), each contiguous. With `valid` (B, L) bool only those tokens are
-    computed (the others are zero). One weighted `embedding_bag` sum per half writes the padded layout directly:
-    a padding slot is an empty bag (zero), so nothing is zero-filled or copied afterwards.
-
-    `out` (buffers of at least B L rows, (·, d_k) and (·, d_v), kept by the caller from batch to batch; needs
-    `valid`): the real tokens are written into them in chunks of `_BAG_CHUNK` and views of them are returned; the
-    padding slots keep whatever finite values they held (attention masks them). A server's batch then touches no
-    fresh memory for its K/V: 50 MB of fresh pages (HSTU's 512 users of ML-1M) cost the kernel more time to
-    zero-fill than the sums take."""
-    B, L = items.shape
+    """First-layer K, V of N tokens (items, positions: any shape, N elements) from a model's K/V tables
+    (`first_layer_tables()` with `form` "kv": K/V = act(r (items[i] + pos[j] - mu g1) + c), mu and r the token's
+    LayerNorm statistics; HSTU's), without running the layer: ((N, d_k), (N, d_v)), flat, in the tokens' order.
+    Per chunk of `_BAG_CHUNK` tokens and per half, one weighted `embedding_bag` sum, whose SiLU is written
+    straight into the output. `out`: buffers of at least N rows, (·, d_k) and (·, d_v), which a server keeps from
+    batch to batch; views of their first N rows are returned. A batch then touches no fresh memory for its K/V:
+    fresh pages (50 MB for HSTU's 512 users of ML-1M) cost the kernel more time to zero-fill than the sums take."""
     i, j = items.reshape(-1), positions.reshape(-1)
-    if out is not None:
-        if valid is None:
-            raise ValueError("tabled_kv: `out` needs `valid`")
-        slots = valid.reshape(-1).nonzero().squeeze(1)  # (N,) real tokens' places in (B L)
-        i, j = i[slots], j[slots]
-        d_k, table = tables["d_k"], _bag_tables(tables)[2]
-        k_buf, v_buf = out[0][: B * L], out[1][: B * L]
-        for a in range(0, len(slots), _BAG_CHUNK):
-            b = min(a + _BAG_CHUNK, len(slots))
-            rows, weights = _kv_bags(tables, i[a:b], j[a:b])
-            pre = torch.nn.functional.embedding_bag(rows, table, torch.arange(0, 4 * (b - a), 4), mode="sum",
-                                                    per_sample_weights=weights)
-            kv = torch.nn.functional.silu(pre, inplace=True)  # (b - a, d_k + d_v)
-            k_buf.index_copy_(0, slots[a:b], kv[:, :d_k])
-            v_buf.index_copy_(0, slots[a:b], kv[:, d_k:])
-        return k_buf.view(B, L, -1), v_buf.view(B, L, -1)
-    if valid is None:
-        counts = torch.full((B * L,), 4, dtype=torch.long)
-    else:
-        keep = valid.reshape(-1)
-        i, j = i[keep], j[keep]  # (N,)
-        counts = keep.long() * 4
-    rows, weights = _kv_bags(tables, i, j)
-    offsets = counts.cumsum(0) - counts  # (B L,): an invalid slot's bag is empty
+    N, halves = len(i), _bag_tables(tables)
+    if out is None:
+        out = tuple(torch.empty(N, t.shape[1]) for t in halves)
+    k, v = out[0][:N], out[1][:N]
+    for a in range(0, N, _BAG_CHUNK):
+        b = min(a + _BAG_CHUNK, N)
+        rows, weights = _kv_bags(tables, i[a:b], j[a:b])
+        offsets = torch.arange(0, 4 * (b - a), 4)
+        for table, dest in zip(halves, (k, v)):
+            pre = torch.nn.functional.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights)
+            torch.ops.aten.silu.out(pre, out=dest[a:b])  # (b - a, d): no copy after the SiLU
+    return k, v
 
-    def half(t):  # (B, L, c), contiguous
-        pre = torch.nn.functional.embedding_bag(rows, t, offsets, mode="sum", per_sample_weights=weights)
-        return torch.nn.functional.silu(pre, inplace=True).view(B, L, -1)
 
-    return tuple(half(t) for t in _bag_tables(tables)[:2])
+def token_rows(valid: torch.Tensor) -> torch.Tensor:
+    """Each slot's row among the real tokens of a padded batch (valid (B, L) bool; rows in row-major order, as a
+    flat cache lists them): (B, L) int64. A padding slot gets the row of the real token before it (a real row,
+    which the attention masks), so nothing reads past the rows."""
+    return (valid.reshape(-1).cumsum(0) - 1).clamp_(min=0).view(valid.shape)
+
+
+def first_layer_streams(tables: dict, items: torch.Tensor, valid: torch.Tensor,
+                        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[CompressedStream, CompressedStream]:
+    """A padded batch's first-layer K and V built from "kv" tables (items, valid: (B, L)) as two
+    `CompressedStream`s over the real tokens' own vectors: the (N, d) rows of `tabled_kv` are the stream's pool
+    and each slot's index is its token's row (`token_rows`). Attention reads them as it reads a pool (sampled dot
+    products, weighted bags: `ckv_cli.serve.attention`), over the real tokens' rows only, so the K/V are never
+    scattered into a (B, L, d) layout, nor its padding zero-filled or multiplied. `out`: `tabled_kv`'s. `tokens`:
+    the real tokens' item ids and positions (N,) each, where the caller has them flat already."""
+    if tokens is None:
+        B, L = items.shape
+        tokens = items[valid], torch.arange(L)[None].expand(B, L)[valid]
+    k, v = tabled_kv(tables, *tokens, out)  # (N, d_k), (N, d_v)
+    rows = token_rows(valid)
+    return CompressedStream(k, rows), CompressedStream(v, rows)
 
 
 @dataclass
@@ -482,12 +509,11 @@ def extend_compressed(model, cc: CompressedCache, items: torch.Tensor, timestamp
             form = tables_form(tables)
             if form == "fold" and kind == SOFTMAX:  # attended through the tables, K/V never built
                 kc = vc = ItemLayer(tables, model, cc.items)
+            elif form == "kv":  # K/V from the tables, real tokens only, read as pools of their own rows
+                rk, rv = first_layer_streams(tables, cc.items, cc.valid)
+                kc, vc = (rk if kc is None else kc), (rv if vc is None else vc)
             else:
-                pos = torch.arange(Lc)[None].expand(B, Lc)
-                if form == "kv":  # K/V from the tables, real tokens only
-                    rk, rv = tabled_kv(tables, cc.items, pos, cc.valid)
-                else:
-                    rk, rv = item_layer_kv(model, cc.items, pos)
+                rk, rv = item_layer_kv(model, cc.items, torch.arange(Lc)[None].expand(B, Lc))
                 kc, vc = (rk if kc is None else kc), (rv if vc is None else vc)
         qh = _heads(q, H)  # (H, B, T, dh): cached keys and new keys scored apart, the cache never copied
         s = torch.cat([_cached_scores(kc, qh, H), qh @ _heads(k, H).transpose(-1, -2)], dim=-1) * scale
@@ -606,12 +632,12 @@ class CacheStore(Store):
 
     def _kv_buffers(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, d_k) and (rows, d_v) float buffers for the first layer's K/V from its tables (`tabled_kv`'s
-        `out`), kept per thread and grown as batches need: zeros when made, later stale but finite values in
-        padding slots, which attention masks. Only for caches that `_hidden` consumes before its next batch."""
+        `out`: a batch's real tokens, flat), kept per thread and grown as batches need; every row a batch reads
+        is written first. Only for caches that `_hidden` consumes before its next batch."""
         bufs = getattr(self._local, "kv", None)
         if bufs is None or bufs[0].shape[0] < rows:
             d_k, d_v = self.model.kv_dims
-            bufs = self._local.kv = (torch.zeros(rows, d_k), torch.zeros(rows, d_v))
+            bufs = self._local.kv = (torch.empty(rows, d_k), torch.empty(rows, d_v))
         return bufs
 
     def _compressed(self, fields, offsets, recompute_items: bool, kept_buffers: bool = False) -> CompressedCache:
@@ -629,8 +655,9 @@ class CacheStore(Store):
         rec = None
         keys, values = [], []
         joined = {}  # V streams of joint pairs, made with their K stream
-        memo = {"kept": kept_buffers}  # the first layer's K/V where they are built (`_first_kv`), once
         item_ids = np.asarray(fields["tokens/items"], np.int64)
+        memo = {"kept": kept_buffers,  # the first layer's K/V where they are built (`_first_kv`), once
+                "tokens": lambda: (torch.from_numpy(item_ids), torch.from_numpy(token_positions(offsets)))}
         for layer in range(self.plan.n_layers):
             for kind, dest in (("k", keys), ("v", values)):
                 name = CachePlan.key(layer, kind)
@@ -741,18 +768,20 @@ class CacheStore(Store):
         d_k = self.model.kv_dims[0]
         return LinearSide(list(self._first_kv(items, valid, memo)), [w1[:d_k], w1[d_k:]], w0)
 
-    def _first_kv(self, items: torch.Tensor, valid: torch.Tensor, memo: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's first-layer K0, V0 (B, L, d_k), (B, L, d_v), contiguous, built once (`memo["kv"]`; the first
-        layer reads them too): from the model's K/V tables (real tokens only; into this thread's kept buffers when
-        `memo["kept"]`, `_kv_buffers`), else recomputed by the layer."""
+    def _first_kv(self, items: torch.Tensor, valid: torch.Tensor, memo: dict) -> tuple:
+        """The batch's first-layer K0, V0, built once (`memo["kv"]`; the first layer reads them too): from the
+        model's K/V tables, the real tokens' rows as two `CompressedStream`s (`first_layer_streams`; into this
+        thread's kept buffers when `memo["kept"]`, `_kv_buffers`), else recomputed by the layer ((B, L, d_k),
+        (B, L, d_v), contiguous)."""
         if "kv" not in memo:
             B, L = items.shape
-            pos = torch.arange(L)[None].expand(B, L)
             tables = self._tables()
             if tables_form(tables) == "kv":
-                out = self._kv_buffers(B * L) if memo.get("kept") else None
-                memo["kv"] = tabled_kv(tables, items, pos, valid, out=out)
+                out = self._kv_buffers(int(valid.sum())) if memo.get("kept") else None
+                tokens = memo["tokens"]() if "tokens" in memo else None  # flat already: no masked gathers
+                memo["kv"] = first_layer_streams(tables, items, valid, out, tokens)
             else:
+                pos = torch.arange(L)[None].expand(B, L)
                 memo["kv"] = tuple(x.contiguous() for x in item_layer_kv(self.model, items, pos))
         return memo["kv"]
 
@@ -994,5 +1023,5 @@ def _select_compressed(cc: CompressedCache, idx: torch.Tensor) -> CompressedCach
 
 
 __all__ = ["CacheStore", "CompressedCache", "EmaSide", "ItemLayer", "LinearSide", "PredictedStream", "PredictiveHalf",
-           "Ranking", "extend_compressed", "hidden_after", "predictive_halves", "replay_hidden", "rewind",
-           "score_candidates", "tabled_kv"]
+           "Ranking", "extend_compressed", "first_layer_streams", "hidden_after", "predictive_halves", "replay_hidden",
+           "rewind", "score_candidates", "tabled_kv", "token_rows"]
