@@ -14,7 +14,7 @@ dropped, so nothing grows with the number of users except what `--hold` keeps of
 Synthetic vectors: a mixture of 4096 random centres plus noise; history lengths ~ 1 + Poisson(mean - 1).
 
 Timing counts only `encode` (vector generation and packing are outside it): tokens/s = tokens / encode seconds.
-Memory: "after fit" is the resident set just before the first batch (/proc/self/statm); "encode peak" is the
+Memory: "after fit" is the resident set just before the first batch (VmRSS); "encode peak" is the
 peak resident set since then, up to that count (Linux: VmHWM from /proc/self/status, reset after the fit by
 writing 5 to /proc/self/clear_refs): it includes the interpreter, torch and the codec, not the fit. "process
 peak" is `resource.getrusage(RUSAGE_SELF).ru_maxrss` (fit included). No tracemalloc: it misses torch's memory.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._machine import machine as bench_machine, reset_peak, window_peak_mb  # noqa: E402
+from bench._machine import machine as bench_machine, reset_peak, resident_mb, window_peak_mb  # noqa: E402
 
 from ckv_cli.codecs.bits import pack  # noqa: E402
 from ckv_cli.codecs.collective import CollectiveCodec  # noqa: E402
@@ -68,14 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- streaming
-
-
-def rss_mb() -> float:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return float("nan")
 
 
 def peak_rss_mb() -> float:
@@ -143,7 +134,7 @@ def stream(args) -> list[dict]:
     checkpoints = sorted(set(args.users))
     centres = torch.randn(CENTRES, args.d, generator=torch.Generator().manual_seed(args.seed))
     codec, fit_s = fit_codec(args, centres)
-    rss_after_fit = rss_mb()
+    rss_after_fit = resident_mb()
     windowed = reset_peak()
     sink = Sink(args.hold, codec.bits)
     held = tokens = 0

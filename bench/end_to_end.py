@@ -62,8 +62,9 @@ from ckv_cli.errors import CkvError  # noqa: E402
 from ckv_cli.io.safetensors import SafetensorsMap  # noqa: E402
 from ckv_cli.models.base import KVCache  # noqa: E402
 from ckv_cli.serve.attention import CompressedStream  # noqa: E402
-from ckv_cli.serve.next_item import (CacheStore, ItemLayer, PredictedStream, _cached_scores, _cached_values,  # noqa: E402
-                                     first_layer_streams, replay_hidden, score_candidates, tables_form)
+from ckv_cli.serve.next_item import (CacheStore, PredictedStream, _cached_scores, _cached_values,  # noqa: E402
+                                     first_layer_streams, item_layer_sides, replay_hidden, score_candidates,
+                                     tables_form)
 from ckv_cli.spec import token_index  # noqa: E402
 from ckv_cli.tasks.next_item import iter_test_caches  # noqa: E402
 
@@ -203,10 +204,10 @@ def interleaved(fns: dict, repeats: int, before: dict | None = None) -> dict[str
     return times
 
 
-def _label(part, n_tokens: int) -> str:
+def _label(part, own: set) -> str:
     if isinstance(part, CompressedStream):
-        rows = part.pool.shape[0]
-        return f"the real tokens' rows ({rows}x{part.pool.shape[1]})" if rows == n_tokens else f"pool {rows}x{part.pool.shape[1]}"
+        m, d = part.pool.shape
+        return f"the real tokens' rows ({m}x{d})" if id(part.pool) in own else f"pool {m}x{d}"
     return type(part).__name__
 
 
@@ -214,33 +215,35 @@ def _label(part, n_tokens: int) -> str:
 def part_times(store: CacheStore, full: FullCache, users: np.ndarray, repeats: int) -> dict[str, float]:
     """Median ms of each part of one batch's attention, one query per user, the parts taking turns: every layer's
     stored-form K parts (scores) and V parts (values) as `score_items` reads them (`_cached_scores`,
-    `_cached_values`), the fp16 side's dense K and V of the same layer, and the first layer's K/V built from a
-    model's "kv" tables (`first_layer_streams`, into the store's kept buffers). Queries and weights are random:
-    the times do not depend on their values."""
+    `_cached_values`; an item-id layer the cache left out as `extend_compressed` reads it, `item_layer_sides`),
+    the fp16 side's dense K and V of the same layer, and the first layer's K/V built from a model's "kv" tables
+    (`first_layer_streams`, into the store's kept buffers). Queries and weights are random: the times do not
+    depend on their values."""
     cc = store._compressed(*store._read(users), recompute_items=False, kept_buffers=True)
     dense = full.read(users)
     tables = store._tables()
     B, L = cc.items.shape
-    valid, n_tokens = cc.valid, int(cc.valid.sum())
+    valid = cc.valid
     g = torch.Generator().manual_seed(0)
     fns = {}
-    if tables_form(tables) == "kv":
+    if tables_form(tables) == "kv":  # its rows are the first layer's pools (`CacheStore._first_kv`)
         tokens = cc.items[valid], torch.arange(L)[None].expand(B, L)[valid]
         fns["first layer K/V from the tables"] = lambda: first_layer_streams(tables, cc.items, valid,
-                                                                            store._kv_buffers(n_tokens), tokens)
+                                                                            store._kv_buffers(len(tokens[0])), tokens)
+    own = {id(s.pool) for s in (cc.keys[0], cc.values[0]) if isinstance(s, CompressedStream) and tables_form(tables) == "kv"}
     for i, layer in enumerate(store.model.layers):
-        H = layer.attention_spec().heads
-        for kind, side, fp16 in (("k", cc.keys[i], dense.keys[i]), ("v", cc.values[i], dense.values[i])):
-            if side is None:  # an item-id layer that `extend_compressed` reads through the fold tables
-                if tables_form(tables) != "fold":
-                    continue
-                side = ItemLayer(tables, store.model, cc.items)
+        spec = layer.attention_spec()
+        H, sides = spec.heads, (cc.keys[i], cc.values[i])
+        if sides[0] is None or sides[1] is None:
+            made = item_layer_sides(store.model, cc.items, valid, tables if i == 0 else None, spec.kind)
+            sides = tuple(m if s is None else s for s, m in zip(sides, made))
+        for kind, side, fp16 in (("k", sides[0], dense.keys[i]), ("v", sides[1], dense.values[i])):
             qh = torch.randn(H, B, 1, fp16.shape[-1] // H, generator=g)
             w = torch.rand(H, B, 1, L, generator=g) * valid[None, :, None, :]
             read = (lambda x, q=qh: _cached_scores(x, q, H)) if kind == "k" else (lambda x, a=w: _cached_values(x, a, H))
             parts = side.parts if isinstance(side, PredictedStream) else [side]
             for j, part in enumerate(parts):
-                fns[f"L{i}.{kind} ckv {j}: {_label(part, n_tokens)}"] = lambda x=part, f=read: f(x)
+                fns[f"L{i}.{kind} ckv {j}: {_label(part, own)}"] = lambda x=part, f=read: f(x)
             fns[f"L{i}.{kind} fp16 dense"] = lambda x=fp16, f=read: f(x)
     return {name: statistics.median(ts) for name, ts in interleaved(fns, repeats).items()}
 

@@ -478,6 +478,21 @@ def _cached_values(side, w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return _dense_values(side, w)  # (H, B, T, dh)
 
 
+def item_layer_sides(model, items: torch.Tensor, valid: torch.Tensor, tables: dict | None, kind: str) -> tuple:
+    """The cached K and V sides of an item-id layer that a compressed cache left out, for a layer of attention
+    `kind`, items and valid (B, L): through the model's fold tables (`ItemLayer`, softmax layers: K/V never
+    built), as the real tokens' rows built from its "kv" tables (`first_layer_streams`), else recomputed by the
+    layer ((B, L, d_k), (B, L, d_v))."""
+    form = tables_form(tables)
+    if form == "fold" and kind == SOFTMAX:
+        side = ItemLayer(tables, model, items)
+        return side, side
+    if form == "kv":
+        return first_layer_streams(tables, items, valid)
+    B, L = items.shape
+    return item_layer_kv(model, items, torch.arange(L)[None].expand(B, L))
+
+
 @torch.no_grad()
 def extend_compressed(model, cc: CompressedCache, items: torch.Tensor, timestamps: torch.Tensor,
                       new_lengths: torch.Tensor, item_tables: dict | None = None) -> torch.Tensor:
@@ -506,15 +521,8 @@ def extend_compressed(model, cc: CompressedCache, items: torch.Tensor, timestamp
             kc, vc = k.new_zeros(B, 0, d_k), v.new_zeros(B, 0, d_v)
         if kc is None or vc is None:  # an item-id layer, not recomputed yet
             tables = item_tables if kc is None and vc is None and i == 0 else None
-            form = tables_form(tables)
-            if form == "fold" and kind == SOFTMAX:  # attended through the tables, K/V never built
-                kc = vc = ItemLayer(tables, model, cc.items)
-            elif form == "kv":  # K/V from the tables, real tokens only, read as pools of their own rows
-                rk, rv = first_layer_streams(tables, cc.items, cc.valid)
-                kc, vc = (rk if kc is None else kc), (rv if vc is None else vc)
-            else:
-                rk, rv = item_layer_kv(model, cc.items, torch.arange(Lc)[None].expand(B, Lc))
-                kc, vc = (rk if kc is None else kc), (rv if vc is None else vc)
+            rk, rv = item_layer_sides(model, cc.items, cc.valid, tables, kind)
+            kc, vc = (rk if kc is None else kc), (rv if vc is None else vc)
         qh = _heads(q, H)  # (H, B, T, dh): cached keys and new keys scored apart, the cache never copied
         s = torch.cat([_cached_scores(kc, qh, H), qh @ _heads(k, H).transpose(-1, -2)], dim=-1) * scale
         if bias is not None:
@@ -1023,5 +1031,5 @@ def _select_compressed(cc: CompressedCache, idx: torch.Tensor) -> CompressedCach
 
 
 __all__ = ["CacheStore", "CompressedCache", "EmaSide", "ItemLayer", "LinearSide", "PredictedStream", "PredictiveHalf",
-           "Ranking", "extend_compressed", "first_layer_streams", "hidden_after", "predictive_halves", "replay_hidden",
-           "rewind", "score_candidates", "tabled_kv", "token_rows"]
+           "Ranking", "extend_compressed", "first_layer_streams", "hidden_after", "item_layer_sides", "predictive_halves",
+           "replay_hidden", "rewind", "score_candidates", "tabled_kv", "token_rows"]
